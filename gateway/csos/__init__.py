@@ -1,0 +1,1 @@
+"""Placeholder package: arrives with its own issue."""

@@ -1,0 +1,1 @@
+"""Shared fixtures. Areas add their own in tests/<area>/conftest.py."""
