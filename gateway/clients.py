@@ -1,0 +1,113 @@
+"""API clients: tokens, roles and the key labels each client may use.
+
+A token is `gw_<token_id>_<secret>`: `token_id` (12 hex characters) is public and finds the row;
+`secret` is 32 random bytes (base64url). Only SHA-256 of the whole token is stored: for a
+256-bit random secret a fast hash is enough (no password stretching needed), and the stored value
+is compared in constant time. The token is shown once, when the client is added.
+
+Every change to clients (add, revoke, key grants) is an audit event written in the same unit as
+the change (21 CFR 1311.150(b)(iv): changes to access controls are auditable events).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+
+from gateway.storage.base import (
+    ROLES, AuditEvent, Client, InvalidRecord, NewClient, Storage,
+)
+
+TOKEN_PREFIX = "gw_"
+_TOKEN_ID_HEX = 12
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def new_token() -> tuple[str, str]:
+    """(token_id, token): a fresh random token and its public lookup id."""
+    token_id = secrets.token_hex(_TOKEN_ID_HEX // 2)
+    return token_id, f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+
+
+def parse_token_id(token: str) -> str | None:
+    """The token's lookup id, or None when the token is not of our shape."""
+    if not token.startswith(TOKEN_PREFIX):
+        return None
+    token_id, sep, secret = token[len(TOKEN_PREFIX):].partition("_")
+    if not sep or len(token_id) != _TOKEN_ID_HEX or not secret:
+        return None
+    if any(c not in "0123456789abcdef" for c in token_id):
+        return None
+    return token_id
+
+
+def normalise_keys(keys: Iterable[str] | str | None) -> frozenset[str]:
+    """Key labels from a list or a comma-separated string; blanks dropped."""
+    if keys is None:
+        return frozenset()
+    if isinstance(keys, str):
+        keys = keys.split(",")
+    return frozenset(k.strip() for k in keys if k and k.strip())
+
+
+async def add_client(storage: Storage, name: str, role: str,
+                     keys: Iterable[str] | str | None = None, *, actor: str = "cli",
+                     request_id: str | None = None) -> tuple[Client, str]:
+    """Create a client; returns it and its token (shown once, never stored).
+
+    Raises InvalidRecord (unknown role, bad name) or ClientExists.
+    """
+    name = name.strip()
+    if not name or len(name) > 200 or any(c.isspace() for c in name):
+        raise InvalidRecord("client name must be 1-200 characters without spaces", name=name)
+    if role not in ROLES:
+        raise InvalidRecord(f"role must be one of {', '.join(ROLES)}", role=role)
+    labels = normalise_keys(keys)
+    token_id, token = new_token()
+    event = AuditEvent("client_added", actor, "success", subject=name,
+                       details={"role": role, "key_labels": sorted(labels), "token_id": token_id},
+                       request_id=request_id)
+    client = await storage.add_client(
+        NewClient(name=name, role=role, key_labels=labels, token_id=token_id,
+                  token_hash=token_hash(token)), audit=[event])
+    return client, token
+
+
+async def revoke_client(storage: Storage, name: str, *, actor: str = "cli",
+                        request_id: str | None = None) -> Client:
+    """Revoke a client's token for good. Raises ClientNotFound."""
+    event = AuditEvent("client_revoked", actor, "success", subject=name, request_id=request_id)
+    return await storage.revoke_client(name, audit=[event])
+
+
+async def set_client_keys(storage: Storage, name: str, keys: Iterable[str] | str, *,
+                          actor: str = "cli", request_id: str | None = None) -> Client:
+    """Replace the key labels a client may use. Raises ClientNotFound."""
+    labels = normalise_keys(keys)
+    event = AuditEvent("client_keys_changed", actor, "success", subject=name,
+                       details={"key_labels": sorted(labels)}, request_id=request_id)
+    return await storage.set_client_keys(name, labels, audit=[event])
+
+
+async def authenticate(storage: Storage, token: str) -> Client | None:
+    """The active client holding this token, else None (unknown, malformed or revoked).
+
+    The stored hash is compared in constant time; a revoked client never authenticates.
+    """
+    token_id = parse_token_id(token)
+    if token_id is None:
+        return None
+    found = await storage.client_by_token_id(token_id)
+    if found is None:
+        return None
+    client, stored = found
+    if not hmac.compare_digest(stored, token_hash(token)):
+        return None
+    if not client.active:
+        return None
+    return client
