@@ -1,0 +1,109 @@
+"""The async face of the HSM: `await signer.sign(label, data)` without ever blocking the loop.
+
+A fixed set of worker threads (one per HSM session) takes jobs from one queue. python-pkcs11
+releases the GIL inside C_Sign, so the workers sign in parallel while the loop keeps serving.
+Compared with `loop.run_in_executor` this skips the executor's per-call bookkeeping (futures
+wrapped twice, a work item object, a wake-up of an idle thread per call): a busy worker goes from
+one job to the next without sleeping. The number of queued jobs is visible (`pending`) so the
+admission layer in front can refuse work instead of letting latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from gateway.signing.hsm import Hsm
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class AsyncSigner:
+    """Bounded pool of worker threads in front of an `Hsm` (or any blocking work)."""
+
+    def __init__(self, hsm: Hsm, workers: int | None = None) -> None:
+        self.hsm = hsm
+        self.workers = workers or hsm.size or (os.cpu_count() or 2)
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending = 0
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name=f"hsm-worker-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return self._pending
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs running on a worker right now."""
+        return self._in_flight
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is _STOP:
+                return
+            loop, fut, fn, args = job
+            with self._count_lock:
+                self._in_flight += 1
+            try:
+                result: Any = fn(*args)
+                ok = True
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, ok = exc, False
+            with self._count_lock:
+                self._in_flight -= 1
+                self._pending -= 1
+            try:
+                loop.call_soon_threadsafe(_resolve, fut, ok, result)
+            except RuntimeError:  # loop closed while we worked: nobody is waiting
+                pass
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on a worker; returns a future of the running loop."""
+        if self._closed:
+            raise RuntimeError("AsyncSigner is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._count_lock:
+            self._pending += 1
+        self._jobs.put((loop, fut, fn, args))
+        return fut
+
+    async def sign(self, label: str, data: bytes) -> bytes:
+        return await self.submit(self.hsm.sign, label, data)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.submit(fn, *args)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let queued jobs finish, then stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)

@@ -1,0 +1,50 @@
+"""Errors of the signing core. Each carries a stable `code` that callers branch on."""
+
+from __future__ import annotations
+
+
+class SigningError(Exception):
+    """Base of every error the signing core raises on purpose."""
+
+    code = "signing_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class HsmError(SigningError):
+    """The HSM refused or failed an operation."""
+
+    code = "hsm_error"
+
+
+class TokenUnavailable(HsmError):
+    """The token is missing, removed, or the module is down. Retry later: the pool reconnects."""
+
+    code = "hsm_unavailable"
+
+
+class HsmLoginError(HsmError):
+    """The PIN was refused or the token is locked."""
+
+    code = "hsm_login_failed"
+
+
+class KeyNotFound(HsmError):
+    """No key with that label on the token."""
+
+    code = "key_not_found"
+
+
+class KeyExists(HsmError):
+    """A key with that label already exists (labels are unique on our tokens)."""
+
+    code = "key_exists"
+
+
+class CertificateMismatch(SigningError):
+    """A certificate does not carry the public key of the HSM key it is stored with."""
+
+    code = "certificate_key_mismatch"

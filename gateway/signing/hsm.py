@@ -1,0 +1,573 @@
+"""The process's PKCS#11 module: one token, one login, a pool of sessions, cached key handles.
+
+Facts this module is built around (measured, see docs/engineering.md):
+
+- python-pkcs11 initialises the module with `C_Initialize(NULL)`. SoftHSM then turns its own
+  locking off and two threads signing on separate sessions corrupt its heap. We re-initialise
+  the module with `CKF_OS_LOCKING_OK` through ctypes before any session is opened.
+- Login is per application: the first session logs in, later sessions inherit it, and closing
+  a logged-in session logs everybody out. So one process-wide session holds the login, shared
+  (reference-counted) by every `Hsm` on that token, and is closed last.
+- Key objects belong to the session that found them: each pooled session caches its own handles.
+- SoftHSM 2.6 has no CKM_ECDSA_SHA256: we hash in Python and sign with CKM_ECDSA when the token
+  lacks the combined mechanism, then DER-encode r||s.
+
+A failure that means "the token is not there" (removed, module finalised, device error) marks the
+pool broken and raises `TokenUnavailable`; the next call reconnects (at most every
+`reconnect_interval` seconds) so the pool recovers without a restart once the token is back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pkcs11
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from gateway.config import Settings
+from gateway.signing.base import KeyInfo, KeySigner, PublicKey
+from gateway.signing.errors import (
+    CertificateMismatch,
+    HsmError,
+    HsmLoginError,
+    KeyExists,
+    KeyNotFound,
+    TokenUnavailable,
+)
+from gateway.signing.softhsm import point_environment_at
+
+T = TypeVar("T")
+
+CKF_OS_LOCKING_OK = 0x00000002
+CKR_OK = 0
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+# Per module path: (epoch, SOFTHSM2_CONF) of our last initialisation. The module is one instance per
+# process, so re-initialising it for one Hsm invalidates every other Hsm's sessions: they notice the
+# new epoch and reconnect before their next call instead of failing it.
+_module_epochs: dict[str, tuple[int, str | None]] = {}
+_module_lock = threading.Lock()
+
+
+def _initialise_module(module_path: str, *, force: bool) -> int:
+    """Make sure the module runs with OS locking; returns its epoch. `force` re-initialises."""
+    conf = os.environ.get("SOFTHSM2_CONF")
+    with _module_lock:
+        state = _module_epochs.get(module_path)
+        if state is not None and not force and state[1] == conf:
+            return state[0]
+        pkcs11.lib(module_path)
+        epoch = (state[0] if state else 0) + 1
+        # Record first: even a failed C_Initialize leaves older sessions dead.
+        _module_epochs[module_path] = (epoch, conf)
+        _reinitialize_with_os_locking(module_path)
+        return epoch
+
+
+# (module, token label, epoch) -> [logged-in session, users]
+_logins: dict[tuple[str, str, int], list[Any]] = {}
+
+
+def _acquire_login(module_path: str, token: Any, epoch: int, pin: str) -> None:
+    key = (module_path, token.label, epoch)
+    with _module_lock:
+        digest = hashlib.sha256(pin.encode()).digest()
+        entry = _logins.get(key)
+        if entry is not None:
+            # The token would not ask again; we do, so a wrong PIN never rides on another login.
+            if not hmac.compare_digest(entry[2], digest):
+                raise pkcs11.exceptions.PinIncorrect()
+            entry[1] += 1
+            return
+        try:
+            session = token.open(user_pin=pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            session = None  # logged in by someone outside our bookkeeping; keep it that way
+        _logins[key] = [session, 1, digest]
+
+
+def _release_login(module_path: str, token_label: str, epoch: int) -> None:
+    key = (module_path, token_label, epoch)
+    with _module_lock:
+        entry = _logins.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _logins[key]
+        if entry[0] is not None and _module_epoch(module_path) == epoch:
+            try:
+                entry[0].close()  # logs out: the last user is gone
+            except pkcs11.exceptions.PKCS11Error:
+                pass
+
+
+def _module_epoch(module_path: str) -> int:
+    state = _module_epochs.get(module_path)
+    return state[0] if state else 0
+
+
+def _reinitialize_with_os_locking(module_path: str) -> None:
+    """C_Finalize, then C_Initialize with CKF_OS_LOCKING_OK, on the module python-pkcs11 loaded.
+
+    dlopen of the same path returns the same handle, so this acts on the very instance that
+    python-pkcs11 uses; its own `initialized` flag stays true and it never re-initialises.
+    """
+    dll = ctypes.CDLL(module_path)
+    finalize = dll.C_Finalize
+    finalize.argtypes = [ctypes.c_void_p]
+    finalize.restype = ctypes.c_ulong
+    initialize = dll.C_Initialize
+    initialize.argtypes = [ctypes.c_void_p]
+    initialize.restype = ctypes.c_ulong
+    rv = finalize(None)
+    if rv not in (CKR_OK, CKR_CRYPTOKI_NOT_INITIALIZED):
+        raise HsmError(f"C_Finalize failed: 0x{rv:x}")
+    args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+    rv = initialize(ctypes.byref(args))
+    if rv != CKR_OK:
+        raise TokenUnavailable(f"C_Initialize with OS locking failed: 0x{rv:x}")
+
+
+# python-pkcs11 exceptions that mean the token or module is gone, as opposed to a bad request.
+_DEVICE_FAILURES: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.TokenNotPresent,
+    pkcs11.exceptions.TokenNotRecognised,
+    pkcs11.exceptions.DeviceRemoved,
+    pkcs11.exceptions.DeviceError,
+    pkcs11.exceptions.DeviceMemory,
+    pkcs11.exceptions.SessionHandleInvalid,
+    pkcs11.exceptions.SessionClosed,
+    pkcs11.exceptions.GeneralError,
+    pkcs11.exceptions.UserNotLoggedIn,
+    pkcs11.exceptions.KeyHandleInvalid,
+    pkcs11.exceptions.ObjectHandleInvalid,
+    pkcs11.exceptions.FunctionFailed,
+    pkcs11.exceptions.NoSuchToken,
+)
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    if isinstance(exc, _DEVICE_FAILURES):
+        return True
+    # CKR_CRYPTOKI_NOT_INITIALIZED has no class of its own in python-pkcs11.
+    return isinstance(exc, pkcs11.exceptions.PKCS11Error) and "0x190" in str(exc).lower()
+
+
+@dataclass
+class _PooledSession:
+    session: Any
+    generation: int
+    keys: dict[str, tuple[Any, str]] = field(default_factory=dict)  # label -> (private key, key type)
+
+
+@dataclass
+class _Connection:
+    """Everything that is only valid for one initialisation of the module."""
+
+    generation: int
+    epoch: int  # the module initialisation these sessions belong to
+    token: Any
+    admin: Any  # read-write session for management operations
+    pool: queue.LifoQueue[_PooledSession]
+    sessions: list[_PooledSession]
+    has_ecdsa_sha256: bool
+
+
+class Hsm:
+    """One PKCS#11 token for the whole process, safe to use from many threads at once."""
+
+    def __init__(self, module: str, token_label: str, user_pin: str, *, sessions: int = 0,
+                 reconnect_interval: float = 0.5, acquire_timeout: float = 30.0) -> None:
+        self.module = module
+        self.token_label = token_label
+        self._pin = user_pin
+        self.size = sessions if sessions > 0 else (os.cpu_count() or 2)
+        self.reconnect_interval = reconnect_interval
+        self.acquire_timeout = acquire_timeout
+        self._lock = threading.Condition()
+        self._active = 0  # operations holding a session
+        self._conn: _Connection | None = None
+        self._generation = 0
+        self._last_attempt = 0.0
+        self._last_error: str | None = None
+        self._closed = False
+        self._pubkeys: dict[str, tuple[str, PublicKey]] = {}
+        self._certs: dict[str, x509.Certificate | None] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    def open(cls, settings: Settings, *, sessions: int | None = None) -> Hsm:
+        """Open the configured token and log in. Raises TokenUnavailable if it is not there."""
+        point_environment_at(settings)
+        hsm = cls(settings.hsm.module, settings.hsm.token_label, settings.hsm.user_pin,
+                  sessions=settings.hsm.sessions if sessions is None else sessions)
+        with hsm._lock:
+            hsm._connect_locked()
+        return hsm
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wait_idle_locked(timeout=10.0)
+            self._disconnect_locked()
+            self._lock.notify_all()
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def available(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    def _connect_locked(self, *, force: bool = False) -> None:
+        self._last_attempt = time.monotonic()
+        try:
+            epoch = _initialise_module(self.module, force=force)
+            lib = pkcs11.lib(self.module)
+            try:
+                token = lib.get_token(token_label=self.token_label)
+            except (pkcs11.exceptions.NoSuchToken, pkcs11.exceptions.MultipleTokensReturned) as exc:
+                raise TokenUnavailable(f"token '{self.token_label}' not present in {self.module}") from exc
+            try:
+                _acquire_login(self.module, token, epoch, self._pin)
+            except (pkcs11.exceptions.PinIncorrect, pkcs11.exceptions.PinLocked,
+                    pkcs11.exceptions.PinExpired, pkcs11.exceptions.PinInvalid) as exc:
+                raise HsmLoginError(f"login to token '{self.token_label}' refused: {type(exc).__name__}") from exc
+            admin = token.open(rw=True)  # inherits the application's login
+            mechanisms = set(token.slot.get_mechanisms())
+            self._generation += 1
+            pool: queue.LifoQueue[_PooledSession] = queue.LifoQueue()
+            sessions = []
+            for _ in range(self.size):
+                pooled = _PooledSession(token.open(), self._generation)
+                sessions.append(pooled)
+                pool.put(pooled)
+        except HsmError as exc:
+            self._last_error = str(exc)
+            raise
+        except (pkcs11.exceptions.PKCS11Error, OSError) as exc:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            raise TokenUnavailable(f"HSM module {self.module} unusable: {self._last_error}") from exc
+        self._conn = _Connection(self._generation, epoch, token, admin, pool, sessions,
+                                 Mechanism.ECDSA_SHA256 in mechanisms)
+        self._last_error = None
+        self._lock.notify_all()
+
+    def _disconnect_locked(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.epoch != _module_epoch(self.module):
+            # The module was re-initialised under us: these handles are dead, and closing them
+            # could close a newer session that reuses the same handle number.
+            _release_login(self.module, self.token_label, conn.epoch)
+            return
+        for pooled in conn.sessions:
+            try:
+                pooled.session.close()
+            except Exception:  # noqa: BLE001 - a dead module cannot close cleanly; nothing to save
+                pass
+        try:
+            conn.admin.close()
+        except Exception:  # noqa: BLE001
+            pass
+        _release_login(self.module, self.token_label, conn.epoch)
+
+    def _wait_idle_locked(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._lock.wait(left)
+
+    def _mark_broken(self, generation: int, exc: BaseException) -> None:
+        """Remember that this generation of sessions is dead; the next borrower reconnects."""
+        with self._lock:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            if self._conn is not None and self._conn.generation == generation:
+                self._broken_generation = generation
+
+    # ----------------------------------------------------------------- borrowing
+    _broken_generation = -1
+
+    def _ensure_connected_locked(self) -> _Connection:
+        if self._closed:
+            raise TokenUnavailable("HSM pool is closed")
+        conn = self._conn
+        if conn is not None and conn.generation != self._broken_generation:
+            if conn.epoch == _module_epoch(self.module):
+                return conn
+            # Someone else in this process re-initialised the module: our sessions are gone,
+            # the token probably is not. Reopen at once, without re-initialising again.
+            self._wait_idle_locked(timeout=self.acquire_timeout)
+            self._disconnect_locked()
+            self._connect_locked()
+            self._pubkeys.clear()
+            self._certs.clear()
+            assert self._conn is not None
+            return self._conn
+        if time.monotonic() - self._last_attempt < self.reconnect_interval:
+            raise TokenUnavailable(f"HSM unavailable: {self._last_error or 'not connected'}")
+        # Reconnect: wait for borrowers of the dead generation, then start over.
+        self._wait_idle_locked(timeout=self.acquire_timeout)
+        self._disconnect_locked()
+        self._connect_locked(force=True)
+        self._pubkeys.clear()
+        self._certs.clear()
+        assert self._conn is not None
+        return self._conn
+
+    @contextmanager
+    def _session(self) -> Iterator[tuple[_Connection, _PooledSession]]:
+        with self._lock:
+            conn = self._ensure_connected_locked()
+            self._active += 1
+        try:
+            try:
+                pooled = conn.pool.get(timeout=self.acquire_timeout)
+            except queue.Empty as exc:
+                raise TokenUnavailable("no HSM session free in time") from exc
+            try:
+                yield conn, pooled
+            except pkcs11.exceptions.PKCS11Error as exc:
+                if _is_device_failure(exc):
+                    self._mark_broken(conn.generation, exc)
+                    raise TokenUnavailable(f"HSM failed: {type(exc).__name__}") from exc
+                raise HsmError(f"HSM refused: {type(exc).__name__}: {exc}") from exc
+            finally:
+                conn.pool.put(pooled)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    def _admin(self, op: Callable[[Any, _Connection], T]) -> T:
+        """Run a management operation on the logged-in read-write session."""
+        with self._session() as (conn, _pooled), self._admin_lock:
+            return op(conn.admin, conn)
+
+    _admin_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- signing
+    def sign(self, label: str, data: bytes) -> bytes:
+        """SHA-256 over `data`, signed with the key `label` (thread-safe, blocking).
+
+        RSA: PKCS#1 v1.5 signature. P-256: DER-encoded ECDSA signature.
+        """
+        with self._session() as (conn, pooled):
+            entry = pooled.keys.get(label)
+            if entry is None:
+                entry = self._find_private(pooled.session, label)
+                pooled.keys[label] = entry
+            key, key_type = entry
+            if key_type == "rsa2048":
+                return key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+            if conn.has_ecdsa_sha256:
+                raw = key.sign(data, mechanism=Mechanism.ECDSA_SHA256)
+            else:
+                raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+            half = len(raw) // 2
+            return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+    @staticmethod
+    def _find_private(session: Any, label: str) -> tuple[Any, str]:
+        try:
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+        except pkcs11.exceptions.NoSuchKey as exc:
+            raise KeyNotFound(f"no private key labelled '{label}' on the token") from exc
+        except pkcs11.exceptions.MultipleObjectsReturned as exc:
+            raise HsmError(f"several private keys labelled '{label}'", code="key_ambiguous") from exc
+        return key, _key_type_of(key)
+
+    def signer(self, label: str) -> KeySigner:
+        """A KeySigner for `label`, with its certificate when one is stored."""
+        key_type, public = self._public(label)
+        cert = self.certificate(label)
+        return KeySigner(label=label, key_type=key_type, public_key=public, certificate=cert,
+                         _sign=lambda data: self.sign(label, data))
+
+    # ----------------------------------------------------------------- keys
+    def generate_keypair(self, label: str, key_type: str) -> PublicKey:
+        """Generate a key pair inside the token: private half sensitive and never extractable."""
+        if key_type not in ("rsa2048", "p256"):
+            raise HsmError(f"unsupported key type {key_type!r}", code="key_type_unsupported")
+
+        def op(session: Any, _conn: _Connection) -> None:
+            if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
+                raise KeyExists(f"a key labelled '{label}' already exists")
+            key_id = hashlib.sha1(os.urandom(16) + label.encode()).digest()
+            private = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+                       Attribute.PRIVATE: True, Attribute.TOKEN: True}
+            public = {Attribute.VERIFY: True, Attribute.TOKEN: True}
+            if key_type == "rsa2048":
+                session.generate_keypair(KeyType.RSA, 2048, label=label, id=key_id, store=True,
+                                         public_template=public, private_template=private)
+            else:
+                params = session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+                params.generate_keypair(label=label, id=key_id, store=True,
+                                        public_template=public, private_template=private)
+
+        self._admin(op)
+        self._pubkeys.pop(label, None)
+        return self.public_key(label)
+
+    def public_key(self, label: str) -> PublicKey:
+        return self._public(label)[1]
+
+    def _public(self, label: str) -> tuple[str, PublicKey]:
+        cached = self._pubkeys.get(label)
+        if cached is not None:
+            return cached
+
+        def op(session: Any, _conn: _Connection) -> tuple[str, PublicKey]:
+            try:
+                pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
+            except pkcs11.exceptions.NoSuchKey as exc:
+                raise KeyNotFound(f"no key labelled '{label}' on the token") from exc
+            return _key_type_of(pub), _to_cryptography(pub)
+
+        result = self._admin(op)
+        self._pubkeys[label] = result
+        return result
+
+    def list_keys(self) -> list[KeyInfo]:
+        def op(session: Any, _conn: _Connection) -> list[KeyInfo]:
+            certs = {}
+            for obj in session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE}):
+                certs[obj[Attribute.LABEL]] = x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE]))
+            infos = []
+            for key in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
+                label = key.label
+                cert = certs.get(label)
+                infos.append(KeyInfo(
+                    label=label, key_type=_key_type_of(key), key_id=bytes(key.id or b"").hex(),
+                    has_certificate=cert is not None,
+                    subject=cert.subject.rfc4514_string() if cert else None,
+                    not_after=cert.not_valid_after_utc.isoformat() if cert else None))
+            return sorted(infos, key=lambda k: k.label)
+
+        return self._admin(op)
+
+    def key_protection(self, label: str) -> dict[str, bool]:
+        """The private key's protection attributes, as the token reports them."""
+
+        def op(session: Any, _conn: _Connection) -> dict[str, bool]:
+            try:
+                key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+            except pkcs11.exceptions.NoSuchKey as exc:
+                raise KeyNotFound(f"no private key labelled '{label}' on the token") from exc
+            return {name: bool(key[attr]) for name, attr in (
+                ("sensitive", Attribute.SENSITIVE), ("extractable", Attribute.EXTRACTABLE),
+                ("always_sensitive", Attribute.ALWAYS_SENSITIVE),
+                ("never_extractable", Attribute.NEVER_EXTRACTABLE), ("local", Attribute.LOCAL))}
+
+        return self._admin(op)
+
+    # ----------------------------------------------------------------- certificates
+    def store_certificate(self, label: str, cert: x509.Certificate) -> None:
+        """Store the certificate on the token next to its key (replacing an older one)."""
+        public = self.public_key(label)
+        if _spki(cert.public_key()) != _spki(public):
+            raise CertificateMismatch(f"certificate for '{label}' does not carry that key's public key")
+
+        def op(session: Any, _conn: _Connection) -> None:
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+            for old in list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label})):
+                old.destroy()
+            session.create_object({
+                Attribute.CLASS: ObjectClass.CERTIFICATE,
+                Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                Attribute.TOKEN: True,
+                Attribute.LABEL: label,
+                Attribute.ID: key.id,
+                Attribute.SUBJECT: cert.subject.public_bytes(),
+                Attribute.ISSUER: cert.issuer.public_bytes(),
+                Attribute.SERIAL_NUMBER: cert.serial_number.to_bytes(20, "big").lstrip(b"\0") or b"\0",
+                Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
+            })
+
+        self._admin(op)
+        self._certs[label] = cert
+
+    def certificate(self, label: str) -> x509.Certificate | None:
+        if label in self._certs:
+            return self._certs[label]
+
+        def op(session: Any, _conn: _Connection) -> x509.Certificate | None:
+            found = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}))
+            if not found:
+                return None
+            return x509.load_der_x509_certificate(bytes(found[0][Attribute.VALUE]))
+
+        cert = self._admin(op)
+        self._certs[label] = cert
+        return cert
+
+    # ----------------------------------------------------------------- health
+    def probe(self, label: str) -> None:
+        """A real signature, checked with the public key: what readiness means."""
+        signer = self.signer(label)
+        payload = b"readiness probe " + os.urandom(8)
+        signer.verify(self.sign(label, payload), payload)
+
+
+def _key_type_of(key: Any) -> str:
+    kt = key.key_type
+    if kt == KeyType.RSA:
+        return "rsa2048"
+    if kt == KeyType.EC:
+        return "p256"
+    raise HsmError(f"unsupported key type {kt!r}", code="key_type_unsupported")
+
+
+def _to_cryptography(pub: Any) -> PublicKey:
+    if pub.key_type == KeyType.RSA:
+        n = int.from_bytes(bytes(pub[Attribute.MODULUS]), "big")
+        e = int.from_bytes(bytes(pub[Attribute.PUBLIC_EXPONENT]), "big")
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    der = encode_ec_public_key(pub)
+    key = serialization.load_der_public_key(der)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def _spki(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

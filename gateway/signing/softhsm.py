@@ -1,0 +1,72 @@
+"""SoftHSM set-up for a home: its configuration file and an initialised token.
+
+Only for SoftHSM (local runs and tests). A production PKCS#11 module is initialised by its own
+tools; the gateway then only needs the module path, the token label and the PIN.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from gateway.config import Settings
+from gateway.signing.errors import HsmError
+
+
+def is_softhsm(module: str) -> bool:
+    return "softhsm" in Path(module).name.lower()
+
+
+def write_softhsm_conf(settings: Settings) -> Path:
+    settings.token_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.token_dir, 0o700)
+    conf = settings.softhsm_conf
+    text = (
+        f"directories.tokendir = {settings.token_dir}/\n"
+        "objectstore.backend = file\n"
+        "log.level = ERROR\n"
+        "slots.removable = false\n"
+        "slots.mechanisms = ALL\n"
+    )
+    if not conf.exists() or conf.read_text() != text:
+        conf.write_text(text)
+    return conf
+
+
+def point_environment_at(settings: Settings) -> None:
+    """SoftHSM reads SOFTHSM2_CONF at C_Initialize; set it before the module is (re)initialised."""
+    if is_softhsm(settings.hsm.module):
+        os.environ["SOFTHSM2_CONF"] = str(settings.softhsm_conf)
+
+
+def _token_labels(conf: Path) -> list[str]:
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise HsmError("softhsm2-util not found: install the softhsm2 package", code="hsm_not_installed")
+    out = subprocess.run([util, "--show-slots"], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+                         capture_output=True, text=True, check=True).stdout
+    labels = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Label:"):
+            label = line.split(":", 1)[1].strip()
+            if label:
+                labels.append(label)
+    return labels
+
+
+def ensure_softhsm_token(settings: Settings) -> bool:
+    """Create the SoftHSM configuration and the token if missing. Returns True when it created one."""
+    if not is_softhsm(settings.hsm.module):
+        return False
+    conf = write_softhsm_conf(settings)
+    if settings.hsm.token_label in _token_labels(conf):
+        return False
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", settings.hsm.token_label,
+         "--pin", settings.hsm.user_pin, "--so-pin", settings.hsm.so_pin],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True, check=True,
+    )
+    return True

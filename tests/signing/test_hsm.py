@@ -1,0 +1,252 @@
+"""The HSM layer against a real SoftHSM token: keys, signatures, certificates, threads, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from gateway.config import Settings, load_settings
+from gateway.signing.async_signer import AsyncSigner
+from gateway.signing.errors import CertificateMismatch, HsmLoginError, KeyExists, KeyNotFound, TokenUnavailable
+from gateway.signing.hsm import Hsm
+
+
+def _self_signed(private_key, public_key, cn: str) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.timezone.utc)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(public_key)
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=30)).sign(private_key, hashes.SHA256()))
+
+
+def test_rsa_signature_verifies_with_public_key(hsm: Hsm, rsa_key: str) -> None:
+    signer = hsm.signer(rsa_key)
+    assert signer.key_type == "rsa2048" and signer.algorithm == "rsa-sha256"
+    assert isinstance(signer.public_key, rsa.RSAPublicKey) and signer.public_key.key_size == 2048
+    signature = signer.sign(b"order 26X000123")
+    assert len(signature) == 256
+    signer.verify(signature, b"order 26X000123")
+    with pytest.raises(InvalidSignature):
+        signer.verify(signature, b"order 26X000124")
+
+
+def test_ecdsa_signature_is_der_and_verifies(hsm: Hsm, ec_key: str) -> None:
+    signer = hsm.signer(ec_key)
+    assert signer.algorithm == "ecdsa-sha256"
+    assert isinstance(signer.public_key, ec.EllipticCurvePublicKey)
+    assert signer.public_key.curve.name == "secp256r1"
+    signature = signer.sign(b"prescription")
+    assert signature[0] == 0x30  # DER SEQUENCE of r, s
+    signer.verify(signature, b"prescription")
+    with pytest.raises(InvalidSignature):
+        signer.verify(signature, b"prescriptioN")
+
+
+def test_keys_are_generated_inside_sensitive_and_not_extractable(hsm: Hsm, rsa_key: str, ec_key: str) -> None:
+    for label in (rsa_key, ec_key):
+        protection = hsm.key_protection(label)
+        assert protection == {"sensitive": True, "extractable": False, "always_sensitive": True,
+                              "never_extractable": True, "local": True}
+
+
+def test_duplicate_label_and_unknown_label_are_specific_errors(hsm: Hsm, rsa_key: str) -> None:
+    with pytest.raises(KeyExists) as exists:
+        hsm.generate_keypair(rsa_key, "rsa2048")
+    assert exists.value.code == "key_exists"
+    with pytest.raises(KeyNotFound) as missing:
+        hsm.sign("no-such-key", b"x")
+    assert missing.value.code == "key_not_found"
+
+
+def test_certificate_stored_with_its_key_and_mismatch_refused(hsm: Hsm, rsa_key: str, ec_key: str) -> None:
+    rsa_signer = hsm.signer(rsa_key)
+    # The HSM key signs its own certificate through cryptography's builder: the private-key
+    # adapter is what CSRs and CMS use too.
+    cert = _self_signed(rsa_signer.private_key(), rsa_signer.public_key, "hsm self-signed")
+    cert.verify_directly_issued_by(cert)
+    hsm.store_certificate(rsa_key, cert)
+    fresh = Hsm.open(load_settings(hsm_home(hsm)))
+    try:
+        assert fresh.certificate(rsa_key) == cert
+        assert any(k.label == rsa_key and k.has_certificate for k in fresh.list_keys())
+    finally:
+        fresh.close()
+    ec_signer = hsm.signer(ec_key)
+    ec_cert = _self_signed(ec_signer.private_key(), ec_signer.public_key, "ec self-signed")
+    with pytest.raises(CertificateMismatch):
+        hsm.store_certificate(rsa_key, ec_cert)
+
+
+def hsm_home(hsm: Hsm) -> str:
+    return os.path.dirname(os.environ["SOFTHSM2_CONF"])
+
+
+def test_wrong_pin_is_refused_even_while_logged_in(softhsm_settings: Settings, hsm: Hsm) -> None:
+    from dataclasses import replace
+    bad = replace(softhsm_settings, hsm=replace(softhsm_settings.hsm, user_pin="0000"))
+    with pytest.raises(HsmLoginError) as err:
+        Hsm.open(bad)
+    assert err.value.code == "hsm_login_failed"
+
+
+def test_missing_token_label_is_a_clean_error(softhsm_settings: Settings, hsm: Hsm) -> None:
+    from dataclasses import replace
+    other = replace(softhsm_settings, hsm=replace(softhsm_settings.hsm, token_label="absent"))
+    with pytest.raises(TokenUnavailable) as err:
+        Hsm.open(other)
+    assert "absent" in str(err.value)
+
+
+def test_many_threads_sign_at_once_in_process(hsm: Hsm, rsa_key: str, ec_key: str) -> None:
+    signers = {label: hsm.signer(label) for label in (rsa_key, ec_key)}
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(12)
+
+    def work(n: int) -> None:
+        barrier.wait()
+        for i in range(60):
+            label = rsa_key if (n + i) % 2 else ec_key
+            data = f"{n}-{i}".encode()
+            try:
+                signers[label].verify(hsm.sign(label, data), data)
+            except BaseException as exc:  # noqa: BLE001 - collected and reported below
+                failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+HAMMER = textwrap.dedent('''
+    import sys, threading
+    from gateway.config import load_settings
+    from gateway.signing.hsm import Hsm
+    hsm = Hsm.open(load_settings(sys.argv[1]), sessions=int(sys.argv[2]))
+    signers = [hsm.signer(label) for label in sys.argv[3:]]
+    errors = []
+    def work(n):
+        for i in range(150):
+            s = signers[(n + i) % len(signers)]
+            data = b"%d/%d" % (n, i)
+            try:
+                s.verify(s.sign(data), data)
+            except Exception as exc:
+                errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    hsm.close()
+    print("errors", len(errors), errors[:3])
+    sys.exit(1 if errors else 0)
+''')
+
+
+def test_sixteen_threads_on_separate_sessions_do_not_crash_the_process(
+        softhsm_settings: Settings, rsa_key: str, ec_key: str) -> None:
+    """Without OS locking this is the workload that corrupts SoftHSM's heap (domain.md §7).
+
+    It runs in a child process so that a crash fails this test instead of killing the run.
+    """
+    proc = subprocess.run([sys.executable, "-c", HAMMER, str(softhsm_settings.home), "4", rsa_key, ec_key],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SOFTHSM2_CONF": str(softhsm_settings.softhsm_conf)})
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "errors 0" in proc.stdout
+
+
+async def test_async_signer_signs_concurrently_without_blocking_the_loop(hsm: Hsm, rsa_key: str) -> None:
+    signer = AsyncSigner(hsm)
+    try:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        payloads = [f"doc-{i}".encode() for i in range(400)]
+        signatures = await asyncio.gather(*(signer.sign(rsa_key, p) for p in payloads))
+        done.set()
+        await tick_task
+        verify = hsm.signer(rsa_key).verify
+        for p, s in zip(payloads, signatures):
+            verify(s, p)
+        # 400 RSA signatures take a few hundred ms; a blocked loop would not tick in between.
+        assert ticks >= 10
+        assert signer.pending == 0
+        with pytest.raises(KeyNotFound):
+            await signer.sign("no-such-key", b"x")
+    finally:
+        signer.close()
+
+
+RECOVERY = textwrap.dedent('''
+    import os, sys, time, json
+    from gateway.config import load_settings
+    from gateway.signing.hsm import Hsm
+    from gateway.signing.errors import TokenUnavailable
+    settings = load_settings(sys.argv[1])
+    label = sys.argv[2]
+    hsm = Hsm.open(settings, sessions=2)
+    hsm.reconnect_interval = 0.05
+    log = {"before": len(hsm.sign(label, b"a"))}
+    store = settings.token_dir
+    os.rename(store, str(store) + ".removed")
+    errors = []
+    for _ in range(3):
+        try:
+            hsm.sign(label, b"b")
+            errors.append("signed without a token")
+        except TokenUnavailable as exc:
+            errors.append(exc.code)
+        time.sleep(0.06)
+    log["while_removed"] = errors
+    os.rename(str(store) + ".removed", store)
+    time.sleep(0.06)
+    log["after"] = len(hsm.sign(label, b"c"))
+    log["available"] = hsm.available
+    hsm.close()
+    print(json.dumps(log))
+''')
+
+
+def test_removed_token_gives_clean_error_and_pool_recovers(softhsm_settings: Settings, rsa_key: str,
+                                                           tmp_path: Path) -> None:
+    """Runs on a copy of the token in a child process: removing the shared token would disturb others."""
+    import json
+
+    home = tmp_path / "home"
+    shutil.copytree(softhsm_settings.home, home, ignore=shutil.ignore_patterns("*.sqlite3*"))
+    settings = load_settings(home)
+    from gateway.signing.softhsm import write_softhsm_conf
+    write_softhsm_conf(settings)
+    proc = subprocess.run([sys.executable, "-c", RECOVERY, str(home), rsa_key], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "SOFTHSM2_CONF": str(settings.softhsm_conf)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert log["before"] == 256
+    assert log["while_removed"] == ["hsm_unavailable"] * 3
+    assert log["after"] == 256 and log["available"] is True
+
+
+def test_probe_is_a_real_signature(hsm: Hsm, rsa_key: str) -> None:
+    hsm.probe(rsa_key)
