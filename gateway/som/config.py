@@ -1,0 +1,87 @@
+"""Thresholds of suspicious order monitoring (21 CFR 1301.74(b), 21 USC 832).
+
+DEA sets no numeric thresholds: every number here is configuration with a default that a
+compliance team is expected to review. A line is flagged when any of its severities (feature
+value divided by its threshold) reaches 1; the score is the largest severity.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SomConfigError(ValueError):
+    """A configuration value is unknown or out of range."""
+
+    code = "som_config_invalid"
+
+
+@dataclass(frozen=True)
+class SomConfig:
+    # Size against the customer's own history (trailing 12 complete months, 6 for the maximum).
+    min_history_months: int = 3          # months of history before the customer is judged on it
+    min_history_lines: int = 3           # lines in the trailing 12 months before order size is judged
+    size_ratio: float = 3.0              # line units / mean line size of the trailing 12 months
+    size_over_max6: float = 1.5          # line units / largest line of the trailing 6 months
+    control_z: float = 4.0               # log-size control limit, in robust standard deviations
+    control_sd_floor: float = 0.25       # floor on the log-size spread (very regular customers)
+    month_ratio: float = 3.0             # month-to-date units / trailing 12-month monthly average
+    # Size against the peer group (class of trade, state, family), from a fixed reference table.
+    peer_z: float = 3.5                  # log line size above the peers' log mean, in peer sd
+    peer_month_z: float = 3.5            # log month-to-date units above the peers' monthly log mean
+    min_peer_customers: int = 5          # fewer peers: fall back to (class of trade, family), then family
+    # Frequency.
+    frequency_ratio: float = 3.0         # order days in the last 30 days / usual order days a month
+    min_orders_30d: int = 4              # fewer order days in 30 days are never a frequency finding
+    interval_ratio: float = 3.0          # usual interval / mean of the last `recent_intervals` intervals
+    recent_intervals: int = 3
+    # Pattern.
+    new_family_tenure_days: int = 180    # a new family is judged only for an established customer
+    new_family_window_days: int = 45     # lines this long after a family's first order count as new
+    new_family_peer_share: float = 0.25  # a new family ordered by fewer peers than this is unusual
+    mix_shift: float = 0.35              # rise of a family's share of the customer's units (30 d vs 12 m)
+    controlled_shift: float = 0.35       # rise of the controlled share of the customer's units
+    min_mix_units: float = 500.0         # family units in 30 days below this never make a mix finding
+    # Monthly dosage-unit cap per family (litigation method 4 uses 8,000).
+    monthly_cap: float = 8000.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SomConfigError(f"{f.name}: expected a number, got {value!r}")
+            if value < 0:
+                raise SomConfigError(f"{f.name}: must not be negative, got {value!r}")
+        if self.recent_intervals < 1 or self.recent_intervals > 30:
+            raise SomConfigError("recent_intervals: must be between 1 and 30")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SomConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise SomConfigError(f"unknown SOM settings {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            default = getattr(cls, name)
+            try:
+                values[name] = int(value) if isinstance(default, int) else float(value)
+            except (TypeError, ValueError):
+                raise SomConfigError(f"{name}: expected a number, got {value!r}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, section: str = "som") -> "SomConfig":
+        """Read the `[som]` table of a TOML file (e.g. the home's gateway.toml); absent: defaults."""
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        return cls.from_dict(data.get(section, {}) or {})
+
+    def with_(self, **changes: Any) -> "SomConfig":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

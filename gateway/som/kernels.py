@@ -1,0 +1,607 @@
+"""Numba kernels of suspicious order monitoring: one pass over each customer's lines in time order.
+
+Every feature is computed from a bounded state per (customer, family) and per customer, updated
+in O(1) per line by `process_line`. The batch kernel `score_sorted` runs that same function over
+the lines of each customer in (date, input position) order, and the incremental scorer
+(`incremental.SomState`) calls it once per new line: batch and incremental agree by construction.
+
+Windows (the same in the kernels, the plain Polars reference and the DuckDB SQL):
+- a month is a calendar month; "trailing 12 months" are the 12 calendar months before the line's
+  month, "trailing 6 months" the 6 before it; the monthly average divides by min(12, months since
+  the family's first month), so a young account is averaged over its own life;
+- "the last 30 days" are the days d-29 .. d of the line's date d, counting the lines before it
+  (in time order) and the line itself;
+- "order days" are distinct dates with at least one line of the family.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# --- state layouts (float64 vectors, so that save/load is one array) -------------------------
+
+NM = 13  # month ring: the current month and the 12 before it
+ND = 32  # ring of the last distinct order days (at most 30 fall in a 30-day window)
+
+# group (customer, family) state
+G_FIRST_DAY = 0
+G_FIRST_MONTH = 1
+G_NDAYS = 2  # distinct order days ever seen
+G_MONTHS = 4  # NM slots of: month id, units, lines, order days, max line, sum log, sum log^2
+G_MSLOT = 7
+G_DAYS = G_MONTHS + NM * G_MSLOT  # ND slots of: day, units
+G_DSLOT = 2
+G_SIZE = G_DAYS + ND * G_DSLOT
+
+# customer state (all families)
+C_FIRST_DAY = 0
+C_NDAYS = 1
+C_MONTHS = 2  # NM slots of: month id, units, controlled units
+C_MSLOT = 3
+C_DAYS = C_MONTHS + NM * C_MSLOT  # ND slots of: day, units, controlled units
+C_DSLOT = 3
+C_SIZE = C_DAYS + ND * C_DSLOT
+
+# --- configuration vector (from SomConfig, in this order) ------------------------------------
+
+CONFIG_FIELDS = (
+    "min_history_months", "min_history_lines", "size_ratio", "size_over_max6", "control_z",
+    "control_sd_floor", "month_ratio", "peer_z", "peer_month_z", "frequency_ratio",
+    "min_orders_30d", "interval_ratio", "recent_intervals", "new_family_tenure_days",
+    "new_family_window_days", "new_family_peer_share", "mix_shift", "controlled_shift",
+    "min_mix_units", "monthly_cap",
+)
+(K_MIN_MONTHS, K_MIN_LINES, K_SIZE, K_MAX6, K_CZ, K_SDFLOOR, K_MONTH, K_PEER_Z, K_PEER_MZ,
+ K_FREQ, K_MIN30, K_INTERVAL, K_RECENT, K_TENURE, K_WINDOW, K_PEER_SHARE, K_MIX, K_CTRL,
+ K_MIN_MIX, K_CAP) = range(len(CONFIG_FIELDS))
+
+# --- peer vector layout (one row of the peer reference table) --------------------------------
+
+PEER_FIELDS = ("line_log_mean", "line_log_sd", "month_log_mean", "month_log_sd", "share")
+P_LINE_MU, P_LINE_SD, P_MONTH_MU, P_MONTH_SD, P_SHARE = range(len(PEER_FIELDS))
+
+# --- findings: one bit each; the feature vector holds the numbers quoted in the reasons -------
+
+R_SIZE = 1 << 0  # line / trailing 12-month mean line
+R_MAX6 = 1 << 1  # line / trailing 6-month largest line
+R_CONTROL = 1 << 2  # log line above the customer's control limit
+R_MONTH = 1 << 3  # month to date / trailing 12-month monthly average
+R_PEER = 1 << 4  # line against the peer group
+R_PEER_MONTH = 1 << 5  # month to date against the peer group
+R_FREQ = 1 << 6  # order days in 30 days against usual
+R_INTERVAL = 1 << 7  # shrinking interval
+R_NEW_FAMILY = 1 << 8
+R_MIX = 1 << 9
+R_CONTROLLED = 1 << 10
+R_CAP = 1 << 11
+REASON_BITS = {
+    "size": R_SIZE, "max6": R_MAX6, "control": R_CONTROL, "month": R_MONTH, "peer": R_PEER,
+    "peer_month": R_PEER_MONTH, "frequency": R_FREQ, "interval": R_INTERVAL,
+    "new_family": R_NEW_FAMILY, "mix": R_MIX, "controlled": R_CONTROLLED, "cap": R_CAP,
+}
+KIND_BITS = {
+    "size": R_SIZE | R_MAX6 | R_CONTROL | R_MONTH | R_PEER | R_PEER_MONTH,
+    "frequency": R_FREQ | R_INTERVAL,
+    "pattern": R_NEW_FAMILY | R_MIX | R_CONTROLLED,
+    "cap": R_CAP,
+}
+
+FEATURES = (
+    # severities' underlying ratios / statistics (NaN when not judged)
+    "size_ratio", "max6_ratio", "control_z", "month_ratio", "peer_z", "peer_month_z",
+    "frequency_ratio", "interval_ratio", "new_family_share", "mix_shift", "controlled_shift",
+    "cap_ratio",
+    # the numbers quoted in the reasons
+    "units", "mean_line_12m", "max_line_6m", "control_limit", "month_to_date", "monthly_avg_12m",
+    "peer_line_typical", "peer_line_limit", "peer_month_typical", "peer_month_limit",
+    "orders_30d", "usual_orders_month", "recent_interval", "usual_interval", "tenure_days",
+    "share_30d", "share_12m", "controlled_30d", "controlled_12m", "months_history",
+)
+NF = len(FEATURES)
+(F_SIZE, F_MAX6, F_CZ, F_MONTH, F_PEER_Z, F_PEER_MZ, F_FREQ, F_INTERVAL, F_NEWFAM, F_MIX, F_CTRL,
+ F_CAP, F_UNITS, F_MEAN12, F_MAX6L, F_CLIMIT, F_MTD, F_AVG12, F_PEER_TYP, F_PEER_LIM,
+ F_PEER_MTYP, F_PEER_MLIM, F_N30, F_USUAL_N, F_RECENT_GAP, F_USUAL_GAP, F_TENURE, F_SHARE30,
+ F_SHARE12, F_CTRL30, F_CTRL12, F_NHIST) = range(NF)
+
+DAYS_PER_MONTH = 30.436875
+
+
+@njit(cache=True)
+def month_of_day(day):
+    """Calendar month id (year * 12 + month - 1) of a day count since 1970-01-01."""
+    z = day + 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    m = mp + 3 if mp < 10 else mp - 9
+    if m <= 2:
+        y += 1
+    return y * 12 + m - 1
+
+
+@njit(cache=True)
+def new_group_state(g):
+    g[:] = 0.0
+    for s in range(NM):
+        g[G_MONTHS + s * G_MSLOT] = -1.0
+    for s in range(ND):
+        g[G_DAYS + s * G_DSLOT] = -1e9
+
+
+@njit(cache=True)
+def new_customer_state(c):
+    c[:] = 0.0
+    for s in range(NM):
+        c[C_MONTHS + s * C_MSLOT] = -1.0
+    for s in range(ND):
+        c[C_DAYS + s * C_DSLOT] = -1e9
+
+
+@njit(cache=True)
+def _sev(value, threshold):
+    if value != value or threshold <= 0.0:
+        return 0.0
+    return value / threshold
+
+
+@njit(cache=True)
+def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
+    """Add one line to its group state `g` and customer state `c`; fill `feat`; return
+    (score, reason bits). Lines must arrive in time order per customer."""
+    month = month_of_day(day)
+    lu = math.log1p(units)
+    for k in range(NF):
+        feat[k] = np.nan
+    feat[F_UNITS] = units
+
+    # ---- customer state ----
+    if c[C_NDAYS] == 0.0:
+        c[C_FIRST_DAY] = day
+    slot = month % NM
+    base = C_MONTHS + slot * C_MSLOT
+    if c[base] != month:
+        c[base] = month
+        c[base + 1] = 0.0
+        c[base + 2] = 0.0
+    c[base + 1] += units
+    if controlled:
+        c[base + 2] += units
+    nd = int(c[C_NDAYS])
+    last = C_DAYS + ((nd - 1) % ND) * C_DSLOT
+    if nd > 0 and c[last] == day:
+        dbase = last
+    else:
+        dbase = C_DAYS + (nd % ND) * C_DSLOT
+        c[dbase] = day
+        c[dbase + 1] = 0.0
+        c[dbase + 2] = 0.0
+        c[C_NDAYS] = nd + 1
+    c[dbase + 1] += units
+    if controlled:
+        c[dbase + 2] += units
+
+    # ---- group state ----
+    first_line = g[G_NDAYS] == 0.0
+    if first_line:
+        g[G_FIRST_DAY] = day
+        g[G_FIRST_MONTH] = month
+    nd = int(g[G_NDAYS])
+    last = G_DAYS + ((nd - 1) % ND) * G_DSLOT
+    new_day = not (nd > 0 and g[last] == day)
+    if new_day:
+        dbase = G_DAYS + (nd % ND) * G_DSLOT
+        g[dbase] = day
+        g[dbase + 1] = 0.0
+        g[G_NDAYS] = nd + 1
+        nd += 1
+    else:
+        dbase = last
+    g[dbase + 1] += units
+    base = G_MONTHS + slot * G_MSLOT
+    if g[base] != month:
+        g[base] = month
+        for k in range(1, G_MSLOT):
+            g[base + k] = 0.0
+    g[base + 1] += units
+    g[base + 2] += 1.0
+    if new_day:
+        g[base + 3] += 1.0
+    if units > g[base + 4]:
+        g[base + 4] = units
+    g[base + 5] += lu
+    g[base + 6] += lu * lu
+    mtd = g[base + 1]
+
+    # ---- trailing months (m-12 .. m-1) of the group and the customer ----
+    tot12 = 0.0
+    cnt12 = 0.0
+    days12 = 0.0
+    slog = 0.0
+    slog2 = 0.0
+    max6 = 0.0
+    ctot12 = 0.0
+    cctl12 = 0.0
+    for s in range(NM):
+        b = G_MONTHS + s * G_MSLOT
+        mid = g[b]
+        if mid >= month - 12 and mid <= month - 1:
+            tot12 += g[b + 1]
+            cnt12 += g[b + 2]
+            days12 += g[b + 3]
+            slog += g[b + 5]
+            slog2 += g[b + 6]
+            if mid >= month - 6 and g[b + 4] > max6:
+                max6 = g[b + 4]
+        cb = C_MONTHS + s * C_MSLOT
+        cmid = c[cb]
+        if cmid >= month - 12 and cmid <= month - 1:
+            ctot12 += c[cb + 1]
+            cctl12 += c[cb + 2]
+    nhist = min(12.0, month - g[G_FIRST_MONTH])
+    feat[F_NHIST] = nhist
+    feat[F_MTD] = mtd
+    feat[F_CAP] = mtd / cfg[K_CAP] if cfg[K_CAP] > 0 else np.nan
+
+    # ---- last 30 days ----
+    n30 = 0.0
+    u30 = 0.0
+    lo = day - 29
+    for s in range(ND):
+        b = G_DAYS + s * G_DSLOT
+        if g[b] >= lo and g[b] <= day:
+            n30 += 1.0
+            u30 += g[b + 1]
+    c30 = 0.0
+    k30 = 0.0
+    for s in range(ND):
+        b = C_DAYS + s * C_DSLOT
+        if c[b] >= lo and c[b] <= day:
+            c30 += c[b + 1]
+            k30 += c[b + 2]
+    feat[F_N30] = n30
+
+    score = 0.0
+    bits = 0
+    sev = 0.0
+    history = nhist >= cfg[K_MIN_MONTHS]
+
+    # ---- size against the customer's history ----
+    if history and cnt12 >= cfg[K_MIN_LINES] and cnt12 > 0:
+        mean12 = tot12 / cnt12
+        feat[F_MEAN12] = mean12
+        feat[F_SIZE] = units / mean12 if mean12 > 0 else np.nan
+        sev = _sev(feat[F_SIZE], cfg[K_SIZE])
+        if sev >= 1.0:
+            bits |= R_SIZE
+        score = max(score, sev)
+        if max6 > 0:
+            feat[F_MAX6L] = max6
+            feat[F_MAX6] = units / max6
+            sev = _sev(feat[F_MAX6], cfg[K_MAX6])
+            if sev >= 1.0:
+                bits |= R_MAX6
+            score = max(score, sev)
+        mu = slog / cnt12
+        var = (slog2 - slog * slog / cnt12) / (cnt12 - 1.0) if cnt12 > 1 else 0.0
+        sd = math.sqrt(max(var, 0.0))
+        sd = max(sd, cfg[K_SDFLOOR])
+        feat[F_CZ] = (lu - mu) / sd
+        feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd)
+        sev = _sev(feat[F_CZ], cfg[K_CZ])
+        if sev >= 1.0:
+            bits |= R_CONTROL
+        score = max(score, sev)
+    if history and tot12 > 0:
+        avg12 = tot12 / nhist
+        feat[F_AVG12] = avg12
+        feat[F_MONTH] = mtd / avg12
+        sev = _sev(feat[F_MONTH], cfg[K_MONTH])
+        if sev >= 1.0:
+            bits |= R_MONTH
+        score = max(score, sev)
+
+    # ---- size against the peer group ----
+    if has_peer:
+        psd = max(peer[P_LINE_SD], cfg[K_SDFLOOR])
+        feat[F_PEER_TYP] = math.expm1(peer[P_LINE_MU])
+        feat[F_PEER_LIM] = math.expm1(peer[P_LINE_MU] + cfg[K_PEER_Z] * psd)
+        feat[F_PEER_Z] = (lu - peer[P_LINE_MU]) / psd
+        sev = _sev(feat[F_PEER_Z], cfg[K_PEER_Z])
+        if sev >= 1.0:
+            bits |= R_PEER
+        score = max(score, sev)
+        msd = max(peer[P_MONTH_SD], cfg[K_SDFLOOR])
+        feat[F_PEER_MTYP] = math.expm1(peer[P_MONTH_MU])
+        feat[F_PEER_MLIM] = math.expm1(peer[P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
+        feat[F_PEER_MZ] = (math.log1p(mtd) - peer[P_MONTH_MU]) / msd
+        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ])
+        if sev >= 1.0:
+            bits |= R_PEER_MONTH
+        score = max(score, sev)
+
+    # ---- frequency ----
+    if history and days12 > 0:
+        usual = days12 / nhist
+        feat[F_USUAL_N] = usual
+        if n30 >= cfg[K_MIN30]:
+            feat[F_FREQ] = n30 / max(usual, 1.0)
+            sev = _sev(feat[F_FREQ], cfg[K_FREQ])
+            if sev >= 1.0:
+                bits |= R_FREQ
+            score = max(score, sev)
+        r = int(cfg[K_RECENT])
+        if nd - 1 >= r:
+            back = g[G_DAYS + ((nd - 1 - r) % ND) * G_DSLOT]
+            recent = (day - back) / r
+            usual_gap = DAYS_PER_MONTH * nhist / days12
+            feat[F_RECENT_GAP] = recent
+            feat[F_USUAL_GAP] = usual_gap
+            feat[F_INTERVAL] = usual_gap / max(recent, 1.0)
+            sev = _sev(feat[F_INTERVAL], cfg[K_INTERVAL])
+            if sev >= 1.0:
+                bits |= R_INTERVAL
+            score = max(score, sev)
+
+    # ---- pattern: new family, family mix, controlled share ----
+    tenure = g[G_FIRST_DAY] - c[C_FIRST_DAY]
+    feat[F_TENURE] = day - c[C_FIRST_DAY]
+    if tenure >= cfg[K_TENURE] and day - g[G_FIRST_DAY] < cfg[K_WINDOW]:
+        share = peer[P_SHARE] if has_peer else 0.0
+        feat[F_NEWFAM] = share
+        sev = cfg[K_PEER_SHARE] / max(share, 0.01)
+        sev = min(sev, 10.0)
+        if sev >= 1.0:
+            bits |= R_NEW_FAMILY
+        score = max(score, sev)
+    cust_history = month - month_of_day(int(c[C_FIRST_DAY])) >= cfg[K_MIN_MONTHS]
+    if cust_history and ctot12 > 0 and c30 > 0:
+        share30 = u30 / c30
+        share12 = tot12 / ctot12
+        feat[F_SHARE30] = share30
+        feat[F_SHARE12] = share12
+        if u30 >= cfg[K_MIN_MIX]:
+            feat[F_MIX] = share30 - share12
+            sev = _sev(feat[F_MIX], cfg[K_MIX])
+            if sev >= 1.0:
+                bits |= R_MIX
+            score = max(score, sev)
+        if controlled:
+            ctl30 = k30 / c30
+            ctl12 = cctl12 / ctot12
+            feat[F_CTRL30] = ctl30
+            feat[F_CTRL12] = ctl12
+            feat[F_CTRL] = ctl30 - ctl12
+            sev = _sev(feat[F_CTRL], cfg[K_CTRL])
+            if sev >= 1.0:
+                bits |= R_CONTROLLED
+            score = max(score, sev)
+
+    # ---- monthly cap ----
+    sev = feat[F_CAP] if feat[F_CAP] == feat[F_CAP] else 0.0
+    if sev > 1.0:
+        bits |= R_CAP
+    score = max(score, sev)
+    if not controlled:  # non-controlled lines only inform the controlled share
+        return 0.0, 0
+    return score, bits
+
+
+# --- batch ----------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def dense_codes(keys):
+    """Dense codes 0..k-1 in order of first appearance for a uint64 key array (open addressing);
+    returns (codes, first index of each code)."""
+    n = keys.shape[0]
+    cap = 1024
+    while cap < 2 * min(n, 1 << 22) and cap < n * 2:
+        cap *= 2
+    table_k = np.zeros(cap, np.uint64)
+    table_v = np.full(cap, -1, np.int64)
+    codes = np.empty(n, np.int32)
+    first = np.empty(max(n, 1), np.int64)
+    k = 0
+    prev_key = np.uint64(0)
+    prev_code = -1
+    for i in range(n):
+        key = keys[i]
+        if prev_code >= 0 and key == prev_key:
+            codes[i] = prev_code
+            continue
+        mask = np.uint64(cap - 1)
+        h = (key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)
+        j = np.int64(h & mask)
+        while True:
+            v = table_v[j]
+            if v < 0:
+                table_k[j] = key
+                table_v[j] = k
+                first[k] = i
+                v = k
+                k += 1
+                if 2 * k > cap:  # grow and rehash
+                    ncap = cap * 2
+                    nk = np.zeros(ncap, np.uint64)
+                    nv = np.full(ncap, -1, np.int64)
+                    nmask = np.uint64(ncap - 1)
+                    for t in range(cap):
+                        if table_v[t] >= 0:
+                            hh = (table_k[t] * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)
+                            jj = np.int64(hh & nmask)
+                            while nv[jj] >= 0:
+                                jj = (jj + 1) & (ncap - 1)
+                            nk[jj] = table_k[t]
+                            nv[jj] = table_v[t]
+                    table_k = nk
+                    table_v = nv
+                    cap = ncap
+                break
+            if table_k[j] == key:
+                break
+            j = (j + 1) & (cap - 1)
+        codes[i] = v
+        prev_key = key
+        prev_code = v
+    return codes, first[:k].copy()
+
+
+@njit(cache=True)
+def order_by_customer_day(ccode, ncust, day):
+    """Permutation sorting lines by (customer code, day, input position): a stable counting sort
+    by customer, then a check that days are non-decreasing inside each customer; customers whose
+    days are not get an insertion sort (stable), cheap when the input is nearly in time order."""
+    n = ccode.shape[0]
+    start = np.zeros(ncust + 1, np.int64)
+    for i in range(n):
+        start[ccode[i] + 1] += 1
+    for c in range(ncust):
+        start[c + 1] += start[c]
+    pos = start[:-1].copy()
+    perm = np.empty(n, np.int64)
+    for i in range(n):
+        c = ccode[i]
+        perm[pos[c]] = i
+        pos[c] += 1
+    for c in range(ncust):
+        a = start[c]
+        b = start[c + 1]
+        ok = True
+        for j in range(a + 1, b):
+            if day[perm[j]] < day[perm[j - 1]]:
+                ok = False
+                break
+        if not ok:
+            seg = perm[a:b]
+            keys = day[seg].astype(np.int64) * n + seg
+            perm[a:b] = seg[np.argsort(keys)]
+    return perm, start
+
+
+@njit(cache=True)
+def peer_sums(perm, ccode, fcode, nfam, day, units, cust_ts, nts):
+    """First pass: per (class-of-trade/state cell, family) sums for the peer reference table:
+    customers, lines, sum and sum of squares of log1p(line units) and of log1p(monthly units)."""
+    acc = np.zeros((nts, nfam, 7))  # customers, lines, s, s2, months, ms, ms2
+    cur_month = np.full(nfam, -1, np.int64)
+    cur_tot = np.zeros(nfam)
+    touched = np.empty(nfam, np.int64)
+    ntouched = 0
+    n = perm.shape[0]
+    prev_c = -1
+    ts = 0
+    for idx in range(n + 1):
+        if idx < n:
+            i = perm[idx]
+            c = ccode[i]
+        else:
+            i = -1
+            c = -2
+        if c != prev_c:
+            for t in range(ntouched):
+                f = touched[t]
+                if cur_month[f] >= 0:
+                    lm = math.log1p(cur_tot[f])
+                    acc[ts, f, 4] += 1.0
+                    acc[ts, f, 5] += lm
+                    acc[ts, f, 6] += lm * lm
+                cur_month[f] = -1
+                cur_tot[f] = 0.0
+            ntouched = 0
+            if idx == n:
+                break
+            prev_c = c
+            ts = cust_ts[c]
+        f = fcode[i]
+        u = units[i]
+        m = month_of_day(day[i])
+        if cur_month[f] < 0:
+            touched[ntouched] = f
+            ntouched += 1
+            acc[ts, f, 0] += 1.0
+        elif cur_month[f] != m:
+            lm = math.log1p(cur_tot[f])
+            acc[ts, f, 4] += 1.0
+            acc[ts, f, 5] += lm
+            acc[ts, f, 6] += lm * lm
+            cur_tot[f] = 0.0
+        cur_month[f] = m
+        cur_tot[f] += u
+        lu = math.log1p(u)
+        acc[ts, f, 1] += 1.0
+        acc[ts, f, 2] += lu
+        acc[ts, f, 3] += lu * lu
+    return acc
+
+
+@njit(cache=True)
+def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer_row, peers,
+                 cfg, keep_features):
+    """Score every line (results at the line's input position). Returns score, flag, reason bits,
+    the features (n x NF when keep_features, else 0 x NF) and, for flagged lines only, their
+    positions and feature rows (for the reasons)."""
+    n = perm.shape[0]
+    score = np.zeros(n)
+    flag = np.zeros(n, np.bool_)
+    bits = np.zeros(n, np.int32)
+    feats = np.empty((n if keep_features else 0, NF))
+    gstate = np.empty((nfam, G_SIZE))
+    cstate = np.empty(C_SIZE)
+    seen = np.zeros(nfam, np.bool_)
+    touched = np.empty(nfam, np.int64)
+    ntouched = 0
+    feat = np.empty(NF)
+    nopeer = np.zeros(len(PEER_FIELDS))
+    fcap = 1024
+    fpos = np.empty(fcap, np.int64)
+    ffeat = np.empty((fcap, NF))
+    nflag = 0
+    prev_c = -1
+    ts = 0
+    for idx in range(n):
+        i = perm[idx]
+        c = ccode[i]
+        if c != prev_c:
+            for t in range(ntouched):
+                seen[touched[t]] = False
+            ntouched = 0
+            new_customer_state(cstate)
+            prev_c = c
+            ts = cust_ts[c]
+        f = fcode[i]
+        if not seen[f]:
+            seen[f] = True
+            touched[ntouched] = f
+            ntouched += 1
+            new_group_state(gstate[f])
+        p = peer_row[ts, f]
+        if p >= 0:
+            s, b = process_line(gstate[f], cstate, day[i], units[i], controlled[i], peers[p],
+                                True, cfg, feat)
+        else:
+            s, b = process_line(gstate[f], cstate, day[i], units[i], controlled[i], nopeer,
+                                False, cfg, feat)
+        score[i] = s
+        bits[i] = b
+        if keep_features:
+            feats[i, :] = feat
+        if b != 0:
+            flag[i] = True
+            if nflag == fcap:
+                fcap *= 2
+                np2 = np.empty(fcap, np.int64)
+                np2[:nflag] = fpos[:nflag]
+                fpos = np2
+                nf2 = np.empty((fcap, NF))
+                nf2[:nflag] = ffeat[:nflag]
+                ffeat = nf2
+            fpos[nflag] = i
+            ffeat[nflag, :] = feat
+            nflag += 1
+    return score, flag, bits, feats, fpos[:nflag].copy(), ffeat[:nflag].copy()

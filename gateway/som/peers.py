@@ -1,0 +1,182 @@
+"""Peer reference: robust statistics per (class of trade, state, drug family).
+
+A fixed table built in a first pass over the whole history. Batch, partitioned and incremental
+scoring all read the same table, which is what lets them agree. Statistics are on log1p(units),
+so one very large order moves them little. Three levels: the (class of trade, state) cell, the
+class of trade across states (`state` = "*"), the family across everyone (both "*"); a cell with
+fewer than `min_peer_customers` customers falls back to the next level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from gateway.som import kernels
+
+ALL = "*"
+SUM_COLUMNS = ("customers", "cell_customers", "lines", "line_log_sum", "line_log_sumsq", "months",
+               "month_log_sum", "month_log_sumsq")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Order lines as arrays the kernels read, with their codes and time order."""
+
+    n: int
+    ccode: np.ndarray  # int32 customer code per line
+    ncust: int
+    fcode: np.ndarray  # int32 family code per line
+    families: list[str]  # family name per code
+    day: np.ndarray  # int32 days since 1970-01-01
+    units: np.ndarray  # float64
+    controlled: np.ndarray  # bool
+    cust_ts: np.ndarray  # int64 (class of trade, state) cell per customer code
+    cells: list[tuple[str, str]]  # (class of trade, state) per cell code
+    perm: np.ndarray  # int64: lines in (customer, date, input position) order
+
+
+def _keys(s: pl.Series) -> np.ndarray:
+    """uint64 keys of a text column, equal for equal values (Categorical: its physical codes)."""
+    if isinstance(s.dtype, (pl.Categorical, pl.Enum)):
+        return s.to_physical().cast(pl.UInt64).to_numpy()
+    return s.hash(seed=0).to_numpy()
+
+
+def _text(s: pl.Series) -> list[str]:
+    return s.cast(pl.String).fill_null("").to_list()
+
+
+def prepare(df: pl.DataFrame) -> Prepared:
+    n = df.height
+    ccode, cfirst = kernels.dense_codes(_keys(df["customer"]))
+    fcode, ffirst = kernels.dense_codes(_keys(df["family"]))
+    families = _text(df["family"].gather(ffirst))
+    day = df["date"].to_physical().to_numpy()
+    if day.dtype != np.int32:
+        day = day.astype(np.int32)
+    units = df["dosage_units"].to_numpy()
+    if "controlled" in df.columns:
+        controlled = df["controlled"].fill_null(True).to_numpy()
+    else:
+        controlled = np.ones(n, np.bool_)
+    # Class of trade and state are the customer's: take them from its first line.
+    idx = pl.Series(cfirst)
+    ctype = (df["customer_type"].gather(idx).cast(pl.String).fill_null("")
+             if "customer_type" in df.columns else pl.Series([""] * len(cfirst)))
+    cstate = (df["state"].gather(idx).cast(pl.String).fill_null("")
+              if "state" in df.columns else pl.Series([""] * len(cfirst)))
+    cell_keys = ctype.hash(seed=0).to_numpy() * np.uint64(1000003) ^ cstate.hash(seed=1).to_numpy()
+    cust_ts, tfirst = kernels.dense_codes(cell_keys)
+    cells = list(zip(ctype.gather(tfirst).to_list(), cstate.gather(tfirst).to_list()))
+    perm, _ = kernels.order_by_customer_day(ccode, len(cfirst), day)
+    return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
+                    cust_ts.astype(np.int64), cells, perm)
+
+
+def _finish(sums: pl.DataFrame) -> pl.DataFrame:
+    """Means, spreads and shares from the summed moments."""
+    def sd(s: str, ss: str, k: str) -> pl.Expr:
+        var = (pl.col(ss) - pl.col(s) ** 2 / pl.col(k)) / (pl.col(k) - 1)
+        return pl.when(pl.col(k) > 1).then(var.clip(lower_bound=0).sqrt()).otherwise(0.0)
+
+    return sums.with_columns(
+        (pl.col("line_log_sum") / pl.col("lines")).alias("line_log_mean"),
+        sd("line_log_sum", "line_log_sumsq", "lines").alias("line_log_sd"),
+        (pl.col("month_log_sum") / pl.col("months")).alias("month_log_mean"),
+        sd("month_log_sum", "month_log_sumsq", "months").alias("month_log_sd"),
+        (pl.col("customers") / pl.col("cell_customers")).alias("share"),
+    ).with_columns(
+        (pl.col("line_log_mean").exp() - 1).alias("typical_line"),
+        (pl.col("month_log_mean").exp() - 1).alias("typical_month"),
+    ).sort("level", "customer_type", "state", "family")
+
+
+def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
+    nts = len(p.cells)
+    nfam = len(p.families)
+    acc = kernels.peer_sums(p.perm, p.ccode, p.fcode, nfam, p.day, p.units, p.cust_ts, nts)
+    cell_customers = np.bincount(p.cust_ts, minlength=nts).astype(np.float64)
+    ts_idx, f_idx = np.nonzero(acc[:, :, 0] > 0)
+    cell = pl.DataFrame({
+        "customer_type": [p.cells[t][0] for t in ts_idx],
+        "state": [p.cells[t][1] for t in ts_idx],
+        "family": [p.families[f] for f in f_idx],
+        "customers": acc[ts_idx, f_idx, 0],
+        "cell_customers": cell_customers[ts_idx],
+        "lines": acc[ts_idx, f_idx, 1],
+        "line_log_sum": acc[ts_idx, f_idx, 2],
+        "line_log_sumsq": acc[ts_idx, f_idx, 3],
+        "months": acc[ts_idx, f_idx, 4],
+        "month_log_sum": acc[ts_idx, f_idx, 5],
+        "month_log_sumsq": acc[ts_idx, f_idx, 6],
+    }, schema_overrides={"customer_type": pl.String, "state": pl.String, "family": pl.String})
+    return _levels(cell)
+
+
+def _levels(cell: pl.DataFrame) -> pl.DataFrame:
+    """The three levels from the (class of trade, state, family) sums."""
+    cell = cell.select("customer_type", "state", "family", *SUM_COLUMNS)
+    cells = cell.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
+    by_type = cells.group_by("customer_type").agg(pl.col("cell_customers").sum())
+    everyone = float(cells["cell_customers"].sum()) if cells.height else 0.0
+    agg = [pl.col(c).sum() for c in SUM_COLUMNS if c != "cell_customers"]
+    t = (cell.group_by("customer_type", "family").agg(agg)
+         .join(by_type, on="customer_type").with_columns(pl.lit(ALL).alias("state")))
+    f = (cell.group_by("family").agg(agg)
+         .with_columns(pl.lit(ALL).alias("customer_type"), pl.lit(ALL).alias("state"),
+                       pl.lit(everyone).alias("cell_customers")))
+    cols = ["customer_type", "state", "family", *SUM_COLUMNS]
+    out = pl.concat([
+        cell.select(cols).with_columns(pl.lit("type_state").alias("level")),
+        t.select(cols).with_columns(pl.lit("type").alias("level")),
+        f.select(cols).with_columns(pl.lit("family").alias("level")),
+    ]).with_columns(pl.col(c).cast(pl.Float64) for c in SUM_COLUMNS)
+    return _finish(out)
+
+
+def merge_peer_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """One reference from references of disjoint sets of customers (e.g. partitions)."""
+    cell = pl.concat([t.filter(pl.col("level") == "type_state").select(
+        "customer_type", "state", "family", *SUM_COLUMNS) for t in tables])
+    cell = cell.group_by("customer_type", "state", "family").agg(
+        pl.col(c).sum() for c in SUM_COLUMNS)
+    return _levels(cell)
+
+
+def peer_reference(df: pl.DataFrame) -> pl.DataFrame:
+    """Peer statistics per (customer_type, state, family) and the two coarser levels: customers,
+    lines, line_log_mean/sd (log1p of line units), month_log_mean/sd (log1p of a customer's
+    monthly units in the family), share (fraction of the cell's customers ordering the family),
+    typical_line, typical_month, and the raw sums (so that references of partitions merge)."""
+    from gateway.som.io import read_orders
+
+    return peer_reference_prepared(prepare(read_orders(df)))
+
+
+def peer_matrix(peers: pl.DataFrame, cells: list[tuple[str, str]], families: list[str],
+                min_customers: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """For each (cell, family): the row of the peers to use (falling back to coarser levels when the
+    cell has too few customers), as (row index matrix, peer vectors, (class, state) label per row)."""
+    rows = peers.select("level", "customer_type", "state", "family", "customers",
+                        *kernels.PEER_FIELDS)
+    index = {}
+    for i, (level, ctype, state, fam, customers) in enumerate(
+            rows.select("level", "customer_type", "state", "family", "customers").iter_rows()):
+        index[(ctype, state, fam)] = (i, customers)
+    matrix = np.full((max(len(cells), 1), max(len(families), 1)), -1, np.int64)
+    for t, (ctype, state) in enumerate(cells):
+        for f, fam in enumerate(families):
+            for key in ((ctype, state, fam), (ctype, ALL, fam), (ALL, ALL, fam)):
+                hit = index.get(key)
+                if hit is not None and hit[1] >= min_customers:
+                    matrix[t, f] = hit[0]
+                    break
+    vectors = rows.select(kernels.PEER_FIELDS).fill_null(0.0).fill_nan(0.0).to_numpy().astype(
+        np.float64)
+    if vectors.shape[0] == 0:
+        vectors = np.zeros((1, len(kernels.PEER_FIELDS)))
+    labels = list(zip(rows["customer_type"].to_list(), rows["state"].to_list()))
+    return matrix, np.ascontiguousarray(vectors), labels

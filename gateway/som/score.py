@@ -1,0 +1,232 @@
+"""Batch scoring of order lines (21 CFR 1301.74(b): orders of unusual size, orders deviating
+substantially from a normal pattern, orders of unusual frequency).
+
+`score_orders` keeps the input columns in their order and adds `score` (the largest severity:
+a feature divided by its threshold; higher is more suspicious), `flag` (some severity reached 1)
+and `reasons` (one clause per finding, with its numbers; empty when not flagged). Reasons are
+built only for flagged lines, vectorised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from gateway.som import kernels, peers as peers_mod
+from gateway.som.config import SomConfig
+from gateway.som.io import read_orders
+
+K = kernels
+
+
+def config_vector(config: SomConfig) -> np.ndarray:
+    return np.array([float(getattr(config, name)) for name in K.CONFIG_FIELDS], np.float64)
+
+
+@dataclass(frozen=True)
+class LineScore:
+    """The verdict on one line."""
+
+    score: float  # largest severity; >= 1 means flagged
+    flag: bool
+    reasons: str  # "; "-separated clauses with their numbers, empty when not flagged
+    findings: tuple[str, ...]  # names of the findings (keys of kernels.REASON_BITS)
+    features: dict[str, float]  # the feature values (NaN where not judged)
+
+
+# --- reasons -----------------------------------------------------------------------------------
+# One template per finding. Numbers: "i" integer with thousands separators, "r" one decimal,
+# "p" percent. The Python and the Polars renderings are kept identical (tests check it).
+
+TEMPLATES: tuple[tuple[int, tuple], ...] = (
+    (K.R_CAP, ("{fam}: ", ("i", K.F_MTD), " units this month exceed the monthly cap of ",
+               ("cap",), "")),
+    (K.R_SIZE, ("{fam}: ", ("i", K.F_UNITS), " units = ", ("r", K.F_SIZE),
+                "x the trailing 12-month average order of ", ("i", K.F_MEAN12), "")),
+    (K.R_MAX6, ("{fam}: ", ("i", K.F_UNITS), " units = ", ("r", K.F_MAX6),
+                "x the largest order of the trailing 6 months (", ("i", K.F_MAX6L), ")")),
+    (K.R_CONTROL, ("{fam}: ", ("i", K.F_UNITS), " units above the customer's control limit of ",
+                   ("i", K.F_CLIMIT), " (", ("r", K.F_CZ), " sd)")),
+    (K.R_MONTH, ("{fam}: ", ("i", K.F_MTD), " units this month = ", ("r", K.F_MONTH),
+                 "x the trailing 12-month monthly average of ", ("i", K.F_AVG12), "")),
+    (K.R_PEER, ("{fam}: ", ("i", K.F_UNITS), " units above the peer limit of ",
+                ("i", K.F_PEER_LIM), " ({peer}; typical order ", ("i", K.F_PEER_TYP), ")")),
+    (K.R_PEER_MONTH, ("{fam}: ", ("i", K.F_MTD), " units this month above the peer limit of ",
+                      ("i", K.F_PEER_MLIM), " ({peer}; typical month ", ("i", K.F_PEER_MTYP),
+                      ")")),
+    (K.R_FREQ, ("{fam}: ", ("i", K.F_N30), " order days in the last 30 days = ",
+                ("r", K.F_FREQ), "x the usual ", ("r", K.F_USUAL_N), " a month")),
+    (K.R_INTERVAL, ("{fam}: interval between orders shrank to ", ("r", K.F_RECENT_GAP),
+                    " days from a usual ", ("r", K.F_USUAL_GAP), "")),
+    (K.R_NEW_FAMILY, ("{fam}: new family after ", ("i", K.F_TENURE),
+                      " days as a customer, ordered by ", ("p", K.F_NEWFAM), " of peers")),
+    (K.R_MIX, ("{fam}: ", ("p", K.F_SHARE30), " of the customer's units in the last 30 days against ",
+               ("p", K.F_SHARE12), " over the trailing 12 months")),
+    (K.R_CONTROLLED, ("controlled share of the customer's units ", ("p", K.F_CTRL30),
+                      " in the last 30 days against ", ("p", K.F_CTRL12),
+                      " over the trailing 12 months")),
+)
+
+
+def _r_int(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _fmt(kind: str, x: float, cap: float) -> str:
+    if kind == "i":
+        return f"{_r_int(x):,}"
+    if kind == "r":
+        t = _r_int(x * 10)
+        sign = "-" if t < 0 else ""
+        t = abs(t)
+        return f"{sign}{t // 10:,}.{t % 10}"
+    if kind == "p":
+        return f"{_r_int(x * 100)}%"
+    return f"{_r_int(cap):,}"
+
+
+def _peer_label(ctype: str, state: str) -> str:
+    parts = [p for p in (ctype, state) if p and p != peers_mod.ALL]
+    return "peers: " + (", ".join(parts) if parts else "all customers")
+
+
+def reasons_text(bits: int, feat: np.ndarray, family: str, peer: tuple[str, str],
+                 cap: float) -> str:
+    """Reasons of one line (the Python rendering, for the incremental scorer)."""
+    out = []
+    for bit, parts in TEMPLATES:
+        if not bits & bit:
+            continue
+        s = []
+        for part in parts:
+            if isinstance(part, str):
+                s.append(part.replace("{fam}", family).replace("{peer}", _peer_label(*peer)))
+            else:
+                s.append(_fmt(part[0], feat[part[1]] if len(part) > 1 else 0.0, cap))
+        out.append("".join(s))
+    return "; ".join(out)
+
+
+def _int_expr(e: pl.Expr) -> pl.Expr:
+    """Non-negative Int64 expression -> text with thousands separators."""
+    s = e.cast(pl.String)
+    n = s.str.len_chars()
+    out = s
+    for k in (1, 2, 3, 4):  # up to 15 digits
+        head = s.str.head(-3 * k)
+        mid = [s.str.slice(-3 * j, 3) for j in range(k, 0, -1)]
+        built = pl.concat_str([head, *[pl.concat_str([pl.lit(","), m]) for m in mid]])
+        out = pl.when(n > 3 * k).then(built).otherwise(out)
+    return out
+
+
+def _num_expr(kind: str, col: pl.Expr, cap: float) -> pl.Expr:
+    if kind == "i":
+        return _int_expr((col + 0.5).floor().cast(pl.Int64))
+    if kind == "r":
+        t = (col * 10 + 0.5).floor().cast(pl.Int64)
+        a = t.abs()
+        return pl.concat_str([pl.when(t < 0).then(pl.lit("-")).otherwise(pl.lit("")),
+                              _int_expr(a // 10), pl.lit("."), (a % 10).cast(pl.String)])
+    if kind == "p":
+        return pl.concat_str([(col * 100 + 0.5).floor().cast(pl.Int64).cast(pl.String),
+                              pl.lit("%")])
+    return pl.lit(f"{_r_int(cap):,}")
+
+
+def reasons_frame(bits: np.ndarray, feats: np.ndarray, family: pl.Series, peer_label: pl.Series,
+                  cap: float) -> pl.Series:
+    """Reasons of many flagged lines at once (the vectorised rendering)."""
+    cols = {f"f{k}": feats[:, k] for k in range(K.NF)}
+    frame = pl.DataFrame({"bits": bits, "fam": family, "peer": peer_label, **cols})
+    clauses = []
+    for bit, parts in TEMPLATES:
+        pieces = []
+        for part in parts:
+            if isinstance(part, str):
+                for j, chunk in enumerate(part.split("{fam}")):
+                    if j:
+                        pieces.append(pl.col("fam"))
+                    for m, sub in enumerate(chunk.split("{peer}")):
+                        if m:
+                            pieces.append(pl.col("peer"))
+                        if sub:
+                            pieces.append(pl.lit(sub))
+            else:
+                col = pl.col(f"f{part[1]}") if len(part) > 1 else pl.lit(0.0)
+                pieces.append(_num_expr(part[0], col, cap))
+        clauses.append(pl.when((pl.col("bits") & bit) != 0).then(pl.concat_str(pieces)))
+    return frame.select(pl.concat_str(clauses, separator="; ", ignore_nulls=True)
+                        .alias("reasons")).to_series()
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    score: np.ndarray
+    flag: np.ndarray
+    bits: np.ndarray
+    features: np.ndarray  # n x NF, or 0 x NF
+    flagged: np.ndarray  # positions of flagged lines
+    flagged_features: np.ndarray
+    prepared: peers_mod.Prepared
+    peer_matrix: np.ndarray
+    peer_labels: list[tuple[str, str]]
+
+
+def score_arrays(df: pl.DataFrame, config: SomConfig = SomConfig(),
+                 peers: pl.DataFrame | None = None, *, keep_features: bool = False
+                 ) -> BatchResult:
+    """The numeric part of scoring (no text): for benchmarks and for callers that want arrays."""
+    p = peers_mod.prepare(df)
+    if peers is None:
+        peers = peers_mod.peer_reference_prepared(p)
+    matrix, vectors, labels = peers_mod.peer_matrix(peers, p.cells, p.families,
+                                                    config.min_peer_customers)
+    cfg = config_vector(config)
+    score, flag, bits, feats, fpos, ffeat = K.score_sorted(
+        p.perm, p.ccode, p.fcode, len(p.families), p.day, p.units, p.controlled, p.cust_ts,
+        matrix, vectors, cfg, keep_features)
+    return BatchResult(score, flag, bits, feats, fpos, ffeat, p, matrix, labels)
+
+
+def score_orders(df: pl.DataFrame, config: SomConfig = SomConfig(),
+                 peers: pl.DataFrame | None = None, *, keep_features: bool = False
+                 ) -> pl.DataFrame:
+    """Score order lines (native or ARCOS shape). `peers`: a fixed peer reference (from
+    `peer_reference`), else one is built from `df`. Returns the input columns, then score, flag,
+    reasons and, with keep_features, one column per feature of kernels.FEATURES."""
+    df = read_orders(df)
+    r = score_arrays(df, config, peers, keep_features=keep_features)
+    n = df.height
+    reasons = pl.Series("reasons", [""], pl.String).new_from_index(0, n) if n else pl.Series(
+        "reasons", [], pl.String)
+    if len(r.flagged):
+        p = r.prepared
+        fam_codes = p.fcode[r.flagged]
+        fam = pl.Series(p.families, dtype=pl.String).gather(fam_codes)
+        rows = r.peer_matrix[p.cust_ts[p.ccode[r.flagged]], fam_codes]
+        labels = pl.Series([_peer_label(*lab) for lab in r.peer_labels] or [""], dtype=pl.String)
+        peer = labels.gather(np.maximum(rows, 0))
+        text = reasons_frame(r.bits[r.flagged], r.flagged_features, fam, peer, config.monthly_cap)
+        reasons = reasons.scatter(r.flagged, text)
+    out = df.with_columns(pl.Series("score", r.score), pl.Series("flag", r.flag), reasons)
+    if keep_features:
+        out = out.with_columns(pl.Series(name, r.features[:, k])
+                               for k, name in enumerate(K.FEATURES))
+        out = out.with_columns(pl.Series("findings", r.bits))
+    return out
+
+
+def findings_of(bits: int) -> tuple[str, ...]:
+    return tuple(name for name, bit in K.REASON_BITS.items() if bits & bit)
+
+
+def kinds_of(bits: int) -> tuple[str, ...]:
+    """The anomaly kinds (size, frequency, pattern, cap) behind a set of findings."""
+    return tuple(kind for kind, mask in K.KIND_BITS.items() if bits & mask)
