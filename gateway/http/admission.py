@@ -1,0 +1,133 @@
+"""Admission control in front of the signing and verification pool.
+
+The pool has a fixed number of slots (one per worker, sized to the cores). In front of it sits a
+bounded FIFO queue. A request that finds the queue full is refused at once with 429 and
+`Retry-After`; a request that waits longer than the queueing deadline (250 ms by default) is
+refused the same way. Refusing early keeps the latency of admitted requests bounded instead of
+letting every request get slower under overload.
+
+Everything here runs on the event loop thread: no locks, only futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+
+class Overloaded(Exception):
+    """The admission queue is full, or the request waited past its deadline."""
+
+    def __init__(self, code: str, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.code = code  # "queue_full" | "queue_deadline"
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class AdmissionStats:
+    slots: int
+    busy: int
+    queued: int
+    queue_size: int
+    admitted: int
+    rejected_full: int
+    rejected_deadline: int
+
+
+class Admission:
+    """A counting semaphore with a bounded FIFO wait queue and a per-request queueing deadline."""
+
+    def __init__(self, slots: int, queue_size: int, deadline_s: float, retry_after_s: int = 1,
+                 on_change: Callable[[int, int], None] | None = None) -> None:
+        if slots < 1:
+            raise ValueError("admission needs at least one slot")
+        self.slots = slots
+        self.queue_size = max(0, queue_size)
+        self.deadline_s = deadline_s
+        self.retry_after_s = retry_after_s
+        self._free = slots
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._on_change = on_change  # (busy, queued) -> None, for the metrics gauges
+        self.admitted = 0
+        self.rejected_full = 0
+        self.rejected_deadline = 0
+
+    @property
+    def busy(self) -> int:
+        return self.slots - self._free
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self.slots, self.busy, self.queued, self.queue_size, self.admitted,
+                              self.rejected_full, self.rejected_deadline)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.busy, self.queued)
+
+    async def acquire(self, deadline_s: float | None = None) -> float:
+        """Take a slot; returns the seconds spent queueing. Raises Overloaded."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            self.admitted += 1
+            self._changed()
+            return 0.0
+        if len(self._waiters) >= self.queue_size:
+            self.rejected_full += 1
+            raise Overloaded("queue_full", "the signing queue is full; retry later", self.retry_after_s)
+        started = time.monotonic()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._changed()
+        timeout = self.deadline_s if deadline_s is None else deadline_s
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as the wait ended: pass it on, it is not ours.
+                self._release_slot()
+            else:
+                waiter.cancel()
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            self._changed()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self.rejected_deadline += 1
+            raise Overloaded("queue_deadline",
+                             f"no signing worker became free within {timeout * 1000:.0f} ms; retry later",
+                             self.retry_after_s) from None
+        self.admitted += 1
+        self._changed()
+        return time.monotonic() - started
+
+    def _release_slot(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the oldest waiter
+                return
+        self._free += 1
+
+    def release(self) -> None:
+        self._release_slot()
+        self._changed()
+
+    @asynccontextmanager
+    async def slot(self, deadline_s: float | None = None) -> AsyncIterator[float]:
+        waited = await self.acquire(deadline_s)
+        try:
+            yield waited
+        finally:
+            self.release()

@@ -1,0 +1,146 @@
+"""The application factory: `create_app(settings) -> web.Application`.
+
+Resources with a lifetime (HSM sessions, the signing pool, storage, the trust store, the client
+cache) are opened and closed in `cleanup_ctx` generators, in that order, and closed in reverse:
+the pool stops only after in-flight requests are drained, and storage closes last so the final
+group commit lands. Tests pass their own `hsm` / `storage`, which the app then leaves open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.http import keys
+from gateway.http.admission import Admission
+from gateway.http.auth import ClientCache
+from gateway.http.metrics import Metrics
+from gateway.http.middleware import context, guard
+from gateway.http.pool import WorkPool
+from gateway.http.routes import Route, all_routes
+
+log = logging.getLogger("gateway.http")
+
+
+def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trust: Any = None,
+               workers: int | None = None, auth_cache_ttl_s: float = 1.0,
+               routes: list[Route] | None = None) -> web.Application:
+    """Build the gateway application. Nothing is opened until the app starts."""
+    server = settings.server
+    app = web.Application(middlewares=[context, guard], client_max_size=server.max_body_bytes,
+                          handler_args={"max_field_size": 16384})
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = Metrics.create()
+    app[keys.STATE] = keys.ServerState()
+    table = routes if routes is not None else all_routes()
+    app[keys.ROUTE_TABLE] = {r.name: r for r in table}
+    for route in table:
+        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+
+    app.cleanup_ctx.append(_storage_ctx(storage))
+    app.cleanup_ctx.append(_hsm_ctx(hsm, workers))
+    app.cleanup_ctx.append(_trust_ctx(trust))
+    app.cleanup_ctx.append(_clients_ctx(auth_cache_ttl_s))
+    app.on_shutdown.append(_start_draining)
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    # Readiness turns 503 at once so a load balancer stops sending; in-flight requests finish.
+    app[keys.STATE].draining = True
+    log.info("draining", extra={"in_flight": app[keys.STATE].in_flight})
+
+
+def _storage_ctx(given: Any):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if given is not None:
+            app[keys.STORAGE] = given
+            yield
+            return
+        from gateway.storage import open_storage
+
+        storage = open_storage(app[keys.SETTINGS])
+        await storage.open()
+        app[keys.STORAGE] = storage
+        try:
+            yield
+        finally:
+            await storage.close()
+    return ctx
+
+
+def _hsm_ctx(given: Any, workers: int | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.signing.async_signer import AsyncSigner
+        from gateway.signing.hsm import Hsm
+
+        settings = app[keys.SETTINGS]
+        loop = asyncio.get_running_loop()
+        hsm = given if given is not None else await loop.run_in_executor(None, Hsm.open, settings)
+        n = workers or settings.hsm.workers or hsm.size
+        signer = AsyncSigner(hsm, workers=n)
+        metrics = app[keys.METRICS]
+        admission = Admission(slots=signer.workers, queue_size=settings.server.queue_size,
+                              deadline_s=settings.server.queue_deadline_ms / 1000,
+                              retry_after_s=settings.server.retry_after_s,
+                              on_change=metrics.on_admission_change)
+        app[keys.HSM] = hsm
+        app[keys.ADMISSION] = admission
+        app[keys.POOL] = WorkPool(admission, signer)
+        app[keys.STATE].ready_key = await loop.run_in_executor(None, _probe_key, hsm, settings)
+        try:
+            yield
+        finally:
+            await loop.run_in_executor(None, signer.close)
+            if given is None:
+                await loop.run_in_executor(None, hsm.close)
+    return ctx
+
+
+def _probe_key(hsm: Any, settings: Settings) -> str | None:
+    """The key the readiness probe signs with: `[server] ready_key` in extra, else the first key."""
+    wanted = settings.extra.get("readiness", {}).get("key") if isinstance(settings.extra, dict) else None
+    if wanted:
+        return str(wanted)
+    found = hsm.list_keys()
+    return found[0].label if found else None
+
+
+def _trust_ctx(given: Any):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if given is not None:
+            app[keys.TRUST] = given
+        else:
+            app[keys.TRUST] = await asyncio.get_running_loop().run_in_executor(
+                None, load_trust, app[keys.SETTINGS])
+        yield
+    return ctx
+
+
+def load_trust(settings: Settings) -> Any:
+    """The trust store for verification (CA bundle and CRLs of the home), or None when absent."""
+    from gateway.signing.validation import TrustStore
+
+    if not settings.trust_bundle_path.exists():
+        log.warning("no trust bundle at %s: verification will find no trusted chain",
+                    settings.trust_bundle_path)
+    return TrustStore.from_settings(settings)
+
+
+def _clients_ctx(ttl_s: float):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from gateway.clients import authenticate
+
+        storage = app[keys.STORAGE]
+
+        async def lookup(token: str):
+            return await authenticate(storage, token)
+
+        app[keys.CLIENTS] = ClientCache(lookup, ttl_s=ttl_s)
+        yield
+    return ctx

@@ -1,0 +1,60 @@
+"""Bearer-token authentication with a short-lived cache, and the audit of refusals.
+
+Token checking (`gateway.clients.authenticate`) hashes the token and reads the client from the
+database. The fast path cannot afford that on every request, so successful lookups are cached by
+the SHA-256 of the token for a short time (`ttl_s`, one second by default): a revocation made by
+another process takes effect within that time, and one made through this process at once
+(`invalidate`). Failed lookups are never cached, so a client created a moment ago works at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.storage.base import AuditEvent, Client
+
+log = logging.getLogger("gateway.http.auth")
+
+Authenticate = Callable[[str], Awaitable[Client | None]]
+
+
+class ClientCache:
+    def __init__(self, authenticate: Authenticate, ttl_s: float = 1.0, max_entries: int = 10_000) -> None:
+        self._authenticate = authenticate
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[Client, float]] = {}
+
+    async def client(self, token: str) -> Client | None:
+        key = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        client = await self._authenticate(token)
+        if client is None or not client.active:
+            self._entries.pop(key, None)
+            return None
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # simple bound; the cache refills in one TTL
+        self._entries[key] = (client, now + self.ttl_s)
+        return client
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget one client's cached tokens (all when `name` is None)."""
+        if name is None:
+            self._entries.clear()
+            return
+        for key in [k for k, (c, _) in self._entries.items() if c.name == name]:
+            del self._entries[key]
+
+
+def refusal_event(event_type: str, actor: str, *, subject: str | None, request_id: str | None,
+                  **details: Any) -> AuditEvent:
+    """An audit event for a refused request (21 CFR 1311.150(b): attempted unauthorized access)."""
+    return AuditEvent(event_type=event_type, actor=actor, outcome="refused", subject=subject,
+                      details=details, request_id=request_id)

@@ -1,0 +1,229 @@
+"""General document signing and verification: POST /v1/sign, POST /v1/verify, GET /v1/documents/{id}."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.http import keys
+from gateway.http.errors import ApiError
+from gateway.http.middleware import refuse
+from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
+from gateway.signing import xmldsig
+from gateway.storage.base import AuditEvent, DuplicateDocument, NewDocument, NewLink
+from gateway.xmlsafe import XmlError
+
+FORMATS = ("xmldsig", "cms")
+CMS_TYPE = "application/pkcs7-signature"
+KIND_BY_FORMAT = {"xmldsig": "signed_xml", "cms": "signed_cms"}
+
+
+# --- work done on a pool thread (one job per request) ----------------------------------------
+
+def _sign_xml(body: bytes, signer: Any, max_bytes: int) -> bytes:
+    return xmldsig.sign_enveloped(body, signer, max_bytes=max_bytes)
+
+
+def _sign_cms(body: bytes, signer: Any) -> bytes:
+    from gateway.signing import cms
+
+    return cms.sign_detached(body, signer)
+
+
+def _verify_xml(body: bytes, trust: Any, at: datetime | None) -> Any:
+    from gateway.signing import verify
+
+    report, _tree = verify.verify_xml(body, trust, at)
+    return report
+
+
+def _verify_cms(signature: bytes, content: bytes, trust: Any, at: datetime | None) -> Any:
+    from gateway.signing import verify
+
+    return verify.verify_cms(signature, content, trust, at=at)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _signer(request: web.Request, label: str) -> Any:
+    """The KeySigner for a label, cached for the life of the app (the HSM call is per label)."""
+    cache: dict[str, Any] = request.app[keys.STATE].extra.setdefault("signers", {})
+    signer = cache.get(label)
+    if signer is None:
+        signer = request.app[keys.HSM].signer(label)
+        cache[label] = signer
+    return signer
+
+
+def _parse_at(request: web.Request) -> datetime | None:
+    text = request.query.get("at")
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError("invalid_parameter", "at must be an ISO 8601 time", details={"parameter": "at"}) from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _xml_error(exc: XmlError) -> ApiError:
+    status = 413 if exc.code == "xml_too_large" else 400
+    return ApiError(exc.code, exc.message, status=status)
+
+
+def _report_response(report: Any) -> web.Response:
+    body = report.to_dict()
+    if report.valid:
+        return web.json_response(body)
+    code = report.code or "signature_invalid"
+    status = 422 if report.usable_input else 400
+    return web.json_response({"error": {"code": code, "message": report.message, "details": {"report": body}}},
+                             status=status)
+
+
+# --- handlers ------------------------------------------------------------------------------
+
+async def sign(request: web.Request) -> web.Response:
+    client = request["client"]
+    label = request.query.get("key")
+    if not label:
+        raise ApiError("missing_parameter", "query parameter 'key' is required", details={"parameter": "key"})
+    media = request.content_type.lower()
+    fmt = request.query.get("format") or ("xmldsig" if media in XML_TYPES else "cms")
+    if fmt not in FORMATS:
+        raise ApiError("invalid_parameter", f"format must be one of {', '.join(FORMATS)}",
+                       details={"parameter": "format"})
+    if label not in client.key_labels:
+        raise await refuse(request, "sign.refused", "key_not_allowed",
+                           f"client {client.name!r} may not sign with key {label!r}", subject=label)
+    if fmt == "xmldsig" and media not in XML_TYPES:
+        raise ApiError("unsupported_media_type", "XML-DSig signs application/xml bodies",
+                       details={"accepted": list(XML_TYPES)})
+    body = await request.read()
+    if not body:
+        raise ApiError("bad_request", "the body is empty")
+    signer = _signer(request, label)
+    pool = request.app[keys.POOL]
+    try:
+        if fmt == "xmldsig":
+            signed = await pool.run(_sign_xml, body, signer, request.app[keys.SETTINGS].server.max_body_bytes)
+        else:
+            signed = await pool.run(_sign_cms, body, signer)
+    except XmlError as exc:
+        raise _xml_error(exc) from None
+    except xmldsig.SigningError as exc:  # already signed, key without certificate...
+        raise ApiError(exc.code, exc.message, status=422) from None
+    digest = hashlib.sha256(body).hexdigest()
+    # The natural key makes a resubmission (to this node or another) a 409, never a second record.
+    natural_key = f"{client.name}:{label}:{fmt}:{digest}"
+    content_type = "application/xml" if fmt == "xmldsig" else CMS_TYPE
+    doc = NewDocument(kind=KIND_BY_FORMAT[fmt], content=signed, content_type=content_type,
+                      client=client.name, key_label=label, natural_key=natural_key)
+    documents = [doc]
+    links = []
+    if fmt == "cms":  # the signature is detached: keep what it signs next to it
+        content = NewDocument(kind="cms_content", content=body, content_type=media or "application/octet-stream",
+                              client=client.name, key_label=label)
+        documents.insert(0, content)
+        links.append(NewLink(doc.id, "detached_content", {"content_document_id": content.id},
+                             client=client.name))
+    event = AuditEvent("document.signed", client.name, "success", subject=doc.id,
+                       details={"key_label": label, "format": fmt, "content_sha256": digest},
+                       request_id=request.get("request_id"))
+    try:
+        await request.app[keys.STORAGE].commit_unit(documents=documents, links=links, audit=[event])
+    except DuplicateDocument as exc:
+        raise ApiError("duplicate_document", "this document was already signed with this key",
+                       details={"document_id": exc.existing_id}) from None
+    headers = {"X-Document-Id": doc.id, "Location": f"/v1/documents/{doc.id}"}
+    if fmt == "cms":
+        headers["X-Content-Document-Id"] = documents[0].id
+    return web.Response(body=signed, content_type=content_type, headers=headers)
+
+
+async def verify_document(request: web.Request) -> web.Response:
+    at = _parse_at(request)
+    trust = request.app[keys.TRUST]
+    pool = request.app[keys.POOL]
+    if request.content_type.lower() == "multipart/form-data":
+        parts = await _read_parts(request)
+        if "signature" not in parts or "content" not in parts:
+            raise ApiError("missing_parameter", "multipart body needs 'signature' and 'content' parts",
+                           details={"parts": sorted(parts)})
+        report = await pool.run(_verify_cms, parts["signature"], parts["content"], trust, at)
+    else:
+        body = await request.read()
+        report = await pool.run(_verify_xml, body, trust, at)
+    return _report_response(report)
+
+
+async def _read_parts(request: web.Request) -> dict[str, bytes]:
+    limit = request.app[keys.SETTINGS].server.max_body_bytes
+    reader = await request.multipart()
+    parts: dict[str, bytes] = {}
+    total = 0
+    async for part in reader:
+        if part.name is None:
+            continue
+        data = await part.read(decode=True)
+        total += len(data)
+        if total > limit:
+            raise ApiError("body_too_large", details={"limit": limit})
+        parts[part.name] = bytes(data)
+    return parts
+
+
+async def get_document(request: web.Request) -> web.Response:
+    client = request["client"]
+    doc_id = request.match_info["id"]
+    doc = await request.app[keys.STORAGE].get_document(doc_id)
+    if doc is None:
+        raise ApiError("not_found", "no such document")
+    if doc.client != client.name:
+        # 404, not 403: a document id must not tell others that it exists.
+        raise await refuse(request, "document.access_refused", "not_found", "no such document",
+                           subject=doc_id, owner=doc.client)
+    headers = {"X-Document-Id": doc.id, "X-Document-Kind": doc.kind, "X-Document-Sha256": doc.sha256}
+    return web.Response(body=doc.content, content_type=doc.content_type, headers=headers)
+
+
+_DOC_ID = Param("id", "path", "document id (UUID) from X-Document-Id", required=True)
+
+ROUTES: list[Route] = [
+    Route("POST", "/v1/sign", "sign", sign,
+          "Sign any document with an HSM key the client may use: enveloped XML-DSig (exclusive C14N) "
+          "for XML, or a detached CMS SignedData (DER) for anything. Archives the result.",
+          ANY_ROLE, body_types=ANY_TYPE,
+          params=(Param("key", "query", "HSM key label", required=True),
+                  Param("format", "query", "signature format (default: xmldsig for XML bodies, else cms)",
+                        enum=FORMATS)),
+          responses={200: {"description": "the signed XML or the DER CMS; X-Document-Id names the archived copy",
+                           "content": {"application/xml": {"schema": {"type": "string"}},
+                                       CMS_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+                           "headers": ("X-Document-Id",)}},
+          errors=("missing_parameter", "invalid_parameter", "key_not_allowed", "key_not_found",
+                  "malformed_xml", "xml_dtd_forbidden", "xml_too_deep", "xml_too_large",
+                  "duplicate_document", "queue_full", "queue_deadline", "hsm_unavailable",
+                  "database_unavailable"),
+          tags=("documents",), admitted=True),
+    Route("POST", "/v1/verify", "verify", verify_document,
+          "Verify an XML-DSig document (application/xml) or a detached CMS signature with its content "
+          "(multipart/form-data, parts 'signature' and 'content'). 200 with the report when valid, 422 "
+          "with the report in error.details.report when not, 400 when the input is unusable.",
+          ANY_ROLE, body_types=XML_TYPES + ("multipart/form-data",),
+          params=(Param("at", "query", "judge the certificate at this ISO 8601 time"),),
+          responses={200: {"description": "verification report (valid)", "schema": {"$ref": "#/components/schemas/VerificationReport"}}},
+          errors=("signature_invalid", "certificate_untrusted", "certificate_expired", "certificate_revoked",
+                  "malformed_xml", "signature_missing", "missing_parameter", "queue_full", "queue_deadline"),
+          tags=("documents",), admitted=True),
+    Route("GET", "/v1/documents/{id}", "get_document", get_document,
+          "The archived signed document, byte for byte. Only for the client that signed it (404 for others).",
+          ANY_ROLE, params=(_DOC_ID,),
+          responses={200: {"description": "the archived document with its original content type",
+                           "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                           "headers": ("X-Document-Id", "X-Document-Kind", "X-Document-Sha256")}},
+          errors=("not_found",), tags=("documents",)),
+]

@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per application (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the handler)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    queue_depth: Gauge
+    in_flight: Gauge
+    pool_busy: Gauge
+    rejected: Counter
+    hsm_errors: Counter
+    auth_failures: Counter
+
+    @classmethod
+    def create(cls) -> "Metrics":
+        reg = CollectorRegistry()
+        return cls(
+            registry=reg,
+            requests=Counter("gateway_http_requests", "HTTP requests by route and status",
+                             ["method", "route", "status"], registry=reg),
+            latency=Histogram("gateway_http_request_seconds", "HTTP request latency",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=reg),
+            queue_depth=Gauge("gateway_admission_queue_depth", "requests waiting for a worker",
+                              registry=reg),
+            in_flight=Gauge("gateway_http_in_flight", "HTTP requests being handled", registry=reg),
+            pool_busy=Gauge("gateway_pool_busy", "signing/verification workers busy", registry=reg),
+            rejected=Counter("gateway_admission_rejected", "requests refused by admission control",
+                             ["reason"], registry=reg),
+            hsm_errors=Counter("gateway_hsm_errors", "HSM failures seen by the HTTP layer",
+                               ["code"], registry=reg),
+            auth_failures=Counter("gateway_auth_failures", "refused requests (401/403/404 by rule)",
+                                  ["code"], registry=reg),
+        )
+
+    def on_admission_change(self, busy: int, queued: int) -> None:
+        self.pool_busy.set(busy)
+        self.queue_depth.set(queued)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

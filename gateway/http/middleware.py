@@ -1,0 +1,189 @@
+"""Cross-cutting concerns as middlewares: request ids, error bodies, metrics and access logs
+(`context`), then authentication, role check, body size and content type (`guard`).
+
+Handlers only run once `guard` has let the request through, so they never repeat these checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from gateway.http import keys
+from gateway.http.admission import Overloaded
+from gateway.http.auth import refusal_event
+from gateway.http.errors import ERROR_CODES, ApiError
+from gateway.http.logs import request_id_var
+from gateway.http.routes import Route
+from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
+from gateway.storage.base import StorageError, StorageUnavailable
+
+log = logging.getLogger("gateway.http")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+_STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "role_not_allowed", 404: "not_found",
+                 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(err: ApiError, request_id: str | None = None) -> web.Response:
+    resp = web.json_response(err.body(), status=err.status)
+    if err.retry_after_s is not None:
+        resp.headers["Retry-After"] = str(err.retry_after_s)
+    if err.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    return resp
+
+
+def as_api_error(exc: BaseException, request: web.Request) -> ApiError:
+    """Map any failure below a handler onto the error contract."""
+    settings = request.app[keys.SETTINGS]
+    retry = settings.server.retry_after_s
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return ApiError(exc.code, exc.message, retry_after_s=exc.retry_after_s)
+    if isinstance(exc, KeyNotFound):
+        return ApiError("key_not_found", str(exc), status=404)
+    if isinstance(exc, (TokenUnavailable, HsmError)):
+        return ApiError("hsm_unavailable", str(exc) or None, retry_after_s=retry)
+    if isinstance(exc, StorageUnavailable):
+        return ApiError("database_unavailable", exc.message, retry_after_s=retry)
+    if isinstance(exc, StorageError):
+        return ApiError(exc.code, exc.message, status=409 if exc.code.startswith("duplicate") else 400,
+                        details={k: v for k, v in exc.details.items() if v is not None})
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return ApiError("body_too_large", details={"limit": request.app[keys.SETTINGS].server.max_body_bytes})
+    if isinstance(exc, web.HTTPException):
+        code = _STATUS_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal_error")
+        return ApiError(code, exc.reason if code not in ERROR_CODES else None, status=exc.status)
+    return ApiError("internal_error")
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    return info.route.name or "unnamed"
+
+
+@web.middleware
+async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's handler type
+    """Request id, error rendering, metrics and one access log line per request."""
+    supplied = request.headers.get(REQUEST_ID_HEADER)
+    rid = supplied if supplied and _SANE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    token = request_id_var.set(rid)
+    request["request_id"] = rid
+    app = request.app
+    metrics = app[keys.METRICS]
+    state = app[keys.STATE]
+    state.in_flight += 1
+    metrics.in_flight.inc()
+    started = time.perf_counter()
+    error_code = None
+    resp: web.StreamResponse | None = None
+    try:
+        try:
+            resp = await handler(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error body
+            err = as_api_error(exc, request)
+            error_code = err.code
+            if err.status >= 500 and err.code == "internal_error":
+                log.exception("unhandled error", extra={"path": request.path})
+            elif err.code == "hsm_unavailable":
+                metrics.hsm_errors.labels(getattr(exc, "code", "hsm_error")).inc()
+                log.warning("hsm failure: %s", exc)
+            if err.status == 429:
+                metrics.rejected.labels(err.code).inc()
+            resp = error_response(err)
+        resp.headers[REQUEST_ID_HEADER] = rid
+        return resp
+    finally:
+        elapsed = time.perf_counter() - started
+        state.in_flight -= 1
+        metrics.in_flight.dec()
+        route = _route_label(request)
+        status = resp.status if resp is not None else 499  # 499: the client went away
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(route).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            client = request.get("client")
+            log.info("%s %s %s", request.method, request.path, status,
+                     extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2),
+                            "client": client.name if client else None, "error": error_code})
+        request_id_var.reset(token)
+
+
+async def _refuse(request: web.Request, event_type: str, actor: str, code: str, message: str | None = None,
+                  *, subject: str | None = None, status: int | None = None, **details) -> ApiError:
+    """Record the refusal in the audit trail, then return the error to raise."""
+    metrics = request.app[keys.METRICS]
+    metrics.auth_failures.labels(code).inc()
+    storage = request.app[keys.STORAGE]
+    event = refusal_event(event_type, actor, subject=subject, request_id=request.get("request_id"),
+                          code=code, method=request.method, path=request.path, **details)
+    await storage.append_audit(event)
+    return ApiError(code, message, status=status)
+
+
+async def refuse(request: web.Request, event_type: str, code: str, message: str | None = None, *,
+                 subject: str | None = None, status: int | None = None, **details) -> ApiError:
+    """For handlers: audit a refusal by the authenticated client and return the error to raise."""
+    client = request.get("client")
+    actor = client.name if client else "anonymous"
+    return await _refuse(request, event_type, actor, code, message, subject=subject, status=status,
+                         **details)
+
+
+def _media_type(request: web.Request) -> str:
+    return request.content_type.lower()  # aiohttp strips parameters (charset, boundary)
+
+
+def _accepts(route: Route, media: str) -> bool:
+    if "*/*" in route.body_types:
+        return True
+    if media in route.body_types:
+        return True
+    return any(t.endswith("/*") and media.startswith(t[:-1]) for t in route.body_types)
+
+
+@web.middleware
+async def guard(request: web.Request, handler):  # noqa: ANN001
+    """Authentication, role check, body size and content type, as the route table declares."""
+    route: Route | None = request.app[keys.ROUTE_TABLE].get(request.match_info.route.name)
+    if route is None:  # no such route: the router's 404/405 follows
+        return await handler(request)
+    request["route"] = route
+    if request.app[keys.STATE].draining and route.admitted:
+        raise ApiError("shutting_down", retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
+    if not route.public:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise await _refuse(request, "auth.refused", "anonymous", "missing_token")
+        client = await request.app[keys.CLIENTS].client(token)
+        if client is None:
+            raise await _refuse(request, "auth.refused", "anonymous", "invalid_token",
+                                token_id=token.split(".", 1)[0][:32] if "." in token else None)
+        request["client"] = client
+        if client.role not in route.roles:
+            raise await _refuse(request, "access.refused", client.name, "role_not_allowed",
+                                f"role {client.role!r} may not call {route.method} {route.path}",
+                                role=client.role, route=route.name)
+    if route.body_types:
+        limit = request.app[keys.SETTINGS].server.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ApiError("body_too_large", f"the body is {length} bytes, the limit is {limit}",
+                           details={"limit": limit})
+        media = _media_type(request)
+        if not _accepts(route, media):
+            raise ApiError("unsupported_media_type", f"{media or 'no content type'} is not accepted here",
+                           details={"accepted": list(route.body_types)})
+    return await handler(request)
