@@ -38,6 +38,8 @@ from typing import Any, Literal
 ROLES: tuple[str, ...] = ("purchaser", "supplier", "prescriber_app", "pharmacy", "compliance", "admin")
 OUTCOMES: tuple[str, ...] = ("success", "failure", "refused")
 GENESIS_HASH = "0" * 64  # prev_hash of audit record 1
+# A retain_until computed by the caller a moment before the commit is still "two years".
+RETENTION_SLACK = timedelta(days=1)
 
 Outcome = Literal["success", "failure", "refused"]
 

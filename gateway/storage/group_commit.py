@@ -1,0 +1,184 @@
+"""Units of work and group commit, shared by both engines.
+
+A request's writes form one `Unit`. Units go to a queue; one writer task takes whatever is queued
+(waiting up to `window_s` for more when the queue runs dry, at most `max_batch` units), hands the
+batch to the engine, which writes every unit inside its own savepoint in ONE transaction and
+commits once, then resolves each caller's future. A unit that breaks a rule (duplicate natural
+key...) is rolled back to its savepoint and fails alone; the others still commit. A failing
+commit fails every unit of the batch: nothing is acknowledged that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from gateway.storage.base import (
+    AuditEvent, AuditRecord, Checkpoint, Client, CommitResult, InvalidRecord, NewClient,
+    NewDocument, NewLink, StorageError, StorageUnavailable, audit_canonical, canonical_json,
+)
+
+
+@dataclass
+class ClientChange:
+    """One change to the clients table: add (new), revoke (at), or replace keys (key_labels)."""
+
+    action: str  # "add" | "revoke" | "keys"
+    name: str
+    new: NewClient | None = None
+    at: datetime | None = None
+    key_labels: frozenset[str] | None = None
+
+
+@dataclass
+class NewCheckpoint:
+    seq: int
+    hash: str
+    time: datetime
+    key_label: str
+    algorithm: str
+    signature: bytes
+
+
+@dataclass
+class Unit:
+    documents: Sequence[NewDocument] = ()
+    links: Sequence[NewLink] = ()
+    audit: Sequence[AuditEvent] = ()
+    client_change: ClientChange | None = None
+    checkpoint: NewCheckpoint | None = None
+    future: asyncio.Future[UnitResult] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    commit: CommitResult
+    client: Client | None = None
+    checkpoint: Checkpoint | None = None
+
+
+def dump_json(value: Any, what: str) -> str:
+    """JSON for a stored column; a value that is not JSON is the caller's error, not a 500."""
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecord(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def chain(events: Sequence[AuditEvent], head_seq: int, head_hash: str) -> list[AuditRecord]:
+    """Chain events after (head_seq, head_hash): seq + 1, prev_hash = previous hash."""
+    records = []
+    for event in events:
+        head_seq += 1
+        details = json.loads(dump_json(dict(event.details), "audit details"))
+        digest = hashlib.sha256(audit_canonical(
+            head_seq, event.time, event.event_type, event.actor, event.outcome, event.subject,
+            details, event.request_id, head_hash)).hexdigest()
+        records.append(AuditRecord(head_seq, event.time, event.event_type, event.actor,
+                                   event.outcome, event.subject, details, event.request_id,
+                                   head_hash, digest))
+        head_hash = digest
+    return records
+
+
+def _consume(fut: asyncio.Future[UnitResult]) -> None:
+    # a caller that went away still leaves its outcome retrieved (no "never retrieved" noise)
+    if not fut.cancelled():
+        fut.exception()
+
+
+BatchRunner = Callable[[list[Unit]], Awaitable[list[UnitResult | BaseException]]]
+
+
+class GroupCommitter:
+    """The writer task: batches queued units and commits each batch once."""
+
+    def __init__(self, run_batch: BatchRunner, *, max_batch: int = 256,
+                 window_s: float = 0.001) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._queue: asyncio.Queue[Unit | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # counters for metrics and benchmarks
+        self.batches = 0
+        self.units = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="storage-group-commit")
+
+    async def submit(self, unit: Unit) -> UnitResult:
+        if self._closed or self._task is None:
+            raise StorageUnavailable("storage is closed")
+        unit.future = asyncio.get_running_loop().create_future()
+        unit.future.add_done_callback(_consume)
+        self._queue.put_nowait(unit)
+        # shield: a caller that goes away (client disconnect) does not cancel its unit's commit
+        return await asyncio.shield(unit.future)
+
+    async def stop(self) -> None:
+        """Commit everything queued, then end the writer task."""
+        if self._task is None or self._closed:
+            self._closed = True
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    def _drain(self, batch: list[Unit]) -> bool:
+        """Move queued units into batch; True when the stop sentinel was seen."""
+        while len(batch) < self.max_batch:
+            try:
+                unit = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return False
+            if unit is None:
+                return True
+            batch.append(unit)
+        return False
+
+    async def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            stopping = self._drain(batch)
+            if not stopping and len(batch) < self.max_batch and self.window_s > 0:
+                await asyncio.sleep(self.window_s)
+                stopping = self._drain(batch)
+            await self._commit(batch)
+        # units queued after the sentinel (none normally): refuse, never leave a caller hanging
+        while not self._queue.empty():
+            unit = self._queue.get_nowait()
+            if unit is not None and unit.future is not None and not unit.future.done():
+                unit.future.set_exception(StorageUnavailable("storage is closed"))
+
+    async def _commit(self, batch: list[Unit]) -> None:
+        try:
+            results = await self._run_batch(batch)
+        except StorageError as exc:
+            results = [exc] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - every caller must hear of the failure
+            results = [StorageUnavailable(f"commit failed: {exc}")] * len(batch)
+        self.batches += 1
+        self.units += len(batch)
+        for unit, result in zip(batch, results, strict=True):
+            fut = unit.future
+            if fut is None or fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)

@@ -1,0 +1,453 @@
+"""The embedded SQLite engine (the default: `<home>/gateway.sqlite3`).
+
+WAL journal, `synchronous=FULL` (a commit is on disk when it returns). All writes happen on ONE
+dedicated writer thread with its own connection; reads go to a small pool of reader threads with
+their own connections (WAL lets them read while the writer writes). The event loop never runs
+sqlite3. Writers of several processes serialise on `BEGIN IMMEDIATE`, which also makes the audit
+chain one chain when two gateway processes share the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.storage import migrations
+from gateway.storage.base import (
+    GENESIS_HASH, AuditEvent, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
+    CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord,
+    LinkedRecord, MigrationError, NewClient, NewDocument, NewLink, Storage, StorageError,
+    StorageUnavailable, RETENTION_SLACK, format_time, minimum_retention, parse_time, utcnow,
+)
+from gateway.storage.group_commit import (
+    ClientChange, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain, dump_json,
+)
+
+T = TypeVar("T")
+
+_DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
+                "created_at, retain_until")
+_AUDIT_COLUMNS = "seq, time, event_type, actor, outcome, subject, details, request_id, prev_hash, hash"
+_CLIENT_COLUMNS = "id, name, role, key_labels, created_at, revoked_at, token_id"
+_CHECKPOINT_COLUMNS = "id, seq, hash, time, key_label, algorithm, signature"
+
+
+def _time(value: str | None) -> datetime | None:
+    return parse_time(value) if value is not None else None
+
+
+def _document(row: Sequence[Any]) -> DocumentRecord:
+    return DocumentRecord(
+        id=row[0], kind=row[1], content=bytes(row[2]), content_type=row[3], sha256=row[4],
+        report=json.loads(row[5]) if row[5] is not None else None, client=row[6],
+        key_label=row[7], natural_key=row[8], created_at=parse_time(row[9]),
+        retain_until=parse_time(row[10]))
+
+
+def _audit(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(row[0], parse_time(row[1]), row[2], row[3], row[4], row[5],
+                       json.loads(row[6]), row[7], row[8], row[9])
+
+
+def _client(row: Sequence[Any]) -> Client:
+    return Client(id=row[0], name=row[1], role=row[2], key_labels=frozenset(json.loads(row[3])),
+                  created_at=parse_time(row[4]), revoked_at=_time(row[5]), token_id=row[6])
+
+
+def _checkpoint(row: Sequence[Any]) -> Checkpoint:
+    return Checkpoint(row[0], row[1], row[2], parse_time(row[3]), row[4], row[5], bytes(row[6]))
+
+
+class SqliteStorage(Storage):
+    engine = "sqlite"
+
+    def __init__(self, path: str | Path, *, readers: int = 2, max_batch: int = 256,
+                 window_s: float = 0.001, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._readers = readers
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.committer = GroupCommitter(self._run_batch, max_batch=max_batch, window_s=window_s)
+        self._opened = False
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _connect(self, *, reader: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = %d" % int(self._busy_timeout_s * 1000))
+        if reader:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _conn(self, *, reader: bool) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(reader=reader)
+            self._local.conn = conn
+        return conn
+
+    async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StorageUnavailable("storage is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, lambda: fn(self._conn(reader=False)))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader_pool is None:
+            raise StorageUnavailable("storage is not open")
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(self._conn(reader=True))
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(f"database read failed: {exc}") from exc
+
+        return await loop.run_in_executor(self._reader_pool, run)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
+        try:
+            await self._on_writer(lambda c: c.execute("PRAGMA journal_mode = WAL").fetchone())
+            await self.migrate()
+        except BaseException:
+            await self._shutdown()
+            raise
+        self.committer.start()
+        self._opened = True
+
+    async def close(self) -> None:
+        await self.committer.stop()
+        await self._shutdown()
+        self._opened = False
+
+    async def _shutdown(self) -> None:
+        for pool in (self._writer, self._reader_pool):
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        self._writer = self._reader_pool = None
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- migrations ----------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        return await self._on_writer(self._migrate_sync)
+
+    @staticmethod
+    def _migrate_sync(conn: sqlite3.Connection) -> list[int]:
+        applied_now: list[int] = []
+        # BEGIN IMMEDIATE takes the write lock: a second process starting at once waits, then
+        # sees the versions already recorded.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            known = migrations.load("sqlite")
+            if done - {m.version for m in known}:
+                raise MigrationError(f"database has migrations this code does not know: "
+                                     f"{sorted(done - {m.version for m in known})}")
+            for m in known:
+                if m.version in done:
+                    continue
+                for statement in migrations.split_sqlite(m.sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                             (m.version, m.name, format_time(utcnow())))
+                applied_now.append(m.version)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise MigrationError(f"migration failed: {exc}") from exc
+            raise
+        return applied_now
+
+    async def schema_versions(self) -> list[int]:
+        return await self._read(lambda c: [r[0] for r in c.execute(
+            "SELECT version FROM schema_migrations ORDER BY version")])
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def commit_unit(self, *, documents: Sequence[NewDocument] = (),
+                          links: Sequence[NewLink] = (),
+                          audit: Sequence[AuditEvent] = ()) -> CommitResult:
+        result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
+        return result.commit
+
+    async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
+        return await self._on_writer(lambda conn: self._batch_sync(conn, batch))
+
+    def _batch_sync(self, conn: sqlite3.Connection,
+                    batch: list[Unit]) -> list[UnitResult | BaseException]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot start a write transaction: {exc}") from exc
+        try:
+            head_seq, head_hash = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            start_seq = head_seq
+            results: list[UnitResult | BaseException] = []
+            for unit in batch:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    result, head_seq, head_hash = self._apply(conn, unit, head_seq, head_hash)
+                except (StorageError, sqlite3.IntegrityError, TypeError, ValueError) as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    results.append(self._unit_error(conn, unit, exc))
+                    continue
+                conn.execute("RELEASE unit")
+                results.append(result)
+            if head_seq != start_seq:
+                conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+                             (head_seq, head_hash))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StorageUnavailable(f"commit failed: {exc}") from exc
+            raise
+        return results
+
+    @staticmethod
+    def _unit_error(conn: sqlite3.Connection, unit: Unit, exc: BaseException) -> BaseException:
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, TypeError | ValueError):
+            return InvalidRecord(f"record cannot be stored: {exc}")
+        text = str(exc)
+        if "documents.kind, documents.natural_key" in text:
+            for doc in unit.documents:
+                if doc.natural_key is None:
+                    continue
+                row = conn.execute("SELECT id FROM documents WHERE kind = ? AND natural_key = ?",
+                                   (doc.kind, doc.natural_key)).fetchone()
+                if row is not None:
+                    return DuplicateDocument(doc.kind, doc.natural_key, row[0])
+            dup = next(d for d in unit.documents if d.natural_key is not None)
+            return DuplicateDocument(dup.kind, dup.natural_key or "", None)  # twice in one unit
+        if "documents.id" in text:
+            return InvalidRecord("document id already used")
+        if "FOREIGN KEY" in text:
+            return DocumentNotFound("a link names a document that is not archived")
+        if "clients.name" in text and unit.client_change is not None:
+            return ClientExists(f"client {unit.client_change.name!r} already exists",
+                                name=unit.client_change.name)
+        return InvalidRecord(f"record refused by the database: {text}")
+
+    def _apply(self, conn: sqlite3.Connection, unit: Unit, head_seq: int,
+               head_hash: str) -> tuple[UnitResult, int, str]:
+        now = utcnow()
+        client = self._apply_client(conn, unit.client_change, now) if unit.client_change else None
+        checkpoint = self._apply_checkpoint(conn, unit.checkpoint) if unit.checkpoint else None
+        for doc in unit.documents:
+            retain = doc.retain_until or minimum_retention(now)
+            if retain < minimum_retention(now - RETENTION_SLACK):
+                raise InvalidRecord("retain_until is shorter than two years (21 CFR 1305.27)",
+                                    document_id=doc.id)
+            content = bytes(doc.content)
+            conn.execute(
+                f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (doc.id, doc.kind, content, doc.content_type, doc.sha256,
+                 dump_json(dict(doc.report), "report") if doc.report is not None else None,
+                 doc.client, doc.key_label, doc.natural_key, format_time(now), format_time(retain)))
+        link_ids = []
+        for link in unit.links:
+            cur = conn.execute(
+                "INSERT INTO links (document_id, kind, payload, client, created_at) VALUES (?,?,?,?,?)",
+                (link.document_id, link.kind, dump_json(dict(link.payload), "link payload"),
+                 link.client, format_time(now)))
+            link_ids.append(int(cur.lastrowid or 0))
+        records = chain(unit.audit, head_seq, head_hash)
+        if records:
+            conn.executemany(
+                f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(r.seq, format_time(r.time), r.event_type, r.actor, r.outcome, r.subject,
+                  dump_json(r.details, "audit details"), r.request_id, r.prev_hash, r.hash)
+                 for r in records])
+            head_seq, head_hash = records[-1].seq, records[-1].hash
+        commit = CommitResult(tuple(d.id for d in unit.documents), tuple(link_ids), tuple(records))
+        return UnitResult(commit, client, checkpoint), head_seq, head_hash
+
+    @staticmethod
+    def _apply_client(conn: sqlite3.Connection, change: ClientChange, now: datetime) -> Client:
+        if change.action == "add":
+            new = change.new
+            assert new is not None
+            conn.execute(
+                "INSERT INTO clients (id, name, role, key_labels, token_id, token_hash, created_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (new.id, new.name, new.role, json.dumps(sorted(new.key_labels)), new.token_id,
+                 new.token_hash, format_time(now)))
+        else:
+            row = conn.execute("SELECT revoked_at FROM clients WHERE name = ?",
+                               (change.name,)).fetchone()
+            if row is None:
+                raise ClientNotFound(f"no client named {change.name!r}", name=change.name)
+            if change.action == "revoke":
+                conn.execute("UPDATE clients SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                             (format_time(change.at or now), change.name))
+            else:
+                if row[0] is not None:
+                    raise InvalidRecord(f"client {change.name!r} is revoked", name=change.name)
+                conn.execute("UPDATE clients SET key_labels = ? WHERE name = ?",
+                             (json.dumps(sorted(change.key_labels or ())), change.name))
+        row = conn.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = ?",
+                           (change.name,)).fetchone()
+        return _client(row)
+
+    @staticmethod
+    def _apply_checkpoint(conn: sqlite3.Connection, cp: NewCheckpoint) -> Checkpoint:
+        cur = conn.execute(
+            "INSERT INTO audit_checkpoints (seq, hash, time, key_label, algorithm, signature) "
+            "VALUES (?,?,?,?,?,?)",
+            (cp.seq, cp.hash, format_time(cp.time), cp.key_label, cp.algorithm, cp.signature))
+        return Checkpoint(int(cur.lastrowid or 0), cp.seq, cp.hash, cp.time, cp.key_label,
+                          cp.algorithm, cp.signature)
+
+    # -- archive reads -------------------------------------------------------------------------
+
+    async def get_document(self, document_id: str) -> DocumentRecord | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE id = ?", (document_id,)).fetchone())
+        return _document(row) if row else None
+
+    async def find_document(self, kind: str, natural_key: str) -> DocumentRecord | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE kind = ? AND natural_key = ?",
+            (kind, natural_key)).fetchone())
+        return _document(row) if row else None
+
+    async def list_documents(self, *, kind: str | None = None, client: str | None = None,
+                             created_from: datetime | None = None,
+                             created_to: datetime | None = None,
+                             limit: int = 1000) -> list[DocumentRecord]:
+        where, args = [], []
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        if client is not None:
+            where.append("client = ?")
+            args.append(client)
+        if created_from is not None:
+            where.append("created_at >= ?")
+            args.append(format_time(created_from))
+        if created_to is not None:
+            where.append("created_at < ?")
+            args.append(format_time(created_to))
+        sql = (f"SELECT {_DOC_COLUMNS} FROM documents"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY created_at, id LIMIT ?")
+        rows = await self._read(lambda c: c.execute(sql, (*args, limit)).fetchall())
+        return [_document(r) for r in rows]
+
+    async def links(self, document_id: str, kind: str | None = None) -> list[LinkedRecord]:
+        sql = "SELECT id, document_id, kind, payload, client, created_at FROM links WHERE document_id = ?"
+        args: tuple[Any, ...] = (document_id,)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args += (kind,)
+        rows = await self._read(lambda c: c.execute(sql + " ORDER BY id", args).fetchall())
+        return [LinkedRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
+                for r in rows]
+
+    # -- clients -------------------------------------------------------------------------------
+
+    async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
+        result = await self.committer.submit(Unit(audit=list(audit), client_change=change))
+        assert result.client is not None
+        return result.client
+
+    async def add_client(self, client: NewClient, audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("add", client.name, new=client), audit)
+
+    async def revoke_client(self, name: str, audit: Sequence[AuditEvent] = (),
+                            at: datetime | None = None) -> Client:
+        return await self._client_unit(ClientChange("revoke", name, at=at), audit)
+
+    async def set_client_keys(self, name: str, key_labels: frozenset[str],
+                              audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("keys", name, key_labels=frozenset(key_labels)),
+                                       audit)
+
+    async def get_client(self, name: str) -> Client | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = ?", (name,)).fetchone())
+        return _client(row) if row else None
+
+    async def client_by_token_id(self, token_id: str) -> tuple[Client, bytes] | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_CLIENT_COLUMNS}, token_hash FROM clients WHERE token_id = ?",
+            (token_id,)).fetchone())
+        return (_client(row), bytes(row[7])) if row else None
+
+    async def list_clients(self) -> list[Client]:
+        rows = await self._read(lambda c: c.execute(
+            f"SELECT {_CLIENT_COLUMNS} FROM clients ORDER BY name").fetchall())
+        return [_client(r) for r in rows]
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def audit_head(self) -> tuple[int, str]:
+        row = await self._read(lambda c: c.execute(
+            "SELECT seq, hash FROM audit_head WHERE id = 1").fetchone())
+        return (int(row[0]), row[1]) if row else (0, GENESIS_HASH)
+
+    async def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        rows = await self._read(lambda c: c.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit)).fetchall())
+        return [_audit(r) for r in rows]
+
+    async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
+                             algorithm: str, signature: bytes) -> Checkpoint:
+        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
+            seq, hash, time, key_label, algorithm, signature)))
+        assert result.checkpoint is not None
+        return result.checkpoint
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        rows = await self._read(lambda c: c.execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq, id").fetchall())
+        return [_checkpoint(r) for r in rows]
+
+    async def health_check(self) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO health (id, checked_at) VALUES (1, ?) "
+                             "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                             (format_time(utcnow()),))
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(f"database write failed: {exc}") from exc
+
+        await self._on_writer(write)
+        await self._read(lambda c: c.execute("SELECT checked_at FROM health").fetchone())
