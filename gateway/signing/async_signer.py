@@ -24,13 +24,17 @@ T = TypeVar("T")
 _STOP = object()
 
 
-def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.cancelled():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
+def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.cancelled():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+_MAX_BATCH = 16
 
 
 class AsyncSigner:
@@ -62,38 +66,68 @@ class AsyncSigner:
     def _work(self) -> None:
         jobs = self._jobs
         while True:
-            job = jobs.get()
-            if job is _STOP:
+            batch = [jobs.get()]
+            # Take a fair share of what is waiting: fewer loop wake-ups and session borrows
+            # when busy, without starving the other workers when not.
+            share = min(_MAX_BATCH, jobs.qsize() // self.workers)
+            for _ in range(share):
+                try:
+                    batch.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(job is _STOP for job in batch)
+            batch = [job for job in batch if job is not _STOP]
+            if batch:
+                self._run_batch(batch)
+            if stop:
                 return
-            loop, fut, fn, args = job
-            with self._count_lock:
-                self._in_flight += 1
+
+    def _run_batch(self, batch: list[Any]) -> None:
+        with self._count_lock:
+            self._in_flight += len(batch)
+        by_loop: dict[Any, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        signs = [job for job in batch if job[2] is None]
+        others = [job for job in batch if job[2] is not None]
+        if signs:
             try:
-                result: Any = fn(*args)
+                results: list[Any] = self.hsm.sign_batch([job[3] for job in signs])
+            except BaseException as exc:  # noqa: BLE001 - handed to every awaiting coroutine
+                results = [exc] * len(signs)
+            for (loop, fut, _fn, _args), result in zip(signs, results):
+                by_loop.setdefault(loop, []).append((fut, not isinstance(result, BaseException), result))
+        for loop, fut, fn, args in others:
+            try:
+                value: Any = fn(*args)
                 ok = True
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                result, ok = exc, False
-            with self._count_lock:
-                self._in_flight -= 1
-                self._pending -= 1
+            except BaseException as exc:  # noqa: BLE001
+                value, ok = exc, False
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        with self._count_lock:
+            self._in_flight -= len(batch)
+            self._pending -= len(batch)
+        for loop, results_of_loop in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, fut, ok, result)
+                loop.call_soon_threadsafe(_resolve_all, results_of_loop)
             except RuntimeError:  # loop closed while we worked: nobody is waiting
                 pass
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run `fn(*args)` on a worker; returns a future of the running loop."""
+    def _enqueue(self, fn: Callable[..., Any] | None, args: Any) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("AsyncSigner is closed")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         with self._count_lock:
             self._pending += 1
         self._jobs.put((loop, fut, fn, args))
         return fut
 
-    async def sign(self, label: str, data: bytes) -> bytes:
-        return await self.submit(self.hsm.sign, label, data)
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on a worker; returns a future of the running loop."""
+        return self._enqueue(fn, args)
+
+    def sign(self, label: str, data: bytes) -> asyncio.Future[bytes]:
+        """Sign on a worker (awaitable). Errors are the Hsm's: KeyNotFound, TokenUnavailable..."""
+        return self._enqueue(None, (label, data))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.submit(fn, *args)

@@ -392,19 +392,44 @@ class Hsm:
         RSA: PKCS#1 v1.5 signature. P-256: DER-encoded ECDSA signature.
         """
         with self._session() as (conn, pooled):
-            entry = pooled.keys.get(label)
-            if entry is None:
-                entry = self._find_private(pooled.session, label)
-                pooled.keys[label] = entry
-            key, key_type = entry
-            if key_type == "rsa2048":
-                return key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
-            if conn.has_ecdsa_sha256:
-                raw = key.sign(data, mechanism=Mechanism.ECDSA_SHA256)
-            else:
-                raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
-            half = len(raw) // 2
-            return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+            return self._sign_on(conn, pooled, label, data)
+
+    def sign_batch(self, jobs: list[tuple[str, bytes]]) -> list[bytes | HsmError]:
+        """Sign several (label, data) on one borrowed session; one result or error per job.
+
+        Borrowing once per batch is what lets a busy worker keep up with a fast key (P-256).
+        """
+        results: list[bytes | HsmError] = []
+        with self._session() as (conn, pooled):
+            for i, (label, data) in enumerate(jobs):
+                try:
+                    results.append(self._sign_on(conn, pooled, label, data))
+                except HsmError as exc:
+                    results.append(exc)
+                except pkcs11.exceptions.PKCS11Error as exc:
+                    if not _is_device_failure(exc):
+                        results.append(HsmError(f"HSM refused: {type(exc).__name__}: {exc}"))
+                        continue
+                    self._mark_broken(conn.generation, exc)
+                    dead = TokenUnavailable(f"HSM failed: {type(exc).__name__}")
+                    results.extend(dead for _ in jobs[i:])
+                    break
+        return results
+
+    def _sign_on(self, conn: _Connection, pooled: _PooledSession, label: str, data: bytes) -> bytes:
+        entry = pooled.keys.get(label)
+        if entry is None:
+            entry = self._find_private(pooled.session, label)
+            pooled.keys[label] = entry
+        key, key_type = entry
+        if key_type == "rsa2048":
+            return key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+        if conn.has_ecdsa_sha256:
+            raw = key.sign(data, mechanism=Mechanism.ECDSA_SHA256)
+        else:
+            raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+        half = len(raw) // 2
+        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
     @staticmethod
     def _find_private(session: Any, label: str) -> tuple[Any, str]:

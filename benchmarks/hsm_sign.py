@@ -1,0 +1,119 @@
+"""Raw PKCS#11 sign rate with N sessions against the gateway's async signer pool, same run.
+
+    python -m benchmarks.hsm_sign [--seconds 3] [--keys rsa2048,p256]
+
+Raw: N threads, each with its own session and key handle, calling C_Sign in a tight loop (the
+ceiling for this token on this machine). Pool: one asyncio loop keeping the `AsyncSigner`
+saturated with concurrent `await signer.sign(...)` calls, as the HTTP layer does.
+Target (issue 2): the pool reaches at least 95% of the raw rate on all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import threading
+import time
+
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass
+
+from benchmarks.common import scratch_home, table, write_results
+from gateway.config import load_settings, write_default_config
+from gateway.signing.async_signer import AsyncSigner
+from gateway.signing.hsm import Hsm
+from gateway.signing.softhsm import ensure_softhsm_token
+
+
+def raw_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float) -> float:
+    """Plain python-pkcs11: one session per thread, no pool, no futures."""
+    token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
+    counts = [0] * sessions
+    stop = time.perf_counter() + seconds
+    barrier = threading.Barrier(sessions + 1)
+
+    def work(i: int) -> None:
+        session = token.open()
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+        data = b"benchmark payload %d" % i
+        barrier.wait()
+        n = 0
+        if key_type == "rsa2048":
+            while time.perf_counter() < stop:
+                key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+                n += 1
+        else:
+            while time.perf_counter() < stop:
+                key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+                n += 1
+        counts[i] = n
+        session.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def _pool_rate(signer: AsyncSigner, label: str, seconds: float, concurrency: int) -> float:
+    stop = time.perf_counter() + seconds
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        data = os.urandom(64)
+        while time.perf_counter() < stop:
+            await signer.sign(label, data)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / (time.perf_counter() - t0)
+
+
+def pool_rate(hsm: Hsm, label: str, workers: int, seconds: float) -> float:
+    signer = AsyncSigner(hsm, workers=workers)
+    try:
+        return asyncio.run(_pool_rate(signer, label, seconds, concurrency=workers * 8))
+    finally:
+        signer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--keys", default="rsa2048,p256")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 2
+    home = scratch_home("hsm")
+    settings = load_settings(home)
+    write_default_config(settings)
+    ensure_softhsm_token(settings)
+    hsm = Hsm.open(settings, sessions=cores)
+    rows = []
+    for key_type in args.keys.split(","):
+        label = f"bench-{key_type}"
+        hsm.generate_keypair(label, key_type)
+        hsm.sign(label, b"warm-up")
+        for n in sorted({1, cores}):
+            raw = raw_rate(hsm, label, key_type, n, args.seconds)
+            pooled = pool_rate(hsm, label, n, args.seconds)
+            rows.append({"key": key_type, "sessions": n, "raw_per_s": raw, "pool_per_s": pooled,
+                         "pool_vs_raw": pooled / raw})
+    hsm.close()
+    print(table(rows, ["key", "sessions", "raw_per_s", "pool_per_s", "pool_vs_raw"]))
+    full = [r for r in rows if r["sessions"] == cores]
+    verdict = all(r["pool_vs_raw"] >= 0.95 for r in full)
+    print(f"target: pool >= 95% of raw on all {cores} cores: {'met' if verdict else 'NOT met'}")
+    path = write_results("hsm_sign", {"rows": rows, "target_met": verdict, "seconds": args.seconds})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
