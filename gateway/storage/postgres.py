@@ -1,0 +1,467 @@
+"""The PostgreSQL engine (`GATEWAY_DATABASE_URL=postgresql://...`), asyncpg with a pool.
+
+Group commit: one batch = one transaction. The fast path writes the whole batch with a few
+statements (executemany); if any unit breaks a rule, the transaction is rolled back and the batch
+is written again unit by unit, each in its own savepoint, so the offending unit fails alone.
+
+Several gateway nodes share one database: a transaction that appends audit records first locks
+the one-row `audit_head` (SELECT ... FOR UPDATE), so appends of all nodes serialise and form ONE
+chain. Migrations run under a transaction-scoped advisory lock, so two nodes starting at once
+apply each migration once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from gateway.storage import migrations
+from gateway.storage.base import (
+    GENESIS_HASH, RETENTION_SLACK, AuditEvent, AuditRecord, Checkpoint, Client, ClientExists,
+    ClientNotFound, CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument,
+    InvalidRecord, LinkedRecord, MigrationError, NewClient, NewDocument, NewLink, Storage,
+    StorageError, StorageUnavailable, minimum_retention, utcnow,
+)
+from gateway.storage.group_commit import (
+    ClientChange, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain, dump_json,
+)
+
+_DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
+                "created_at, retain_until")
+_AUDIT_COLUMNS = "seq, time, event_type, actor, outcome, subject, details, request_id, prev_hash, hash"
+_CLIENT_COLUMNS = "id, name, role, key_labels, created_at, revoked_at, token_id"
+_CHECKPOINT_COLUMNS = "id, seq, hash, time, key_label, algorithm, signature"
+
+_INSERT_DOC = (f"INSERT INTO documents ({_DOC_COLUMNS}) "
+               "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)")
+_INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_at) "
+                "VALUES ($1, $2, $3::jsonb, $4, $5) RETURNING id")
+_INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
+                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+
+# errors that belong to one unit (a rule it breaks), not to the database as a whole
+_UNIT_ERRORS = (StorageError, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError,
+                asyncpg.RaiseError, TypeError, ValueError)
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                      asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+class _UnitFailed(Exception):
+    """The fast path met a unit-level error: redo the batch with savepoints."""
+
+
+def _document(row: Mapping[str, Any]) -> DocumentRecord:
+    return DocumentRecord(
+        id=row["id"], kind=row["kind"], content=bytes(row["content"]),
+        content_type=row["content_type"], sha256=row["sha256"],
+        report=json.loads(row["report"]) if row["report"] is not None else None,
+        client=row["client"], key_label=row["key_label"], natural_key=row["natural_key"],
+        created_at=row["created_at"], retain_until=row["retain_until"])
+
+
+def _audit(row: Mapping[str, Any]) -> AuditRecord:
+    return AuditRecord(row["seq"], row["time"], row["event_type"], row["actor"], row["outcome"],
+                       row["subject"], json.loads(row["details"]), row["request_id"],
+                       row["prev_hash"], row["hash"])
+
+
+def _client(row: Mapping[str, Any]) -> Client:
+    return Client(id=row["id"], name=row["name"], role=row["role"],
+                  key_labels=frozenset(json.loads(row["key_labels"])),
+                  created_at=row["created_at"], revoked_at=row["revoked_at"],
+                  token_id=row["token_id"])
+
+
+def _checkpoint(row: Mapping[str, Any]) -> Checkpoint:
+    return Checkpoint(row["id"], row["seq"], row["hash"], row["time"], row["key_label"],
+                      row["algorithm"], bytes(row["signature"]))
+
+
+class PostgresStorage(Storage):
+    engine = "postgresql"
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
+                 server_settings: Mapping[str, str] | None = None, max_batch: int = 256,
+                 window_s: float = 0.001, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._server_settings = dict(server_settings or {})
+        self._connect_timeout_s = connect_timeout_s
+        self._pool: asyncpg.Pool | None = None
+        self.committer = GroupCommitter(self._run_batch, max_batch=max_batch, window_s=window_s)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._min_size, max_size=self._max_size,
+                server_settings=self._server_settings or None, timeout=self._connect_timeout_s)
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            await self.migrate()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+        self.committer.start()
+
+    async def close(self) -> None:
+        await self.committer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageUnavailable("storage is not open")
+        return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return await self._require_pool().fetch(sql, *args)
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"database read failed: {exc}") from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        rows = await self._fetch(sql, *args)
+        return rows[0] if rows else None
+
+    # -- migrations ----------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self._require_pool().acquire() as conn, conn.transaction():
+            # one migrator per schema at a time, across processes and nodes
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':gateway_migrations'))")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            known = migrations.load("postgresql")
+            unknown = done - {m.version for m in known}
+            if unknown:
+                raise MigrationError(f"database has migrations this code does not know: "
+                                     f"{sorted(unknown)}")
+            for m in known:
+                if m.version in done:
+                    continue
+                try:
+                    await conn.execute(m.sql)
+                except asyncpg.PostgresError as exc:
+                    raise MigrationError(f"migration {m.version} ({m.name}) failed: {exc}") from exc
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                   m.version, m.name)
+                applied.append(m.version)
+        return applied
+
+    async def schema_versions(self) -> list[int]:
+        return [r[0] for r in await self._fetch(
+            "SELECT version FROM schema_migrations ORDER BY version")]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def commit_unit(self, *, documents: Sequence[NewDocument] = (),
+                          links: Sequence[NewLink] = (),
+                          audit: Sequence[AuditEvent] = ()) -> CommitResult:
+        result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
+        return result.commit
+
+    async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
+        try:
+            async with self._require_pool().acquire() as conn:
+                if len(batch) > 1:
+                    try:
+                        async with conn.transaction():
+                            return await self._fast(conn, batch)
+                    except _UnitFailed:
+                        pass
+                async with conn.transaction():
+                    return await self._one_by_one(conn, batch)
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"commit failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageUnavailable(f"commit failed: {exc}") from exc
+
+    @staticmethod
+    async def _lock_head(conn: asyncpg.Connection, batch: list[Unit]) -> tuple[int, str] | None:
+        if not any(u.audit for u in batch):
+            return None
+        row = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        return int(row["seq"]), row["hash"]
+
+    @staticmethod
+    def _document_row(doc: NewDocument, now: datetime) -> tuple[Any, ...]:
+        retain = doc.retain_until or minimum_retention(now)
+        if retain < minimum_retention(now - RETENTION_SLACK):
+            raise InvalidRecord("retain_until is shorter than two years (21 CFR 1305.27)",
+                                document_id=doc.id)
+        return (doc.id, doc.kind, bytes(doc.content), doc.content_type, doc.sha256,
+                dump_json(dict(doc.report), "report") if doc.report is not None else None,
+                doc.client, doc.key_label, doc.natural_key, now, retain)
+
+    @staticmethod
+    def _audit_rows(records: Sequence[AuditRecord]) -> list[tuple[Any, ...]]:
+        return [(r.seq, r.time, r.event_type, r.actor, r.outcome, r.subject,
+                 dump_json(r.details, "audit details"), r.request_id, r.prev_hash, r.hash)
+                for r in records]
+
+    async def _fast(self, conn: asyncpg.Connection,
+                    batch: list[Unit]) -> list[UnitResult | BaseException]:
+        """The whole batch in a few statements; any unit-level error -> _UnitFailed."""
+        try:
+            head = await self._lock_head(conn, batch)
+            now = utcnow()
+            extras: list[tuple[Client | None, Checkpoint | None]] = []
+            for unit in batch:
+                client = (await self._apply_client(conn, unit.client_change, now)
+                          if unit.client_change else None)
+                checkpoint = (await self._apply_checkpoint(conn, unit.checkpoint)
+                              if unit.checkpoint else None)
+                extras.append((client, checkpoint))
+            doc_rows = [self._document_row(d, now) for u in batch for d in u.documents]
+            if doc_rows:
+                await conn.executemany(_INSERT_DOC, doc_rows)
+            link_ids: list[list[int]] = []
+            for unit in batch:
+                link_ids.append([await conn.fetchval(
+                    _INSERT_LINK, link.document_id, link.kind,
+                    dump_json(dict(link.payload), "link payload"), link.client, now)
+                    for link in unit.links])
+            records: list[list[AuditRecord]] = []
+            if head is not None:
+                seq, digest = head
+                for unit in batch:
+                    chained = chain(unit.audit, seq, digest)
+                    records.append(chained)
+                    if chained:
+                        seq, digest = chained[-1].seq, chained[-1].hash
+                all_records = [r for rs in records for r in rs]
+                await conn.executemany(_INSERT_AUDIT, self._audit_rows(all_records))
+                await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                                   seq, digest)
+            else:
+                records = [[] for _ in batch]
+        except _UNIT_ERRORS as exc:
+            raise _UnitFailed() from exc
+        return [UnitResult(CommitResult(tuple(d.id for d in u.documents), tuple(ids), tuple(rs)),
+                           client, checkpoint)
+                for u, ids, rs, (client, checkpoint) in zip(batch, link_ids, records, extras,
+                                                            strict=True)]
+
+    async def _one_by_one(self, conn: asyncpg.Connection,
+                          batch: list[Unit]) -> list[UnitResult | BaseException]:
+        head = await self._lock_head(conn, batch)
+        seq, digest = head if head is not None else (0, GENESIS_HASH)
+        start_seq = seq
+        results: list[UnitResult | BaseException] = []
+        for unit in batch:
+            try:
+                async with conn.transaction():  # a savepoint
+                    result, seq, digest = await self._apply(conn, unit, seq, digest)
+            except _UNIT_ERRORS as exc:
+                results.append(await self._unit_error(conn, unit, exc))
+                continue
+            results.append(result)
+        if head is not None and seq != start_seq:
+            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", seq, digest)
+        return results
+
+    async def _apply(self, conn: asyncpg.Connection, unit: Unit, seq: int,
+                     digest: str) -> tuple[UnitResult, int, str]:
+        now = utcnow()
+        client = await self._apply_client(conn, unit.client_change, now) if unit.client_change else None
+        checkpoint = await self._apply_checkpoint(conn, unit.checkpoint) if unit.checkpoint else None
+        doc_rows = [self._document_row(d, now) for d in unit.documents]
+        if doc_rows:
+            await conn.executemany(_INSERT_DOC, doc_rows)
+        link_ids = [await conn.fetchval(_INSERT_LINK, link.document_id, link.kind,
+                                        dump_json(dict(link.payload), "link payload"),
+                                        link.client, now)
+                    for link in unit.links]
+        records = chain(unit.audit, seq, digest)
+        if records:
+            await conn.executemany(_INSERT_AUDIT, self._audit_rows(records))
+            seq, digest = records[-1].seq, records[-1].hash
+        commit = CommitResult(tuple(d.id for d in unit.documents), tuple(link_ids), tuple(records))
+        return UnitResult(commit, client, checkpoint), seq, digest
+
+    @staticmethod
+    async def _unit_error(conn: asyncpg.Connection, unit: Unit,
+                          exc: BaseException) -> BaseException:
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, TypeError | ValueError):
+            return InvalidRecord(f"record cannot be stored: {exc}")
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            constraint = exc.constraint_name or ""
+            if constraint == "documents_kind_natural_key_key":
+                for doc in unit.documents:
+                    if doc.natural_key is None:
+                        continue
+                    existing = await conn.fetchval(
+                        "SELECT id FROM documents WHERE kind = $1 AND natural_key = $2",
+                        doc.kind, doc.natural_key)
+                    if existing is not None:
+                        return DuplicateDocument(doc.kind, doc.natural_key, existing)
+                dup = next(d for d in unit.documents if d.natural_key is not None)
+                return DuplicateDocument(dup.kind, dup.natural_key or "", None)
+            if constraint == "clients_name_key" and unit.client_change is not None:
+                return ClientExists(f"client {unit.client_change.name!r} already exists",
+                                    name=unit.client_change.name)
+            if constraint == "documents_pkey":
+                return InvalidRecord("document id already used")
+        if isinstance(exc, asyncpg.ForeignKeyViolationError):
+            return DocumentNotFound("a link names a document that is not archived")
+        return InvalidRecord(f"record refused by the database: {exc}")
+
+    @staticmethod
+    async def _apply_client(conn: asyncpg.Connection, change: ClientChange, now: datetime) -> Client:
+        if change.action == "add":
+            new = change.new
+            assert new is not None
+            await conn.execute(
+                "INSERT INTO clients (id, name, role, key_labels, token_id, token_hash, created_at) "
+                "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)",
+                new.id, new.name, new.role, json.dumps(sorted(new.key_labels)), new.token_id,
+                new.token_hash, now)
+        else:
+            row = await conn.fetchrow("SELECT revoked_at FROM clients WHERE name = $1 FOR UPDATE",
+                                      change.name)
+            if row is None:
+                raise ClientNotFound(f"no client named {change.name!r}", name=change.name)
+            if change.action == "revoke":
+                await conn.execute(
+                    "UPDATE clients SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+                    change.at or now, change.name)
+            else:
+                if row["revoked_at"] is not None:
+                    raise InvalidRecord(f"client {change.name!r} is revoked", name=change.name)
+                await conn.execute("UPDATE clients SET key_labels = $1::jsonb WHERE name = $2",
+                                   json.dumps(sorted(change.key_labels or ())), change.name)
+        row = await conn.fetchrow(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = $1",
+                                  change.name)
+        return _client(row)
+
+    @staticmethod
+    async def _apply_checkpoint(conn: asyncpg.Connection, cp: NewCheckpoint) -> Checkpoint:
+        cid = await conn.fetchval(
+            "INSERT INTO audit_checkpoints (seq, hash, time, key_label, algorithm, signature) "
+            "VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            cp.seq, cp.hash, cp.time, cp.key_label, cp.algorithm, cp.signature)
+        return Checkpoint(int(cid), cp.seq, cp.hash, cp.time, cp.key_label, cp.algorithm,
+                          cp.signature)
+
+    # -- archive reads -------------------------------------------------------------------------
+
+    async def get_document(self, document_id: str) -> DocumentRecord | None:
+        row = await self._fetchrow(f"SELECT {_DOC_COLUMNS} FROM documents WHERE id = $1",
+                                   document_id)
+        return _document(row) if row else None
+
+    async def find_document(self, kind: str, natural_key: str) -> DocumentRecord | None:
+        row = await self._fetchrow(
+            f"SELECT {_DOC_COLUMNS} FROM documents WHERE kind = $1 AND natural_key = $2",
+            kind, natural_key)
+        return _document(row) if row else None
+
+    async def list_documents(self, *, kind: str | None = None, client: str | None = None,
+                             created_from: datetime | None = None,
+                             created_to: datetime | None = None,
+                             limit: int = 1000) -> list[DocumentRecord]:
+        where, args = [], []
+        for column, op, value in (("kind", "=", kind), ("client", "=", client),
+                                  ("created_at", ">=", created_from),
+                                  ("created_at", "<", created_to)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} {op} ${len(args)}")
+        args.append(limit)
+        sql = (f"SELECT {_DOC_COLUMNS} FROM documents"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + f" ORDER BY created_at, id LIMIT ${len(args)}")
+        return [_document(r) for r in await self._fetch(sql, *args)]
+
+    async def links(self, document_id: str, kind: str | None = None) -> list[LinkedRecord]:
+        sql = "SELECT id, document_id, kind, payload, client, created_at FROM links WHERE document_id = $1"
+        args: list[Any] = [document_id]
+        if kind is not None:
+            sql += " AND kind = $2"
+            args.append(kind)
+        rows = await self._fetch(sql + " ORDER BY id", *args)
+        return [LinkedRecord(r["id"], r["document_id"], r["kind"], json.loads(r["payload"]),
+                             r["client"], r["created_at"]) for r in rows]
+
+    # -- clients -------------------------------------------------------------------------------
+
+    async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
+        result = await self.committer.submit(Unit(audit=list(audit), client_change=change))
+        assert result.client is not None
+        return result.client
+
+    async def add_client(self, client: NewClient, audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("add", client.name, new=client), audit)
+
+    async def revoke_client(self, name: str, audit: Sequence[AuditEvent] = (),
+                            at: datetime | None = None) -> Client:
+        return await self._client_unit(ClientChange("revoke", name, at=at), audit)
+
+    async def set_client_keys(self, name: str, key_labels: frozenset[str],
+                              audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("keys", name, key_labels=frozenset(key_labels)),
+                                       audit)
+
+    async def get_client(self, name: str) -> Client | None:
+        row = await self._fetchrow(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = $1", name)
+        return _client(row) if row else None
+
+    async def client_by_token_id(self, token_id: str) -> tuple[Client, bytes] | None:
+        row = await self._fetchrow(
+            f"SELECT {_CLIENT_COLUMNS}, token_hash FROM clients WHERE token_id = $1", token_id)
+        return (_client(row), bytes(row["token_hash"])) if row else None
+
+    async def list_clients(self) -> list[Client]:
+        return [_client(r) for r in await self._fetch(
+            f"SELECT {_CLIENT_COLUMNS} FROM clients ORDER BY name")]
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def audit_head(self) -> tuple[int, str]:
+        row = await self._fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (int(row["seq"]), row["hash"]) if row else (0, GENESIS_HASH)
+
+    async def audit_records(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        rows = await self._fetch(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+            after_seq, limit)
+        return [_audit(r) for r in rows]
+
+    async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
+                             algorithm: str, signature: bytes) -> Checkpoint:
+        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
+            seq, hash, time, key_label, algorithm, signature)))
+        assert result.checkpoint is not None
+        return result.checkpoint
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return [_checkpoint(r) for r in await self._fetch(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq, id")]
+
+    async def health_check(self) -> None:
+        try:
+            async with self._require_pool().acquire() as conn:
+                await conn.execute(
+                    "INSERT INTO health (id, checked_at) VALUES (1, now()) "
+                    "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at")
+                await conn.fetchval("SELECT checked_at FROM health WHERE id = 1")
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise StorageUnavailable(f"database write failed: {exc}") from exc
