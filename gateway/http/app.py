@@ -123,13 +123,18 @@ def _trust_ctx(given: Any):
 
 
 def load_trust(settings: Settings) -> Any:
-    """The trust store for verification (CA bundle and CRLs of the home), or None when absent."""
+    """The trust store for verification: the CA bundle and the CRL directory of the home's PKI.
+
+    None when there is no bundle yet (verification then answers 503 trust_unavailable).
+    """
     from gateway.signing.validation import TrustStore
 
-    if not settings.trust_bundle_path.exists():
-        log.warning("no trust bundle at %s: verification will find no trusted chain",
-                    settings.trust_bundle_path)
-    return TrustStore.from_settings(settings)
+    bundle = settings.trust_bundle_path
+    if not bundle.exists():
+        log.warning("no trust bundle at %s: verification is unavailable", bundle)
+        return None
+    crl_dirs = [d for d in (settings.pki_dir / "crl",) if d.is_dir()]
+    return TrustStore.from_pem_bundle(bundle, crl_dirs=crl_dirs)
 
 
 def _clients_ctx(ttl_s: float):

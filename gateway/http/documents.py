@@ -87,7 +87,7 @@ def _report_response(report: Any) -> web.Response:
 # --- handlers ------------------------------------------------------------------------------
 
 async def sign(request: web.Request) -> web.Response:
-    client = request["client"]
+    client = request[keys.CLIENT]
     label = request.query.get("key")
     if not label:
         raise ApiError("missing_parameter", "query parameter 'key' is required", details={"parameter": "key"})
@@ -132,7 +132,7 @@ async def sign(request: web.Request) -> web.Response:
                              client=client.name))
     event = AuditEvent("document.signed", client.name, "success", subject=doc.id,
                        details={"key_label": label, "format": fmt, "content_sha256": digest},
-                       request_id=request.get("request_id"))
+                       request_id=request.get(keys.REQUEST_ID))
     try:
         await request.app[keys.STORAGE].commit_unit(documents=documents, links=links, audit=[event])
     except DuplicateDocument as exc:
@@ -147,6 +147,9 @@ async def sign(request: web.Request) -> web.Response:
 async def verify_document(request: web.Request) -> web.Response:
     at = _parse_at(request)
     trust = request.app[keys.TRUST]
+    if trust is None:
+        raise ApiError("trust_unavailable", "no trust bundle is configured", status=503,
+                       retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     pool = request.app[keys.POOL]
     if request.content_type.lower() == "multipart/form-data":
         parts = await _read_parts(request)
@@ -177,7 +180,7 @@ async def _read_parts(request: web.Request) -> dict[str, bytes]:
 
 
 async def get_document(request: web.Request) -> web.Response:
-    client = request["client"]
+    client = request[keys.CLIENT]
     doc_id = request.match_info["id"]
     doc = await request.app[keys.STORAGE].get_document(doc_id)
     if doc is None:

@@ -34,6 +34,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "queue_deadline": (429, "no signing worker became free in time; retry later"),
     "hsm_unavailable": (503, "the HSM is unavailable; retry later"),
     "database_unavailable": (503, "the database is unavailable; retry later"),
+    "trust_unavailable": (503, "no trust anchors are configured"),
     "shutting_down": (503, "the gateway is shutting down"),
     "internal_error": (500, "internal error"),
 }

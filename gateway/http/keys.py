@@ -36,3 +36,8 @@ METRICS = web.AppKey("metrics", "Metrics")
 CLIENTS = web.AppKey("clients", "ClientCache")
 ROUTE_TABLE = web.AppKey("route_table", dict)
 STATE = web.AppKey("state", ServerState)
+
+# Per-request values set by the middlewares.
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT = web.RequestKey("client", object)  # gateway.storage.base.Client, set by `guard`
+ROUTE = web.RequestKey("route", object)  # gateway.http.routes.Route

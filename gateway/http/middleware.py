@@ -78,7 +78,7 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
     supplied = request.headers.get(REQUEST_ID_HEADER)
     rid = supplied if supplied and _SANE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
     token = request_id_var.set(rid)
-    request["request_id"] = rid
+    request[keys.REQUEST_ID] = rid
     app = request.app
     metrics = app[keys.METRICS]
     state = app[keys.STATE]
@@ -112,7 +112,7 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
         metrics.requests.labels(request.method, route, str(status)).inc()
         metrics.latency.labels(route).observe(elapsed)
         if log.isEnabledFor(logging.INFO):
-            client = request.get("client")
+            client = request.get(keys.CLIENT)
             log.info("%s %s %s", request.method, request.path, status,
                      extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2),
                             "client": client.name if client else None, "error": error_code})
@@ -125,7 +125,7 @@ async def _refuse(request: web.Request, event_type: str, actor: str, code: str, 
     metrics = request.app[keys.METRICS]
     metrics.auth_failures.labels(code).inc()
     storage = request.app[keys.STORAGE]
-    event = refusal_event(event_type, actor, subject=subject, request_id=request.get("request_id"),
+    event = refusal_event(event_type, actor, subject=subject, request_id=request.get(keys.REQUEST_ID),
                           code=code, method=request.method, path=request.path, **details)
     await storage.append_audit(event)
     return ApiError(code, message, status=status)
@@ -134,7 +134,7 @@ async def _refuse(request: web.Request, event_type: str, actor: str, code: str, 
 async def refuse(request: web.Request, event_type: str, code: str, message: str | None = None, *,
                  subject: str | None = None, status: int | None = None, **details) -> ApiError:
     """For handlers: audit a refusal by the authenticated client and return the error to raise."""
-    client = request.get("client")
+    client = request.get(keys.CLIENT)
     actor = client.name if client else "anonymous"
     return await _refuse(request, event_type, actor, code, message, subject=subject, status=status,
                          **details)
@@ -158,7 +158,7 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
     route: Route | None = request.app[keys.ROUTE_TABLE].get(request.match_info.route.name)
     if route is None:  # no such route: the router's 404/405 follows
         return await handler(request)
-    request["route"] = route
+    request[keys.ROUTE] = route
     if request.app[keys.STATE].draining and route.admitted:
         raise ApiError("shutting_down", retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     if not route.public:
@@ -171,7 +171,7 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
         if client is None:
             raise await _refuse(request, "auth.refused", "anonymous", "invalid_token",
                                 token_id=token.split(".", 1)[0][:32] if "." in token else None)
-        request["client"] = client
+        request[keys.CLIENT] = client
         if client.role not in route.roles:
             raise await _refuse(request, "access.refused", client.name, "role_not_allowed",
                                 f"role {client.role!r} may not call {route.method} {route.path}",
