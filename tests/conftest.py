@@ -66,3 +66,12 @@ def ec_key(hsm: Hsm) -> str:
 @pytest.fixture(scope="session")
 def ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def initialized_home(softhsm_settings: Settings) -> dict:
+    """The session home after `gateway init`: test PKI, demo keys and certificates, catalog,
+    SQLite database, demo clients. Returns the content of demo.json."""
+    from gateway.bootstrap import init_home
+
+    return init_home(settings=softhsm_settings)

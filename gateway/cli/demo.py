@@ -1,0 +1,62 @@
+"""`gateway init`, `gateway demo` and `gateway catalog import`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from gateway.cli import Context, pass_context
+
+
+@click.command("init")
+@pass_context
+def init_command(ctx: Context) -> None:
+    """Set up the home: SoftHSM token, test PKI, demo keys, catalog, database, demo clients."""
+    from gateway.bootstrap import init_home
+
+    demo = init_home(settings=ctx.settings)
+    click.echo(f"home ready: {demo['home']}")
+    for role, key in demo["keys"].items():
+        click.echo(f"  key {key['label']:<22} {role:<14} DEA {key['dea_number']}  cert {key['certificate']}")
+    click.echo(f"  clients: {', '.join(sorted(demo['clients']))} (tokens in {ctx.settings.demo_json})")
+    click.echo(f"  trust bundle: {demo['trust_bundle']}")
+
+
+@click.command("demo")
+@click.option("--keep-going", is_flag=True, help="Run every step even after one misbehaves.")
+@pass_context
+def demo_command(ctx: Context, keep_going: bool) -> None:
+    """Play the story end to end through the HTTP API and print what happened."""
+    from gateway.demo import run_demo
+
+    ok = run_demo(ctx.settings, keep_going=keep_going)
+    sys.exit(0 if ok else 1)
+
+
+@click.group("catalog")
+def catalog_group() -> None:
+    """The supplier's product catalog."""
+
+
+@catalog_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@pass_context
+def catalog_import(ctx: Context, file: str) -> None:
+    """Replace the product catalog with FILE (CSV: ndc,name,strength,schedule,family,units_per_package)."""
+    from gateway.catalog import CatalogError, import_catalog
+
+    try:
+        catalog = import_catalog(file, ctx.settings.catalog_path)
+    except CatalogError as exc:
+        click.echo(json.dumps({"error": {"code": exc.code, "message": str(exc)}}), err=True)
+        sys.exit(2)
+    controlled = sum(1 for p in catalog.values() if p.controlled)
+    click.echo(f"catalog replaced: {len(catalog)} products ({controlled} controlled) -> {ctx.settings.catalog_path}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(init_command)
+    group.add_command(demo_command)
+    group.add_command(catalog_group)

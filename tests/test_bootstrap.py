@@ -1,0 +1,49 @@
+"""`gateway init` sets up a whole home and is idempotent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.catalog import load_catalog
+from gateway.config import Settings
+from gateway.signing.dea import dea_number_matches
+from gateway.signing.hsm import Hsm
+
+
+def test_demo_json_names_everything(initialized_home: dict, softhsm_settings: Settings) -> None:
+    demo = json.loads(softhsm_settings.demo_json.read_text())
+    assert demo == initialized_home
+    assert oct(softhsm_settings.demo_json.stat().st_mode & 0o777) == "0o600"
+    assert set(demo["clients"]) == {"purchaser", "supplier", "prescriber_app", "pharmacy", "compliance", "admin"}
+    assert {"purchaser", "supplier", "prescriber", "pharmacy"} <= set(demo["keys"])
+    for role, key in demo["keys"].items():
+        cert = x509.load_pem_x509_certificate(Path(key["certificate"]).read_bytes())
+        if key["profile"].startswith("csos"):
+            assert dea_number_matches(cert, key["dea_number"]), role
+    assert Path(demo["trust_bundle"]).read_text().count("BEGIN CERTIFICATE") >= 3
+    catalog = load_catalog(demo["catalog"])
+    assert any(p.schedule == "II" for p in catalog.values())
+    assert demo["prescriber"]["totp_secret"] and demo["prescriber"]["password"]
+
+
+def test_demo_keys_live_in_the_hsm_with_their_certificates(initialized_home: dict, hsm: Hsm) -> None:
+    stored = {k.label: k for k in hsm.list_keys()}
+    for key in initialized_home["keys"].values():
+        assert stored[key["label"]].has_certificate
+        assert hsm.key_protection(key["label"])["extractable"] is False
+    assert "audit" in stored
+
+
+def test_init_is_idempotent_and_keeps_tokens(initialized_home: dict, softhsm_settings: Settings) -> None:
+    before = json.loads(softhsm_settings.demo_json.read_text())
+    proc = subprocess.run([sys.executable, "-m", "gateway", "--home", str(softhsm_settings.home), "init"],
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads(softhsm_settings.demo_json.read_text())
+    assert after == before
