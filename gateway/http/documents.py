@@ -13,6 +13,7 @@ from gateway.http.errors import ApiError
 from gateway.http.middleware import refuse
 from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
 from gateway.signing import xmldsig
+from gateway.signing.errors import HsmError
 from gateway.storage.base import AuditEvent, DuplicateDocument, NewDocument, NewLink
 from gateway.xmlsafe import XmlError
 
@@ -114,8 +115,10 @@ async def sign(request: web.Request) -> web.Response:
             signed = await pool.run(_sign_cms, body, signer)
     except XmlError as exc:
         raise _xml_error(exc) from None
+    except HsmError:
+        raise  # 503 / 404 by the error middleware
     except xmldsig.SigningError as exc:  # already signed, key without certificate...
-        raise ApiError(exc.code, exc.message, status=422) from None
+        raise ApiError(exc.code, getattr(exc, "message", str(exc)), status=422) from None
     digest = hashlib.sha256(body).hexdigest()
     # The natural key makes a resubmission (to this node or another) a 409, never a second record.
     natural_key = f"{client.name}:{label}:{fmt}:{digest}"

@@ -159,8 +159,6 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
     if route is None:  # no such route: the router's 404/405 follows
         return await handler(request)
     request[keys.ROUTE] = route
-    if request.app[keys.STATE].draining and route.admitted:
-        raise ApiError("shutting_down", retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     if not route.public:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
