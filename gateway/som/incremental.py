@@ -1,0 +1,190 @@
+"""Incremental scoring: a bounded state per customer and per (customer, family), updated in O(1).
+
+`SomState.update` runs the very function the batch kernel runs per line (kernels.process_line),
+so a line scored here gets the score batch scoring gives it over the same history, provided the
+lines of a customer arrive in time order (same-day lines in the order batch would see them: input
+order). The peer reference is fixed (from `peer_reference`) and travels with the state.
+
+State size: kernels.G_SIZE floats per (customer, family) and kernels.C_SIZE per customer (a ring
+of 13 calendar months and one of the last 32 order days), whatever the length of the history.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from gateway.som import kernels as K
+from gateway.som.config import SomConfig
+from gateway.som.peers import ALL, peer_matrix
+from gateway.som.score import LineScore, _peer_label, config_vector, findings_of, reasons_text
+
+_EPOCH = dt.date(1970, 1, 1)
+_FORMAT = 1
+
+
+class SomStateError(ValueError):
+    """A line the state cannot take (out of time order, bad values) or an unreadable state."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SomState:
+    """Per-customer and per-(customer, family) state of the scorer."""
+
+    def __init__(self, config: SomConfig = SomConfig(), peers: pl.DataFrame | None = None) -> None:
+        self.config = config
+        self._cfg = config_vector(config)
+        self.peers = peers
+        self._peer_rows: dict[tuple[str, str, str], int] = {}
+        self._peer_vectors = np.zeros((1, len(K.PEER_FIELDS)))
+        self._peer_labels: list[tuple[str, str]] = []
+        if peers is not None and peers.height:
+            _, self._peer_vectors, self._peer_labels = peer_matrix(peers, [], [], 0)
+            self._index_peers()
+        self.customers: dict[str, np.ndarray] = {}
+        self.cells: dict[str, tuple[str, str]] = {}  # customer -> (class of trade, state)
+        self.groups: dict[tuple[str, str], np.ndarray] = {}
+        self._feat = np.empty(K.NF)
+        self._nopeer = np.zeros(len(K.PEER_FIELDS))
+
+    def _index_peers(self) -> None:
+        rows = self.peers.select("customer_type", "state", "family", "customers").iter_rows()
+        self._index = {(t, s, f): (i, n) for i, (t, s, f, n) in enumerate(rows)}
+
+    def _peer_for(self, ctype: str, state: str, family: str) -> int:
+        key = (ctype, state, family)
+        hit = self._peer_rows.get(key)
+        if hit is None:
+            hit = -1
+            if self.peers is not None:
+                for k in ((ctype, state, family), (ctype, ALL, family), (ALL, ALL, family)):
+                    found = self._index.get(k)
+                    if found is not None and found[1] >= self.config.min_peer_customers:
+                        hit = found[0]
+                        break
+            self._peer_rows[key] = hit
+        return hit
+
+    def update(self, order: dict[str, Any]) -> LineScore:
+        """Add one line (a mapping with the native columns: customer, family, date, dosage_units;
+        optionally customer_type, state, controlled) and return its score."""
+        try:
+            customer = str(order["customer"])
+            family = str(order["family"])
+            date = order["date"]
+            units = float(order["dosage_units"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SomStateError("som_invalid_line", f"line without a usable {exc}") from None
+        if isinstance(date, str):
+            date = dt.date.fromisoformat(date)
+        if isinstance(date, dt.datetime):
+            date = date.date()
+        if not isinstance(date, dt.date):
+            raise SomStateError("som_invalid_line", "date must be a date")
+        if not units >= 0:
+            raise SomStateError("som_invalid_line", "dosage_units must be a non-negative number")
+        day = (date - _EPOCH).days
+        controlled = order.get("controlled")
+        controlled = True if controlled is None else bool(controlled)
+
+        c = self.customers.get(customer)
+        if c is None:
+            c = np.empty(K.C_SIZE)
+            K.new_customer_state(c)
+            self.customers[customer] = c
+            self.cells[customer] = (str(order.get("customer_type") or ""),
+                                    str(order.get("state") or ""))
+        elif c[K.C_NDAYS] > 0:
+            last = c[K.C_DAYS + ((int(c[K.C_NDAYS]) - 1) % K.ND) * K.C_DSLOT]
+            if day < last:
+                raise SomStateError("som_out_of_order",
+                                    f"line of {date} after lines of a later date for {customer}")
+        g = self.groups.get((customer, family))
+        if g is None:
+            g = np.empty(K.G_SIZE)
+            K.new_group_state(g)
+            self.groups[(customer, family)] = g
+        ctype, state = self.cells[customer]
+        p = self._peer_for(ctype, state, family)
+        feat = self._feat
+        if p >= 0:
+            score, bits = K.process_line(g, c, day, units, controlled, self._peer_vectors[p], True,
+                                         self._cfg, feat)
+        else:
+            score, bits = K.process_line(g, c, day, units, controlled, self._nopeer, False,
+                                         self._cfg, feat)
+        reasons = ""
+        if bits:
+            label = self._peer_labels[p] if p >= 0 else (ALL, ALL)
+            reasons = reasons_text(bits, feat, family, label, self.config.monthly_cap)
+        return LineScore(float(score), bool(bits), reasons, findings_of(bits),
+                         dict(zip(K.FEATURES, feat.tolist())))
+
+    def update_many(self, df: pl.DataFrame) -> list[LineScore]:
+        """Update with the lines of a table, in its order (sort it by date first)."""
+        return [self.update(row) for row in df.iter_rows(named=True)]
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        customers = list(self.customers)
+        groups = list(self.groups)
+        meta = {
+            "format": _FORMAT,
+            "config": self.config.as_dict(),
+            "customers": customers,
+            "cells": [list(self.cells[c]) for c in customers],
+            "groups": [list(k) for k in groups],
+        }
+        buf = io.BytesIO()
+        peers_buf = io.BytesIO()
+        if self.peers is not None:
+            self.peers.write_ipc(peers_buf)
+        np.savez(
+            buf,
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+            customers=np.array([self.customers[c] for c in customers]).reshape(-1, K.C_SIZE),
+            groups=np.array([self.groups[k] for k in groups]).reshape(-1, K.G_SIZE),
+            peers=np.frombuffer(peers_buf.getvalue(), np.uint8),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SomState":
+        try:
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            meta = json.loads(z["meta"].tobytes().decode())
+            if meta.get("format") != _FORMAT:
+                raise SomStateError("som_state_version", f"state format {meta.get('format')}")
+            peers_raw = z["peers"].tobytes()
+            peers = pl.read_ipc(io.BytesIO(peers_raw)) if peers_raw else None
+            state = cls(SomConfig.from_dict(meta["config"]), peers)
+            for name, cell, vec in zip(meta["customers"], meta["cells"], z["customers"]):
+                state.customers[name] = vec.copy()
+                state.cells[name] = (cell[0], cell[1])
+            for key, vec in zip(meta["groups"], z["groups"]):
+                state.groups[(key[0], key[1])] = vec.copy()
+        except SomStateError:
+            raise
+        except Exception as exc:  # a corrupt or foreign file
+            raise SomStateError("som_state_unreadable", f"not a SOM state: {exc}") from None
+        return state
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SomState":
+        return cls.from_bytes(Path(path).read_bytes())
