@@ -1,0 +1,290 @@
+"""Detached CMS SignedData (RFC 5652), DER: signing with a KeySigner and strict verification.
+
+What we produce: SignedData v1, eContentType id-data without eContent (detached), one SignerInfo
+(issuerAndSerialNumber, SHA-256, RSA PKCS#1 v1.5 or ECDSA) with the signed attributes content
+type, signing time and message digest, and the signer's certificate (plus its chain when the
+signer has one). `openssl cms -verify -binary -content F` verifies it.
+
+What we accept: the same shape; exactly one SignerInfo, signed attributes present with exactly one
+content type (= the eContentType) and one message digest, SHA-256, RSA (2048 bits and up) or
+ECDSA P-256, the signer's certificate inside the SignedData.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.signing.errors import SigningError
+
+MAX_SIGNATURE_BYTES = 1_048_576
+MIN_RSA_BITS = 2048
+
+# signatureAlgorithm values we accept in a SignerInfo, by key kind.
+_RSA_ALGORITHMS = frozenset({"rsassa_pkcs1v15", "sha256_rsa"})
+_ECDSA_ALGORITHMS = frozenset({"sha256_ecdsa", "ecdsa"})
+
+
+class KeySigner(Protocol):
+    label: str
+    algorithm: str
+    public_key: object
+    certificate: x509.Certificate | None
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class CmsError(Exception):
+    """A CMS signature the profile refuses; `check` names the verification step that failed."""
+
+    def __init__(self, code: str, message: str, check: str = "format") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.check = check
+
+
+@dataclass(frozen=True)
+class VerifiedCms:
+    """A CMS signature that is intact and made by the key of `signer` (trust not yet judged)."""
+
+    signer: x509.Certificate
+    other_certificates: tuple[x509.Certificate, ...]
+    signing_time: dt.datetime | None  # the signed signing-time attribute, if present
+    algorithm: str  # "rsa-sha256" | "ecdsa-sha256"
+
+
+# ---------------------------------------------------------------------------------------------
+# Signing
+
+
+def sign_detached(
+    content: bytes,
+    signer: KeySigner,
+    *,
+    signing_time: dt.datetime | None = None,
+    chain: Sequence[x509.Certificate] | None = None,
+) -> bytes:
+    """A detached CMS SignedData over `content`, DER-encoded."""
+    certificate = signer.certificate
+    if certificate is None:
+        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
+    if certificate.public_key() != signer.public_key:
+        raise SigningError(
+            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
+        )
+    if signer.algorithm == "rsa-sha256":
+        signature_algorithm = "rsassa_pkcs1v15"
+    elif signer.algorithm == "ecdsa-sha256":
+        signature_algorithm = "sha256_ecdsa"
+    else:
+        raise SigningError(f"key algorithm {signer.algorithm!r}", code="algorithm_not_allowed")
+    if chain is None:
+        chain = tuple(getattr(signer, "chain", ()) or ())
+    when = (signing_time or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    when = when.replace(microsecond=0)
+
+    attributes = [
+        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+        cms.CMSAttribute({"type": "signing_time", "values": [cms.Time({"utc_time": when})]}),
+        cms.CMSAttribute(
+            {"type": "message_digest", "values": [hashlib.sha256(content).digest()]}
+        ),
+    ]
+    # DER: a SET OF is ordered by the encodings of its elements. Verifiers re-encode the
+    # attributes before checking the signature, so any other order would not verify.
+    attributes.sort(key=lambda a: a.dump())
+    signed_attrs = cms.CMSAttributes(attributes)
+    signature = signer.sign(signed_attrs.dump())
+
+    asn1_cert = asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))
+    sha256 = algos.DigestAlgorithm({"algorithm": "sha256"})
+    signer_info = cms.SignerInfo({
+        "version": "v1",
+        "sid": cms.SignerIdentifier({
+            "issuer_and_serial_number": cms.IssuerAndSerialNumber({
+                "issuer": asn1_cert.issuer,
+                "serial_number": asn1_cert.serial_number,
+            })
+        }),
+        "digest_algorithm": sha256,
+        "signed_attrs": signed_attrs,
+        "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": signature_algorithm}),
+        "signature": signature,
+    })
+    certificates = [asn1_cert] + [
+        asn1_x509.Certificate.load(c.public_bytes(Encoding.DER)) for c in chain
+    ]
+    signed_data = cms.SignedData({
+        "version": "v1",
+        "digest_algorithms": [sha256],
+        "encap_content_info": {"content_type": "data"},
+        "certificates": certificates,
+        "signer_infos": [signer_info],
+    })
+    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_detached(signature_der: bytes, content: bytes | None) -> VerifiedCms:
+    """Check the structure, the message digest and the signature of a CMS SignedData over
+    `content` (None: the content must be inside the SignedData). Trust is judged elsewhere.
+
+    Raises CmsError with the code and the name of the failed check.
+    """
+    if len(signature_der) > MAX_SIGNATURE_BYTES:
+        raise CmsError("signature_malformed", f"CMS signature larger than {MAX_SIGNATURE_BYTES} bytes")
+    try:
+        return _verify(signature_der, content)
+    except CmsError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        # asn1crypto parses lazily: a malformed structure surfaces wherever it is first read.
+        raise CmsError("signature_malformed", f"not a readable CMS SignedData: {exc}") from None
+
+
+def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
+    info = cms.ContentInfo.load(signature_der, strict=True)
+    if info["content_type"].native != "signed_data":
+        raise CmsError("signature_malformed", f"content type {info['content_type'].native!r}, not signed data")
+    signed_data = info["content"]
+    encap = signed_data["encap_content_info"]
+    content_type = encap["content_type"].dotted
+    embedded = encap["content"]
+    if isinstance(embedded, core.Void) or embedded.native is None:
+        if content is None:
+            raise CmsError("content_missing", "detached signature: the signed content is needed")
+    else:
+        embedded_bytes = embedded.native if isinstance(embedded.native, bytes) else embedded.contents
+        if content is None:
+            content = embedded_bytes
+        elif embedded_bytes != content:
+            raise CmsError("signature_invalid", "the content given differs from the content inside "
+                           "the signature", "message_digest")
+    signer_infos = signed_data["signer_infos"]
+    if len(signer_infos) != 1:
+        raise CmsError("signature_malformed", f"{len(signer_infos)} SignerInfos; exactly one is accepted")
+    signer_info = signer_infos[0]
+    if signer_info["digest_algorithm"]["algorithm"].native != "sha256":
+        raise CmsError(
+            "algorithm_not_allowed",
+            f"digest algorithm {signer_info['digest_algorithm']['algorithm'].native!r}",
+        )
+    signed_attrs = signer_info["signed_attrs"]
+    if isinstance(signed_attrs, core.Void) or not len(signed_attrs):
+        raise CmsError("signature_malformed", "signed attributes are required")
+    attrs: dict[str, list] = {}
+    for attribute in signed_attrs:
+        attrs.setdefault(attribute["type"].dotted, []).append(attribute["values"])
+    content_types = attrs.get("1.2.840.113549.1.9.3", [])
+    digests = attrs.get("1.2.840.113549.1.9.4", [])
+    times = attrs.get("1.2.840.113549.1.9.5", [])
+    if len(content_types) != 1 or len(content_types[0]) != 1:
+        raise CmsError("signature_malformed", "exactly one content-type attribute is required")
+    if content_types[0][0].dotted != content_type:
+        raise CmsError("signature_malformed", "the content-type attribute differs from the content type")
+    if len(digests) != 1 or len(digests[0]) != 1:
+        raise CmsError("signature_malformed", "exactly one message-digest attribute is required")
+    if len(times) > 1 or (times and len(times[0]) != 1):
+        raise CmsError("signature_malformed", "more than one signing-time attribute")
+    signing_time = times[0][0].native if times else None
+    if signing_time is not None and signing_time.tzinfo is None:
+        signing_time = signing_time.replace(tzinfo=dt.timezone.utc)
+
+    certificates = _certificates(signed_data)
+    signer = _find_signer(signer_info["sid"], certificates)
+    others = tuple(c for c in certificates if c is not signer)
+
+    expected = digests[0][0].native
+    if not isinstance(expected, bytes) or not hmac.compare_digest(
+        hashlib.sha256(content).digest(), expected
+    ):
+        raise CmsError("signature_invalid", "the content does not match the signed message digest",
+                       "message_digest")
+
+    # The signature covers the DER of the attributes with their SET OF tag, not the [0] tag they
+    # carry inside SignerInfo (RFC 5652 5.4).
+    to_verify = b"\x31" + signed_attrs.dump()[1:]
+    algorithm = _verify_signature(signer, signer_info, to_verify)
+    return VerifiedCms(signer=signer, other_certificates=others, signing_time=signing_time,
+                       algorithm=algorithm)
+
+
+def _certificates(signed_data: cms.SignedData) -> list[x509.Certificate]:
+    out: list[x509.Certificate] = []
+    certificates = signed_data["certificates"]
+    if isinstance(certificates, core.Void):
+        return out
+    for choice in certificates:
+        if choice.name != "certificate":
+            continue  # attribute certificates and the like are not ours to use
+        out.append(_load_certificate(choice.chosen.dump()))
+    return out
+
+
+def _load_certificate(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CmsError("certificate_malformed", f"certificate cannot be read: {exc}",
+                       "signer_certificate") from None
+
+
+def _find_signer(sid: cms.SignerIdentifier, certificates: list[x509.Certificate]) -> x509.Certificate:
+    if sid.name == "issuer_and_serial_number":
+        issuer = sid.chosen["issuer"].dump()
+        serial = sid.chosen["serial_number"].native
+        for cert in certificates:
+            if cert.serial_number == serial and cert.issuer.public_bytes() == issuer:
+                return cert
+    elif sid.name == "subject_key_identifier":
+        wanted = sid.chosen.native
+        for cert in certificates:
+            try:
+                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            except x509.ExtensionNotFound:
+                continue
+            if ski == wanted:
+                return cert
+    raise CmsError("certificate_missing", "the signer's certificate is not in the signature",
+                   "signer_certificate")
+
+
+def _verify_signature(cert: x509.Certificate, signer_info: cms.SignerInfo, data: bytes) -> str:
+    algorithm = signer_info["signature_algorithm"]["algorithm"].native
+    signature = signer_info["signature"].native
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and algorithm in _RSA_ALGORITHMS:
+            if key.key_size < MIN_RSA_BITS:
+                raise CmsError("algorithm_not_allowed", f"RSA key of {key.key_size} bits",
+                               "signature_value")
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+            return "rsa-sha256"
+        if (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+                and algorithm in _ECDSA_ALGORITHMS):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            return "ecdsa-sha256"
+    except InvalidSignature:
+        raise CmsError("signature_invalid", "the signature does not verify with the signer's key",
+                       "signature_value") from None
+    raise CmsError("algorithm_not_allowed",
+                   f"signature algorithm {algorithm!r} with a {type(key).__name__} key",
+                   "signature_value")
+
+
+__all__ = ["CmsError", "VerifiedCms", "sign_detached", "verify_detached"]

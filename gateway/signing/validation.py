@@ -1,0 +1,518 @@
+"""Certificate trust: chains to configured anchors, validity at the signing time, CRLs, key usage.
+
+21 CFR 1311.55(c) / 1305.22(c) (CSOS) and 1311.210 (EPCS): the recipient checks that the signer's
+certificate chains to the trusted CA, had not expired when the document was signed, and is not on
+the CA's CRL; a CRL may be cached until its nextUpdate.
+
+Path building and checking is pyhanko-certvalidator's (point-in-time validation at `at`, CRLs
+only, no network of its own); this module supplies the anchors, the CRLs and caching:
+- `CrlCache` keeps each CRL until its nextUpdate and fetches it again after; sources are
+  directories of CRL files (the test PKI's `<home>/pki/crl`) and the http/file URLs of the
+  certificates' CRL distribution points. A directory is looked at again at most every
+  `poll_seconds`, so a CRL reissued on disk is seen at once.
+- `TrustStore.validate_certificate` remembers successful validations per (certificate, extra
+  certificates, usage, CRL state) and reuses one while `at` lies inside the window in which every
+  certificate of the path and every CRL is valid: nothing that decided the outcome can differ.
+
+Revocation policy: a certificate on the CA's current CRL fails, whatever the signing time. The
+signing time is asserted by the signer (a CMS attribute, or the caller), so a key revoked for
+compromise could otherwise sign "in the past"; the regulation asks for a CRL check on receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import hashlib
+import logging
+import os
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asn1crypto import crl as asn1_crl
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from pyhanko_certvalidator import CertificateValidator, ValidationContext
+from pyhanko_certvalidator import errors as cv_errors
+
+log = logging.getLogger(__name__)
+
+DIGITAL_SIGNATURE = "digital_signature"
+NON_REPUDIATION = "non_repudiation"
+KEY_USAGES = frozenset({DIGITAL_SIGNATURE, NON_REPUDIATION})
+
+CHECK_CHAIN = "certificate_chain"
+CHECK_VALIDITY = "certificate_validity"
+CHECK_REVOCATION = "revocation"
+CHECK_KEY_USAGE = "key_usage"
+CHECKS = (CHECK_CHAIN, CHECK_VALIDITY, CHECK_REVOCATION, CHECK_KEY_USAGE)
+
+MAX_CRL_BYTES = 10 * 1024 * 1024
+_RESULT_CACHE_SIZE = 4096
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def as_utc(when: dt.datetime) -> dt.datetime:
+    """Naive datetimes are taken as UTC."""
+    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class CertificateValidation:
+    """The outcome of validating one signer certificate at one moment."""
+
+    at: dt.datetime  # the moment the certificate was judged at
+    failed_check: str | None = None  # one of CHECKS, None when valid
+    code: str | None = None  # stable error code (see gateway.signing.report)
+    detail: str = ""
+    path: tuple[x509.Certificate, ...] = ()  # signer first, trust anchor last (when one was found)
+    cached: bool = False  # the outcome of an earlier validation, reused
+
+    @property
+    def valid(self) -> bool:
+        return self.failed_check is None
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+# ---------------------------------------------------------------------------------------------
+# CRLs
+
+
+@dataclass
+class _CrlEntry:
+    der: bytes
+    crl: x509.CertificateRevocationList
+    asn1: asn1_crl.CertificateList
+    next_update: dt.datetime | None
+    stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size) for files
+
+
+def _load_crl(data: bytes) -> _CrlEntry:
+    """DER or PEM; ValueError when it is neither."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        crl = x509.load_pem_x509_crl(data)
+        der = crl.public_bytes(Encoding.DER)
+    else:
+        crl = x509.load_der_x509_crl(data)
+        der = data
+    return _CrlEntry(der=der, crl=crl, asn1=asn1_crl.CertificateList.load(der),
+                     next_update=crl.next_update_utc)
+
+
+class CrlCache:
+    """CRLs from directories and distribution-point URLs, each kept until its nextUpdate."""
+
+    def __init__(
+        self,
+        directories: Iterable[str | os.PathLike[str]] = (),
+        *,
+        fetch_urls: bool = True,
+        poll_seconds: float = 1.0,
+        fetch_timeout: float = 5.0,
+        retry_failed_after: float = 60.0,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.directories = tuple(Path(d) for d in directories)
+        self.fetch_urls = fetch_urls
+        self.poll_seconds = poll_seconds
+        self.fetch_timeout = fetch_timeout
+        self.retry_failed_after = retry_failed_after
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._files: dict[Path, _CrlEntry] = {}
+        self._urls: dict[str, _CrlEntry] = {}
+        self._failed_urls: dict[str, dt.datetime] = {}
+        self._last_scan: dt.datetime | None = None
+        self._generation = 0
+        self._snapshot: tuple[int, tuple[_CrlEntry, ...]] | None = None
+        self._covered: set[x509.Certificate] = set()  # certificates whose CRLs were looked for
+        self._refetch_at: dt.datetime | None = None  # earliest nextUpdate of a fetched CRL
+
+    # -- sources
+
+    def _scan_directories(self, now: dt.datetime) -> bool:
+        seen: set[Path] = set()
+        changed = False
+        for directory in self.directories:
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for item in entries:
+                if not item.is_file() or not item.name.endswith((".crl", ".pem", ".der")):
+                    continue
+                path = Path(item.path)
+                seen.add(path)
+                info = item.stat()
+                stamp = (info.st_mtime_ns, info.st_size)
+                current = self._files.get(path)
+                if current is not None and current.stamp == stamp:
+                    continue  # unchanged file: re-reading would give the same CRL
+                try:
+                    data = path.read_bytes()
+                    if len(data) > MAX_CRL_BYTES:
+                        raise ValueError("too large")
+                    entry = _load_crl(data)
+                except (OSError, ValueError) as exc:
+                    log.warning("CRL file %s skipped: %s", path, exc)
+                    if path in self._files:
+                        del self._files[path]
+                        changed = True
+                    continue
+                entry.stamp = stamp
+                self._files[path] = entry
+                changed = True
+        for gone in set(self._files) - seen:  # a removed file takes its CRL with it
+            del self._files[gone]
+            changed = True
+        return changed
+
+    def _fetch(self, url: str) -> _CrlEntry | None:
+        parsed = urllib.parse.urlparse(url)
+        try:
+            if parsed.scheme == "file":
+                data = Path(urllib.request.url2pathname(parsed.path)).read_bytes()
+            elif parsed.scheme in ("http", "https"):
+                with urllib.request.urlopen(url, timeout=self.fetch_timeout) as response:  # noqa: S310
+                    data = response.read(MAX_CRL_BYTES + 1)
+            else:
+                return None
+            if len(data) > MAX_CRL_BYTES:
+                raise ValueError("too large")
+            return _load_crl(data)
+        except (OSError, ValueError) as exc:
+            log.warning("CRL %s could not be fetched: %s", url, exc)
+            return None
+
+    def _fetch_for(self, certs: Sequence[x509.Certificate], now: dt.datetime) -> bool:
+        """Fetch the distribution-point CRLs of certificates whose issuer has no current CRL."""
+        if not self.fetch_urls:
+            return False
+        changed = False
+        for cert in certs:
+            if cert.issuer == cert.subject:
+                continue
+            if any(e.crl.issuer == cert.issuer and _current(e, now) for e in self._all_entries()):
+                continue
+            for url in _distribution_points(cert):
+                failed = self._failed_urls.get(url)
+                if failed is not None and (now - failed).total_seconds() < self.retry_failed_after:
+                    continue
+                entry = self._fetch(url)
+                if entry is None:
+                    self._failed_urls[url] = now
+                    continue
+                self._failed_urls.pop(url, None)
+                old = self._urls.get(url)
+                if old is None or old.der != entry.der:
+                    self._urls[url] = entry
+                    changed = True
+                if _current(entry, now):
+                    break
+        return changed
+
+    def _all_entries(self) -> list[_CrlEntry]:
+        return [*self._files.values(), *self._urls.values()]
+
+    # -- use
+
+    def current(self, certs: Sequence[x509.Certificate] = ()) -> tuple[int, tuple[_CrlEntry, ...]]:
+        """(generation, CRLs): the generation changes whenever the set of CRLs does."""
+        now = self._clock()
+        with self._lock:
+            if (
+                self._snapshot is not None
+                and self._last_scan is not None
+                and (now - self._last_scan).total_seconds() < self.poll_seconds
+                and (self._refetch_at is None or now < self._refetch_at)
+                and all(c in self._covered for c in certs)
+            ):
+                return self._snapshot  # nothing due: the common case, kept cheap
+            changed = False
+            if self._last_scan is None or (now - self._last_scan).total_seconds() >= self.poll_seconds:
+                changed |= self._scan_directories(now)
+                self._last_scan = now
+            # CRLs fetched from URLs are kept until their nextUpdate, then fetched again.
+            for url, entry in list(self._urls.items()):
+                if not _current(entry, now):
+                    fresh = self._fetch(url)
+                    if fresh is not None and fresh.der != entry.der:
+                        self._urls[url] = fresh
+                        changed = True
+            changed |= self._fetch_for(certs, now)
+            if changed or self._snapshot is None:
+                unique: dict[bytes, _CrlEntry] = {}
+                for entry in self._all_entries():
+                    unique.setdefault(hashlib.sha256(entry.der).digest(), entry)
+                self._generation += 1
+                self._snapshot = (self._generation, tuple(unique.values()))
+                self._covered.clear()
+            self._covered.update(certs)
+            pending = [e.next_update for e in self._urls.values() if e.next_update is not None]
+            self._refetch_at = min(pending) if pending else None
+            return self._snapshot
+
+    def refresh(self) -> None:
+        """Look at the directories again on the next use."""
+        with self._lock:
+            self._last_scan = None
+
+
+def _current(entry: _CrlEntry, now: dt.datetime) -> bool:
+    return entry.next_update is None or entry.next_update > now
+
+
+def _distribution_points(cert: x509.Certificate) -> list[str]:
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return []
+    urls: list[str] = []
+    for point in points:
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier):
+                urls.append(name.value)
+    return urls
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust store
+
+
+def _split_bundle(certs: Iterable[x509.Certificate]) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    anchors, intermediates = [], []
+    for cert in certs:
+        (anchors if cert.subject == cert.issuer else intermediates).append(cert)
+    return anchors, intermediates
+
+
+@dataclass
+class _CachedSuccess:
+    not_before: dt.datetime
+    not_after: dt.datetime
+    path: tuple[x509.Certificate, ...]
+
+
+class TrustStore:
+    """Trust anchors, known intermediates and a CRL source: everything trust decisions need."""
+
+    def __init__(
+        self,
+        anchors: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+        crls: CrlCache | None = None,
+        *,
+        revocation_mode: str = "hard-fail",
+        usage: Iterable[str] = (DIGITAL_SIGNATURE,),
+    ) -> None:
+        if not anchors:
+            raise ValueError("a trust store needs at least one trust anchor")
+        if revocation_mode not in ("hard-fail", "require"):
+            raise ValueError("revocation_mode is 'hard-fail' or 'require'")
+        self.anchors = tuple(anchors)
+        self.intermediates = tuple(intermediates)
+        self.crls = crls if crls is not None else CrlCache()
+        self.revocation_mode = revocation_mode
+        self.usage = frozenset(usage)
+        _check_usage(self.usage)
+        self._asn1_anchors = [_asn1(c) for c in self.anchors]
+        self._asn1_intermediates = [_asn1(c) for c in self.intermediates]
+        self._results: dict[tuple, _CachedSuccess] = {}
+
+    @classmethod
+    def from_pem_bundle(
+        cls,
+        bundle: str | os.PathLike[str] | bytes,
+        crl_dirs: Iterable[str | os.PathLike[str]] = (),
+        **kwargs: Any,
+    ) -> TrustStore:
+        """Self-signed certificates of the bundle are anchors, the others intermediates."""
+        data = bundle if isinstance(bundle, bytes) else Path(bundle).read_bytes()
+        anchors, intermediates = _split_bundle(x509.load_pem_x509_certificates(data))
+        crl_options = {k: kwargs.pop(k) for k in ("fetch_urls", "poll_seconds") if k in kwargs}
+        return cls(anchors, intermediates, CrlCache(crl_dirs, **crl_options), **kwargs)
+
+    def validate_certificate(
+        self,
+        cert: x509.Certificate,
+        at: dt.datetime | None = None,
+        usage: Iterable[str] | None = None,
+        *,
+        extra_certs: Sequence[x509.Certificate] = (),
+    ) -> CertificateValidation:
+        """Judge `cert` at `at` (default now): path to an anchor, validity of every certificate
+        of the path at that time, CRLs, key usage. Never raises for a bad certificate."""
+        at = as_utc(at) if at is not None else utcnow()
+        wanted = frozenset(usage) if usage is not None else self.usage
+        _check_usage(wanted)
+        generation, entries = self.crls.current((cert, *extra_certs, *self.intermediates))
+        key = (cert, frozenset(extra_certs), wanted, generation)
+        hit = self._results.get(key)
+        if hit is not None and hit.not_before <= at <= hit.not_after:
+            return CertificateValidation(at=at, path=hit.path, cached=True)
+
+        result, window = self._validate(cert, at, wanted, extra_certs, entries)
+        if result.valid and window is not None:
+            if len(self._results) >= _RESULT_CACHE_SIZE:
+                self._results.clear()
+            self._results[key] = _CachedSuccess(window[0], window[1], result.path)
+        return result
+
+    def _validate(
+        self,
+        cert: x509.Certificate,
+        at: dt.datetime,
+        usage: frozenset[str],
+        extra_certs: Sequence[x509.Certificate],
+        entries: tuple[_CrlEntry, ...],
+    ) -> tuple[CertificateValidation, tuple[dt.datetime, dt.datetime] | None]:
+        context = ValidationContext(
+            trust_roots=self._asn1_anchors,
+            other_certs=[*self._asn1_intermediates, *(_asn1(c) for c in extra_certs)],
+            crls=[e.asn1 for e in entries],
+            moment=at,
+            allow_fetching=False,
+            revocation_mode=self.revocation_mode,
+            # The current CRL is used for a signing time in the past (its thisUpdate is later).
+            retroactive_revinfo=True,
+        )
+        validator = CertificateValidator(_asn1(cert), validation_context=context)
+        try:
+            path = _run_sync(lambda: validator.async_validate_usage(set(usage)))
+        except cv_errors.PathBuildingError as exc:
+            return _failed(at, CHECK_CHAIN, "certificate_untrusted", exc), None
+        except cv_errors.RevokedError as exc:
+            return _failed(at, CHECK_REVOCATION, "certificate_revoked", exc), None
+        except cv_errors.StaleRevinfoError as exc:
+            return _failed(at, CHECK_REVOCATION, "revocation_out_of_bounds", exc), None
+        except cv_errors.InsufficientRevinfoError as exc:
+            return _failed(at, CHECK_REVOCATION, "revocation_unavailable", exc), None
+        except cv_errors.ExpiredError as exc:
+            return _failed(at, CHECK_VALIDITY, "certificate_expired", exc), None
+        except cv_errors.NotYetValidError as exc:
+            return _failed(at, CHECK_VALIDITY, "certificate_not_yet_valid", exc), None
+        except cv_errors.DisallowedAlgorithmError as exc:
+            return _failed(at, CHECK_CHAIN, "algorithm_not_allowed", exc), None
+        except cv_errors.InvalidCertificateError as exc:  # key usage
+            return _failed(at, CHECK_KEY_USAGE, "certificate_key_usage", exc), None
+        except (cv_errors.PathValidationError, cv_errors.ValidationError) as exc:
+            return _failed(at, CHECK_CHAIN, "certificate_chain_invalid", exc), None
+
+        chain = tuple(_from_asn1(c) for c in reversed(list(path)))  # signer first
+        revoked = _on_current_crl(chain, entries)
+        if revoked is not None:
+            return _failed(at, CHECK_REVOCATION, "certificate_revoked", revoked, chain), None
+        # Window in which this outcome holds: every certificate valid, every CRL current.
+        lo = max(c.not_valid_before_utc for c in chain)
+        hi = min(c.not_valid_after_utc for c in chain)
+        for entry in entries:
+            if entry.next_update is not None:
+                hi = min(hi, entry.next_update)
+        return CertificateValidation(at=at, path=chain), (lo, hi) if lo <= at <= hi else None
+
+
+def _check_usage(usage: frozenset[str]) -> None:
+    unknown = usage - KEY_USAGES
+    if unknown:
+        raise ValueError(f"unknown key usage {sorted(unknown)}; use {sorted(KEY_USAGES)}")
+
+
+def _failed(
+    at: dt.datetime, check: str, code: str, exc: Exception | str, path: tuple[x509.Certificate, ...] = ()
+) -> CertificateValidation:
+    detail = str(exc) if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    return CertificateValidation(at=at, failed_check=check, code=code, detail=detail, path=path)
+
+
+def _on_current_crl(chain: Sequence[x509.Certificate], entries: Sequence[_CrlEntry]) -> str | None:
+    """A certificate of the path listed on its issuer's CRL (any revocation date) -> detail."""
+    for cert, issuer in zip(chain, chain[1:]):
+        for entry in entries:
+            if entry.crl.issuer != cert.issuer:
+                continue
+            revoked = entry.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if revoked is None:
+                continue
+            if not entry.crl.is_signature_valid(issuer.public_key()):
+                continue  # not the issuer's CRL: it decides nothing
+            return (
+                f"certificate serial {cert.serial_number:X} ({cert.subject.rfc4514_string()}) is on "
+                f"the CRL of {cert.issuer.rfc4514_string()}, revoked at "
+                f"{revoked.revocation_date_utc.isoformat()} (after the signing time)"
+            )
+    return None
+
+
+_asn1_cache: dict[bytes, asn1_x509.Certificate] = {}
+_x509_cache: dict[bytes, x509.Certificate] = {}
+
+
+def _asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
+    der = _der(cert)
+    found = _asn1_cache.get(der)
+    if found is None:
+        if len(_asn1_cache) > 1024:
+            _asn1_cache.clear()
+        found = _asn1_cache[der] = asn1_x509.Certificate.load(der)
+    return found
+
+
+def _from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
+    der = cert.dump()
+    found = _x509_cache.get(der)
+    if found is None:
+        if len(_x509_cache) > 1024:
+            _x509_cache.clear()
+        found = _x509_cache[der] = x509.load_der_x509_certificate(der)
+    return found
+
+
+def _run_sync(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a certvalidator coroutine to completion from synchronous code.
+
+    With fetching off it never waits on I/O, so it completes on its first step, even when the
+    caller is itself inside an event loop (the HTTP server). Should it ever need a loop, it is
+    run again on an event loop of its own in a helper thread.
+    """
+    coro = make()
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except RuntimeError as exc:
+        if "event loop" not in str(exc):
+            raise
+    coro.close()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, make()).result()
+
+
+def validate_certificate(
+    trust: TrustStore,
+    cert: x509.Certificate,
+    at: dt.datetime | None = None,
+    usage: Iterable[str] | None = None,
+    *,
+    extra_certs: Sequence[x509.Certificate] = (),
+) -> CertificateValidation:
+    """Function form of `TrustStore.validate_certificate`."""
+    return trust.validate_certificate(cert, at, usage, extra_certs=extra_certs)
+
+
+__all__ = [
+    "CHECKS", "CertificateValidation", "CrlCache", "DIGITAL_SIGNATURE", "NON_REPUDIATION",
+    "TrustStore", "validate_certificate",
+]

@@ -1,0 +1,203 @@
+"""Verification entry points: bytes in, a VerificationReport out, never an exception for bad input.
+
+    verify_xml(data, trust, at=None) -> (report, signed tree or None)
+    verify_cms(signature_der, content, trust, at=None) -> report
+    verify_document(data, trust, content=None, at=None) -> (report, signed tree or None)
+
+The signer certificate is judged at the signing time: the CMS signing-time attribute when there is
+one, else the time the caller gives (`at`), else now (21 CFR 1311.55(c): the certificate must not
+have expired at the date the order was signed). Only programming errors raise.
+
+`verify_document` dispatches by document type: a detached CMS when content is given, otherwise an
+XML document by its root element. Domain packages register their XML document types (a CSOS
+order, an NCPDP NewRx) with `register_xml_document`; anything else is a plain XML-DSig document.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+
+from lxml import etree
+
+from gateway.signing import cms as cms_format
+from gateway.signing import xmldsig
+from gateway.signing.report import CertificateSummary, Check, VerificationReport, checks_until
+from gateway.signing.validation import CHECKS as TRUST_CHECKS
+from gateway.signing.validation import CertificateValidation, TrustStore, as_utc, utcnow
+from gateway.xmlsafe import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, XmlError, parse_xml
+
+XML_CHECKS = ("format", "signer_certificate", "reference_digest", "signature_value", *TRUST_CHECKS)
+CMS_CHECKS = ("format", "signer_certificate", "message_digest", "signature_value", *TRUST_CHECKS)
+
+SignedTree = etree._ElementTree
+XmlDocumentVerifier = Callable[
+    [etree._ElementTree, TrustStore, "dt.datetime | None"], "tuple[VerificationReport, SignedTree | None]"
+]
+
+_XML_DOCUMENT_TYPES: dict[str, XmlDocumentVerifier] = {}
+
+
+def register_xml_document(root_tag: str, verifier: XmlDocumentVerifier) -> None:
+    """Verify XML documents whose root element is `root_tag` ("{namespace}local", or "local"
+    for any namespace) with `verifier(tree, trust, at)`; the tree is parsed by gateway.xmlsafe
+    with comments removed."""
+    _XML_DOCUMENT_TYPES[root_tag] = verifier
+
+
+def verify_xml(
+    data: bytes,
+    trust: TrustStore,
+    at: dt.datetime | None = None,
+    *,
+    usage: Iterable[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> tuple[VerificationReport, SignedTree | None]:
+    """Verify an enveloped XML-DSig document (see gateway.signing.xmldsig for the profile).
+
+    The tree returned is what the signature covers (the document without its Signature and
+    comments); it is None unless the report is valid.
+    """
+    started = utcnow()
+    try:
+        tree = parse_xml(data, max_bytes=max_bytes, max_depth=max_depth, remove_comments=True)
+    except XmlError as exc:
+        return _failed_report("xmldsig", started, XML_CHECKS, "format", exc.code, exc.message), None
+    return verify_xml_tree(tree, trust, at, usage=usage, started=started)
+
+
+def verify_xml_tree(
+    tree: etree._ElementTree,
+    trust: TrustStore,
+    at: dt.datetime | None = None,
+    *,
+    usage: Iterable[str] | None = None,
+    started: dt.datetime | None = None,
+    document_format: str = "xmldsig",
+) -> tuple[VerificationReport, SignedTree | None]:
+    """As verify_xml, on a tree from gateway.xmlsafe.parse_xml(..., remove_comments=True);
+    the tree is modified (its Signature is removed). For document types built on XML-DSig."""
+    started = started or utcnow()
+    try:
+        verified = xmldsig.verify_tree(tree)
+    except xmldsig.XmlSignatureError as exc:
+        return _failed_report(document_format, started, XML_CHECKS, exc.check, exc.code, exc.message), None
+    when, source = (as_utc(at), "caller") if at is not None else (started, "verification-time")
+    validation = trust.validate_certificate(
+        verified.signer, when, usage, extra_certs=verified.other_certificates
+    )
+    report = _report(
+        document_format, started, XML_CHECKS[:4], validation, verified.signer, verified.algorithm,
+        when, source,
+    )
+    return report, (verified.tree if report.valid else None)
+
+
+def verify_cms(
+    signature_der: bytes,
+    content: bytes | None,
+    trust: TrustStore,
+    at: dt.datetime | None = None,
+    *,
+    usage: Iterable[str] | None = None,
+) -> VerificationReport:
+    """Verify a detached CMS SignedData over `content`.
+
+    The certificate is judged at the signed signing-time attribute when present; `at` (the
+    caller's time) is used only when the signature carries none, else now.
+    """
+    started = utcnow()
+    try:
+        verified = cms_format.verify_detached(signature_der, content)
+    except cms_format.CmsError as exc:
+        return _failed_report("cms", started, CMS_CHECKS, exc.check, exc.code, exc.message)
+    if verified.signing_time is not None:
+        when, source = verified.signing_time, "signed-attribute"
+    elif at is not None:
+        when, source = as_utc(at), "caller"
+    else:
+        when, source = started, "verification-time"
+    validation = trust.validate_certificate(
+        verified.signer, when, usage, extra_certs=verified.other_certificates
+    )
+    return _report("cms", started, CMS_CHECKS[:4], validation, verified.signer, verified.algorithm,
+                   when, source)
+
+
+def verify_document(
+    data: bytes,
+    trust: TrustStore,
+    *,
+    content: bytes | None = None,
+    at: dt.datetime | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[VerificationReport, SignedTree | None]:
+    """Verify whatever signed document `data` is: a detached CMS (when `content` is given, or
+    when `data` is not XML) or an XML document, by its type."""
+    if content is not None or not _looks_like_xml(data):
+        return verify_cms(data, content, trust, at), None
+    started = utcnow()
+    try:
+        tree = parse_xml(data, max_bytes=max_bytes, remove_comments=True)
+    except XmlError as exc:
+        return _failed_report("xmldsig", started, XML_CHECKS, "format", exc.code, exc.message), None
+    root = tree.getroot()
+    verifier = _XML_DOCUMENT_TYPES.get(root.tag) or _XML_DOCUMENT_TYPES.get(etree.QName(root).localname)
+    if verifier is not None:
+        return verifier(tree, trust, at)
+    return verify_xml_tree(tree, trust, at, started=started)
+
+
+def _looks_like_xml(data: bytes) -> bool:
+    head = data[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"<") or head.startswith((b"\xff\xfe", b"\xfe\xff"))
+
+
+def _failed_report(
+    document_format: str, started: dt.datetime, names: tuple[str, ...], check: str, code: str, detail: str
+) -> VerificationReport:
+    return VerificationReport(
+        format=document_format,
+        checks=checks_until(names, check, code, detail),
+        validated_at=started,
+    )
+
+
+def _report(
+    document_format: str,
+    started: dt.datetime,
+    intact_checks: tuple[str, ...],
+    validation: CertificateValidation,
+    signer,
+    algorithm: str,
+    when: dt.datetime,
+    source: str,
+) -> VerificationReport:
+    checks = [Check(name, True) for name in intact_checks]
+    reached = False
+    for name in TRUST_CHECKS:
+        if validation.valid:
+            checks.append(Check(name, True))
+        elif name == validation.failed_check:
+            checks.append(Check(name, False, validation.code, validation.detail))
+            reached = True
+        else:
+            checks.append(Check(name, None if reached else True))
+    return VerificationReport(
+        format=document_format,
+        checks=tuple(checks),
+        validated_at=started,
+        signing_time=when,
+        signing_time_source=source,
+        signer=CertificateSummary.of(signer),
+        chain=tuple(CertificateSummary.of(c) for c in validation.path),
+        signature_algorithm=algorithm,
+        details={"trust_result_reused": validation.cached},
+    )
+
+
+__all__ = [
+    "CMS_CHECKS", "XML_CHECKS", "register_xml_document", "verify_cms", "verify_document",
+    "verify_xml", "verify_xml_tree",
+]

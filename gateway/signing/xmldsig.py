@@ -1,0 +1,508 @@
+"""Enveloped XML-DSig: one profile, signed and verified strictly.
+
+The profile (what we sign and the only thing we accept):
+- one `ds:Signature`, a child of the document element, and no other Signature anywhere;
+- SignedInfo: exclusive C14N 1.0 without comments; RSA-SHA256 or ECDSA-SHA256 (P-256, the
+  signature value as raw r||s, 32 + 32 bytes, as XML-DSig 1.1 requires);
+- one Reference with URI="" (the whole document), transforms enveloped-signature then exclusive
+  C14N, digest SHA-256;
+- KeyInfo/X509Data with the signer's certificate (and optionally its chain); no ds:Object, no
+  Manifest, no RetrievalMethod, no ID-based references.
+
+Verification hands back the tree that was digested (the document without its Signature and
+without comments, which C14N leaves unsigned), never the raw input: the caller reads only what the
+signature covers. This defeats signature wrapping (XSW) by construction; the structural checks make
+wrapped documents fail early with a clear code.
+
+Canonicalisation uses `etree.tostring(..., method="c14n", exclusive=True)` (C14N 1.0), not
+`etree.canonicalize()`, which implements C14N 2.0.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import binascii
+import functools
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from lxml import etree
+
+from gateway.signing.errors import SigningError
+from gateway.xmlsafe import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ELEMENTS,
+    XmlError,
+    parse_xml,
+)
+
+DS_NS = "http://www.w3.org/2000/09/xmldsig#"
+EC_NS = "http://www.w3.org/2001/10/xml-exc-c14n#"
+EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
+SHA256 = "http://www.w3.org/2001/04/xmlenc#sha256"
+RSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"
+ECDSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"
+
+SIGNATURE_METHODS = {"rsa-sha256": RSA_SHA256, "ecdsa-sha256": ECDSA_SHA256}
+_ALGORITHM_NAMES = {uri: name for name, uri in SIGNATURE_METHODS.items()}
+MIN_RSA_BITS = 2048
+P256_COORDINATE_BYTES = 32
+
+
+def _ds(local: str) -> str:
+    return f"{{{DS_NS}}}{local}"
+
+
+SIGNATURE = _ds("Signature")
+SIGNED_INFO = _ds("SignedInfo")
+C14N_METHOD = _ds("CanonicalizationMethod")
+SIGNATURE_METHOD = _ds("SignatureMethod")
+REFERENCE = _ds("Reference")
+TRANSFORMS = _ds("Transforms")
+TRANSFORM = _ds("Transform")
+DIGEST_METHOD = _ds("DigestMethod")
+DIGEST_VALUE = _ds("DigestValue")
+SIGNATURE_VALUE = _ds("SignatureValue")
+KEY_INFO = _ds("KeyInfo")
+X509_DATA = _ds("X509Data")
+X509_CERTIFICATE = _ds("X509Certificate")
+INCLUSIVE_NAMESPACES = f"{{{EC_NS}}}InclusiveNamespaces"
+
+# KeyInfo children we tolerate and ignore (the key comes from the certificate, nowhere else).
+_IGNORED_KEY_INFO = frozenset({_ds("KeyName"), _ds("KeyValue")})
+_IGNORED_X509_DATA = frozenset({
+    _ds("X509IssuerSerial"), _ds("X509SubjectName"), _ds("X509SKI"), _ds("X509CRL"),
+})
+
+
+class KeySigner(Protocol):
+    """What signing needs from a key (gateway.signing.base.KeySigner satisfies it)."""
+
+    label: str
+    algorithm: str
+    public_key: object
+    certificate: x509.Certificate | None
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class XmlSignatureError(Exception):
+    """A signature the profile refuses. `check` names the verification step that failed."""
+
+    def __init__(self, code: str, message: str, check: str = "format") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.check = check
+
+
+@dataclass(frozen=True)
+class VerifiedXml:
+    """A signature that is intact and made by the key of `signer` (trust not yet judged)."""
+
+    tree: etree._ElementTree  # what was signed: the document without Signature and comments
+    signer: x509.Certificate
+    other_certificates: tuple[x509.Certificate, ...]  # the rest of X509Data: chain candidates
+    algorithm: str  # "rsa-sha256" | "ecdsa-sha256"
+
+
+# ---------------------------------------------------------------------------------------------
+# Signing
+
+
+def sign_enveloped(
+    xml: bytes,
+    signer: KeySigner,
+    *,
+    chain: Sequence[x509.Certificate] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> bytes:
+    """Sign a whole XML document with an enveloped signature appended to its root element.
+
+    KeyInfo carries the signer's certificate, then `chain` (default: the signer's `chain`, the
+    intermediates it was issued under, when it has one).
+
+    Raises XmlError for unreadable XML, SigningError for a document or key we will not sign.
+    """
+    tree = parse_xml(xml, max_bytes=max_bytes, max_depth=max_depth)
+    return sign_tree(tree, signer, chain=chain)
+
+
+def sign_tree(
+    tree: etree._ElementTree, signer: KeySigner, *, chain: Sequence[x509.Certificate] | None = None
+) -> bytes:
+    """Sign a parsed document (it is modified: the Signature is appended to its root).
+
+    Comments and processing instructions outside the document element are dropped: whether
+    URI="" covers them is where implementations disagree (xmlsec1 signs them, signxml does not),
+    and a signature must verify everywhere.
+    """
+    root = tree.getroot()
+    if root.getprevious() is not None or root.getnext() is not None:
+        root = copy.deepcopy(root)  # the copy has no siblings
+        tree = etree.ElementTree(root)
+    if next(root.iter(SIGNATURE), None) is not None:
+        raise SigningError("the document already carries an XML signature", code="already_signed")
+    method = SIGNATURE_METHODS.get(signer.algorithm)
+    if method is None:
+        raise SigningError(f"key algorithm {signer.algorithm!r}", code="algorithm_not_allowed")
+    if chain is None:
+        chain = tuple(getattr(signer, "chain", ()) or ())
+    certificate = signer.certificate
+    if certificate is None:
+        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
+    if certificate.public_key() != signer.public_key:
+        raise SigningError(
+            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
+        )
+
+    # The digest covers the document as it is now: appending a Signature with no tail text is
+    # exactly what the enveloped-signature transform removes again.
+    digest = hashlib.sha256(_c14n(tree)).digest()
+
+    signature = etree.SubElement(root, SIGNATURE, nsmap={"ds": DS_NS})
+    signed_info = etree.SubElement(signature, SIGNED_INFO)
+    etree.SubElement(signed_info, C14N_METHOD, Algorithm=EXC_C14N)
+    etree.SubElement(signed_info, SIGNATURE_METHOD, Algorithm=method)
+    reference = etree.SubElement(signed_info, REFERENCE, URI="")
+    transforms = etree.SubElement(reference, TRANSFORMS)
+    etree.SubElement(transforms, TRANSFORM, Algorithm=ENVELOPED)
+    etree.SubElement(transforms, TRANSFORM, Algorithm=EXC_C14N)
+    etree.SubElement(reference, DIGEST_METHOD, Algorithm=SHA256)
+    etree.SubElement(reference, DIGEST_VALUE).text = base64.b64encode(digest).decode()
+    value = etree.SubElement(signature, SIGNATURE_VALUE)
+    x509_data = etree.SubElement(etree.SubElement(signature, KEY_INFO), X509_DATA)
+    for cert in (certificate, *chain):
+        der = cert.public_bytes(Encoding.DER)
+        etree.SubElement(x509_data, X509_CERTIFICATE).text = base64.b64encode(der).decode()
+
+    raw = signer.sign(_c14n(signed_info))
+    if signer.algorithm == "ecdsa-sha256":
+        raw = der_to_raw_ecdsa(raw)
+    value.text = base64.b64encode(raw).decode()
+    return etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+
+
+def der_to_raw_ecdsa(der: bytes, size: int = P256_COORDINATE_BYTES) -> bytes:
+    """X.509/CMS ECDSA signature (DER SEQUENCE of r, s) -> XML-DSig form (r || s, fixed width)."""
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def raw_to_der_ecdsa(raw: bytes) -> bytes:
+    half = len(raw) // 2
+    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_enveloped(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> VerifiedXml:
+    """Check the structure, the reference digest and the signature value of an enveloped
+    signature. Certificate trust is a separate step (gateway.signing.verify).
+
+    Raises XmlError (unreadable XML) or XmlSignatureError (with the failed check's name).
+    """
+    tree = parse_xml(
+        data, max_bytes=max_bytes, max_depth=max_depth, max_elements=max_elements,
+        remove_comments=True,
+    )
+    return verify_tree(tree)
+
+
+def verify_tree(tree: etree._ElementTree) -> VerifiedXml:
+    """As verify_enveloped, on a tree parsed by gateway.xmlsafe with remove_comments=True.
+    The tree is modified: its Signature element is removed."""
+    root = tree.getroot()
+    signature = _the_signature(root)
+    signed_info, signature_value, key_info = _signature_parts(signature)
+    c14n_method, signature_method, reference = _signed_info_parts(signed_info)
+    signed_info_prefixes = _exc_c14n_prefixes(c14n_method)
+    algorithm = _ALGORITHM_NAMES.get(signature_method.get("Algorithm", ""))
+    if algorithm is None:
+        raise XmlSignatureError(
+            "algorithm_not_allowed",
+            f"SignatureMethod {signature_method.get('Algorithm')!r} is not accepted",
+        )
+    if len(signature_method):
+        raise XmlSignatureError("signature_malformed", "SignatureMethod must be empty")
+    reference_prefixes, expected_digest = _reference_parts(reference)
+    raw_signature = _b64(signature_value.text, "SignatureValue")
+    certificates = _certificates(key_info)
+    signer, others = _signer_certificate(certificates)
+
+    # SignedInfo is canonicalised in place, before the Signature leaves the tree.
+    signed_info_c14n = _c14n(signed_info, signed_info_prefixes)
+
+    # Enveloped-signature transform: take the Signature element out, keeping the text after it
+    # (that text is document content, not part of the signature).
+    _detach(signature)
+    digest = hashlib.sha256(_c14n(tree, reference_prefixes)).digest()
+    if not hmac.compare_digest(digest, expected_digest):
+        raise XmlSignatureError(
+            "signature_invalid", "the document does not match the signed digest", "reference_digest"
+        )
+    _verify_signature_value(signer, algorithm, raw_signature, signed_info_c14n)
+    return VerifiedXml(tree=tree, signer=signer, other_certificates=others, algorithm=algorithm)
+
+
+def _the_signature(root: etree._Element) -> etree._Element:
+    signatures = list(root.iter(SIGNATURE))
+    if not signatures:
+        raise XmlSignatureError("signature_missing", "the document carries no XML signature")
+    if len(signatures) > 1:
+        raise XmlSignatureError(
+            "signature_malformed", f"{len(signatures)} Signature elements; exactly one is accepted"
+        )
+    signature = signatures[0]
+    if signature.getparent() is not root:
+        raise XmlSignatureError(
+            "signature_malformed", "the Signature must be a child of the document element"
+        )
+    return signature
+
+
+def _children(element: etree._Element, what: str) -> list[etree._Element]:
+    """Element children; anything else but whitespace (text, processing instructions) is refused
+    inside the signature, where it would change what SignedInfo means."""
+    out: list[etree._Element] = []
+    if element.text and element.text.strip():
+        raise XmlSignatureError("signature_malformed", f"unexpected text in {what}")
+    for child in element:
+        if not isinstance(child.tag, str):
+            raise XmlSignatureError("signature_malformed", f"unexpected node in {what}")
+        if child.tail and child.tail.strip():
+            raise XmlSignatureError("signature_malformed", f"unexpected text in {what}")
+        out.append(child)
+    return out
+
+
+def _expect(children: list[etree._Element], tags: Sequence[str], what: str) -> None:
+    if [c.tag for c in children] != list(tags):
+        found = ", ".join(etree.QName(c).localname for c in children)
+        wanted = ", ".join(etree.QName(t).localname for t in tags)
+        raise XmlSignatureError("signature_malformed", f"{what} holds ({found}); expected ({wanted})")
+
+
+def _signature_parts(signature: etree._Element):
+    children = _children(signature, "Signature")
+    tags = [c.tag for c in children]
+    if _ds("Object") in tags:
+        raise XmlSignatureError("signature_malformed", "ds:Object is not accepted")
+    if tags == [SIGNED_INFO, SIGNATURE_VALUE, KEY_INFO]:
+        return children[0], children[1], children[2]
+    if tags == [SIGNED_INFO, SIGNATURE_VALUE]:
+        raise XmlSignatureError(
+            "certificate_missing", "the signature carries no certificate (KeyInfo/X509Data)",
+            "signer_certificate",
+        )
+    _expect(children, (SIGNED_INFO, SIGNATURE_VALUE, KEY_INFO), "Signature")
+    raise AssertionError("unreachable")
+
+
+def _signed_info_parts(signed_info: etree._Element):
+    children = _children(signed_info, "SignedInfo")
+    references = [c for c in children if c.tag == REFERENCE]
+    if len(references) != 1:
+        raise XmlSignatureError(
+            "signature_malformed", f"{len(references)} References; exactly one is accepted"
+        )
+    _expect(children, (C14N_METHOD, SIGNATURE_METHOD, REFERENCE), "SignedInfo")
+    c14n_method = children[0]
+    if c14n_method.get("Algorithm") != EXC_C14N:
+        raise XmlSignatureError(
+            "algorithm_not_allowed",
+            f"CanonicalizationMethod {c14n_method.get('Algorithm')!r} is not accepted",
+        )
+    return children[0], children[1], children[2]
+
+
+def _exc_c14n_prefixes(element: etree._Element) -> tuple[str, ...] | None:
+    """The InclusiveNamespaces PrefixList of an exclusive C14N step, if any."""
+    children = _children(element, "exclusive C14N parameters")
+    if not children:
+        return None
+    if len(children) != 1 or children[0].tag != INCLUSIVE_NAMESPACES:
+        raise XmlSignatureError("signature_malformed", "unexpected exclusive C14N parameters")
+    prefixes = tuple((children[0].get("PrefixList") or "").split())
+    if "#default" in prefixes:
+        raise XmlSignatureError("signature_malformed", "PrefixList #default is not supported")
+    return prefixes or None
+
+
+def _reference_parts(reference: etree._Element) -> tuple[tuple[str, ...] | None, bytes]:
+    # URI="" and nothing else: the whole document. "#id", XPointer or external URIs would let the
+    # signed part differ from what the caller reads (signature wrapping).
+    if reference.get("URI") != "":
+        raise XmlSignatureError(
+            "signature_malformed",
+            f"Reference URI {reference.get('URI')!r}: only URI=\"\" (the whole document) is accepted",
+        )
+    children = _children(reference, "Reference")
+    _expect(children, (TRANSFORMS, DIGEST_METHOD, DIGEST_VALUE), "Reference")
+    transforms, digest_method, digest_value = children
+    steps = _children(transforms, "Transforms")
+    _expect(steps, (TRANSFORM, TRANSFORM), "Transforms")
+    if [s.get("Algorithm") for s in steps] != [ENVELOPED, EXC_C14N]:
+        raise XmlSignatureError(
+            "algorithm_not_allowed",
+            "transforms must be enveloped-signature then exclusive C14N, found "
+            + ", ".join(repr(s.get("Algorithm")) for s in steps),
+        )
+    if len(steps[0]):
+        raise XmlSignatureError("signature_malformed", "the enveloped-signature transform takes no parameters")
+    prefixes = _exc_c14n_prefixes(steps[1])
+    if digest_method.get("Algorithm") != SHA256 or len(digest_method):
+        raise XmlSignatureError(
+            "algorithm_not_allowed", f"DigestMethod {digest_method.get('Algorithm')!r} is not accepted"
+        )
+    digest = _b64(digest_value.text, "DigestValue")
+    if len(digest) != 32:
+        raise XmlSignatureError("signature_malformed", "DigestValue is not a SHA-256 digest")
+    return prefixes, digest
+
+
+def _b64(text: str | None, what: str) -> bytes:
+    try:
+        return base64.b64decode("".join((text or "").split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise XmlSignatureError("signature_malformed", f"{what} is not base64") from None
+
+
+def _certificates(key_info: etree._Element) -> list[x509.Certificate]:
+    certificates: list[x509.Certificate] = []
+    for child in _children(key_info, "KeyInfo"):
+        if child.tag in _IGNORED_KEY_INFO:
+            continue
+        if child.tag != X509_DATA:
+            raise XmlSignatureError(
+                "signature_malformed", f"KeyInfo/{etree.QName(child).localname} is not accepted"
+            )
+        for item in _children(child, "X509Data"):
+            if item.tag == X509_CERTIFICATE:
+                certificates.append(_load_certificate("".join((item.text or "").split())))
+            elif item.tag not in _IGNORED_X509_DATA:
+                raise XmlSignatureError(
+                    "signature_malformed", f"X509Data/{etree.QName(item).localname} is not accepted"
+                )
+    if not certificates:
+        raise XmlSignatureError(
+            "certificate_missing", "the signature carries no X509Certificate", "signer_certificate"
+        )
+    return certificates
+
+
+@functools.lru_cache(maxsize=512)
+def _load_certificate(b64: str) -> x509.Certificate:
+    """Certificates repeat across documents (one signer, many orders): parse each once."""
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(b64, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise XmlSignatureError(
+            "certificate_malformed", f"X509Certificate cannot be read: {exc}", "signer_certificate"
+        ) from None
+
+
+def _signer_certificate(
+    certificates: list[x509.Certificate],
+) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+    """The signer is the certificate that issued none of the others (the leaf of the chain)."""
+    if len(certificates) == 1:
+        return certificates[0], ()
+    subjects_issuing = {c.issuer for c in certificates if c.issuer != c.subject}
+    leaves = [c for c in certificates if c.subject not in subjects_issuing]
+    if len(leaves) != 1:
+        raise XmlSignatureError(
+            "certificate_missing",
+            "X509Data holds several certificates and none is clearly the signer's",
+            "signer_certificate",
+        )
+    signer = leaves[0]
+    return signer, tuple(c for c in certificates if c is not signer)
+
+
+def _verify_signature_value(
+    cert: x509.Certificate, algorithm: str, raw: bytes, signed_info_c14n: bytes
+) -> None:
+    key = _public_key(cert)
+    try:
+        if algorithm == "rsa-sha256":
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise XmlSignatureError(
+                    "signature_invalid", "RSA-SHA256 signature but the certificate key is not RSA",
+                    "signature_value",
+                )
+            if key.key_size < MIN_RSA_BITS:
+                raise XmlSignatureError(
+                    "algorithm_not_allowed", f"RSA key of {key.key_size} bits", "signature_value"
+                )
+            key.verify(raw, signed_info_c14n, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+                raise XmlSignatureError(
+                    "signature_invalid", "ECDSA-SHA256 signature but the certificate key is not P-256",
+                    "signature_value",
+                )
+            if len(raw) != 2 * P256_COORDINATE_BYTES:
+                raise XmlSignatureError(
+                    "signature_invalid", "ECDSA SignatureValue must be r||s, 64 bytes",
+                    "signature_value",
+                )
+            key.verify(raw_to_der_ecdsa(raw), signed_info_c14n, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise XmlSignatureError(
+            "signature_invalid", "the signature value does not verify with the certificate key",
+            "signature_value",
+        ) from None
+
+
+@functools.lru_cache(maxsize=512)
+def _public_key(cert: x509.Certificate):
+    return cert.public_key()
+
+
+def _detach(element: etree._Element) -> None:
+    parent = element.getparent()
+    tail = element.tail
+    if tail:
+        previous = element.getprevious()
+        if previous is not None:
+            previous.tail = (previous.tail or "") + tail
+        else:
+            parent.text = (parent.text or "") + tail
+    parent.remove(element)
+
+
+def _c14n(node: etree._Element | etree._ElementTree, prefixes: Sequence[str] | None = None) -> bytes:
+    return etree.tostring(
+        node, method="c14n", exclusive=True, with_comments=False, inclusive_ns_prefixes=prefixes
+    )
+
+__all__ = [
+    "DS_NS", "ECDSA_SHA256", "EXC_C14N", "RSA_SHA256", "SHA256",
+    "KeySigner", "SigningError", "VerifiedXml", "XmlError", "XmlSignatureError",
+    "der_to_raw_ecdsa", "raw_to_der_ecdsa", "sign_enveloped", "sign_tree", "verify_enveloped",
+    "verify_tree",
+]

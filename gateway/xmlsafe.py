@@ -1,0 +1,121 @@
+"""Hardened XML parsing: every XML the gateway reads comes through `parse_xml`.
+
+What an attacker controls in an XML document and what we do about it:
+- DTDs and entity declarations (billion laughs, external entities such as file:///etc/passwd,
+  external DTD fetches): any DOCTYPE or ENTITY declaration is refused outright
+  (`xml_dtd_forbidden`); the parser also never resolves entities, never loads a DTD and never
+  touches the network, so the refusal does not depend on one check alone.
+- Size: the byte length is bounded before parsing (`xml_too_large`); libxml2's "huge tree"
+  mode stays off, so single text nodes and names keep their built-in limits.
+- Shape: nesting depth (`xml_too_deep`) and the number of elements (`xml_too_large`) are bounded.
+- Anything libxml2 rejects is `malformed_xml`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from lxml import etree
+
+DEFAULT_MAX_BYTES = 1_048_576
+DEFAULT_MAX_DEPTH = 64
+DEFAULT_MAX_ELEMENTS = 50_000
+
+# Markers of a document type declaration in the encodings a prolog can use (UTF-8 / ASCII
+# supersets, UTF-16 either byte order). A plain substring search is cheap and runs in C.
+_DTD_MARKERS = tuple(
+    marker.encode(encoding)
+    for marker in ("<!DOCTYPE", "<!ENTITY")
+    for encoding in ("ascii", "utf-16-le", "utf-16-be")
+)
+
+
+class XmlError(ValueError):
+    """An XML input the gateway refuses; `code` is stable, `message` is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# lxml parsers must not be shared between threads: one per thread and option set.
+_local = threading.local()
+
+
+def _parser(remove_comments: bool) -> etree.XMLParser:
+    parsers = getattr(_local, "parsers", None)
+    if parsers is None:
+        parsers = _local.parsers = {}
+    parser = parsers.get(remove_comments)
+    if parser is None:
+        parser = etree.XMLParser(
+            resolve_entities=False,
+            load_dtd=False,
+            dtd_validation=False,
+            attribute_defaults=False,
+            no_network=True,
+            huge_tree=False,
+            remove_blank_text=False,  # whitespace is content: signatures cover it
+            remove_comments=remove_comments,
+            remove_pis=False,
+            strip_cdata=True,
+            collect_ids=False,  # no ID table: nothing is looked up by ID
+        )
+        parsers[remove_comments] = parser
+    return parser
+
+
+def parse_xml(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    remove_comments: bool = False,
+) -> etree._ElementTree:
+    """Parse untrusted XML bytes into an element tree, or raise `XmlError`.
+
+    `remove_comments=True` is for verification: comments are outside what an exclusive-C14N
+    signature covers, so a verified tree must not carry them.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("parse_xml takes bytes")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise XmlError("xml_too_large", f"document is {len(data)} bytes, the limit is {max_bytes}")
+    if not data.strip():
+        raise XmlError("malformed_xml", "empty document")
+    if any(marker in data for marker in _DTD_MARKERS):
+        raise XmlError("xml_dtd_forbidden", "DOCTYPE and ENTITY declarations are not accepted")
+    try:
+        root = etree.fromstring(data, _parser(remove_comments))
+    except etree.XMLSyntaxError as exc:
+        message = str(exc)
+        if "depth" in message.lower():
+            raise XmlError("xml_too_deep", message) from None
+        raise XmlError("malformed_xml", message) from None
+    tree = root.getroottree()
+    # Second line of defence: the byte scan can miss an exotic encoding, the parser cannot.
+    docinfo = tree.docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise XmlError("xml_dtd_forbidden", "DOCTYPE and ENTITY declarations are not accepted")
+    _check_shape(root, data, max_depth, max_elements)
+    return tree
+
+
+def _check_shape(root: etree._Element, data: bytes, max_depth: int, max_elements: int) -> None:
+    # Every element needs a '<' in the input, so counting them bounds the work in the common case.
+    if data.count(b"<") > max_elements:
+        count = int(root.xpath("count(//*)"))
+        if count > max_elements:
+            raise XmlError("xml_too_large", f"document has {count} elements, the limit is {max_elements}")
+    # An element at depth max_depth + 1 exists iff this location path selects something.
+    if data.count(b"<") > max_depth and _too_deep(max_depth)(root):
+        raise XmlError("xml_too_deep", f"elements nest deeper than {max_depth}")
+
+
+@functools.lru_cache(maxsize=16)
+def _too_deep(max_depth: int) -> etree.XPath:
+    return etree.XPath("boolean(/*" + "/*" * max_depth + ")")
