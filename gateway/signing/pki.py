@@ -212,10 +212,6 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _hash_for(key: CaKey) -> hashes.HashAlgorithm:
-    return hashes.SHA256()
-
-
 def _generate_ca_key(key_type: str) -> CaKey:
     if key_type == "rsa2048":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -320,7 +316,7 @@ def _make_root(title: str, organization: str, key: CaKey, now: dt.datetime) -> x
             encipher_only=False, decipher_only=False), critical=True)
         .add_extension(ski, critical=False)
     )
-    return builder.sign(key, _hash_for(key))
+    return builder.sign(key, hashes.SHA256())
 
 
 def _make_sub_ca(title: str, organization: str, key: CaKey, root: x509.Certificate,
@@ -342,7 +338,7 @@ def _make_sub_ca(title: str, organization: str, key: CaKey, root: x509.Certifica
                        critical=False)
         .add_extension(_cdp(crl_url), critical=False)
     )
-    return builder.sign(root_key, _hash_for(root_key))
+    return builder.sign(root_key, hashes.SHA256())
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -435,6 +431,22 @@ def _ensure_locked(layout: PkiLayout, organization: str, root_title: str | None,
     if not layout.bundle.exists() or layout.bundle.read_text() != bundle:
         _atomic_write(layout.bundle, bundle.encode())
     return layout
+
+
+def validity(kind: str, *, now: dt.datetime | None = None) -> dict[str, dt.datetime]:
+    """`not_before` / `not_after` keyword arguments for issue_certificate, for tests:
+    "current" (a year from 5 minutes ago), "expired" (ended 30 days ago) or "not_yet_valid"
+    (starts in 30 days)."""
+    now = now or _now()
+    windows = {
+        "current": (now - dt.timedelta(minutes=5), now + dt.timedelta(days=365)),
+        "expired": (now - dt.timedelta(days=395), now - dt.timedelta(days=30)),
+        "not_yet_valid": (now + dt.timedelta(days=30), now + dt.timedelta(days=395)),
+    }
+    if kind not in windows:
+        raise PkiError(f"unknown validity {kind!r} (one of {', '.join(windows)})", "invalid_validity")
+    start, end = windows[kind]
+    return {"not_before": start, "not_after": end}
 
 
 def untrusted_test_pki(directory: str | os.PathLike[str]) -> PkiLayout:
@@ -530,7 +542,7 @@ def _issue_crl_locked(layout: PkiLayout, ca: str, *, this_update: dt.datetime | 
         if reason is not x509.ReasonFlags.unspecified:  # RFC 5280 5.3.1: omit "unspecified"
             revoked = revoked.add_extension(x509.CRLReason(reason), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
-    crl = builder.sign(ca_key, _hash_for(ca_key))
+    crl = builder.sign(ca_key, hashes.SHA256())
     _atomic_write(layout.crl_path(ca), crl.public_bytes(serialization.Encoding.DER))
     _atomic_write(layout.crl_path(ca, pem=True), crl.public_bytes(serialization.Encoding.PEM))
     _write_index(layout, index)
@@ -736,7 +748,7 @@ def issue_certificate(
             address=address,
         )
         builder = add_dea_extensions(builder, info)
-    cert = builder.sign(ca_key, _hash_for(ca_key))
+    cert = builder.sign(ca_key, hashes.SHA256())
 
     with _locked(layout.directory):
         relative = f"issued/{cert.serial_number:x}.pem"

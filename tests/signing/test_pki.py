@@ -150,6 +150,11 @@ def test_profiles_chain_and_pass_openssl_crl_checks(pki_dir, subject_key, profil
     result = _openssl_verify(pki_dir, issued.path)
     assert result.returncode == 0, result.stderr + result.stdout
     assert ": OK" in result.stdout
+    layout = pki.PkiLayout(pki_dir)
+    leaf = subprocess.run(["openssl", "verify", "-CAfile", str(layout.bundle), "-crl_check",
+                           "-CRLfile", str(layout.crl_path(spec.ca, pem=True)), str(issued.path)],
+                          capture_output=True, text=True)
+    assert leaf.returncode == 0, leaf.stderr + leaf.stdout
     # The DEA extensions: where the profile says so.
     info = read_dea_info(cert)
     if spec.dea == "required":
@@ -244,10 +249,12 @@ def test_issue_from_a_csr(pki_dir, subject_key):
 
 def test_expired_and_not_yet_valid_certificates(pki_dir, subject_key):
     now = dt.datetime.now(UTC)
-    expired = _issue(pki_dir, subject_key, not_before=now - dt.timedelta(days=400),
-                     not_after=now - dt.timedelta(days=35))
-    future = _issue(pki_dir, subject_key, not_before=now + dt.timedelta(days=30),
-                    not_after=now + dt.timedelta(days=400))
+    expired = _issue(pki_dir, subject_key, **pki.validity("expired"))
+    future = _issue(pki_dir, subject_key, **pki.validity("not_yet_valid"))
+    assert expired.certificate.not_valid_after_utc < now < future.certificate.not_valid_before_utc
+    with pytest.raises(pki.PkiError) as info:
+        pki.validity("someday")
+    assert info.value.code == "invalid_validity"
     result = _openssl_verify(pki_dir, expired.path)
     assert result.returncode != 0 and "expired" in result.stdout + result.stderr
     result = _openssl_verify(pki_dir, future.path)
@@ -285,6 +292,12 @@ def test_revoke_reissues_the_crl_and_openssl_rejects(pki_dir, subject_key):
     assert crl.is_signature_valid(pki.load_ca_certificates(pki_dir)[pki.CSOS_CA].public_key())
     result = _openssl_verify(pki_dir, issued.path)
     assert result.returncode != 0 and "revoked" in result.stdout + result.stderr
+    # The plain leaf check with only the issuing CA's CRL says the same.
+    layout = pki.PkiLayout(pki_dir)
+    leaf = subprocess.run(["openssl", "verify", "-CAfile", str(layout.bundle), "-crl_check",
+                           "-CRLfile", str(layout.crl_path(pki.CSOS_CA, pem=True)), str(issued.path)],
+                          capture_output=True, text=True)
+    assert leaf.returncode != 0 and "certificate revoked" in leaf.stdout + leaf.stderr
     # Only that certificate: a sibling still verifies.
     assert _openssl_verify(pki_dir, _issue(pki_dir, subject_key).path).returncode == 0
     # The EPCS CA's CRL does not list it.
