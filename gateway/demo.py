@@ -165,7 +165,7 @@ async def step_other_client_cannot_read(story: Story) -> str:
 
 async def step_cms_detached(story: Story) -> str:
     label = story.demo["keys"]["prescriber"]["label"]
-    content = b"%PDF-1.4 demo prescription summary for archiving, run %d\n" % time.time_ns()
+    content = b"%%PDF-1.4 demo prescription summary for archiving, run %d\n" % time.time_ns()
     status, _, sig = await story.call("POST", f"/v1/sign?key={label}&format=cms", "prescriber_app",
                                       data=content, content_type="application/octet-stream")
     assert status == 200, (status, sig[:200])
