@@ -388,7 +388,7 @@ class PostgresStorage(Storage):
         args.append(limit)
         sql = (f"SELECT {_DOC_COLUMNS} FROM documents"
                + (" WHERE " + " AND ".join(where) if where else "")
-               + f" ORDER BY created_at, id LIMIT ${len(args)}")
+               + f" ORDER BY created_at, rowno LIMIT ${len(args)}")
         return [_document(r) for r in await self._fetch(sql, *args)]
 
     async def links(self, document_id: str, kind: str | None = None) -> list[LinkedRecord]:

@@ -366,7 +366,7 @@ class SqliteStorage(Storage):
             args.append(format_time(created_to))
         sql = (f"SELECT {_DOC_COLUMNS} FROM documents"
                + (" WHERE " + " AND ".join(where) if where else "")
-               + " ORDER BY created_at, id LIMIT ?")
+               + " ORDER BY created_at, rowid LIMIT ?")
         rows = await self._read(lambda c: c.execute(sql, (*args, limit)).fetchall())
         return [_document(r) for r in rows]
 

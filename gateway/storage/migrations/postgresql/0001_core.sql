@@ -20,6 +20,7 @@ CREATE TABLE documents (
     natural_key  text,
     created_at   timestamptz NOT NULL,
     retain_until timestamptz NOT NULL CHECK (retain_until > created_at),
+    rowno        bigint GENERATED ALWAYS AS IDENTITY,  -- write order, for listings
     UNIQUE (kind, natural_key)
 );
 CREATE INDEX documents_kind_created ON documents (kind, created_at);

@@ -1,0 +1,211 @@
+"""`gateway clients ...` and `gateway audit ...`: API clients and the audit trail.
+
+Every command here that changes something writes an audit event with actor "cli".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from gateway.cli import Context, pass_context
+from gateway.storage import ROLES, Storage, StorageError, open_storage
+
+T = TypeVar("T")
+
+EXIT_BROKEN = 1
+EXIT_UNUSABLE = 2
+
+
+def _run(ctx: Context, fn: Callable[[Storage], Awaitable[T]]) -> T:
+    """Open the home's storage, run fn, close; storage errors become clean CLI errors."""
+
+    async def main() -> T:
+        async with open_storage(ctx.settings) as storage:
+            return await fn(storage)
+
+    try:
+        return asyncio.run(main())
+    except StorageError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+
+
+def _fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value is not None else "-"
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+@click.group("clients")
+def clients_group() -> None:
+    """API clients: tokens, roles and the HSM keys each client may use."""
+
+
+@clients_group.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(ROLES), help="The client's one role.")
+@click.option("--keys", default="", help="Comma-separated key labels the client may use.")
+@pass_context
+def clients_add(ctx: Context, name: str, role: str, keys: str) -> None:
+    """Add a client and print its token (shown once, only its hash is kept)."""
+    from gateway.clients import add_client
+
+    client, token = _run(ctx, lambda s: add_client(s, name, role, keys))
+    click.echo(token)
+    click.echo(f"client {client.name} ({client.role}) added; keys: "
+               f"{', '.join(sorted(client.key_labels)) or '-'}. Store the token now: "
+               "it cannot be shown again.", err=True)
+
+
+@clients_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@pass_context
+def clients_list(ctx: Context, as_json: bool) -> None:
+    """List clients, revoked ones included (tokens are never shown)."""
+    clients = _run(ctx, lambda s: s.list_clients())
+    if as_json:
+        click.echo(json.dumps([{
+            "name": c.name, "role": c.role, "keys": sorted(c.key_labels), "token_id": c.token_id,
+            "created_at": _fmt_time(c.created_at), "revoked_at": _fmt_time(c.revoked_at)
+            if c.revoked_at else None} for c in clients], indent=2))
+        return
+    rows = [("NAME", "ROLE", "KEYS", "CREATED", "REVOKED")] + [
+        (c.name, c.role, ",".join(sorted(c.key_labels)) or "-", _fmt_time(c.created_at),
+         _fmt_time(c.revoked_at)) for c in clients]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@clients_group.command("revoke")
+@click.argument("name")
+@pass_context
+def clients_revoke(ctx: Context, name: str) -> None:
+    """Revoke a client's token for good."""
+    from gateway.clients import revoke_client
+
+    client = _run(ctx, lambda s: revoke_client(s, name))
+    click.echo(f"client {client.name} revoked at {_fmt_time(client.revoked_at)}")
+
+
+@clients_group.command("keys")
+@click.argument("name")
+@click.option("--keys", required=True, help="Comma-separated key labels (replaces the set).")
+@pass_context
+def clients_keys(ctx: Context, name: str, keys: str) -> None:
+    """Replace the key labels a client may use."""
+    from gateway.clients import set_client_keys
+
+    client = _run(ctx, lambda s: set_client_keys(s, name, keys))
+    click.echo(f"client {client.name} may use: {', '.join(sorted(client.key_labels)) or '-'}")
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+@click.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit trail (21 CFR 1311.150, 1311.215)."""
+
+
+def _load_public_key(path: Path) -> Any:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    data = path.read_bytes()
+    if b"BEGIN CERTIFICATE" in data:
+        return x509.load_pem_x509_certificate(data)
+    return load_pem_public_key(data)
+
+
+def _audit_key_from_hsm(ctx: Context, label: str) -> tuple[Any, str | None]:
+    """(public key or certificate, None) or (None, why not)."""
+    from gateway.signing.hsm import Hsm, HsmError, KeyNotFound
+
+    try:
+        with Hsm.open(ctx.settings) as hsm:
+            cert = hsm.certificate(label)
+            return (cert if cert is not None else hsm.public_key(label)), None
+    except KeyNotFound:
+        return None, (f"the audit key '{label}' is not in the HSM; `gateway init` generates it")
+    except HsmError as exc:
+        return None, f"the HSM is unavailable ({exc})"
+
+
+@audit_group.command("verify")
+@click.option("--public-key", "public_key_path", type=click.Path(exists=True, dir_okay=False,
+              path_type=Path), help="Verify checkpoints with this PEM public key or certificate "
+              "instead of the HSM audit key.")
+@click.option("--key", "label", default="audit", show_default=True, help="HSM audit key label.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json: bool) -> None:
+    """Check the audit trail end to end; exit 0 intact, 1 broken (names the first bad record),
+    2 when checkpoint signatures could not be checked."""
+    from gateway.audit import verify_trail
+
+    key_problem = None
+    if public_key_path is not None:
+        try:
+            key = _load_public_key(public_key_path)
+        except ValueError as exc:
+            raise click.ClickException(f"cannot read {public_key_path}: {exc}") from exc
+    else:
+        key, key_problem = _audit_key_from_hsm(ctx, label)
+    result = _run(ctx, lambda s: verify_trail(s, key))
+    if as_json:
+        out = result.as_dict()
+        if key_problem:
+            out["key_problem"] = key_problem
+        click.echo(json.dumps(out, indent=2))
+    elif result.ok:
+        click.echo(f"audit trail intact: {result.records_checked} records, "
+                   f"{result.checkpoints_checked} checkpoints matched")
+    else:
+        click.echo(f"audit trail BROKEN at record {result.first_bad_seq}: {result.problem}: "
+                   f"{result.message}")
+    if not result.ok:
+        raise SystemExit(EXIT_BROKEN)
+    if result.checkpoints_unverified:
+        click.echo(f"{result.checkpoints_unverified} checkpoint signatures NOT verified: "
+                   f"{key_problem}", err=True)
+        raise SystemExit(EXIT_UNUSABLE)
+    if key_problem:
+        click.echo(f"note: {key_problem} (no checkpoints to verify)", err=True)
+
+
+@audit_group.command("checkpoint")
+@click.option("--key", "label", default="audit", show_default=True, help="HSM audit key label.")
+@pass_context
+def audit_checkpoint(ctx: Context, label: str) -> None:
+    """Sign the current head of the audit trail with the HSM audit key, now."""
+    from gateway.audit import AuditKey, make_checkpoint
+    from gateway.signing.hsm import Hsm, HsmError, KeyNotFound
+
+    try:
+        hsm = Hsm.open(ctx.settings)
+    except HsmError as exc:
+        raise click.ClickException(f"the HSM is unavailable: {exc}") from exc
+    try:
+        try:
+            key = AuditKey.from_signer(hsm.signer(label))
+        except KeyNotFound as exc:
+            raise click.ClickException(
+                f"the audit key '{label}' is not in the HSM; `gateway init` generates it") from exc
+        checkpoint = _run(ctx, lambda s: make_checkpoint(s, key, actor="cli", force=True))
+    finally:
+        hsm.close()
+    if checkpoint is None:
+        click.echo("the audit trail is empty: nothing to checkpoint")
+        return
+    click.echo(f"checkpoint {checkpoint.id}: record {checkpoint.seq} hash {checkpoint.hash} "
+               f"signed by '{checkpoint.key_label}' ({checkpoint.algorithm})")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(clients_group)
+    group.add_command(audit_group)
