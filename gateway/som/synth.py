@@ -18,7 +18,7 @@ Background (label False):
 
 Anomalies (label True, `anomaly` names the kind, `anomaly_detail` the variant):
 - size: one order that takes the month to 3-8x the customer's usual month in that family;
-- frequency: for 6-12 weeks, a customer orders 3-5x as often as its cadence (weekly instead of
+- frequency: for 8-13 weeks, a customer orders 3-5x as often as its cadence (weekly instead of
   monthly), each order of ordinary size;
 - pattern / new_family: a customer starts a high-risk family that its peers rarely order, at a
   volume far above theirs;
@@ -393,13 +393,13 @@ def synthesize(
         e_kind[hit] = 4
         e_detail[hit] = 0
 
-    # Frequency: for 6-12 weeks a fortnightly-or-slower series is ordered 3-5x as often (a monthly
+    # Frequency: for 8-13 weeks a fortnightly-or-slower series is ordered 3-5x as often (a monthly
     # customer ordering weekly), each order of ordinary size.
     freq_series = np.flatnonzero(regular & _CONTROLLED[s_fam] & (s_start == 0) & (s_interval >= 14))
     freq = _pick(rng, freq_series, rates.frequency, customers)
     if freq.size:
         f_start = rng.integers(min_history, max(min_history + 1, days - 90), freq.size)
-        f_len = rng.integers(42, 85, freq.size)
+        f_len = rng.integers(56, 92, freq.size)
         f_interval = np.maximum(1, np.round(s_interval[freq] / rng.uniform(3.0, 5.0, freq.size))).astype(np.int64)
         # Drop the regular orders of the window; the burst replaces them.
         fs = np.full(n_series, -1, dtype=np.int64)

@@ -1,0 +1,229 @@
+"""How well a scorer finds the labelled anomalies of a history: precision, recall and ROC AUC,
+overall and by anomaly kind, with the litigation rule sets (domain.md §6) measured on the same
+lines for comparison.
+
+Definitions (one line is one unit):
+- overall: positives are the labelled lines, negatives the others; precision = flagged positives /
+  flagged lines; recall = flagged positives / positives; ROC AUC of the score.
+- by kind: positives are the lines of that kind, negatives the unlabelled lines (lines of other
+  kinds are left out), so precision for a kind = its flagged lines / (those + flagged negatives).
+- benign events (when `anomaly_detail` names them, as the synthetic history does): the share of
+  their lines flagged, i.e. the false-positive rate on events a naive rule mistakes for anomalies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import polars as pl
+
+__all__ = ["EvaluationError", "Metrics", "MethodResult", "EvaluationReport", "roc_auc", "metrics",
+           "evaluate"]
+
+SCORER = "scorer"
+BENIGN_EVENTS = ("restock", "benign_new_family")
+
+
+class EvaluationError(ValueError):
+    """The table cannot be evaluated (no labels, no score); `code` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def roc_auc(scores: Any, labels: Any) -> float | None:
+    """Area under the ROC curve by ranks (Mann-Whitney U), ties counted as half.
+
+    Missing scores (NaN) rank lowest. None when there are no positives or no negatives.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError("scores and labels differ in length")
+    n = s.size
+    n_pos = int(y.sum())
+    n_neg = n - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    s = np.where(np.isnan(s), -np.inf, s)
+    order = np.argsort(s, kind="mergesort")
+    ordered = s[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], n]
+    mean_rank = (starts + 1 + ends) / 2.0  # 1-based ranks start+1..end, averaged over the tie
+    group = np.repeat(np.arange(starts.size), ends - starts)
+    ranks = np.empty(n)
+    ranks[order] = mean_rank[group]
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Detection figures for one set of positives against the negatives."""
+
+    name: str  # "overall", an anomaly kind, or "kind/variant"
+    positives: int
+    negatives: int
+    true_positives: int  # flagged positives
+    false_positives: int  # flagged negatives
+    precision: float | None  # None when nothing is flagged
+    recall: float | None  # None without positives
+    roc_auc: float | None
+
+
+def metrics(name: str, score: np.ndarray, flag: np.ndarray, positive: np.ndarray,
+            negative: np.ndarray) -> Metrics:
+    """Figures for the lines where `positive` or `negative` holds (disjoint masks)."""
+    tp = int((flag & positive).sum())
+    fp = int((flag & negative).sum())
+    n_pos = int(positive.sum())
+    keep = positive | negative
+    return Metrics(
+        name=name,
+        positives=n_pos,
+        negatives=int(negative.sum()),
+        true_positives=tp,
+        false_positives=fp,
+        precision=tp / (tp + fp) if tp + fp else None,
+        recall=tp / n_pos if n_pos else None,
+        roc_auc=roc_auc(score[keep], positive[keep]),
+    )
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method (the scorer or a rule set) on the history."""
+
+    method: str
+    flagged: int
+    overall: Metrics
+    by_kind: tuple[Metrics, ...]
+    by_variant: tuple[Metrics, ...] = ()  # pattern variants, when anomaly_detail names them
+    benign_flag_rate: dict[str, float] = field(default_factory=dict)
+
+    def kind(self, name: str) -> Metrics:
+        for m in (self.overall, *self.by_kind, *self.by_variant):
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    lines: int
+    labelled: int
+    results: tuple[MethodResult, ...]  # the scorer first, then the rule sets
+
+    def method(self, name: str) -> MethodResult:
+        for r in self.results:
+            if r.method == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def scorer(self) -> MethodResult:
+        return self.results[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        """A plain-text table: one row per method and kind. `lines`: positives of the row; `found`:
+        flagged positives; `flagged`: flagged lines counted in its precision."""
+        head = ("method", "kind", "lines", "found", "flagged", "precision", "recall", "ROC AUC")
+        rows = [head]
+        for r in self.results:
+            for m in (r.overall, *r.by_kind, *r.by_variant):
+                flagged = r.flagged if m is r.overall else m.true_positives + m.false_positives
+                rows.append((r.method if m is r.overall else "", m.name, f"{m.positives:,}",
+                             f"{m.true_positives:,}", f"{flagged:,}", _pct(m.precision), _pct(m.recall),
+                             _num(m.roc_auc)))
+            for event, rate in r.benign_flag_rate.items():
+                rows.append(("", f"benign {event}", "", "", f"{_pct(rate)} of lines", "", "", ""))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = [f"{self.lines:,} lines, {self.labelled:,} labelled",
+                 "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+                 "  ".join("-" * w for w in widths)]
+        for row in rows[1:]:
+            if row[0] and len(lines) > 3:
+                lines.append("")
+            lines.append("  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _method(method: str, score: np.ndarray, flag: np.ndarray, label: np.ndarray, anomaly: np.ndarray,
+            detail: np.ndarray | None) -> MethodResult:
+    negative = ~label
+    overall = metrics("overall", score, flag, label, negative)
+    kinds = [k for k in sorted(set(anomaly[label].tolist())) if k]
+    by_kind = tuple(metrics(k, score, flag, label & (anomaly == k), negative) for k in kinds)
+    by_variant: list[Metrics] = []
+    benign: dict[str, float] = {}
+    if detail is not None:
+        for k in kinds:
+            for v in sorted(set(detail[label & (anomaly == k)].tolist())):
+                if v:
+                    by_variant.append(metrics(f"{k}/{v}", score, flag, label & (anomaly == k) & (detail == v),
+                                              negative))
+        for event in BENIGN_EVENTS:
+            mask = negative & (detail == event)
+            if mask.any():
+                benign[event] = float(flag[mask].mean())
+    return MethodResult(method, int(flag.sum()), overall, by_kind, tuple(by_variant), benign)
+
+
+def _arrays(scored: pl.DataFrame, score_col: str, flag_col: str) -> tuple[np.ndarray, np.ndarray]:
+    for col in (score_col, flag_col):
+        if col not in scored.columns:
+            raise EvaluationError("som_not_scored", f"no {col!r} column: score the history first")
+    score = scored[score_col].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    flag = scored[flag_col].cast(pl.Boolean).fill_null(False).to_numpy()
+    return score, flag
+
+
+def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "flag", *,
+             rule_sets: bool | Iterable[str] = True, label_col: str = "label",
+             anomaly_col: str = "anomaly") -> EvaluationReport:
+    """Evaluate a scored, labelled table; with `rule_sets` (True: all of rules.RULE_SETS, or
+    names), also the litigation rule sets on the same lines."""
+    if label_col not in scored.columns:
+        raise EvaluationError("som_no_labels", f"no {label_col!r} column: nothing to evaluate against")
+    label = scored[label_col].cast(pl.Boolean).fill_null(False).to_numpy()
+    if anomaly_col in scored.columns:
+        anomaly = scored[anomaly_col].cast(pl.String).fill_null("").to_numpy().astype(str)
+    else:
+        anomaly = np.where(label, "anomaly", "")
+    # Every labelled line has a kind; one without is counted under "unspecified".
+    anomaly = np.where(label & (anomaly == ""), "unspecified", anomaly)
+    detail = (scored["anomaly_detail"].cast(pl.String).fill_null("").to_numpy().astype(str)
+              if "anomaly_detail" in scored.columns else None)
+    score, flag = _arrays(scored, score_col, flag_col)
+    results = [_method(SCORER, score, flag, label, anomaly, detail)]
+    if rule_sets:
+        from gateway.som import rules
+
+        names = list(rules.RULE_SETS) if rule_sets is True else list(rule_sets)
+        native = scored.drop([c for c in (score_col, flag_col, "reasons") if c in scored.columns])
+        judged = rules.apply_all(native) if rule_sets is True else {
+            name: rules.apply_rule_set(name, native) for name in names}
+        for name in names:
+            rs, rf = _arrays(judged[name], "score", "flag")
+            results.append(_method(name, rs, rf, label, anomaly, detail))
+    return EvaluationReport(lines=scored.height, labelled=int(label.sum()), results=tuple(results))
