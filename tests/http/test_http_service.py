@@ -258,3 +258,67 @@ async def test_role_check_comes_from_the_route_table(make_gateway) -> None:
         events = await audit_for(gw, resp.headers["X-Request-Id"])
         assert [(e.event_type, e.actor, e.details["role"]) for e in events] == [
             ("access.refused", gw.names[role], role)]
+
+
+# --- verification ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label", [HTTP_RSA, HTTP_EC])
+async def test_sign_verify_get_round_trip_xmldsig(gw, label: str) -> None:
+    headers = {**gw.auth("purchaser"), "Content-Type": "application/xml"}
+    resp = await gw.http.post(f"/v1/sign?key={label}", data=xml_doc(21), headers=headers)
+    assert resp.status == 200
+    signed = await resp.read()
+    fetched = await (await gw.http.get(f"/v1/documents/{resp.headers['X-Document-Id']}",
+                                       headers=gw.auth("purchaser"))).read()
+    # any client may verify, whoever signed
+    resp = await gw.http.post("/v1/verify", data=fetched, headers={**gw.auth("pharmacy"),
+                                                                  "Content-Type": "application/xml"})
+    assert resp.status == 200, await resp.text()
+    report = await resp.json()
+    assert report["valid"] is True and report["indication"] == "TOTAL_PASSED" and report["format"] == "xmldsig"
+    assert report["signer"]["subject"].startswith("CN=HTTP test") or "HTTP test" in report["signer"]["subject"]
+    assert report["signature_algorithm"] == ("rsa-sha256" if label == HTTP_RSA else "ecdsa-sha256")
+
+    tampered = signed.replace(b"payload 21", b"payload 99")
+    resp = await gw.http.post("/v1/verify", data=tampered, headers={**gw.auth("pharmacy"),
+                                                                   "Content-Type": "application/xml"})
+    assert resp.status == 422
+    err = await error_of(resp)
+    assert err["code"] == "signature_invalid" and err["details"]["report"]["valid"] is False
+
+    resp = await gw.http.post("/v1/verify", data=b"<not-closed>", headers={**gw.auth("pharmacy"),
+                                                                          "Content-Type": "application/xml"})
+    assert resp.status == 400 and (await error_of(resp))["code"] == "malformed_xml"
+
+
+async def test_sign_verify_get_round_trip_cms(gw) -> None:
+    from aiohttp import FormData
+
+    content = b"any bytes at all \x00\x01\x02 " * 10
+    resp = await gw.http.post(f"/v1/sign?key={HTTP_RSA}&format=cms", data=content,
+                              headers={**gw.auth("purchaser"), "Content-Type": "application/octet-stream"})
+    assert resp.status == 200, await resp.text()
+    assert resp.content_type == "application/pkcs7-signature"
+    signature = await resp.read()
+    doc = await gw.http.get(f"/v1/documents/{resp.headers['X-Document-Id']}", headers=gw.auth("purchaser"))
+    assert await doc.read() == signature and doc.headers["X-Document-Kind"] == "signed_cms"
+    original = await gw.http.get(f"/v1/documents/{resp.headers['X-Content-Document-Id']}",
+                                 headers=gw.auth("purchaser"))
+    assert await original.read() == content
+
+    def form(sig: bytes, data: bytes) -> FormData:
+        f = FormData()
+        f.add_field("signature", sig, content_type="application/pkcs7-signature", filename="s.p7s")
+        f.add_field("content", data, content_type="application/octet-stream", filename="c.bin")
+        return f
+
+    resp = await gw.http.post("/v1/verify", data=form(signature, content), headers=gw.auth("supplier"))
+    assert resp.status == 200, await resp.text()
+    report = await resp.json()
+    assert report["valid"] is True and report["format"] == "cms"
+    resp = await gw.http.post("/v1/verify", data=form(signature, content + b"!"), headers=gw.auth("supplier"))
+    assert resp.status == 422 and (await error_of(resp))["details"]["report"]["valid"] is False
+    only = FormData()
+    only.add_field("signature", signature, filename="s.p7s")
+    resp = await gw.http.post("/v1/verify", data=only, headers=gw.auth("supplier"))
+    assert resp.status == 400 and (await error_of(resp))["code"] == "missing_parameter"
