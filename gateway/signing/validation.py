@@ -38,6 +38,7 @@ from typing import Any
 from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
@@ -345,6 +346,21 @@ class TrustStore:
         crl_options = {k: kwargs.pop(k) for k in ("fetch_urls", "poll_seconds") if k in kwargs}
         return cls(anchors, intermediates, CrlCache(crl_dirs, **crl_options), **kwargs)
 
+    def chain_for(self, cert: x509.Certificate) -> tuple[x509.Certificate, ...]:
+        """The known intermediates above `cert`, nearest first, up to (not including) an anchor:
+        what a signature should carry so that tools given only the root can build the path."""
+        out: list[x509.Certificate] = []
+        current = cert
+        while current.issuer != current.subject and len(out) < 8:
+            if any(_issued(current, a) for a in self.anchors):
+                break
+            parent = next((c for c in self.intermediates if c not in out and _issued(current, c)), None)
+            if parent is None:
+                break
+            out.append(parent)
+            current = parent
+        return tuple(out)
+
     def validate_certificate(
         self,
         cert: x509.Certificate,
@@ -422,6 +438,16 @@ class TrustStore:
             if entry.next_update is not None:
                 hi = min(hi, entry.next_update)
         return CertificateValidation(at=at, path=chain), (lo, hi) if lo <= at <= hi else None
+
+
+def _issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _check_usage(usage: frozenset[str]) -> None:

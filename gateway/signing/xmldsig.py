@@ -21,8 +21,8 @@ Canonicalisation uses `etree.tostring(..., method="c14n", exclusive=True)` (C14N
 from __future__ import annotations
 
 import base64
-import copy
 import binascii
+import copy
 import functools
 import hashlib
 import hmac

@@ -1,0 +1,148 @@
+"""`gateway sign` and `gateway verify`.
+
+    gateway sign --key LABEL --format xmldsig|cms [--out F] FILE
+    gateway verify [--content F] [--at TIME] FILE
+
+`verify` prints the JSON verification report. Exit status: 0 valid, 1 invalid (the report's
+`code` says why), 2 unusable input (unreadable file or document, no trust bundle, bad option).
+`sign` exits 0 when it wrote the signed document, 1 when the key or document is refused (printed
+as `error [code]: message`), 2 for unusable input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gateway.cli import Context, pass_context
+
+EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+def _fail(code: str, message: str, status: int) -> None:
+    click.echo(f"error [{code}]: {message}", err=True)
+    sys.exit(status)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        _fail("file_unreadable", f"{path}: {exc.strerror or exc}", EXIT_UNUSABLE)
+    if len(data) > MAX_INPUT_BYTES:
+        _fail("file_too_large", f"{path} is larger than {MAX_INPUT_BYTES} bytes", EXIT_UNUSABLE)
+    return data
+
+
+def parse_time(text: str) -> dt.datetime:
+    """ISO 8601 date or date-time; without a zone it is UTC."""
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 date or time", param_hint="--at") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when
+
+
+@click.command("sign")
+@click.option("--key", "label", required=True, help="Label of the HSM key to sign with.")
+@click.option("--format", "fmt", type=click.Choice(["xmldsig", "cms"]), required=True,
+              help="xmldsig: enveloped XML signature; cms: detached CMS SignedData (DER).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the result here (default: standard output).")
+@click.argument("file", type=click.Path(dir_okay=False))
+@pass_context
+def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str) -> None:
+    """Sign FILE with an HSM key."""
+    from gateway.signing.errors import HsmError, SigningError
+    from gateway.signing.hsm import Hsm
+    from gateway.xmlsafe import XmlError
+
+    data = _read(file)
+    try:
+        hsm = Hsm.open(ctx.settings)
+    except HsmError as exc:
+        _fail(exc.code, str(exc), EXIT_UNUSABLE)
+    try:
+        signer = hsm.signer(label)
+        chain = _chain(ctx, signer.certificate)
+        if fmt == "xmldsig":
+            from gateway.signing.xmldsig import sign_enveloped
+
+            result = sign_enveloped(data, signer, chain=chain)
+        else:
+            from gateway.signing.cms import sign_detached
+
+            result = sign_detached(data, signer, chain=chain)
+    except XmlError as exc:
+        _fail(exc.code, exc.message, EXIT_UNUSABLE)
+    except SigningError as exc:  # HSM errors included: key not found, token unavailable...
+        _fail(exc.code, str(exc), EXIT_INVALID)
+    finally:
+        hsm.close()
+    if out:
+        Path(out).write_bytes(result)
+    else:
+        sys.stdout.buffer.write(result)
+        sys.stdout.buffer.flush()
+
+
+def _chain(ctx: Context, cert) -> tuple:
+    """The intermediates above the signer's certificate, from the trust bundle, so that a
+    verifier holding only the root (xmlsec1 --trusted-pem, openssl -CAfile) builds the path."""
+    from gateway.signing.validation import TrustStore
+
+    bundle = ctx.settings.trust_bundle_path
+    if cert is None or not bundle.is_file():
+        return ()
+    try:
+        return TrustStore.from_pem_bundle(bundle).chain_for(cert)
+    except ValueError:
+        return ()
+
+
+@click.command("verify")
+@click.option("--content", "content_path", type=click.Path(dir_okay=False), default=None,
+              help="The signed content, for a detached CMS signature.")
+@click.option("--at", "at", default=None,
+              help="Judge the certificate at this time (ISO 8601) when the signature carries no "
+                   "signing time; default now.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@pass_context
+def verify_command(ctx: Context, content_path: str | None, at: str | None, file: str) -> None:
+    """Verify a signed XML document or a detached CMS signature; print the JSON report."""
+    from gateway.signing.validation import TrustStore
+    from gateway.signing.verify import verify_document
+
+    when = parse_time(at) if at else None
+    data = _read(file)
+    content = _read(content_path) if content_path else None
+    settings = ctx.settings
+    bundle = settings.trust_bundle_path
+    if not bundle.is_file():
+        _fail("trust_unavailable", f"no trust bundle at {bundle} (run `gateway init`)", EXIT_UNUSABLE)
+    crl_dir = settings.pki_dir / "crl"
+    try:
+        trust = TrustStore.from_pem_bundle(bundle, [crl_dir] if crl_dir.is_dir() else [])
+    except ValueError as exc:
+        _fail("trust_unavailable", f"{bundle}: {exc}", EXIT_UNUSABLE)
+    report, _tree = verify_document(data, trust, content=content, at=when)
+    click.echo(json.dumps(report.to_dict(), indent=2))
+    if report.valid:
+        sys.exit(EXIT_VALID)
+    sys.exit(EXIT_INVALID if report.usable_input else EXIT_UNUSABLE)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sign_command)
+    group.add_command(verify_command)

@@ -1,0 +1,377 @@
+"""Enveloped XML-DSig signed by the SoftHSM keys: the profile, tampering, and signature wrapping."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import hashlib
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from lxml import etree
+from pkihelp import (  # noqa: F401 - fixtures
+    ec_signer,
+    other_ec_label,
+    rsa_signer,
+    signer,
+    signing_pki,
+    trust,
+)
+
+from gateway.signing import xmldsig
+from gateway.signing.errors import SigningError
+from gateway.signing.verify import verify_xml
+from gateway.signing.xmldsig import DS_NS, sign_enveloped, verify_enveloped
+
+NS = {"ds": DS_NS}
+ORDER = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
+         b'<Order xmlns="urn:csos-gateway:order:1" xmlns:x="urn:unused">\n'
+         b'  <OrderNumber>26X000123</OrderNumber>\n'
+         b'  <!-- a comment is not signed -->\n'
+         b'  <Item line="1"><NDC>12345-6789-01</NDC><Packages>10</Packages></Item>\n'
+         b'</Order>\n')
+
+
+def tree_of(data: bytes) -> etree._ElementTree:
+    return etree.fromstring(data).getroottree()
+
+
+def serialize(tree) -> bytes:
+    return etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+
+
+def resign(tree: etree._ElementTree, signer) -> bytes:
+    """Recompute SignatureValue over the SignedInfo as it now stands, with the HSM key: turns a
+    doctored signature into a cryptographically valid one, so that a refusal shows the profile at
+    work rather than a broken signature."""
+    signed_info = tree.find(".//ds:SignedInfo", NS)
+    raw = signer.sign(etree.tostring(signed_info, method="c14n", exclusive=True))
+    if signer.algorithm == "ecdsa-sha256":
+        raw = xmldsig.der_to_raw_ecdsa(raw)
+    tree.find(".//ds:SignatureValue", NS).text = base64.b64encode(raw).decode()
+    return serialize(tree)
+
+
+def code(data: bytes, trust) -> str | None:
+    report, tree = verify_xml(data, trust)
+    assert (tree is None) == (not report.valid)
+    return report.code
+
+
+# --- the profile -------------------------------------------------------------------------------
+
+
+def test_round_trip(signer, trust):
+    signed = sign_enveloped(ORDER, signer)
+    report, tree = verify_xml(signed, trust)
+    assert report.valid, report.to_dict()
+    assert report.signature_algorithm == signer.algorithm
+    assert report.signer.fingerprint_sha256 == signer.certificate.fingerprint(
+        hashes.SHA256()).hex()
+    assert [c.passed for c in report.checks] == [True] * len(report.checks)
+    assert len(report.chain) == 3  # signer, CSOS CA, root
+    # The tree handed back is what was signed: no Signature, no comments.
+    root = tree.getroot()
+    assert root.find(".//ds:Signature", NS) is None
+    assert not [n for n in root.iter() if isinstance(n, etree._Comment)]
+    assert root.findtext("{urn:csos-gateway:order:1}OrderNumber") == "26X000123"
+
+
+def test_signature_shape(signer):
+    signed = sign_enveloped(ORDER, signer)
+    root = etree.fromstring(signed)
+    signature = root[-1]
+    assert signature.tag == f"{{{DS_NS}}}Signature"
+    assert signature.xpath("ds:SignedInfo/ds:CanonicalizationMethod/@Algorithm", namespaces=NS) == [
+        "http://www.w3.org/2001/10/xml-exc-c14n#"]
+    expected = {"rsa-sha256": xmldsig.RSA_SHA256, "ecdsa-sha256": xmldsig.ECDSA_SHA256}[signer.algorithm]
+    assert signature.xpath("ds:SignedInfo/ds:SignatureMethod/@Algorithm", namespaces=NS) == [expected]
+    assert signature.xpath("ds:SignedInfo/ds:Reference/@URI", namespaces=NS) == [""]
+    assert signature.xpath("ds:SignedInfo/ds:Reference/ds:Transforms/ds:Transform/@Algorithm",
+                           namespaces=NS) == [xmldsig.ENVELOPED, xmldsig.EXC_C14N]
+    assert signature.xpath("ds:SignedInfo/ds:Reference/ds:DigestMethod/@Algorithm",
+                           namespaces=NS) == [xmldsig.SHA256]
+    certs = signature.xpath("ds:KeyInfo/ds:X509Data/ds:X509Certificate/text()", namespaces=NS)
+    assert len(certs) == 2  # signer, then its CA
+    raw = base64.b64decode(signature.findtext("ds:SignatureValue", namespaces=NS))
+    if signer.algorithm == "ecdsa-sha256":
+        assert len(raw) == 64  # r || s, not DER
+    else:
+        assert len(raw) == 256
+    # The comment of the input survives signing (it is outside what C14N signs).
+    assert b"a comment is not signed" in signed
+
+
+def test_digest_is_exclusive_c14n_of_the_document_without_signature(signer):
+    signed = sign_enveloped(ORDER, signer)
+    tree = tree_of(signed)
+    signature = tree.find(".//ds:Signature", NS)
+    signature.getparent().remove(signature)
+    c14n = etree.tostring(tree, method="c14n", exclusive=True, with_comments=False)
+    assert b"urn:unused" not in c14n  # exclusive: unused namespace declarations dropped
+    digest = base64.b64encode(hashlib.sha256(c14n).digest()).decode()
+    assert etree.fromstring(signed).findtext(".//ds:DigestValue", namespaces=NS) == digest
+
+
+def test_processing_instructions_outside_the_root_are_dropped(ec_signer, trust):
+    doc = b'<?xml version="1.0"?><?xml-stylesheet href="a.xsl"?><!-- top --><a>x</a><?tail y?>'
+    signed = sign_enveloped(doc, ec_signer)
+    assert b"xml-stylesheet" not in signed and b"tail" not in signed
+    assert verify_xml(signed, trust)[0].valid
+
+
+def test_signing_refusals(ec_signer, rsa_signer):
+    signed = sign_enveloped(ORDER, ec_signer)
+    with pytest.raises(SigningError) as caught:
+        sign_enveloped(signed, ec_signer)
+    assert caught.value.code == "already_signed"
+    with pytest.raises(SigningError) as caught:
+        sign_enveloped(ORDER, dataclasses.replace(ec_signer, certificate=None))
+    assert caught.value.code == "certificate_missing"
+    with pytest.raises(SigningError) as caught:
+        sign_enveloped(ORDER, dataclasses.replace(ec_signer, certificate=rsa_signer.certificate))
+    assert caught.value.code == "certificate_key_mismatch"
+    with pytest.raises(xmldsig.XmlError) as caught:
+        sign_enveloped(b"<!DOCTYPE a [<!ENTITY e 'x'>]><a>&e;</a>", ec_signer)
+    assert caught.value.code == "xml_dtd_forbidden"
+
+
+def test_verify_enveloped_without_trust(signer):
+    verified = verify_enveloped(sign_enveloped(ORDER, signer))
+    assert verified.signer == signer.certificate
+    assert verified.algorithm == signer.algorithm
+    assert [c.subject for c in verified.other_certificates] == [signer.chain[0].subject]
+
+
+def test_certificate_order_in_x509data_does_not_matter(ec_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    x509_data = tree.find(".//ds:X509Data", NS)
+    first = x509_data[0]
+    x509_data.remove(first)
+    x509_data.append(first)  # CA first, signer last
+    report, _ = verify_xml(serialize(tree), trust)
+    assert report.valid
+    assert report.signer.subject == ec_signer.certificate.subject.rfc4514_string()
+
+
+# --- tampering ---------------------------------------------------------------------------------
+
+
+def test_tampered_content(signer, trust):
+    signed = sign_enveloped(ORDER, signer)
+    tampered = signed.replace(b"<Packages>10<", b"<Packages>90<")
+    report, tree = verify_xml(tampered, trust)
+    assert tree is None
+    assert report.code == "signature_invalid"
+    assert report.sub_indication.value == "HASH_FAILURE"
+    assert report.indication.value == "TOTAL_FAILED"
+    assert [c.name for c in report.checks if c.passed is False] == ["reference_digest"]
+
+
+def test_tampered_attribute_and_whitespace(ec_signer, trust):
+    signed = sign_enveloped(ORDER, ec_signer)
+    assert code(signed.replace(b'line="1"', b'line="2"'), trust) == "signature_invalid"
+    assert code(signed.replace(b"<OrderNumber>", b"<OrderNumber> "), trust) == "signature_invalid"
+
+
+def test_comment_injection_does_not_change_what_is_read(ec_signer, trust):
+    signed = sign_enveloped(ORDER, ec_signer)
+    injected = signed.replace(b"<Packages>10<", b"<Packages>1<!-- -->0<")
+    report, tree = verify_xml(injected, trust)
+    assert report.valid  # comments are not signed...
+    assert tree.getroot().findtext(".//{urn:csos-gateway:order:1}Packages") == "10"  # ...nor read
+
+
+def test_tampered_signed_info(signer, trust):
+    signed = sign_enveloped(ORDER, signer)
+    tree = tree_of(signed)
+    digest = tree.find(".//ds:DigestValue", NS)
+    digest.text = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    report, _ = verify_xml(serialize(tree), trust)
+    assert report.code == "signature_invalid"
+
+
+def test_signature_value_of_another_key(ec_signer, hsm, other_ec_label, signing_pki, trust):
+    """Signed by one HSM key, presenting the (valid, trusted) certificate of another."""
+    other = signing_pki.signer(hsm, other_ec_label, common_name="Other Signer")
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    cert = tree.find(".//ds:X509Certificate", NS)
+    cert.text = base64.b64encode(other.certificate.public_bytes(Encoding.DER)).decode()
+    report, _ = verify_xml(serialize(tree), trust)
+    assert report.code == "signature_invalid"
+    assert report.sub_indication.value == "SIG_CRYPTO_FAILURE"
+    assert [c.name for c in report.checks if c.passed is False] == ["signature_value"]
+
+
+def test_rsa_certificate_with_ecdsa_algorithm(rsa_signer, ec_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    cert = tree.find(".//ds:X509Certificate", NS)
+    cert.text = base64.b64encode(rsa_signer.certificate.public_bytes(Encoding.DER)).decode()
+    assert code(serialize(tree), trust) == "signature_invalid"
+
+
+def test_ecdsa_signature_in_der_form_is_refused(ec_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    value = tree.find(".//ds:SignatureValue", NS)
+    value.text = base64.b64encode(xmldsig.raw_to_der_ecdsa(base64.b64decode(value.text))).decode()
+    assert code(serialize(tree), trust) == "signature_invalid"
+
+
+# --- signature wrapping and the profile's refusals ---------------------------------------------
+
+
+def test_unsigned_document(trust):
+    report, tree = verify_xml(ORDER, trust)
+    assert report.code == "signature_missing" and tree is None
+    assert report.indication.value == "INDETERMINATE"
+
+
+def test_xsw_signature_moved_into_a_child(ec_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    signature = tree.find("ds:Signature", NS)
+    tree.getroot().find("{urn:csos-gateway:order:1}Item").append(signature)
+    assert code(serialize(tree), trust) == "signature_malformed"
+
+
+def test_xsw_signed_document_wrapped_in_a_new_root(ec_signer, trust):
+    signed_root = etree.fromstring(sign_enveloped(ORDER, ec_signer))
+    evil = etree.Element("{urn:csos-gateway:order:1}Order")
+    etree.SubElement(evil, "{urn:csos-gateway:order:1}OrderNumber").text = "26X999999"
+    etree.SubElement(evil, "Wrapper").append(signed_root)
+    assert code(etree.tostring(evil), trust) == "signature_malformed"
+
+
+def test_xsw_duplicated_signed_subtree(ec_signer, trust):
+    """The attacker's values first, the original (signed) content hidden in a wrapper."""
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    root = tree.getroot()
+    item = root.find("{urn:csos-gateway:order:1}Item")
+    forged = copy.deepcopy(item)
+    forged.find("{urn:csos-gateway:order:1}Packages").text = "9000"
+    item.addprevious(forged)
+    wrapper = etree.Element("Wrapper")
+    item.addprevious(wrapper)
+    wrapper.append(item)
+    assert code(serialize(tree), trust) == "signature_invalid"
+
+
+def test_xsw_original_hidden_in_object_and_resigned(ec_signer, trust):
+    """Even with a valid signature value, a ds:Object is refused."""
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    signature = tree.find("ds:Signature", NS)
+    obj = etree.SubElement(signature, f"{{{DS_NS}}}Object")
+    obj.append(copy.deepcopy(tree.getroot().find("{urn:csos-gateway:order:1}Item")))
+    assert code(resign(tree, ec_signer), trust) == "signature_malformed"
+
+
+def test_second_signature_is_refused(ec_signer, rsa_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    other = etree.fromstring(sign_enveloped(b"<Other>x</Other>", rsa_signer))
+    tree.getroot().find("{urn:csos-gateway:order:1}Item").append(other.find("ds:Signature", NS))
+    report, _ = verify_xml(serialize(tree), trust)
+    assert report.code == "signature_malformed"
+    assert "2 Signature elements" in report.message
+
+
+def test_id_reference_is_refused_even_when_validly_signed(ec_signer, trust):
+    """Reference URI="#id" over the signed part only (the classic XSW set-up), with a valid
+    signature value made by the HSM key: refused by the profile."""
+    doc = (b'<Order xmlns="urn:csos-gateway:order:1"><Item Id="signed"><Packages>10</Packages></Item>'
+           b'<Packages>9000</Packages></Order>')
+    tree = tree_of(sign_enveloped(doc, ec_signer))
+    item = tree.getroot().find("{urn:csos-gateway:order:1}Item")
+    item_c14n = etree.tostring(item, method="c14n", exclusive=True)
+    tree.find(".//ds:Reference", NS).set("URI", "#signed")
+    tree.find(".//ds:DigestValue", NS).text = base64.b64encode(hashlib.sha256(item_c14n).digest()).decode()
+    report, _ = verify_xml(resign(tree, ec_signer), trust)
+    assert report.code == "signature_malformed"
+    assert "#signed" in report.message
+
+
+@pytest.mark.parametrize("mutation", [
+    "two_references", "c14n_with_comments", "inclusive_c14n", "sha1_digest", "rsa_sha1",
+    "extra_transform", "xpath_transform", "missing_transforms", "hmac_output_length",
+    "retrieval_method", "no_key_info", "text_in_signed_info", "processing_instruction",
+])
+def test_profile_refusals_with_valid_signature_values(mutation, ec_signer, trust):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    signed_info = tree.find(".//ds:SignedInfo", NS)
+    reference = signed_info.find("ds:Reference", NS)
+    transforms = reference.find("ds:Transforms", NS)
+    ds = f"{{{DS_NS}}}"
+    expected = "signature_malformed"
+    if mutation == "two_references":
+        signed_info.append(copy.deepcopy(reference))
+    elif mutation == "c14n_with_comments":
+        signed_info[0].set("Algorithm", "http://www.w3.org/2001/10/xml-exc-c14n#WithComments")
+        expected = "algorithm_not_allowed"
+    elif mutation == "inclusive_c14n":
+        transforms[1].set("Algorithm", "http://www.w3.org/TR/2001/REC-xml-c14n-20010315")
+        expected = "algorithm_not_allowed"
+    elif mutation == "sha1_digest":
+        reference.find("ds:DigestMethod", NS).set("Algorithm", "http://www.w3.org/2000/09/xmldsig#sha1")
+        expected = "algorithm_not_allowed"
+    elif mutation == "rsa_sha1":
+        signed_info[1].set("Algorithm", "http://www.w3.org/2000/09/xmldsig#rsa-sha1")
+        expected = "algorithm_not_allowed"
+    elif mutation == "extra_transform":
+        etree.SubElement(transforms, ds + "Transform", Algorithm=xmldsig.EXC_C14N)
+    elif mutation == "xpath_transform":
+        transforms[1].set("Algorithm", "http://www.w3.org/TR/1999/REC-xpath-19991116")
+        expected = "algorithm_not_allowed"
+    elif mutation == "missing_transforms":
+        reference.remove(transforms)
+    elif mutation == "hmac_output_length":
+        etree.SubElement(signed_info[1], ds + "HMACOutputLength").text = "0"
+    elif mutation == "retrieval_method":
+        key_info = tree.find(".//ds:KeyInfo", NS)
+        etree.SubElement(key_info, ds + "RetrievalMethod", URI="file:///etc/passwd")
+    elif mutation == "no_key_info":
+        signature = tree.find("ds:Signature", NS)
+        signature.remove(signature.find("ds:KeyInfo", NS))
+        expected = "certificate_missing"
+    elif mutation == "text_in_signed_info":
+        signed_info[0].tail = "text"
+    elif mutation == "processing_instruction":
+        signed_info.insert(0, etree.ProcessingInstruction("pi", "x"))
+    report, tree_out = verify_xml(resign(tree, ec_signer), trust)
+    assert report.code == expected, report.message
+    assert tree_out is None
+    assert not report.valid
+
+
+def test_inclusive_namespaces_prefix_list_is_honoured(ec_signer, trust):
+    """Another implementation may sign with an InclusiveNamespaces PrefixList; we follow it."""
+    doc = b'<o:Order xmlns:o="urn:o" xmlns:keep="urn:keep"><o:A>1</o:A></o:Order>'
+    tree = tree_of(sign_enveloped(doc, ec_signer))
+    transform = tree.find(".//ds:Transforms", NS)[1]
+    etree.SubElement(transform, f"{{{xmldsig.EC_NS}}}InclusiveNamespaces", PrefixList="keep")
+    signature = tree.find("ds:Signature", NS)
+    root = tree.getroot()
+    root.remove(signature)
+    c14n = etree.tostring(tree, method="c14n", exclusive=True, inclusive_ns_prefixes=["keep"])
+    assert b"urn:keep" in c14n
+    root.append(signature)
+    tree.find(".//ds:DigestValue", NS).text = base64.b64encode(hashlib.sha256(c14n).digest()).decode()
+    report, _ = verify_xml(resign(tree, ec_signer), trust)
+    assert report.valid, report.to_dict()
+
+
+def test_text_after_signature_stays_signed_content(ec_signer, trust):
+    """The enveloped transform removes the Signature element, not the text that follows it."""
+    tree = tree_of(sign_enveloped(b"<a><b>x</b></a>", ec_signer))
+    signature = tree.find("ds:Signature", NS)
+    signature.tail = "trailing"
+    assert code(serialize(tree), trust) == "signature_invalid"
+
+
+def test_hostile_xml_never_reaches_the_verifier(trust):
+    report, tree = verify_xml(b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>', trust)
+    assert report.code == "xml_dtd_forbidden"
+    assert report.sub_indication.value == "FORMAT_FAILURE"
+    assert not report.usable_input
+    assert tree is None
+    assert verify_xml(b"<a>" * 100 + b"</a>" * 100, trust)[0].code == "xml_too_deep"
+    assert verify_xml(b"<a>", trust)[0].code == "malformed_xml"

@@ -1,0 +1,151 @@
+"""Hostile XML is refused with a specific code before it can do harm."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+from lxml import etree
+
+from gateway.xmlsafe import XmlError, parse_xml
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<lolz>&lol9;</lolz>"""
+
+XXE = b"""<?xml version="1.0"?>
+<!DOCTYPE order [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<order>&xxe;</order>"""
+
+
+def code_of(data: bytes, **limits) -> str:
+    with pytest.raises(XmlError) as caught:
+        parse_xml(data, **limits)
+    return caught.value.code
+
+
+def test_plain_document_parses_with_whitespace_and_comments_kept():
+    tree = parse_xml(b'<?xml version="1.0"?>\n<a xmlns="urn:x">\n  <!-- note --><b k="v">t</b>\n</a>')
+    root = tree.getroot()
+    assert root.tag == "{urn:x}a"
+    assert root.text == "\n  "
+    assert isinstance(root[0], etree._Comment)
+    assert root[1].get("k") == "v"
+
+
+def test_comments_removed_on_request():
+    tree = parse_xml(b"<a>x<!-- c -->y</a>", remove_comments=True)
+    assert etree.tostring(tree) == b"<a>xy</a>"
+
+
+def test_billion_laughs_is_refused():
+    assert code_of(BILLION_LAUGHS) == "xml_dtd_forbidden"
+
+
+def test_external_entity_is_refused_and_never_read():
+    assert code_of(XXE) == "xml_dtd_forbidden"
+
+
+def test_utf16_doctype_is_refused():
+    doc = '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE a [<!ENTITY e "x">]><a>&e;</a>'.encode("utf-16")
+    assert code_of(doc) == "xml_dtd_forbidden"
+
+
+@pytest.fixture()
+def dtd_server():
+    """A loopback HTTP server that records whether anybody fetched the external DTD."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            body = b'<!ENTITY ext "fetched">'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/evil.dtd", hits
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_external_dtd_is_refused_without_network(dtd_server):
+    url, hits = dtd_server
+    doc = f'<?xml version="1.0"?><!DOCTYPE a SYSTEM "{url}"><a>&ext;</a>'.encode()
+    assert code_of(doc) == "xml_dtd_forbidden"
+    doc = f'<?xml version="1.0"?><!DOCTYPE a PUBLIC "-//X//Y" "{url}"><a/>'.encode()
+    assert code_of(doc) == "xml_dtd_forbidden"
+    assert hits == []
+
+
+def test_deep_nesting_is_refused():
+    assert code_of(b"<a>" * 65 + b"</a>" * 65) == "xml_too_deep"
+    parse_xml(b"<a>" * 64 + b"</a>" * 64)  # the limit itself is fine
+    assert code_of(b"<a>" * 10 + b"</a>" * 10, max_depth=5) == "xml_too_deep"
+
+
+def test_nesting_beyond_the_parser_limit_is_too_deep():
+    # libxml2 stops at 256 levels on its own; the code is the same.
+    assert code_of(b"<a>" * 5000 + b"</a>" * 5000) == "xml_too_deep"
+
+
+def test_oversize_is_refused_before_parsing():
+    assert code_of(b"<a>" + b"x" * 2000 + b"</a>", max_bytes=1000) == "xml_too_large"
+
+
+def test_too_many_elements_is_refused():
+    doc = b"<a>" + b"<b/>" * 501 + b"</a>"
+    assert code_of(doc, max_elements=500) == "xml_too_large"
+    parse_xml(doc, max_elements=502)
+
+
+@pytest.mark.parametrize("data", [b"", b"   ", b"<a>", b"<a></b>", b"not xml", b"<a>&undefined;</a>",
+                                  b"<a/><b/>", b"\xff\xfe\x00<"])
+def test_malformed(data):
+    assert code_of(data) == "malformed_xml"
+
+
+def test_error_carries_code_and_message():
+    with pytest.raises(XmlError) as caught:
+        parse_xml(XXE)
+    assert caught.value.code == "xml_dtd_forbidden"
+    assert "DOCTYPE" in caught.value.message
+    assert str(caught.value).startswith("xml_dtd_forbidden")
+
+
+def test_parsing_is_thread_safe():
+    docs = [f"<r><i n='{i}'>{i}</i></r>".encode() for i in range(200)]
+    errors: list[Exception] = []
+
+    def work():
+        try:
+            for i, doc in enumerate(docs):
+                assert parse_xml(doc).getroot()[0].get("n") == str(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
