@@ -70,6 +70,11 @@ class Backend:
         return storage_for_url(self.url, **{**self.options, **options})
 
     @property
+    def cli_url(self) -> str:
+        """The URL for GATEWAY_DATABASE_URL (PostgreSQL: the schema as a server setting)."""
+        return f"{self.url}?search_path={self.schema}" if self.schema else self.url
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should open this backend."""
         env = {"GATEWAY_TEST_DB_URL": self.url}
