@@ -1,0 +1,183 @@
+"""Detached CMS SignedData signed by the SoftHSM keys: structure, attributes and refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import pytest
+from asn1crypto import cms
+from pkihelp import (  # noqa: F401 - fixtures
+    ec_signer,
+    rsa_signer,
+    signer,
+    signing_pki,
+    trust,
+)
+
+from gateway.signing.cms import CmsError, sign_detached, verify_detached
+from gateway.signing.errors import SigningError
+from gateway.signing.verify import verify_cms
+
+CONTENT = b"CSOS order 26X000123\r\nline 1: 10 x NDC 12345-6789-01\n\x00\xff binary tail"
+UTC = dt.timezone.utc
+
+
+def signer_info_of(der: bytes) -> cms.SignerInfo:
+    return cms.ContentInfo.load(der)["content"]["signer_infos"][0]
+
+
+def test_round_trip(signer, trust):
+    der = sign_detached(CONTENT, signer)
+    report = verify_cms(der, CONTENT, trust)
+    assert report.valid, report.to_dict()
+    assert report.format == "cms"
+    assert report.signature_algorithm == signer.algorithm
+    assert report.signing_time_source == "signed-attribute"
+    assert abs((report.signing_time - dt.datetime.now(UTC)).total_seconds()) < 120
+    assert report.signer.serial == format(signer.certificate.serial_number, "X")
+
+
+def test_structure(signer):
+    der = sign_detached(CONTENT, signer)
+    info = cms.ContentInfo.load(der)
+    assert info["content_type"].native == "signed_data"
+    signed_data = info["content"]
+    assert signed_data["encap_content_info"]["content"].native is None  # detached
+    assert signed_data["encap_content_info"]["content_type"].native == "data"
+    assert len(signed_data["certificates"]) == 2  # signer and its CA
+    si = signed_data["signer_infos"][0]
+    assert si["digest_algorithm"]["algorithm"].native == "sha256"
+    attrs = {a["type"].native: a["values"][0].native for a in si["signed_attrs"]}
+    assert set(attrs) == {"content_type", "signing_time", "message_digest"}
+    assert attrs["content_type"] == "data"
+    assert attrs["message_digest"] == hashlib.sha256(CONTENT).digest()
+    expected = {"rsa-sha256": "rsassa_pkcs1v15", "ecdsa-sha256": "sha256_ecdsa"}[signer.algorithm]
+    assert si["signature_algorithm"]["algorithm"].native == expected
+    # DER: the attributes are in SET OF order, as verifiers re-encode them.
+    encodings = [a.dump() for a in si["signed_attrs"]]
+    assert encodings == sorted(encodings)
+
+
+def test_signing_time_given(ec_signer, trust):
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    der = sign_detached(CONTENT, ec_signer, signing_time=when)
+    verified = verify_detached(der, CONTENT)
+    assert verified.signing_time == when
+
+
+def test_tampered_content(signer, trust):
+    der = sign_detached(CONTENT, signer)
+    report = verify_cms(der, CONTENT + b"!", trust)
+    assert report.code == "signature_invalid"
+    assert report.sub_indication.value == "HASH_FAILURE"
+    assert [c.name for c in report.checks if c.passed is False] == ["message_digest"]
+
+
+def test_tampered_signed_attributes(ec_signer, trust):
+    der = sign_detached(CONTENT, ec_signer, signing_time=dt.datetime(2026, 1, 2, tzinfo=UTC))
+    # Same length, other signing time: the signature over the attributes no longer holds.
+    tampered = der.replace(b"260102000000Z", b"260103000000Z")
+    assert tampered != der
+    report = verify_cms(tampered, CONTENT, trust)
+    assert report.code == "signature_invalid"
+    assert report.sub_indication.value == "SIG_CRYPTO_FAILURE"
+
+
+def test_signature_of_another_key(rsa_signer, ec_signer, trust):
+    """An ECDSA signature presented with the RSA signer's certificate."""
+    der = sign_detached(CONTENT, ec_signer)
+    info = cms.ContentInfo.load(der)
+    rsa_der = sign_detached(CONTENT, rsa_signer)
+    rsa_info = cms.ContentInfo.load(rsa_der)
+    # Keep the RSA SignerInfo (its identifier and attributes), with the ECDSA signature bytes.
+    si = rsa_info["content"]["signer_infos"][0]
+    si["signature"] = info["content"]["signer_infos"][0]["signature"].native
+    report = verify_cms(rsa_info.dump(force=True), CONTENT, trust)
+    assert report.code == "signature_invalid"
+
+
+def test_signer_certificate_missing(ec_signer, trust):
+    info = cms.ContentInfo.load(sign_detached(CONTENT, ec_signer))
+    signed_data = info["content"]
+    signed_data["certificates"] = [signed_data["certificates"][1]]  # the CA only
+    report = verify_cms(info.dump(force=True), CONTENT, trust)
+    assert report.code == "certificate_missing"
+    assert report.sub_indication.value == "NO_SIGNING_CERTIFICATE_FOUND"
+
+
+def test_content_missing(ec_signer, trust):
+    report = verify_cms(sign_detached(CONTENT, ec_signer), None, trust)
+    assert report.code == "content_missing"
+    assert not report.usable_input
+
+
+@pytest.mark.parametrize("data", [b"", b"\x30\x03\x02\x01", b"not der at all", b"\x30" + b"\x80" * 10])
+def test_malformed(data, trust):
+    report = verify_cms(data, CONTENT, trust)
+    assert report.code == "signature_malformed"
+    assert report.indication.value == "TOTAL_FAILED"
+
+
+def test_truncated(ec_signer, trust):
+    der = sign_detached(CONTENT, ec_signer)
+    for cut in (10, len(der) // 2, len(der) - 1):
+        assert verify_cms(der[:cut], CONTENT, trust).code == "signature_malformed"
+
+
+def test_two_signer_infos_refused(ec_signer, rsa_signer, trust):
+    info = cms.ContentInfo.load(sign_detached(CONTENT, ec_signer))
+    other = signer_info_of(sign_detached(CONTENT, rsa_signer))
+    info["content"]["signer_infos"] = [info["content"]["signer_infos"][0], other]
+    assert verify_cms(info.dump(force=True), CONTENT, trust).code == "signature_malformed"
+
+
+def test_without_signed_attributes_refused(ec_signer, trust):
+    info = cms.ContentInfo.load(sign_detached(CONTENT, ec_signer))
+    si = info["content"]["signer_infos"][0]
+    # A signature directly over the content (no attributes), made by the HSM key.
+    bare = cms.SignerInfo({
+        "version": "v1", "sid": si["sid"], "digest_algorithm": si["digest_algorithm"],
+        "signature_algorithm": si["signature_algorithm"], "signature": ec_signer.sign(CONTENT),
+    })
+    info["content"]["signer_infos"] = [bare]
+    report = verify_cms(info.dump(force=True), CONTENT, trust)
+    assert report.code == "signature_malformed"
+    assert "signed attributes" in report.message
+
+
+def test_sha1_digest_refused(ec_signer):
+    info = cms.ContentInfo.load(sign_detached(CONTENT, ec_signer))
+    info["content"]["signer_infos"][0]["digest_algorithm"] = {"algorithm": "sha1"}
+    with pytest.raises(CmsError) as caught:
+        verify_detached(info.dump(force=True), CONTENT)
+    assert caught.value.code == "algorithm_not_allowed"
+
+
+def test_signing_refusals(ec_signer, rsa_signer):
+    import dataclasses
+
+    with pytest.raises(SigningError) as caught:
+        sign_detached(CONTENT, dataclasses.replace(ec_signer, certificate=None))
+    assert caught.value.code == "certificate_missing"
+    with pytest.raises(SigningError) as caught:
+        sign_detached(CONTENT, dataclasses.replace(ec_signer, certificate=rsa_signer.certificate))
+    assert caught.value.code == "certificate_key_mismatch"
+
+
+def test_certificate_judged_at_the_signed_signing_time(hsm, ec_key, signing_pki):
+    """A certificate that has expired since is still good for a signature made while it was
+    valid (21 CFR 1311.55(c)); one made after it expired is not."""
+    now = dt.datetime.now(UTC)
+    short = signing_pki.signer(hsm, ec_key, common_name="Expired Since",
+                               not_before=now - dt.timedelta(days=30),
+                               not_after=now - dt.timedelta(days=10))
+    trust = signing_pki.trust()
+    during = sign_detached(CONTENT, short, signing_time=now - dt.timedelta(days=20))
+    report = verify_cms(during, CONTENT, trust)
+    assert report.valid, report.to_dict()
+    assert report.signing_time == (now - dt.timedelta(days=20)).replace(microsecond=0)
+    after = sign_detached(CONTENT, short)
+    report = verify_cms(after, CONTENT, trust)
+    assert report.code == "certificate_expired"
+    assert report.sub_indication.value == "EXPIRED"
