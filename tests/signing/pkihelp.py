@@ -133,13 +133,17 @@ def xmlsec1_verify(path: Path, pki_: SigningPki, *extra: str) -> subprocess.Comp
 
 def openssl_cms_verify(signature: Path, content: Path, pki_: SigningPki,
                        crl: bool = False) -> subprocess.CompletedProcess:
+    """`openssl cms -verify`; with `crl`, the CAs' CRLs go into the -CAfile (openssl cms has no
+    -CRLfile option) and -crl_check is on."""
+    ca_file = pki_.bundle
     cmd = ["openssl", "cms", "-verify", "-inform", "DER", "-in", str(signature), "-binary",
-           "-content", str(content), "-CAfile", str(pki_.bundle), "-purpose", "any",
-           "-out", "/dev/null"]
+           "-content", str(content), "-purpose", "any", "-out", "/dev/null"]
     if crl:
+        ca_file = signature.with_suffix(".ca-and-crls.pem")
+        ca_file.write_bytes(pki_.bundle.read_bytes() + b"".join(
+            pki_.layout.crl_path(ca, pem=True).read_bytes() for ca in pki.CA_NAMES))
         cmd += ["-crl_check"]
-        for ca in pki.CA_NAMES:
-            cmd += ["-CRLfile", str(pki_.layout.crl_path(ca, pem=True))]
+    cmd += ["-CAfile", str(ca_file)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
