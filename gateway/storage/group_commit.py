@@ -1,9 +1,9 @@
 """Units of work and group commit, shared by both engines.
 
 A request's writes form one `Unit`. Units go to a queue; one writer task takes whatever is queued
-(waiting up to `window_s` for more when the queue runs dry, at most `max_batch` units), hands the
-batch to the engine, which writes every unit inside its own savepoint in ONE transaction and
-commits once, then resolves each caller's future. A unit that breaks a rule (duplicate natural
+(waiting up to `window_s` for stragglers when fewer are queued than the last batch had; at most
+`max_batch` units), hands the batch to the engine, which writes every unit inside its own
+savepoint in ONE transaction and commits once, then resolves each caller's future. A unit that breaks a rule (duplicate natural
 key...) is rolled back to its savepoint and fails alone; the others still commit. A failing
 commit fails every unit of the batch: nothing is acknowledged that is not durable.
 """
@@ -107,6 +107,7 @@ class GroupCommitter:
         self._queue: asyncio.Queue[Unit | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_batch = 1
         # counters for metrics and benchmarks
         self.batches = 0
         self.units = 0
@@ -155,9 +156,14 @@ class GroupCommitter:
                 break
             batch = [first]
             stopping = self._drain(batch)
-            if not stopping and len(batch) < self.max_batch and self.window_s > 0:
+            # Wait briefly for stragglers only when fewer units are here than last time: under
+            # steady load the batch fills while the previous commit runs, and a lone writer
+            # should not pay the window on every request.
+            if (not stopping and self.window_s > 0
+                    and len(batch) < min(self._last_batch, self.max_batch)):
                 await asyncio.sleep(self.window_s)
                 stopping = self._drain(batch)
+            self._last_batch = len(batch)
             await self._commit(batch)
         # units queued after the sentinel (none normally): refuse, never leave a caller hanging
         while not self._queue.empty():
