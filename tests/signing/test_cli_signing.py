@@ -1,0 +1,160 @@
+"""`gateway sign` and `gateway verify`, run as the real command against the session home."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pkihelp import (  # noqa: F401 - fixtures
+    openssl_cms_verify,
+    signing_pki,
+    xmlsec1_verify,
+)
+
+ORDER = (b'<?xml version="1.0" encoding="UTF-8"?>\n<CSOSOrder xmlns="urn:csos-gateway:order:1">'
+         b"<OrderNumber>26X000888</OrderNumber></CSOSOrder>\n")
+UTC = dt.timezone.utc
+
+
+def gateway(home, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), *args],
+                          capture_output=True, timeout=120, env=os.environ.copy())
+
+
+@pytest.fixture(scope="module")
+def cli_keys(hsm, softhsm_settings, signing_pki):
+    """Two keys of the session token with certificates stored next to them, as enrolment does."""
+    labels = {}
+    for key_type in ("rsa2048", "p256"):
+        label = f"formats-cli-{key_type}"
+        if label not in {k.label for k in hsm.list_keys()}:
+            hsm.generate_keypair(label, key_type)
+        cert = signing_pki.issue(hsm.public_key(label), common_name=f"CLI {key_type}").certificate
+        hsm.store_certificate(label, cert)
+        labels[key_type] = label
+    return labels
+
+
+@pytest.fixture()
+def home(softhsm_settings):
+    return softhsm_settings.home
+
+
+@pytest.fixture()
+def order_file(tmp_path):
+    path = tmp_path / "order.xml"
+    path.write_bytes(ORDER)
+    return path
+
+
+def report_of(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("key_type", ["rsa2048", "p256"])
+def test_sign_and_verify_xmldsig(key_type, cli_keys, home, order_file, tmp_path, signing_pki):
+    out = tmp_path / "signed.xml"
+    result = gateway(home, "sign", "--key", cli_keys[key_type], "--format", "xmldsig",
+                     "--out", str(out), str(order_file))
+    assert result.returncode == 0, result.stderr
+    result = gateway(home, "verify", str(out))
+    assert result.returncode == 0, result.stdout
+    report = report_of(result)
+    assert report["valid"] is True and report["indication"] == "TOTAL_PASSED"
+    assert report["signature_algorithm"] == {"rsa2048": "rsa-sha256", "p256": "ecdsa-sha256"}[key_type]
+    assert report["signer"]["subject"].endswith("C=US")
+    # The signature carries the CSOS CA, so a verifier given only the root builds the path.
+    assert xmlsec1_verify(out, signing_pki).returncode == 0
+
+
+def test_sign_to_stdout(cli_keys, home, order_file):
+    result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig", str(order_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"<?xml") and b"SignatureValue" in result.stdout
+
+
+@pytest.mark.parametrize("key_type", ["rsa2048", "p256"])
+def test_sign_and_verify_cms(key_type, cli_keys, home, order_file, tmp_path, signing_pki):
+    out = tmp_path / "order.p7s"
+    result = gateway(home, "sign", "--key", cli_keys[key_type], "--format", "cms", "--out", str(out),
+                     str(order_file))
+    assert result.returncode == 0, result.stderr
+    result = gateway(home, "verify", "--content", str(order_file), str(out))
+    assert result.returncode == 0, result.stdout
+    report = report_of(result)
+    assert report["format"] == "cms" and report["signing_time_source"] == "signed-attribute"
+    assert openssl_cms_verify(out, order_file, signing_pki, crl=True).returncode == 0
+    # Other content: invalid.
+    other = tmp_path / "other.xml"
+    other.write_bytes(ORDER.replace(b"888", b"889"))
+    result = gateway(home, "verify", "--content", str(other), str(out))
+    assert result.returncode == 1
+    assert report_of(result)["sub_indication"] == "HASH_FAILURE"
+    # No content: the input cannot be verified.
+    result = gateway(home, "verify", str(out))
+    assert result.returncode == 2
+    assert report_of(result)["code"] == "content_missing"
+
+
+def test_verify_tampered_is_invalid(cli_keys, home, order_file, tmp_path):
+    out = tmp_path / "signed.xml"
+    assert gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig", "--out", str(out),
+                   str(order_file)).returncode == 0
+    out.write_bytes(out.read_bytes().replace(b"26X000888", b"26X000999"))
+    result = gateway(home, "verify", str(out))
+    assert result.returncode == 1
+    report = report_of(result)
+    assert report["valid"] is False and report["code"] == "signature_invalid"
+    assert [c["name"] for c in report["checks"] if c["passed"] is False] == ["reference_digest"]
+
+
+def test_verify_at_a_time(cli_keys, home, order_file, tmp_path):
+    out = tmp_path / "signed.xml"
+    assert gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig", "--out", str(out),
+                   str(order_file)).returncode == 0
+    before_issue = (dt.datetime.now(UTC) - dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = gateway(home, "verify", "--at", before_issue, str(out))
+    assert result.returncode == 1
+    report = report_of(result)
+    assert report["code"] == "certificate_not_yet_valid"
+    assert report["signing_time_source"] == "caller"
+    result = gateway(home, "verify", "--at", "yesterday-ish", str(out))
+    assert result.returncode == 2 and b"--at" in result.stderr
+
+
+def test_verify_hostile_and_unusable_input(home, tmp_path):
+    hostile = tmp_path / "xxe.xml"
+    hostile.write_bytes(b'<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>')
+    result = gateway(home, "verify", str(hostile))
+    assert result.returncode == 2
+    assert report_of(result)["code"] == "xml_dtd_forbidden"
+    assert b"root:" not in result.stdout
+    unsigned = tmp_path / "unsigned.xml"
+    unsigned.write_bytes(ORDER)
+    result = gateway(home, "verify", str(unsigned))
+    assert result.returncode == 1 and report_of(result)["code"] == "signature_missing"
+    result = gateway(home, "verify", str(tmp_path / "missing.xml"))
+    assert result.returncode == 2 and b"[file_unreadable]" in result.stderr
+
+
+def test_verify_without_trust_bundle(tmp_path, order_file):
+    result = gateway(tmp_path / "empty-home", "verify", str(order_file))
+    assert result.returncode == 2
+    assert b"[trust_unavailable]" in result.stderr
+
+
+def test_sign_refusals(cli_keys, home, order_file, tmp_path):
+    result = gateway(home, "sign", "--key", "no-such-key", "--format", "xmldsig", str(order_file))
+    assert result.returncode == 1 and b"[key_not_found]" in result.stderr
+    bad = tmp_path / "bad.xml"
+    bad.write_bytes(b"<a><b></a>")
+    out = tmp_path / "never.xml"
+    result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig", "--out", str(out), str(bad))
+    assert result.returncode == 2 and b"[malformed_xml]" in result.stderr
+    assert not out.exists()  # nothing half-written
+    result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "pdf", str(order_file))
+    assert result.returncode == 2
