@@ -8,7 +8,7 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from storage_backends import Backend
+from storage_backends import Backend, drop_pg_schema, make_backend
 
 from gateway.audit import verify_trail
 from gateway.storage import (
@@ -205,14 +205,19 @@ async def test_database_refuses_changes_to_history(backend: Backend, storage: St
 
 
 @pytest.mark.postgres
-async def test_postgres_refuses_truncate(backend: Backend, storage: Storage) -> None:
-    if backend.name != "postgresql":
-        pytest.skip("TRUNCATE is PostgreSQL only")
-    await storage.commit_unit(documents=[order("26X000400")])
-    for table in ("documents", "links", "audit_log", "audit_checkpoints", "clients", "audit_head"):
-        with pytest.raises(Exception, match="append-only"):
-            await backend.raw(f"TRUNCATE {table} CASCADE")
-    assert await count(backend, "documents") == 1
+async def test_postgres_refuses_truncate(tmp_path) -> None:  # noqa: ANN001
+    """Row triggers do not fire on TRUNCATE; statement triggers refuse it too."""
+    backend = await make_backend("postgresql", tmp_path)
+    try:
+        async with backend.storage() as storage:
+            await storage.commit_unit(documents=[order("26X000400")])
+            for table in ("documents", "links", "audit_log", "audit_checkpoints", "clients",
+                          "audit_head"):
+                with pytest.raises(Exception, match="append-only"):
+                    await backend.raw(f"TRUNCATE {table} CASCADE")
+            assert await count(backend, "documents") == 1
+    finally:
+        await drop_pg_schema(backend.schema)
 
 
 # --- units of work -------------------------------------------------------------------------------
@@ -293,3 +298,25 @@ async def test_postgres_unreachable_is_unavailable() -> None:
 def test_unsupported_url() -> None:
     with pytest.raises(ValueError, match="unsupported database URL"):
         storage_for_url("mysql://x")
+
+
+async def test_sqlite_default_file_wal_and_full_sync(tmp_path) -> None:  # noqa: ANN001
+    """The default engine: <home>/gateway.sqlite3, WAL journal, commits fsynced (synchronous=FULL)."""
+    from gateway.config import Settings
+    from gateway.storage import open_storage
+    from gateway.storage.sqlite import SqliteStorage
+
+    settings = Settings(home=tmp_path / "home")
+    storage = open_storage(settings)
+    assert isinstance(storage, SqliteStorage) and storage.path == settings.sqlite_path
+    async with storage:
+        await storage.commit_unit(documents=[order("26X000900")])
+        sync = await storage._on_writer(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        assert sync == 2  # FULL
+    import sqlite3
+    conn = sqlite3.connect(settings.sqlite_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*) FROM documents").fetchone()[0] == 1
+    finally:
+        conn.close()
