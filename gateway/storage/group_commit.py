@@ -112,6 +112,10 @@ class GroupCommitter:
         self.batches = 0
         self.units = 0
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="storage-group-commit")

@@ -112,6 +112,9 @@ class PostgresStorage(Storage):
             await self._pool.close()
             self._pool = None
             raise
+        if self.committer.closed:  # reopened after close()
+            self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
+                                            window_s=self.committer.window_s)
         self.committer.start()
 
     async def close(self) -> None:

@@ -136,6 +136,9 @@ class SqliteStorage(Storage):
         except BaseException:
             await self._shutdown()
             raise
+        if self.committer.closed:  # reopened after close()
+            self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
+                                            window_s=self.committer.window_s)
         self.committer.start()
         self._opened = True
 

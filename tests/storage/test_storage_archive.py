@@ -280,6 +280,12 @@ async def test_acknowledged_means_committed_after_close(backend: Backend) -> Non
     assert await count(backend, "documents") == 30
     with pytest.raises(StorageUnavailable):
         await s.commit_unit(documents=[order("26X999999")])
+    await s.open()  # a closed storage can be opened again
+    try:
+        await s.commit_unit(documents=[order("26X999999")])
+    finally:
+        await s.close()
+    assert await count(backend, "documents") == 31
 
 
 async def test_health_check_writes(storage: Storage) -> None:
