@@ -30,6 +30,16 @@ class Overloaded(Exception):
 
 
 @dataclass(frozen=True)
+class _Expired(Exception):
+    """The queueing deadline passed (internal: becomes Overloaded("queue_deadline"))."""
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
+
+
+@dataclass(frozen=True)
 class AdmissionStats:
     slots: int
     busy: int
@@ -84,33 +94,41 @@ class Admission:
         if len(self._waiters) >= self.queue_size:
             self.rejected_full += 1
             raise Overloaded("queue_full", "the signing queue is full; retry later", self.retry_after_s)
-        started = time.monotonic()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         self._changed()
         timeout = self.deadline_s if deadline_s is None else deadline_s
+        # A timer, not wait_for: no extra task per queued request on the hot path.
+        timer = loop.call_later(timeout, _expire, waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.done() and not waiter.cancelled():
-                # The slot was handed over just as the wait ended: pass it on, it is not ours.
-                self._release_slot()
-            else:
-                waiter.cancel()
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-            self._changed()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            await waiter
+        except _Expired:
+            self._forget(waiter)
             self.rejected_deadline += 1
             raise Overloaded("queue_deadline",
                              f"no signing worker became free within {timeout * 1000:.0f} ms; retry later",
                              self.retry_after_s) from None
+        except asyncio.CancelledError:
+            timer.cancel()
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release_slot()  # handed over just as we were cancelled: pass it on
+            else:
+                self._forget(waiter)
+            self._changed()
+            raise
+        timer.cancel()
         self.admitted += 1
         self._changed()
-        return time.monotonic() - started
+        return loop.time() - started
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        self._changed()
 
     def _release_slot(self) -> None:
         while self._waiters:

@@ -26,6 +26,8 @@ from gateway.http.routes import Route, all_routes
 
 log = logging.getLogger("gateway.http")
 
+JOBS_PER_WORKER = 2
+
 
 def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trust: Any = None,
                workers: int | None = None, auth_cache_ttl_s: float = 1.0,
@@ -84,11 +86,12 @@ def _hsm_ctx(given: Any, workers: int | None):
         hsm = given if given is not None else await loop.run_in_executor(None, Hsm.open, settings)
         n = workers or settings.hsm.workers or hsm.size
         signer = AsyncSigner(hsm, workers=n)
-        metrics = app[keys.METRICS]
-        admission = Admission(slots=signer.workers, queue_size=settings.server.queue_size,
+        # Two jobs per worker in flight: one running, one waiting right at the worker, so a worker
+        # never idles while the event loop gets round to handing it the next request.
+        # (The queue and pool gauges are read at scrape time, in /metrics, not set per request.)
+        admission = Admission(slots=signer.workers * JOBS_PER_WORKER, queue_size=settings.server.queue_size,
                               deadline_s=settings.server.queue_deadline_ms / 1000,
-                              retry_after_s=settings.server.retry_after_s,
-                              on_change=metrics.on_admission_change)
+                              retry_after_s=settings.server.retry_after_s)
         app[keys.HSM] = hsm
         app[keys.ADMISSION] = admission
         app[keys.POOL] = WorkPool(admission, signer)

@@ -43,6 +43,19 @@ class Metrics:
                                   ["code"], registry=reg),
         )
 
+    def __post_init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency (label children cached: this runs per request)."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def on_admission_change(self, busy: int, queued: int) -> None:
         self.pool_busy.set(busy)
         self.queue_depth.set(queued)

@@ -6,6 +6,7 @@ Handlers only run once `guard` has let the request through, so they never repeat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -25,6 +26,10 @@ from gateway.storage.base import StorageError, StorageUnavailable
 log = logging.getLogger("gateway.http")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Generated ids: a random per-process prefix and a counter. Unique across processes and restarts
+# without a system call per request (uuid4 reads the kernel's random source every time).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_id_counter = itertools.count(1)
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 _STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "role_not_allowed", 404: "not_found",
@@ -76,7 +81,7 @@ def _route_label(request: web.Request) -> str:
 async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's handler type
     """Request id, error rendering, metrics and one access log line per request."""
     supplied = request.headers.get(REQUEST_ID_HEADER)
-    rid = supplied if supplied and _SANE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    rid = supplied if supplied and _SANE_REQUEST_ID.match(supplied) else f"{_ID_PREFIX}{next(_id_counter):016x}"
     token = request_id_var.set(rid)
     request[keys.REQUEST_ID] = rid
     app = request.app
@@ -109,8 +114,7 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
         metrics.in_flight.dec()
         route = _route_label(request)
         status = resp.status if resp is not None else 499  # 499: the client went away
-        metrics.requests.labels(request.method, route, str(status)).inc()
-        metrics.latency.labels(route).observe(elapsed)
+        metrics.observe_request(request.method, route, status, elapsed)
         if log.isEnabledFor(logging.INFO):
             client = request.get(keys.CLIENT)
             log.info("%s %s %s", request.method, request.path, status,

@@ -23,7 +23,7 @@ class WorkPool:
 
     @property
     def workers(self) -> int:
-        return self.admission.slots
+        return self.signer.workers
 
     async def run(self, fn: Callable[..., T], *args: Any, deadline_s: float | None = None) -> T:
         """Queue for a worker (429 when the queue is full or the deadline passes), then run `fn`."""

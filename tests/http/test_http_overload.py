@@ -25,10 +25,10 @@ async def test_full_queue_gives_429_at_once_and_deadline_gives_429(make_gateway)
     admission = gw.app[keys.ADMISSION]
     headers = {**gw.auth("purchaser"), "Content-Type": "application/xml"}
 
-    # A gate holds the only worker, so what follows is deterministic.
+    # A gate holds the only worker and every admission slot, so what follows is deterministic.
     gate = threading.Event()
-    holder = asyncio.create_task(pool.run(gate.wait, 30.0))
-    while admission.busy < 1:
+    holders = [asyncio.create_task(pool.run(gate.wait, 30.0)) for _ in range(admission.slots)]
+    while admission.busy < admission.slots:
         await asyncio.sleep(0.001)
 
     queued = asyncio.create_task(gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(1), headers=headers))
@@ -47,7 +47,7 @@ async def test_full_queue_gives_429_at_once_and_deadline_gives_429(make_gateway)
     assert time.monotonic() - started >= 0.25
 
     gate.set()
-    assert await holder is True
+    assert await asyncio.gather(*holders) == [True] * admission.slots
     ok = await gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(3), headers=headers)
     assert ok.status == 200
     metrics = await (await gw.http.get("/metrics")).text()

@@ -1,0 +1,345 @@
+"""End-to-end signing through HTTP against the raw HSM rate measured in the same run.
+
+    python -m benchmarks.http_sign [--seconds 5] [--connections 16] [--format xmldsig|cms]
+
+1. raw: N threads on N PKCS#11 sessions signing with the same RSA-2048 key (N = cores): the
+   ceiling of the token on this machine.
+2. capacity: `gateway serve` (a real server process, SQLite archive with group commit) under a
+   closed-loop load (wrk when installed, else the Python load generator below), every request a
+   distinct XML document signed with XML-DSig, archived and audited. Requests/s, p50, p99, and the
+   ratio to raw (target: at least 85%, load generator included, on this 2-core machine).
+3. overload: an open-loop load offered at 4x the measured capacity. Admitted requests must keep
+   p99 under 250 ms, the rest get 429 at once; the server's RSS before and after shows whether
+   memory stays flat.
+
+Figures taken while other work shares the CPU are provisional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import scratch_home, table, write_results
+
+KEY = "bench-http-rsa"
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+def make_home(connections_hint: int) -> tuple[Path, str]:
+    """A fresh home: token with one RSA key and its certificate, SQLite, one client. -> (home, token)."""
+    from gateway.clients import add_client
+    from gateway.config import load_settings, write_default_config
+    from gateway.signing.hsm import Hsm
+    from gateway.signing.pki import ensure_test_pki, issue_certificate
+    from gateway.signing.softhsm import ensure_softhsm_token
+    from gateway.storage import open_storage
+
+    home = scratch_home("http")
+    settings = load_settings(home)
+    write_default_config(settings)
+    text = settings.config_path.read_text()
+    text = re.sub(r"port = \d+", "port = 0", text)
+    settings.config_path.write_text(text)
+    settings = load_settings(home)
+    ensure_softhsm_token(settings)
+    ensure_test_pki(settings.pki_dir)
+    hsm = Hsm.open(settings)
+    try:
+        hsm.generate_keypair(KEY, "rsa2048")
+        issued = issue_certificate(settings.pki_dir, hsm.public_key(KEY), "epcs-pharmacy",
+                                   common_name="HTTP benchmark", label=KEY)
+        hsm.store_certificate(KEY, issued.certificate)
+    finally:
+        hsm.close()
+
+    async def client() -> str:
+        storage = open_storage(settings)
+        await storage.open()
+        try:
+            _c, token = await add_client(storage, "bench", "purchaser", [KEY])
+        finally:
+            await storage.close()
+        return token
+
+    return home, asyncio.run(client())
+
+
+def raw_hsm_rate(home: Path, seconds: float) -> float:
+    from benchmarks.hsm_sign import raw_rate
+    from gateway.config import load_settings
+    from gateway.signing.hsm import Hsm
+
+    settings = load_settings(home)
+    cores = len(os.sched_getaffinity(0))
+    hsm = Hsm.open(settings, sessions=cores)
+    try:
+        hsm.sign(KEY, b"warm-up")
+        return raw_rate(hsm, KEY, "rsa2048", cores, seconds)
+    finally:
+        hsm.close()
+
+
+def start_server(home: Path, log_level: str) -> tuple[subprocess.Popen, int]:
+    ready = home / "bench.port"
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--home", str(home), "serve", "--port", "0",
+                             "--ready-file", str(ready), "--log-level", log_level],
+                            stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "wb"))
+    deadline = time.monotonic() + 60
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server did not start:\n{(home / 'server.log').read_text()}")
+        time.sleep(0.05)
+    return proc, int(ready.read_text())
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+# --- load generators ---------------------------------------------------------------------------
+
+def document(tag: str, n: int) -> bytes:
+    return (f'<Document xmlns="urn:bench"><Run>{tag}</Run><Number>{n}</Number>'
+            f'<Text>signed through the gateway benchmark</Text></Document>').encode()
+
+
+_WRK_SCRIPT = """
+local counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/xml"
+wrk.headers["Authorization"] = "Bearer %(token)s"
+request = function()
+  counter = counter + 1
+  local body = '<Document xmlns="urn:bench"><Run>%(tag)s</Run><Number>' .. counter ..
+    '</Number><Text>signed through the gateway benchmark</Text></Document>'
+  return wrk.format(nil, "%(path)s", nil, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format('RESULT {"requests": %%d, "duration_us": %%d, "non2xx": %%d, ' ..
+    '"socket_errors": %%d, "p50_us": %%d, "p99_us": %%d}\\n', summary.requests, summary.duration,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write +
+    summary.errors.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_closed_loop(port: int, token: str, tag: str, connections: int, seconds: float) -> dict[str, Any]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(_WRK_SCRIPT % {"token": token, "tag": tag, "path": f"/v1/sign?key={KEY}"})
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script),
+                              f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True).stdout
+    finally:
+        script.unlink()
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    duration = result["duration_us"] / 1e6
+    ok = result["requests"] - result["non2xx"]
+    return {"generator": "wrk", "requests": result["requests"], "ok": ok, "non2xx": result["non2xx"],
+            "socket_errors": result["socket_errors"], "ok_per_s": ok / duration,
+            "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000}
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection; minimal response parsing (status + Content-Length)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, raw: bytes) -> int:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if match:
+            await self.reader.readexactly(int(match.group(1)))
+        return status
+
+
+def _raw_request(port: int, token: str, tag: str, n: int) -> bytes:
+    body = document(tag, n)
+    return (f"POST /v1/sign?key={KEY} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _load(port: int, token: str, tag: str, seconds: float, *, rate: float | None,
+                connections: int) -> dict[str, Any]:
+    """Closed loop (`rate` None: `connections` workers back to back) or open loop at `rate`/s."""
+    latencies: dict[int, list[float]] = {}
+    errors = 0
+    counter = iter(range(10**9))
+    idle: list[_Conn] = []
+    sent = 0
+
+    async def connect() -> _Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return _Conn(reader, writer)
+
+    async def one(conn: _Conn | None) -> None:
+        nonlocal errors
+        try:
+            conn = conn or await connect()
+            t0 = time.perf_counter()
+            status = await conn.request(_raw_request(port, token, tag, next(counter)))
+            latencies.setdefault(status, []).append(time.perf_counter() - t0)
+            idle.append(conn)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+
+    start = time.perf_counter()
+    stop = start + seconds
+    if rate is None:
+        async def worker() -> None:
+            conn = await connect()
+            while time.perf_counter() < stop:
+                idle.clear()
+                await one(conn)
+        await asyncio.gather(*(worker() for _ in range(connections)))
+    else:
+        tasks: set[asyncio.Task] = set()
+        interval = 1.0 / rate
+        next_at = start
+        while True:
+            now = time.perf_counter()
+            if now >= stop:
+                break
+            while next_at <= now:  # catch up: the schedule, not the responses, sets the pace
+                task = asyncio.create_task(one(idle.pop() if idle else None))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                sent += 1
+                next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+    elapsed = time.perf_counter() - start
+    return {"elapsed_s": elapsed, "errors": errors, "sent": sent,
+            "latencies": {str(k): v for k, v in latencies.items()}}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+
+def python_load(port: int, token: str, tag: str, seconds: float, *, rate: float | None,
+                connections: int) -> dict[str, Any]:
+    """Run the Python generator in its own process (it must not share the server's GIL or ours)."""
+    args = [sys.executable, "-m", "benchmarks.http_sign", "--loadgen", json.dumps(
+        {"port": port, "token": token, "tag": tag, "seconds": seconds, "rate": rate, "connections": connections})]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    lat = data["latencies"]
+    ok = lat.get("200", [])
+    total = sum(len(v) for v in lat.values())
+    return {"generator": "python", "requests": total, "ok": len(ok), "non2xx": total - len(ok),
+            "rejected_429": len(lat.get("429", [])), "socket_errors": data["errors"],
+            "offered_per_s": data["sent"] / data["elapsed_s"] if rate else None,
+            "ok_per_s": len(ok) / data["elapsed_s"], "p50_ms": _pct(ok, 50), "p99_ms": _pct(ok, 99),
+            "p99_429_ms": _pct(lat.get("429", []), 99),
+            "other_statuses": {k: len(v) for k, v in lat.items() if k not in ("200", "429")}}
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--overload", type=float, default=4.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loadgen:
+        spec = json.loads(args.loadgen)
+        print(json.dumps(asyncio.run(_load(spec["port"], spec["token"], spec["tag"], spec["seconds"],
+                                           rate=spec["rate"], connections=spec["connections"]))))
+        return
+
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    home, token = make_home(args.connections)
+    try:
+        raw = raw_hsm_rate(home, args.seconds)
+        proc, port = start_server(home, args.log_level)
+        try:
+            # warm-up: connections, caches, the first group commits
+            python_load(port, token, "warm", 1.0, rate=None, connections=4)
+            if generator == "wrk":
+                capacity = wrk_closed_loop(port, token, "cap", args.connections, args.seconds)
+            else:
+                capacity = python_load(port, token, "cap", args.seconds, rate=None, connections=args.connections)
+            rss_before = rss_mb(proc.pid)
+            offered = capacity["ok_per_s"] * args.overload
+            overload = python_load(port, token, "over", args.seconds, rate=offered,
+                                   connections=args.connections)
+            rss_after = rss_mb(proc.pid)
+            # a second overload round: memory must not keep growing
+            overload2 = python_load(port, token, "over2", args.seconds, rate=offered,
+                                    connections=args.connections)
+            rss_after2 = rss_mb(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+        raw_after = raw_hsm_rate(home, args.seconds)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    raw_mean = (raw + raw_after) / 2
+    ratio = capacity["ok_per_s"] / raw_mean
+    rows = [
+        {"phase": "raw HSM (before)", "per_s": raw},
+        {"phase": "raw HSM (after)", "per_s": raw_after},
+        {"phase": f"HTTP sign ({capacity['generator']}, c={args.connections})", "per_s": capacity["ok_per_s"],
+         "p50_ms": capacity["p50_ms"], "p99_ms": capacity["p99_ms"], "vs_raw": ratio},
+        {"phase": f"overload {args.overload:g}x: admitted", "per_s": overload["ok_per_s"],
+         "p50_ms": overload["p50_ms"], "p99_ms": overload["p99_ms"],
+         "share_429": overload["rejected_429"] / max(1, overload["requests"])},
+        {"phase": f"overload {args.overload:g}x again: admitted", "per_s": overload2["ok_per_s"],
+         "p50_ms": overload2["p50_ms"], "p99_ms": overload2["p99_ms"],
+         "share_429": overload2["rejected_429"] / max(1, overload2["requests"])},
+    ]
+    print(table(rows, ["phase", "per_s", "p50_ms", "p99_ms", "vs_raw", "share_429"]))
+    print(f"offered in overload: {overload['offered_per_s']:.0f}/s (target {offered:.0f}/s); "
+          f"429 p99 {overload['p99_429_ms'] or 0:.1f} ms; other statuses {overload['other_statuses']}")
+    print(f"server RSS: {rss_before:.1f} MB before overload, {rss_after:.1f} MB after, {rss_after2:.1f} MB after a second round")
+    targets = {
+        "http_vs_raw_ge_0.85": ratio >= 0.85,
+        "overload_admitted_p99_lt_250ms": all(o["p99_ms"] is not None and o["p99_ms"] < 250 for o in (overload, overload2)),
+        "overload_rest_429": all(not o["other_statuses"] and o["socket_errors"] == 0 for o in (overload, overload2)),
+        "memory_flat_within_10pct": rss_after2 <= rss_after * 1.10,
+        "clean_shutdown": code == 0,
+    }
+    for name, ok in targets.items():
+        print(f"  {name}: {'met' if ok else 'NOT met'}")
+    path = write_results("http_sign", {
+        "seconds": args.seconds, "connections": args.connections, "generator": capacity["generator"],
+        "log_level": args.log_level, "raw_hsm_per_s": [raw, raw_after], "capacity": capacity,
+        "http_vs_raw": ratio, "overload_factor": args.overload, "overload": overload, "overload_again": overload2,
+        "rss_mb": {"before_overload": rss_before, "after_overload": rss_after, "after_second_overload": rss_after2},
+        "targets": targets})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
