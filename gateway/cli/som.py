@@ -1,0 +1,203 @@
+"""`gateway som ...`: suspicious order monitoring from the command line.
+
+synth (a labelled synthetic history), score (batch scoring, by partitions of customers on local
+worker processes or a Dask cluster), evaluate (precision, recall, ROC AUC against the labels, the
+litigation rule sets beside), diligence (a due-diligence page for one flagged line), load-history
+(seeds the live SOM state under the home).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from gateway.cli import Context, pass_context
+
+# Where load-history keeps the live state, inside the home.
+STATE_FILE = Path("som") / "state.bin"
+
+
+def _fail(code: str, message: str, exit_code: int = 2) -> NoReturn:
+    click.echo(json.dumps({"error": {"code": code, "message": message}}), err=True)
+    sys.exit(exit_code)
+
+
+def _guard(exc: Exception) -> NoReturn:
+    """Errors a user can act on carry a `code`: print it and exit 2; anything else is a bug."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        _fail(code, str(exc))
+    raise exc
+
+
+def state_path(ctx: Context) -> Path:
+    return ctx.settings.home / STATE_FILE
+
+
+def _config(ctx: Context, path: str | None) -> Any:
+    """Thresholds: --config FILE (a [som] table or top-level keys), else the home's gateway.toml
+    [som] table, else the defaults."""
+    from gateway.som.config import SomConfig, SomConfigError
+
+    try:
+        if path:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+            return SomConfig.from_dict(data.get("som", data))
+        home_table = ctx.settings.extra.get("som") if ctx.settings.config_path.exists() else None
+        return SomConfig.from_dict(home_table or {})
+    except (tomllib.TOMLDecodeError, SomConfigError) as exc:
+        _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
+
+
+def _read_table(path: str) -> Any:
+    import polars as pl
+
+    if path.lower().endswith(".csv"):
+        return pl.read_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
+                                                                          "customer": pl.String,
+                                                                          "ndc": pl.String})
+    return pl.read_parquet(path)
+
+
+@click.group("som")
+def som_group() -> None:
+    """Suspicious order monitoring (21 CFR 1301.74(b))."""
+
+
+@som_group.command("synth")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .parquet or .csv.")
+@click.option("--customers", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--days", default=730, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth_command(out: str, customers: int, days: int, seed: int) -> None:
+    """Write a synthetic order history with labelled anomalies (label, anomaly columns)."""
+    from gateway.som.synth import synthesize, write_synthetic
+
+    if not out.lower().endswith((".parquet", ".pq", ".csv")):
+        _fail("som_unknown_format", f"{out}: expected .parquet or .csv")
+    started = time.perf_counter()
+    frame = synthesize(customers=customers, days=days, seed=seed)
+    write_synthetic(frame, out)
+    kinds = frame.filter("label")["anomaly"].value_counts(sort=True)
+    summary = ", ".join(f"{k} {n:,}" for k, n in kinds.iter_rows())
+    click.echo(f"{frame.height:,} lines, {customers:,} customers, {days} days -> {out} "
+               f"({time.perf_counter() - started:.1f} s)")
+    click.echo(f"labelled: {int(frame['label'].sum()):,} lines ({summary or 'none'})")
+
+
+@som_group.command("score")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .parquet or .csv (input columns + score, flag, reasons).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Thresholds (TOML: a [som] table or top-level keys).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes (local) or LocalCluster workers (dask).")
+@click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=None,
+              help="Partitions of customers (default: from the input size; 1 = all in memory).")
+@click.option("--scheduler", default=None, help="Dask scheduler address (engine dask); default: a LocalCluster.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_context
+def score_command(ctx: Context, source: str, out: str, config_path: str | None, workers: int,
+                  engine: str, partitions: int | None, scheduler: str | None, quiet: bool) -> None:
+    """Score SOURCE (Parquet or CSV, native or ARCOS shape) into --out."""
+    from tqdm import tqdm
+
+    from gateway.som.partition import default_partitions, score_file, steps
+
+    config = _config(ctx, config_path)
+    count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
+    bar = tqdm(total=steps(count, workers, engine), unit="step", disable=quiet, file=sys.stderr,
+               desc="score")
+
+    def tick(stage: str) -> None:
+        bar.set_description(stage)
+        bar.update(1)
+
+    try:
+        run = score_file(source, out, config, partitions=count, workers=workers, engine=engine,
+                         scheduler=scheduler, progress=tick)
+    except Exception as exc:  # noqa: BLE001 - coded errors become exit 2, others propagate
+        bar.close()
+        _guard(exc)
+    bar.close()
+    rate = run.lines / run.seconds if run.seconds else 0.0
+    click.echo(f"{run.lines:,} lines scored, {run.flagged:,} flagged -> {run.output} "
+               f"({run.partitions} partition{'s' if run.partitions > 1 else ''}, {run.workers} "
+               f"worker{'s' if run.workers > 1 else ''}, {run.engine}; {run.seconds:.1f} s, {rate:,.0f} lines/s)")
+
+
+@som_group.command("evaluate")
+@click.argument("scored", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-rules", is_flag=True, help="Do not measure the litigation rule sets.")
+def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
+    """Precision, recall and ROC AUC of a scored, labelled history, overall and by anomaly kind."""
+    from gateway.som.evaluate import evaluate
+
+    try:
+        report = evaluate(_read_table(scored), rule_sets=not no_rules)
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
+    click.echo(report.to_json() if as_json else report.table())
+
+
+@som_group.command("diligence")
+@click.argument("scored", type=click.Path(exists=True, dir_okay=False))
+@click.option("--order", "order_id", required=True, help="Order id of the line.")
+@click.option("--line", "line", required=True, type=int, help="Line number in the order.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="HTML page to write.")
+def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
+    """Write a self-contained due-diligence page for one line of a scored history."""
+    from gateway.som.diligence import diligence_page
+
+    try:
+        page = diligence_page(_read_table(scored), order_id, line)
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    click.echo(f"due-diligence page for order {order_id} line {line} -> {out}")
+
+
+@som_group.command("load-history")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Thresholds (TOML); default: the home's gateway.toml [som] table.")
+@pass_context
+def load_history_command(ctx: Context, file: str, config_path: str | None) -> None:
+    """Seed the live SOM state from a history file (replaces the home's state)."""
+    from gateway.som.incremental import SomState
+    from gateway.som.io import read_orders
+    from gateway.som.peers import peer_reference
+
+    config = _config(ctx, config_path)
+    started = time.perf_counter()
+    try:
+        history = read_orders(file)
+        # The state takes each customer's lines in time order; same-day lines keep file order.
+        history = history.sort("date", maintain_order=True)
+        state = SomState(config, peer_reference(history))
+        state.update_many(history)
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
+    target = state_path(ctx)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state.save(target)
+    click.echo(f"{history.height:,} lines, {len(state.customers):,} customers, "
+               f"{len(state.groups):,} customer-family series -> {target} "
+               f"({time.perf_counter() - started:.1f} s)")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(som_group)

@@ -1,0 +1,135 @@
+"""`gateway som ...` end to end through click: synth -> score -> evaluate -> diligence, load-history."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import cli
+from gateway.som.incremental import SomState
+
+
+def _run(home: Path, *args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, ["--home", str(home), "som", *args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output + (result.stderr if result.stderr_bytes else "")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("som_cli")
+
+
+@pytest.fixture(scope="module")
+def synth_file(workdir) -> Path:
+    out = workdir / "history.parquet"
+    result = _run(workdir / "home", "synth", "--out", str(out), "--customers", "60", "--days", "500",
+                  "--seed", "4")
+    assert "lines, 60 customers, 500 days" in result.output
+    assert "labelled:" in result.output and "size" in result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored_file(workdir, synth_file) -> Path:
+    out = workdir / "scored.parquet"
+    result = _run(workdir / "home", "score", str(synth_file), "--out", str(out), "--partitions", "2")
+    assert "lines scored" in result.output and "2 partitions" in result.output
+    return out
+
+
+def test_synth_writes_labelled_history(synth_file) -> None:
+    frame = pl.read_parquet(synth_file)
+    assert {"label", "anomaly"} <= set(frame.columns)
+    assert frame["customer"].n_unique() == 60
+
+
+def test_score_keeps_columns_and_shows_progress(workdir, synth_file, scored_file) -> None:
+    history = pl.read_parquet(synth_file)
+    scored = pl.read_parquet(scored_file)
+    assert scored.columns == history.columns + ["score", "flag", "reasons"]
+    assert scored.height == history.height
+    # The plain whole-file path gives the same flags; the progress bar goes to stderr.
+    out = workdir / "scored_plain.csv"
+    result = _run(workdir / "home", "score", str(synth_file), "--out", str(out), "--partitions", "1")
+    assert "score" in result.stderr and "100%" in result.stderr
+    plain = pl.read_csv(out, schema_overrides={"order_id": pl.String})
+    joined = scored.join(plain, on=["order_id", "line"], suffix="_csv")
+    assert joined.height == scored.height and (joined["flag"] == joined["flag_csv"]).all()
+
+
+def test_score_with_thresholds_file(workdir, synth_file) -> None:
+    strict = workdir / "strict.toml"
+    strict.write_text("[som]\nsize_ratio = 1000.0\nmonth_ratio = 1000.0\nmonthly_cap = 1e9\n")
+    out = workdir / "strict.parquet"
+    _run(workdir / "home", "score", str(synth_file), "--out", str(out), "--partitions", "1", "--config", str(strict),
+         "--quiet")
+    bad = workdir / "bad.toml"
+    bad.write_text("[som]\nno_such_threshold = 3\n")
+    result = _run(workdir / "home", "score", str(synth_file), "--out", str(workdir / "x.parquet"),
+                  "--config", str(bad), ok=False)
+    assert result.exit_code == 2
+    assert json.loads(result.stderr)["error"]["code"] == "som_config_invalid"
+    assert not (workdir / "x.parquet").exists()
+
+
+def test_evaluate_table_and_json(workdir, scored_file) -> None:
+    table = _run(workdir / "home", "evaluate", str(scored_file)).output
+    assert "precision" in table and "ROC AUC" in table and "avg12x3" in table and "size" in table
+    data = json.loads(_run(workdir / "home", "evaluate", str(scored_file), "--json", "--no-rules").output)
+    assert [r["method"] for r in data["results"]] == ["scorer"]
+    overall = data["results"][0]["overall"]
+    assert overall["positives"] == int(pl.read_parquet(scored_file)["label"].sum())
+    assert 0.5 < overall["roc_auc"] <= 1.0
+
+
+def test_evaluate_without_labels_is_a_coded_error(workdir, scored_file) -> None:
+    unlabelled = workdir / "unlabelled.parquet"
+    pl.read_parquet(scored_file).drop("label", "anomaly").write_parquet(unlabelled)
+    result = _run(workdir / "home", "evaluate", str(unlabelled), ok=False)
+    assert result.exit_code == 2
+    assert json.loads(result.stderr)["error"]["code"] == "som_no_labels"
+
+
+def test_diligence_page_for_a_flagged_line(workdir, scored_file) -> None:
+    flagged = pl.read_parquet(scored_file).filter("flag").row(0, named=True)
+    page = workdir / "page.html"
+    _run(workdir / "home", "diligence", str(scored_file), "--order", flagged["order_id"], "--line",
+         str(flagged["line"]), "--out", str(page))
+    text = page.read_text()
+    assert flagged["order_id"] in text and "<svg" in text
+    assert f"{flagged['dosage_units']:,.0f}" in text
+    result = _run(workdir / "home", "diligence", str(scored_file), "--order", "NOPE", "--line", "1",
+                  "--out", str(workdir / "none.html"), ok=False)
+    assert result.exit_code == 2 and json.loads(result.stderr)["error"]["code"] == "som_line_not_found"
+    assert not (workdir / "none.html").exists()
+
+
+def test_load_history_seeds_the_state(workdir) -> None:
+    home = workdir / "home"
+    small = workdir / "small.csv"
+    _run(home, "synth", "--out", str(small), "--customers", "12", "--days", "200", "--seed", "9")
+    result = _run(home, "load-history", str(small))
+    state_file = home / "som" / "state.bin"
+    assert state_file.exists() and str(state_file) in result.output
+    state = SomState.load(state_file)
+    history = pl.read_csv(small)
+    assert len(state.customers) == history["customer"].n_unique()
+    assert len(state.groups) == history.select("customer", "family").n_unique()
+
+
+def test_module_entry_point(workdir, synth_file) -> None:
+    """The installed command line, as a user runs it."""
+    out = workdir / "sub.parquet"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "--home", str(workdir / "home"), "som", "score",
+                           str(synth_file), "--out", str(out), "--partitions", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert pl.read_parquet(out).height == pl.read_parquet(synth_file).height

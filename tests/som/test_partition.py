@@ -1,0 +1,104 @@
+"""Scoring by partitions of customers gives the single-process scores: in-process, on two local
+worker processes, and on a Dask LocalCluster of two workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from gateway.som.io import SomInputError
+from gateway.som.partition import PartitionError, merge_references, score_file
+from gateway.som.peers import peer_reference
+from gateway.som.score import score_orders
+from gateway.som.synth import synthesize
+
+KEY = ["order_id", "line"]
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory) -> tuple[Path, pl.DataFrame]:
+    frame = synthesize(customers=150, days=450, seed=21)
+    path = tmp_path_factory.mktemp("som_part") / "history.parquet"
+    frame.write_parquet(path)
+    return path, frame
+
+
+@pytest.fixture(scope="module")
+def single(history) -> pl.DataFrame:
+    return score_orders(history[1])
+
+
+def _same_scores(single: pl.DataFrame, out: pl.DataFrame) -> None:
+    assert out.columns == single.columns  # input columns kept, in order, then the scorer's
+    assert out.height == single.height
+    j = single.join(out, on=KEY, suffix="_p", how="inner")
+    assert j.height == single.height
+    np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
+    assert (j["flag_p"] == j["flag"]).all()
+    assert (j["reasons_p"].fill_null("") == j["reasons"].fill_null("")).all()
+    assert (j["dosage_units_p"] == j["dosage_units"]).all() and (j["label_p"] == j["label"]).all()
+    assert int(single["flag"].sum()) > 50  # the comparison covers flagged lines
+
+
+def test_merged_partition_references_equal_the_whole(history) -> None:
+    frame = history[1]
+    whole = peer_reference(frame)
+    for count in (2, 5):
+        parts = [frame.filter(pl.col("customer").hash(seed=0) % count == i) for i in range(count)]
+        merged = merge_references([peer_reference(p) for p in parts])
+        assert merged.select("level", "customer_type", "state", "family").equals(
+            whole.select("level", "customer_type", "state", "family"))
+        for col, dtype in whole.schema.items():
+            if dtype.is_numeric():
+                np.testing.assert_allclose(merged[col].to_numpy(), whole[col].to_numpy(), rtol=1e-9, err_msg=col)
+
+
+def test_in_process_partitions(history, single, tmp_path) -> None:
+    seen: list[str] = []
+    run = score_file(history[0], tmp_path / "scored.parquet", partitions=4, progress=seen.append)
+    assert (run.partitions, run.workers, run.engine, run.lines) == (4, 1, "local", single.height)
+    assert run.flagged == int(single["flag"].sum())
+    assert seen == ["peers"] * 4 + ["reference"] + ["score"] * 4 + ["write"]
+    _same_scores(single, pl.read_parquet(run.output))
+    assert not list(tmp_path.glob(".*parts*"))  # the parts are cleaned up
+
+
+def test_whole_file_path(history, single, tmp_path) -> None:
+    run = score_file(history[0], tmp_path / "scored.parquet", partitions=1)
+    _same_scores(single, pl.read_parquet(run.output))
+
+
+def test_two_local_processes_csv_in_and_out(history, single, tmp_path) -> None:
+    csv = tmp_path / "history.csv"
+    history[1].write_csv(csv)
+    run = score_file(csv, tmp_path / "scored.csv", partitions=3, workers=2)
+    assert run.workers == 2
+    out = pl.read_csv(run.output, try_parse_dates=True, schema_overrides={"order_id": pl.String})
+    _same_scores(single, out.with_columns(pl.col("dosage_units").cast(single.schema["dosage_units"])))
+
+
+def test_dask_local_cluster_of_two_workers(history, single, tmp_path) -> None:
+    pytest.importorskip("distributed")
+    run = score_file(history[0], tmp_path / "scored.parquet", partitions=4, workers=2, engine="dask")
+    assert run.engine == "dask"
+    _same_scores(single, pl.read_parquet(run.output))
+
+
+def test_bad_options(history, tmp_path) -> None:
+    with pytest.raises(PartitionError) as err:
+        score_file(history[0], tmp_path / "o.parquet", engine="spark")
+    assert err.value.code == "som_unknown_engine"
+    with pytest.raises(PartitionError) as err:
+        score_file(history[0], tmp_path / "o.json")
+    assert err.value.code == "som_unknown_output"
+    with pytest.raises(SomInputError) as err:
+        score_file(tmp_path / "absent.parquet", tmp_path / "o.parquet")
+    assert err.value.code == "som_file_not_found"
+    foreign = tmp_path / "foreign.parquet"
+    pl.DataFrame({"a": [1], "b": [2]}).write_parquet(foreign)
+    with pytest.raises(SomInputError):
+        score_file(foreign, tmp_path / "o.parquet", partitions=2)
+    assert not (tmp_path / "o.parquet").exists()
