@@ -294,3 +294,42 @@ async def test_two_processes_append_one_chain(backend: Backend,
         await make_checkpoint(storage, audit_key)
         result = await verify_trail(storage, audit_public_key)
     assert result.ok and result.records_checked == 401, result
+
+
+async def test_checkpoint_with_p256_key(storage: Storage, hsm, ec_key: str) -> None:  # noqa: ANN001
+    key = AuditKey.from_signer(hsm.signer(ec_key))
+    assert key.algorithm == "ecdsa-sha256"
+    await fill(storage, 3)
+    cp = await make_checkpoint(storage, key)
+    assert cp is not None and cp.algorithm == "ecdsa-sha256"
+    assert (await verify_trail(storage, hsm.public_key(ec_key))).ok
+    # the RSA audit key does not verify an ECDSA checkpoint
+    rsa_public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    assert (await verify_trail(storage, rsa_public)).problem == "checkpoint_signature_invalid"
+
+
+async def test_checkpointer_survives_hsm_failure(storage: Storage, audit_key: AuditKey) -> None:
+    from gateway.signing.hsm import TokenUnavailable
+
+    calls = {"n": 0}
+
+    def flaky_sign(data: bytes) -> bytes:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise TokenUnavailable("HSM down")
+        return audit_key.sign(data)
+
+    key = AuditKey(audit_key.label, audit_key.algorithm, flaky_sign)
+    checkpointer = Checkpointer(storage, key, every_records=1, every_seconds=3600,
+                                poll_seconds=0.01)
+    await fill(storage, 2)
+    checkpointer.start()
+    try:
+        for _ in range(300):
+            if await storage.checkpoints():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await checkpointer.stop(final=False)
+    assert calls["n"] >= 3  # failed twice, kept going, then signed
+    assert [c.seq for c in await storage.checkpoints()] == [2]
