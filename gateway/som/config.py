@@ -24,29 +24,41 @@ class SomConfig:
     # Size against the customer's own history (trailing 12 complete months, 6 for the maximum).
     min_history_months: int = 3          # months of history before the customer is judged on it
     min_history_lines: int = 3           # lines in the trailing 12 months before order size is judged
-    size_ratio: float = 3.0              # line units / mean line size of the trailing 12 months
-    size_over_max6: float = 1.5          # line units / largest line of the trailing 6 months
-    control_z: float = 4.0               # log-size control limit, in robust standard deviations
+    size_ratio: float = 4.0              # line units / mean line size of the trailing 12 months
+    size_over_max6: float = 3.0          # line units / largest line of the trailing 6 months
+    control_z: float = 5.0               # log-size control limit, in robust standard deviations
     control_sd_floor: float = 0.25       # floor on the log-size spread (very regular customers)
-    month_ratio: float = 3.0             # month-to-date units / trailing 12-month monthly average
+    month_ratio: float = 4.0             # month-to-date units / trailing 12-month monthly average,
+                                         # for a line at least the customer's mean line
     # Size against the peer group (class of trade, state, family), from a fixed reference table.
-    peer_z: float = 3.5                  # log line size above the peers' log mean, in peer sd
-    peer_month_z: float = 3.5            # log month-to-date units above the peers' monthly log mean
+    peer_z: float = 4.0                  # log line size above the peers' log mean, in peer sd
+    peer_month_z: float = 4.0            # log month-to-date units above the peers' monthly log mean,
+                                         # for a line above the peers' typical line
     min_peer_customers: int = 5          # fewer peers: fall back to (class of trade, family), then family
     # Frequency.
-    frequency_ratio: float = 3.0         # order days in the last 30 days / usual order days a month
+    frequency_ratio: float = 2.0         # order days in the last 30 days / usual order days a month
+    frequency_min_interval_ratio: float = 1.5  # ...while the recent interval is still this much
+                                         # shorter than usual (no echo once a burst is over)
     min_orders_30d: int = 4              # fewer order days in 30 days are never a frequency finding
-    interval_ratio: float = 3.0          # usual interval / mean of the last `recent_intervals` intervals
+    interval_ratio: float = 2.0          # usual interval / mean of the last `recent_intervals` intervals
     recent_intervals: int = 3
     # Pattern.
     new_family_tenure_days: int = 180    # a new family is judged only for an established customer
-    new_family_window_days: int = 45     # lines this long after a family's first order count as new
+    new_family_window_days: int = 180    # lines this long after a family's first order count as new
     new_family_peer_share: float = 0.25  # a new family ordered by fewer peers than this is unusual
-    mix_shift: float = 0.35              # rise of a family's share of the customer's units (30 d vs 12 m)
-    controlled_shift: float = 0.35       # rise of the controlled share of the customer's units
+    sustained_ratio: float = 1.7         # smallest of the last `sustained_orders` order days /
+                                         # usual order day: every recent order well above usual
+    sustained_orders: int = 2
+    mix_odds_ratio: float = 15.0        # odds of a family's share of the customer's units, last 30
+                                         # days against the trailing months since it was first ordered
+    controlled_odds_ratio: float = 30.0  # odds of the controlled share, last 30 days against 12 months
     min_mix_units: float = 500.0         # family units in 30 days below this never make a mix finding
-    # Monthly dosage-unit cap per family (litigation method 4 uses 8,000).
+    min_mix_days: int = 3                # customer order days in 30 days needed to judge a share
+    # Monthly dosage-unit cap per family (litigation method 4 uses 8,000); a customer whose trailing
+    # 12-month monthly average is above it has outgrown it and is judged by the other findings.
     monthly_cap: float = 8000.0
+    cap_over_usual: float = 1.2          # ...and this far above the largest month of the trailing
+                                         # 12 (a customer that has always stayed under the cap)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -55,8 +67,10 @@ class SomConfig:
                 raise SomConfigError(f"{f.name}: expected a number, got {value!r}")
             if value < 0:
                 raise SomConfigError(f"{f.name}: must not be negative, got {value!r}")
-        if self.recent_intervals < 1 or self.recent_intervals > 30:
+        if not 1 <= self.recent_intervals <= 30:
             raise SomConfigError("recent_intervals: must be between 1 and 30")
+        if not 1 <= self.sustained_orders <= 30:
+            raise SomConfigError("sustained_orders: must be between 1 and 30")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SomConfig":

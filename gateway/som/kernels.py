@@ -51,12 +51,14 @@ CONFIG_FIELDS = (
     "min_history_months", "min_history_lines", "size_ratio", "size_over_max6", "control_z",
     "control_sd_floor", "month_ratio", "peer_z", "peer_month_z", "frequency_ratio",
     "min_orders_30d", "interval_ratio", "recent_intervals", "new_family_tenure_days",
-    "new_family_window_days", "new_family_peer_share", "mix_shift", "controlled_shift",
-    "min_mix_units", "monthly_cap",
+    "new_family_window_days", "new_family_peer_share", "mix_odds_ratio", "controlled_odds_ratio",
+    "min_mix_units", "monthly_cap", "sustained_ratio", "sustained_orders",
+    "frequency_min_interval_ratio", "cap_over_usual", "min_mix_days",
 )
 (K_MIN_MONTHS, K_MIN_LINES, K_SIZE, K_MAX6, K_CZ, K_SDFLOOR, K_MONTH, K_PEER_Z, K_PEER_MZ,
  K_FREQ, K_MIN30, K_INTERVAL, K_RECENT, K_TENURE, K_WINDOW, K_PEER_SHARE, K_MIX, K_CTRL,
- K_MIN_MIX, K_CAP) = range(len(CONFIG_FIELDS))
+ K_MIN_MIX, K_CAP, K_SUST, K_SUST_N, K_FREQ_INT, K_CAP_USUAL, K_MIX_DAYS) = range(
+    len(CONFIG_FIELDS))
 
 # --- peer vector layout (one row of the peer reference table) --------------------------------
 
@@ -77,34 +79,37 @@ R_NEW_FAMILY = 1 << 8
 R_MIX = 1 << 9
 R_CONTROLLED = 1 << 10
 R_CAP = 1 << 11
+R_SUSTAINED = 1 << 12  # the last few order days well above the usual order day
 REASON_BITS = {
     "size": R_SIZE, "max6": R_MAX6, "control": R_CONTROL, "month": R_MONTH, "peer": R_PEER,
     "peer_month": R_PEER_MONTH, "frequency": R_FREQ, "interval": R_INTERVAL,
     "new_family": R_NEW_FAMILY, "mix": R_MIX, "controlled": R_CONTROLLED, "cap": R_CAP,
+    "sustained": R_SUSTAINED,
 }
 KIND_BITS = {
     "size": R_SIZE | R_MAX6 | R_CONTROL | R_MONTH | R_PEER | R_PEER_MONTH,
     "frequency": R_FREQ | R_INTERVAL,
-    "pattern": R_NEW_FAMILY | R_MIX | R_CONTROLLED,
+    "pattern": R_NEW_FAMILY | R_MIX | R_CONTROLLED | R_SUSTAINED,
     "cap": R_CAP,
 }
 
 FEATURES = (
     # severities' underlying ratios / statistics (NaN when not judged)
     "size_ratio", "max6_ratio", "control_z", "month_ratio", "peer_z", "peer_month_z",
-    "frequency_ratio", "interval_ratio", "new_family_share", "mix_shift", "controlled_shift",
-    "cap_ratio",
+    "frequency_ratio", "interval_ratio", "new_family_share", "mix_odds_ratio",
+    "controlled_odds_ratio", "cap_ratio", "sustained_ratio",
     # the numbers quoted in the reasons
     "units", "mean_line_12m", "max_line_6m", "control_limit", "month_to_date", "monthly_avg_12m",
     "peer_line_typical", "peer_line_limit", "peer_month_typical", "peer_month_limit",
     "orders_30d", "usual_orders_month", "recent_interval", "usual_interval", "tenure_days",
     "share_30d", "share_12m", "controlled_30d", "controlled_12m", "months_history",
+    "recent_day_units", "usual_day_units", "max_month_12m", "customer_days_30d",
 )
 NF = len(FEATURES)
 (F_SIZE, F_MAX6, F_CZ, F_MONTH, F_PEER_Z, F_PEER_MZ, F_FREQ, F_INTERVAL, F_NEWFAM, F_MIX, F_CTRL,
- F_CAP, F_UNITS, F_MEAN12, F_MAX6L, F_CLIMIT, F_MTD, F_AVG12, F_PEER_TYP, F_PEER_LIM,
+ F_CAP, F_SUST, F_UNITS, F_MEAN12, F_MAX6L, F_CLIMIT, F_MTD, F_AVG12, F_PEER_TYP, F_PEER_LIM,
  F_PEER_MTYP, F_PEER_MLIM, F_N30, F_USUAL_N, F_RECENT_GAP, F_USUAL_GAP, F_TENURE, F_SHARE30,
- F_SHARE12, F_CTRL30, F_CTRL12, F_NHIST) = range(NF)
+ F_SHARE12, F_CTRL30, F_CTRL12, F_NHIST, F_RECENT_DAY, F_USUAL_DAY, F_MAXM12, F_CN30) = range(NF)
 
 DAYS_PER_MONTH = 30.436875
 
@@ -141,6 +146,12 @@ def new_customer_state(c):
         c[C_MONTHS + s * C_MSLOT] = -1.0
     for s in range(ND):
         c[C_DAYS + s * C_DSLOT] = -1e9
+
+
+@njit(cache=True)
+def _odds(p):
+    p = min(max(p, 0.05), 0.95)
+    return p / (1.0 - p)
 
 
 @njit(cache=True)
@@ -225,13 +236,18 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
     slog = 0.0
     slog2 = 0.0
     max6 = 0.0
+    maxm12 = 0.0
     ctot12 = 0.0
     cctl12 = 0.0
+    cfam12 = 0.0  # customer units in the trailing months since the family's first month
+    fam_lo = max(month - 12.0, g[G_FIRST_MONTH])
     for s in range(NM):
         b = G_MONTHS + s * G_MSLOT
         mid = g[b]
         if mid >= month - 12 and mid <= month - 1:
             tot12 += g[b + 1]
+            if g[b + 1] > maxm12:
+                maxm12 = g[b + 1]
             cnt12 += g[b + 2]
             days12 += g[b + 3]
             slog += g[b + 5]
@@ -243,10 +259,12 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
         if cmid >= month - 12 and cmid <= month - 1:
             ctot12 += c[cb + 1]
             cctl12 += c[cb + 2]
+            if cmid >= fam_lo:
+                cfam12 += c[cb + 1]
     nhist = min(12.0, month - g[G_FIRST_MONTH])
     feat[F_NHIST] = nhist
     feat[F_MTD] = mtd
-    feat[F_CAP] = mtd / cfg[K_CAP] if cfg[K_CAP] > 0 else np.nan
+    feat[F_CAP] = np.nan
 
     # ---- last 30 days ----
     n30 = 0.0
@@ -259,12 +277,15 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
             u30 += g[b + 1]
     c30 = 0.0
     k30 = 0.0
+    cn30 = 0.0
     for s in range(ND):
         b = C_DAYS + s * C_DSLOT
         if c[b] >= lo and c[b] <= day:
             c30 += c[b + 1]
             k30 += c[b + 2]
+            cn30 += 1.0
     feat[F_N30] = n30
+    feat[F_CN30] = cn30
 
     score = 0.0
     bits = 0
@@ -297,11 +318,14 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
         if sev >= 1.0:
             bits |= R_CONTROL
         score = max(score, sev)
-    if history and tot12 > 0:
+    if history and tot12 > 0 and cnt12 >= cfg[K_MIN_LINES] and units * cnt12 >= tot12:
         avg12 = tot12 / nhist
         feat[F_AVG12] = avg12
         feat[F_MONTH] = mtd / avg12
+        # the line must take the month over the limit (later lines of that month are not new)
         sev = _sev(feat[F_MONTH], cfg[K_MONTH])
+        if (mtd - units) / avg12 >= cfg[K_MONTH]:
+            sev = min(sev, 0.999)
         if sev >= 1.0:
             bits |= R_MONTH
         score = max(score, sev)
@@ -320,7 +344,7 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
         feat[F_PEER_MTYP] = math.expm1(peer[P_MONTH_MU])
         feat[F_PEER_MLIM] = math.expm1(peer[P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
         feat[F_PEER_MZ] = (math.log1p(mtd) - peer[P_MONTH_MU]) / msd
-        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ])
+        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ]) if lu >= peer[P_LINE_MU] else 0.0
         if sev >= 1.0:
             bits |= R_PEER_MONTH
         score = max(score, sev)
@@ -329,12 +353,6 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
     if history and days12 > 0:
         usual = days12 / nhist
         feat[F_USUAL_N] = usual
-        if n30 >= cfg[K_MIN30]:
-            feat[F_FREQ] = n30 / max(usual, 1.0)
-            sev = _sev(feat[F_FREQ], cfg[K_FREQ])
-            if sev >= 1.0:
-                bits |= R_FREQ
-            score = max(score, sev)
         r = int(cfg[K_RECENT])
         if nd - 1 >= r:
             back = g[G_DAYS + ((nd - 1 - r) % ND) * G_DSLOT]
@@ -347,6 +365,14 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
             if sev >= 1.0:
                 bits |= R_INTERVAL
             score = max(score, sev)
+        if n30 >= cfg[K_MIN30]:
+            feat[F_FREQ] = n30 / max(usual, 1.0)
+            interval = feat[F_INTERVAL]
+            if interval == interval and interval >= cfg[K_FREQ_INT]:
+                sev = _sev(feat[F_FREQ], cfg[K_FREQ])
+                if sev >= 1.0:
+                    bits |= R_FREQ
+                score = max(score, sev)
 
     # ---- pattern: new family, family mix, controlled share ----
     tenure = g[G_FIRST_DAY] - c[C_FIRST_DAY]
@@ -360,33 +386,55 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
             bits |= R_NEW_FAMILY
         score = max(score, sev)
     cust_history = month - month_of_day(int(c[C_FIRST_DAY])) >= cfg[K_MIN_MONTHS]
-    if cust_history and ctot12 > 0 and c30 > 0:
+    enough_days = cn30 >= cfg[K_MIX_DAYS]
+    if history and cfam12 > 0 and c30 > 0 and enough_days:
         share30 = u30 / c30
-        share12 = tot12 / ctot12
+        share12 = tot12 / cfam12
         feat[F_SHARE30] = share30
         feat[F_SHARE12] = share12
         if u30 >= cfg[K_MIN_MIX]:
-            feat[F_MIX] = share30 - share12
+            feat[F_MIX] = _odds(share30) / _odds(share12)
             sev = _sev(feat[F_MIX], cfg[K_MIX])
             if sev >= 1.0:
                 bits |= R_MIX
             score = max(score, sev)
-        if controlled:
-            ctl30 = k30 / c30
-            ctl12 = cctl12 / ctot12
-            feat[F_CTRL30] = ctl30
-            feat[F_CTRL12] = ctl12
-            feat[F_CTRL] = ctl30 - ctl12
-            sev = _sev(feat[F_CTRL], cfg[K_CTRL])
-            if sev >= 1.0:
-                bits |= R_CONTROLLED
-            score = max(score, sev)
+    if cust_history and controlled and ctot12 > 0 and c30 > 0 and enough_days:
+        ctl30 = k30 / c30
+        ctl12 = cctl12 / ctot12
+        feat[F_CTRL30] = ctl30
+        feat[F_CTRL12] = ctl12
+        feat[F_CTRL] = _odds(ctl30) / _odds(ctl12)
+        sev = _sev(feat[F_CTRL], cfg[K_CTRL])
+        if sev >= 1.0:
+            bits |= R_CONTROLLED
+        score = max(score, sev)
 
-    # ---- monthly cap ----
-    sev = feat[F_CAP] if feat[F_CAP] == feat[F_CAP] else 0.0
-    if sev > 1.0:
-        bits |= R_CAP
-    score = max(score, sev)
+    # ---- sustained: the last order days against the usual order day ----
+    ns = int(cfg[K_SUST_N])
+    if history and days12 > 0 and nd >= ns:
+        recent_units = g[dbase + 1]
+        for k in range(1, ns):
+            recent_units = min(recent_units, g[G_DAYS + ((nd - 1 - k) % ND) * G_DSLOT + 1])
+        usual_day = tot12 / days12
+        feat[F_RECENT_DAY] = recent_units
+        feat[F_USUAL_DAY] = usual_day
+        feat[F_SUST] = recent_units / usual_day
+        sev = _sev(feat[F_SUST], cfg[K_SUST])
+        if sev >= 1.0:
+            bits |= R_SUSTAINED
+        score = max(score, sev)
+
+    # ---- monthly cap (for customers whose usual month is under it) ----
+    if history:
+        feat[F_MAXM12] = maxm12
+    if cfg[K_CAP] > 0 and history and mtd >= cfg[K_CAP_USUAL] * maxm12:
+        feat[F_CAP] = mtd / cfg[K_CAP]
+        sev = feat[F_CAP]
+        if mtd - units > cfg[K_CAP]:  # the month was already over the cap before this line
+            sev = min(sev, 1.0)
+        if sev > 1.0:
+            bits |= R_CAP
+        score = max(score, sev)
     if not controlled:  # non-controlled lines only inform the controlled share
         return 0.0, 0
     return score, bits

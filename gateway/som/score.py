@@ -43,7 +43,7 @@ class LineScore:
 
 TEMPLATES: tuple[tuple[int, tuple], ...] = (
     (K.R_CAP, ("{fam}: ", ("i", K.F_MTD), " units this month exceed the monthly cap of ",
-               ("cap",), "")),
+               ("cap",), " (largest month of the trailing 12: ", ("i", K.F_MAXM12), ")")),
     (K.R_SIZE, ("{fam}: ", ("i", K.F_UNITS), " units = ", ("r", K.F_SIZE),
                 "x the trailing 12-month average order of ", ("i", K.F_MEAN12), "")),
     (K.R_MAX6, ("{fam}: ", ("i", K.F_UNITS), " units = ", ("r", K.F_MAX6),
@@ -64,7 +64,10 @@ TEMPLATES: tuple[tuple[int, tuple], ...] = (
     (K.R_NEW_FAMILY, ("{fam}: new family after ", ("i", K.F_TENURE),
                       " days as a customer, ordered by ", ("p", K.F_NEWFAM), " of peers")),
     (K.R_MIX, ("{fam}: ", ("p", K.F_SHARE30), " of the customer's units in the last 30 days against ",
-               ("p", K.F_SHARE12), " over the trailing 12 months")),
+               ("p", K.F_SHARE12), " over the trailing months")),
+    (K.R_SUSTAINED, ("{fam}: each of the last order days at least ", ("i", K.F_RECENT_DAY),
+                     " units = ", ("r", K.F_SUST), "x the usual order day of ",
+                     ("i", K.F_USUAL_DAY), "")),
     (K.R_CONTROLLED, ("controlled share of the customer's units ", ("p", K.F_CTRL30),
                       " in the last 30 days against ", ("p", K.F_CTRL12),
                       " over the trailing 12 months")),
