@@ -102,3 +102,23 @@ def test_bad_options(history, tmp_path) -> None:
     with pytest.raises(SomInputError):
         score_file(foreign, tmp_path / "o.parquet", partitions=2)
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_arcos_shape_by_partitions(history, tmp_path) -> None:
+    """The public ARCOS shape (BUYER_DEA_NO, DRUG_NAME, TRANSACTION_DATE as MMDDYYYY...) partitions
+    on the buyer and scores as it does whole."""
+    arcos = history[1].select(
+        TRANSACTION_ID=pl.col("order_id") + "-" + pl.col("line").cast(pl.String),
+        BUYER_DEA_NO="customer", BUYER_BUS_ACT="customer_type", BUYER_STATE="state", DRUG_NAME="family",
+        NDC_NO="ndc", DOSAGE_UNIT="dosage_units", TRANSACTION_DATE=pl.col("date").dt.strftime("%m%d%Y"))
+    path = tmp_path / "arcos.csv"
+    arcos.write_csv(path)
+    whole = score_file(path, tmp_path / "whole.parquet", partitions=1)
+    parts = score_file(path, tmp_path / "parts.parquet", partitions=3)
+    a = pl.read_parquet(whole.output)
+    b = pl.read_parquet(parts.output)
+    assert "customer" in a.columns and a.columns == b.columns
+    j = a.join(b, on="order_id", suffix="_p")
+    assert j.height == arcos.height
+    np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
+    assert (j["flag"] == j["flag_p"]).all() and int(j["flag"].sum()) > 0
