@@ -178,6 +178,47 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
         click.echo(f"note: {key_problem} (no checkpoints to verify)", err=True)
 
 
+@audit_group.command("list")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]), default=None,
+              help="Only records at or after this UTC date/time.")
+@click.option("--outcome", type=click.Choice(["success", "failure", "refused"]), default=None)
+@click.option("--type", "event_type", default=None, help="Only this event type.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True,
+              help="At most this many records (the most recent ones).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_context
+def audit_list(ctx: Context, since: Any, outcome: str | None, event_type: str | None,
+               limit: int, as_json: bool) -> None:
+    """Show audit records for review (21 CFR 1311.215: the trail is analysed daily)."""
+    from collections import deque
+    from datetime import UTC
+
+    since_utc = since.replace(tzinfo=UTC) if since is not None else None
+
+    async def collect(storage: Storage) -> list[Any]:
+        kept: deque[Any] = deque(maxlen=limit)
+        after = 0
+        while batch := await storage.audit_records(after_seq=after, limit=5000):
+            for rec in batch:
+                if ((since_utc is None or rec.time >= since_utc)
+                        and (outcome is None or rec.outcome == outcome)
+                        and (event_type is None or rec.event_type == event_type)):
+                    kept.append(rec)
+            after = batch[-1].seq
+        return list(kept)
+
+    for rec in _run(ctx, collect):
+        if as_json:
+            click.echo(json.dumps({
+                "seq": rec.seq, "time": rec.time.isoformat(), "event_type": rec.event_type,
+                "actor": rec.actor, "outcome": rec.outcome, "subject": rec.subject,
+                "details": rec.details, "request_id": rec.request_id}, sort_keys=True))
+        else:
+            click.echo(f"{rec.seq:>8}  {_fmt_time(rec.time)}  {rec.outcome:<8} {rec.event_type:<24} "
+                       f"{rec.actor:<20} {rec.subject or '-'}"
+                       + (f"  {json.dumps(rec.details, sort_keys=True)}" if rec.details else ""))
+
+
 @audit_group.command("checkpoint")
 @click.option("--key", "label", default="audit", show_default=True, help="HSM audit key label.")
 @pass_context

@@ -6,6 +6,7 @@ The home is the session's SoftHSM home; GATEWAY_DATABASE_URL points each test at
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import click
@@ -137,3 +138,18 @@ def test_audit_verify_without_key_but_with_checkpoints_is_not_a_pass(gw, audit_l
     result = gw("audit", "verify", "--key", "no-such-audit-key")
     assert result.exit_code == 2
     assert "NOT verified" in result.stderr and "not in the HSM" in result.stderr
+
+
+def test_audit_list_for_daily_review(gw) -> None:  # noqa: ANN001
+    for name in ("a", "b", "c"):
+        assert gw("clients", "add", name, "--role", "pharmacy").exit_code == 0
+    assert gw("clients", "revoke", "b").exit_code == 0
+    listed = gw("audit", "list")
+    assert listed.exit_code == 0
+    lines = listed.output.strip().splitlines()
+    assert len(lines) == 4 and "client_revoked" in lines[-1] and " b" in lines[-1]
+    only = gw("audit", "list", "--type", "client_added", "--limit", "2", "--json")
+    records = [json.loads(line) for line in only.output.strip().splitlines()]
+    assert [(r["seq"], r["subject"]) for r in records] == [(2, "b"), (3, "c")]
+    assert gw("audit", "list", "--since", "2999-01-01").output == ""
+    assert gw("audit", "list", "--outcome", "refused").output == ""
