@@ -140,6 +140,7 @@ class CrlCache:
         self._generation = 0
         self._snapshot: tuple[int, tuple[_CrlEntry, ...]] | None = None
         self._covered: set[x509.Certificate] = set()  # certificates whose CRLs were looked for
+        self._tracked: tuple[x509.Certificate, ...] = ()  # always looked for (intermediates)
         self._refetch_at: dt.datetime | None = None  # earliest nextUpdate of a fetched CRL
 
     # -- sources
@@ -253,7 +254,7 @@ class CrlCache:
                     if fresh is not None and fresh.der != entry.der:
                         self._urls[url] = fresh
                         changed = True
-            changed |= self._fetch_for(certs, now)
+            changed |= self._fetch_for((*certs, *self._tracked), now)
             if changed or self._snapshot is None:
                 unique: dict[bytes, _CrlEntry] = {}
                 for entry in self._all_entries():
@@ -265,6 +266,12 @@ class CrlCache:
             pending = [e.next_update for e in self._urls.values() if e.next_update is not None]
             self._refetch_at = min(pending) if pending else None
             return self._snapshot
+
+    def track(self, certs: Iterable[x509.Certificate]) -> None:
+        """Certificates whose CRLs are wanted on every use (a trust store's intermediates)."""
+        with self._lock:
+            self._tracked = tuple(dict.fromkeys((*self._tracked, *certs)))
+            self._snapshot = None
 
     def refresh(self) -> None:
         """Look at the directories again on the next use."""
@@ -329,6 +336,7 @@ class TrustStore:
         self.revocation_mode = revocation_mode
         self.usage = frozenset(usage)
         _check_usage(self.usage)
+        self.crls.track(self.intermediates)
         self._asn1_anchors = [_asn1(c) for c in self.anchors]
         self._asn1_intermediates = [_asn1(c) for c in self.intermediates]
         self._results: dict[tuple, _CachedSuccess] = {}
@@ -374,7 +382,7 @@ class TrustStore:
         at = as_utc(at) if at is not None else utcnow()
         wanted = frozenset(usage) if usage is not None else self.usage
         _check_usage(wanted)
-        generation, entries = self.crls.current((cert, *extra_certs, *self.intermediates))
+        generation, entries = self.crls.current((cert, *extra_certs))
         key = (cert, frozenset(extra_certs), wanted, generation)
         hit = self._results.get(key)
         if hit is not None and hit.not_before <= at <= hit.not_after:

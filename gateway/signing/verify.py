@@ -16,6 +16,7 @@ order, an NCPDP NewRx) with `register_xml_document`; anything else is a plain XM
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable
 
 from lxml import etree
@@ -191,10 +192,15 @@ def _report(
         signing_time=when,
         signing_time_source=source,
         signer=CertificateSummary.of(signer),
-        chain=tuple(CertificateSummary.of(c) for c in validation.path),
+        chain=_summaries(validation.path),
         signature_algorithm=algorithm,
         details={"trust_result_reused": validation.cached},
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _summaries(path: tuple) -> tuple[CertificateSummary, ...]:
+    return tuple(CertificateSummary.of(c) for c in path)
 
 
 __all__ = [

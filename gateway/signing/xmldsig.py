@@ -391,8 +391,9 @@ def _b64(text: str | None, what: str) -> bytes:
         raise XmlSignatureError("signature_malformed", f"{what} is not base64") from None
 
 
-def _certificates(key_info: etree._Element) -> list[x509.Certificate]:
-    certificates: list[x509.Certificate] = []
+def _certificates(key_info: etree._Element) -> tuple[str, ...]:
+    """The X509Certificate values of KeyInfo (base64, whitespace removed)."""
+    certificates: list[str] = []
     for child in _children(key_info, "KeyInfo"):
         if child.tag in _IGNORED_KEY_INFO:
             continue
@@ -402,7 +403,7 @@ def _certificates(key_info: etree._Element) -> list[x509.Certificate]:
             )
         for item in _children(child, "X509Data"):
             if item.tag == X509_CERTIFICATE:
-                certificates.append(_load_certificate("".join((item.text or "").split())))
+                certificates.append("".join((item.text or "").split()))
             elif item.tag not in _IGNORED_X509_DATA:
                 raise XmlSignatureError(
                     "signature_malformed", f"X509Data/{etree.QName(item).localname} is not accepted"
@@ -411,24 +412,16 @@ def _certificates(key_info: etree._Element) -> list[x509.Certificate]:
         raise XmlSignatureError(
             "certificate_missing", "the signature carries no X509Certificate", "signer_certificate"
         )
-    return certificates
+    return tuple(certificates)
 
 
 @functools.lru_cache(maxsize=512)
-def _load_certificate(b64: str) -> x509.Certificate:
-    """Certificates repeat across documents (one signer, many orders): parse each once."""
-    try:
-        return x509.load_der_x509_certificate(base64.b64decode(b64, validate=True))
-    except (binascii.Error, ValueError) as exc:
-        raise XmlSignatureError(
-            "certificate_malformed", f"X509Certificate cannot be read: {exc}", "signer_certificate"
-        ) from None
-
-
 def _signer_certificate(
-    certificates: list[x509.Certificate],
+    encoded: tuple[str, ...],
 ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-    """The signer is the certificate that issued none of the others (the leaf of the chain)."""
+    """The signer is the certificate that issued none of the others (the leaf of the chain).
+    Certificates repeat across documents (one signer, many orders): each set is worked out once."""
+    certificates = [_load_certificate(b64) for b64 in encoded]
     if len(certificates) == 1:
         return certificates[0], ()
     subjects_issuing = {c.issuer for c in certificates if c.issuer != c.subject}
@@ -441,6 +434,15 @@ def _signer_certificate(
         )
     signer = leaves[0]
     return signer, tuple(c for c in certificates if c is not signer)
+
+
+def _load_certificate(b64: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(base64.b64decode(b64, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise XmlSignatureError(
+            "certificate_malformed", f"X509Certificate cannot be read: {exc}", "signer_certificate"
+        ) from None
 
 
 def _verify_signature_value(
