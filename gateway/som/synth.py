@@ -301,7 +301,7 @@ def synthesize(
     offsets = np.cumsum(n_ev) - n_ev
     k = np.arange(e_series.size) - np.repeat(offsets, n_ev)
     jitter_span = np.maximum(1, s_interval // 7)[e_series]
-    jitter = rng.integers(-jitter_span, jitter_span + 1)
+    jitter = (rng.random(e_series.size) * (2 * jitter_span + 1)).astype(np.int64) - jitter_span
     e_day = first_day[e_series] + k * s_interval[e_series] + jitter
     keep = (e_day >= s_start[e_series]) & (e_day < s_end[e_series]) & (rng.random(e_series.size) > 0.04)
     e_series, e_day = e_series[keep], e_day[keep]
@@ -354,7 +354,7 @@ def synthesize(
         # The customer's other families fall during the shift (unlabelled: a fall is not suspicious).
         cust_win = np.full(customers, -1, dtype=np.int64)
         cust_win[s_cust[mix]] = np.arange(mix.size)
-        cw = cust_win[s_cust[e_series]]
+        cw = cust_win[s_cust][e_series]  # compose the small maps first: one gather over events
         falls = (cw >= 0) & ~in_mix & (e_kind == 0)
         falls[falls] = ((e_series[falls] != mix[cw[falls]])
                         & (e_day[falls] >= mix_start[cw[falls]])
@@ -364,7 +364,7 @@ def synthesize(
         # Controlled share.
         cust_share = np.full(customers, -1, dtype=np.int64)
         cust_share[share] = np.arange(share.size)
-        sw = cust_share[s_cust[e_series]]
+        sw = cust_share[s_cust][e_series]
         rise = (sw >= 0) & regular[e_series]
         rise[rise] = ((e_day[rise] >= share_start[sw[rise]])
                       & (e_day[rise] < share_start[sw[rise]] + share_len[sw[rise]])
@@ -380,7 +380,8 @@ def synthesize(
     caps = _pick(rng, cap_series, rates.cap, customers)
     if caps.size:
         # Calendar months since the start, as the cap counts them.
-        e_month = (np.datetime64(start, "D") + e_day.astype("timedelta64[D]")).astype("datetime64[M]").astype(np.int64)
+        month_of_day = (np.datetime64(start, "D") + np.arange(days).astype("timedelta64[D]")).astype("datetime64[M]")
+        e_month = month_of_day.astype(np.int64)[e_day]
         first_month = int(np.datetime64(start, "M").astype(np.int64))
         cap_month = first_month + rng.integers(min_history // 30 + 1, max(min_history // 30 + 2, days // 30 - 1), caps.size)
         cap_factor = rng.uniform(9_500, 13_000, caps.size) / s_month[caps]
@@ -426,7 +427,7 @@ def synthesize(
     # --- quantities --------------------------------------------------------------------------
     c_of = s_cust[e_series]
     years = e_day / 365.25
-    level = (s_month[e_series] * (1.0 + growth[c_of]) ** years
+    level = (s_month[e_series] * np.exp(years * np.log1p(growth)[c_of])
              * (1.0 + season_amp[c_of] * np.cos(2 * np.pi * (e_day - season_peak[c_of]) / 365.25)))
     # Burst orders are sized on the usual order, not on the shortened interval.
     units = level * s_interval[e_series] / _DAYS_PER_MONTH * e_mult
