@@ -133,7 +133,7 @@ def _audit_key_from_hsm(ctx: Context, label: str) -> tuple[Any, str | None]:
     except KeyNotFound:
         return None, (f"the audit key '{label}' is not in the HSM; `gateway init` generates it")
     except HsmError as exc:
-        return None, f"the HSM is unavailable ({exc})"
+        return None, f"the HSM is unavailable ({exc}); is the home set up (`gateway init`)?"
 
 
 @audit_group.command("verify")
@@ -230,7 +230,8 @@ def audit_checkpoint(ctx: Context, label: str) -> None:
     try:
         hsm = Hsm.open(ctx.settings)
     except HsmError as exc:
-        raise click.ClickException(f"the HSM is unavailable: {exc}") from exc
+        raise click.ClickException(f"the HSM is unavailable ({exc}); is the home set up "
+                                   "(`gateway init`)?") from exc
     try:
         try:
             key = AuditKey.from_signer(hsm.signer(label))
