@@ -21,6 +21,7 @@ from gateway.cli import Context, pass_context
 
 # Where load-history keeps the live state, inside the home.
 STATE_FILE = Path("som") / "state.bin"
+LOAD_CHUNK = 50_000  # lines per progress step of load-history
 
 
 def _fail(code: str, message: str, exit_code: int = 2) -> NoReturn:
@@ -174,9 +175,12 @@ def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Thresholds (TOML); default: the home's gateway.toml [som] table.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @pass_context
-def load_history_command(ctx: Context, file: str, config_path: str | None) -> None:
+def load_history_command(ctx: Context, file: str, config_path: str | None, quiet: bool) -> None:
     """Seed the live SOM state from a history file (replaces the home's state)."""
+    from tqdm import tqdm
+
     from gateway.som.incremental import SomState
     from gateway.som.io import read_orders
     from gateway.som.peers import peer_reference
@@ -188,7 +192,11 @@ def load_history_command(ctx: Context, file: str, config_path: str | None) -> No
         # The state takes each customer's lines in time order; same-day lines keep file order.
         history = history.sort("date", maintain_order=True)
         state = SomState(config, peer_reference(history))
-        state.update_many(history)
+        with tqdm(total=history.height, unit="line", disable=quiet, file=sys.stderr, desc="load") as bar:
+            for start in range(0, history.height, LOAD_CHUNK):
+                chunk = history.slice(start, LOAD_CHUNK)
+                state.update_many(chunk)
+                bar.update(chunk.height)
     except Exception as exc:  # noqa: BLE001
         _guard(exc)
     target = state_path(ctx)

@@ -133,3 +133,28 @@ def test_module_entry_point(workdir, synth_file) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert pl.read_parquet(out).height == pl.read_parquet(synth_file).height
+
+
+def test_loaded_state_scores_the_next_lines_as_batch_does(workdir) -> None:
+    """The seeded state continues the history: new lines score as batch scoring of the whole."""
+    import datetime as dt
+
+    from gateway.som.io import read_orders
+    from gateway.som.peers import peer_reference
+    from gateway.som.score import score_orders
+    from gateway.som.synth import synthesize
+
+    home = workdir / "home_next"
+    full = synthesize(customers=25, days=300, seed=13)
+    cut = dt.date(2024, 9, 1)
+    past = full.filter(pl.col("date") < cut)
+    past_file = workdir / "past.parquet"
+    past.write_parquet(past_file)
+    _run(home, "load-history", str(past_file), "--quiet")
+    state = SomState.load(home / "som" / "state.bin")
+    batch = score_orders(full, peers=peer_reference(read_orders(past)))
+    new = batch.filter(pl.col("date") >= cut).head(400)
+    for row in new.iter_rows(named=True):
+        got = state.update(row)
+        assert got.score == pytest.approx(row["score"], rel=1e-9, abs=1e-9), row
+        assert got.flag == row["flag"]
