@@ -153,8 +153,17 @@ def _n(value: float | None) -> str:
 
 _COLORS = {
     "bar": "#8aa4c8", "flag": "#c0392b", "avg2": "#e67e22", "avg3": "#8e44ad", "max6": "#16a085",
-    "ctrl": "#2c3e50", "peer": "#95a5a6",
+    "ctrl": "#2c3e50", "peer": "#95a5a6", "line": "#7b241c",
 }
+
+
+def _nice_step(raw: float) -> float:
+    """1, 2 or 5 times a power of ten, at least `raw` (axis ticks people read at a glance)."""
+    power = 10 ** np.floor(np.log10(max(raw, 1e-9)))
+    for m in (1, 2, 5, 10):
+        if m * power >= raw:
+            return float(m * power)
+    return float(10 * power)
 
 
 def _chart(d: Diligence, width: int = 860, height: int = 340) -> str:
@@ -171,7 +180,8 @@ def _chart(d: Diligence, width: int = 860, height: int = 340) -> str:
     }
     values = [p.units for p in pts] + [v for s in series.values() for v in s if v is not None]
     values += [p.peer_high for p in pts if p.peer_high is not None]
-    top_value = max(values + [1.0]) * 1.08
+    tick = _nice_step(max(values + [1.0]) / 5)
+    top_value = max(max(values + [1.0]) * 1.05, tick)
     step = pw / max(n, 1)
 
     def x(i: float) -> float:
@@ -183,8 +193,8 @@ def _chart(d: Diligence, width: int = 860, height: int = 340) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="monthly units and thresholds">']
     # Axis and grid.
-    for k in range(6):
-        v = top_value / 1.08 * k / 5
+    for k in range(int(top_value // tick) + 1):
+        v = k * tick
         out.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + pw}" y2="{y(v):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11">{_n(v)}</text>')
     # Peers' band (10th-90th percentile) and median.
@@ -207,7 +217,7 @@ def _chart(d: Diligence, width: int = 860, height: int = 340) -> str:
             own = float(d.line.get("dosage_units") or 0.0)
             mtd_top = y(d.month_to_date)
             out.append(f'<rect x="{x(i) + step * 0.15:.1f}" y="{mtd_top:.1f}" width="{step * 0.7:.1f}" '
-                       f'height="{own / top_value * ph:.1f}" fill="#7b241c"><title>flagged line: '
+                       f'height="{own / top_value * ph:.1f}" fill="{_COLORS["line"]}"><title>this line: '
                        f'{_n(own)} units</title></rect>')
     # Threshold step lines.
     for key, vals in series.items():
@@ -223,7 +233,7 @@ def _chart(d: Diligence, width: int = 860, height: int = 340) -> str:
                        f'{_e(p.month.strftime("%Y-%m"))}</text>')
     out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>')
     # Legend.
-    legend = [("bar", "monthly units"), ("flag", "flagged month"), ("avg2", "2x 12-month average"),
+    legend = [("bar", "monthly units"), ("flag", "flagged month"), ("line", "the line"), ("avg2", "2x 12-month average"),
               ("avg3", "3x 12-month average"), ("max6", "6-month maximum"), ("ctrl", "control limit"),
               ("peer", "peers 10th-90th pct")]
     for k, (key, text) in enumerate(legend):
