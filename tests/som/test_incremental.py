@@ -1,0 +1,105 @@
+"""Incremental scoring gives the batch score for the same history; its state is bounded and
+survives save and load."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from gateway.som import kernels as K
+from gateway.som.config import SomConfig
+from gateway.som.incremental import SomState, SomStateError
+from gateway.som.peers import peer_reference
+from gateway.som.score import score_orders
+
+from .conftest import lines, messy_history, monthly
+
+
+def _time_order(df: pl.DataFrame) -> pl.DataFrame:
+    # Time order; same-day lines in input order (what batch scoring assumes too).
+    return df.sort("date", maintain_order=True)
+
+
+@pytest.fixture(scope="module")
+def history() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    df = _time_order(messy_history(customers=80, days=500, seed=3))
+    peers = peer_reference(df)
+    return df, peers, score_orders(df, peers=peers)
+
+
+def test_incremental_equals_batch(history) -> None:
+    df, peers, batch = history
+    state = SomState(peers=peers)
+    got = state.update_many(df)
+    assert np.allclose([g.score for g in got], batch["score"].to_numpy(), rtol=1e-12, atol=0)
+    assert [g.flag for g in got] == batch["flag"].to_list()
+    assert [g.reasons for g in got] == batch["reasons"].to_list()
+    assert batch["flag"].sum() > 5
+
+
+def test_save_load_midway_then_continue(history, tmp_path) -> None:
+    df, peers, batch = history
+    half = df.height // 2
+    state = SomState(peers=peers)
+    state.update_many(df[:half])
+    state.save(tmp_path / "som.state")
+    restored = SomState.load(tmp_path / "som.state")
+    rest = restored.update_many(df[half:])
+    assert np.allclose([g.score for g in rest], batch["score"].to_numpy()[half:], rtol=1e-12, atol=0)
+    assert [g.reasons for g in rest] == batch["reasons"].to_list()[half:]
+    again = SomState.from_bytes(restored.to_bytes())
+    assert again.config == restored.config and set(again.groups) == set(restored.groups)
+
+
+def test_state_is_bounded() -> None:
+    state = SomState()
+    start = dt.date(2020, 1, 1)
+    for k in range(2000):  # five years of daily orders
+        state.update({"customer": "AB1234563", "family": "oxycodone",
+                      "date": start + dt.timedelta(days=k), "dosage_units": 100.0})
+    (g,) = state.groups.values()
+    (c,) = state.customers.values()
+    assert g.shape == (K.G_SIZE,) and c.shape == (K.C_SIZE,)
+    assert len(state.to_bytes()) < 20_000
+
+
+def test_a_line_gets_its_batch_reasons() -> None:
+    rows = monthly("AB1234563", "oxycodone", 1000, "2024-01", 12)
+    state = SomState()
+    for r in rows:
+        assert not state.update({"customer": r[0], "family": r[1], "date": r[2],
+                                 "dosage_units": r[3]}).flag
+    got = state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2025-01-15",
+                        "dosage_units": 4000})
+    batch = score_orders(lines(rows + [("AB1234563", "oxycodone", "2025-01-15", 4000)]))
+    assert got.flag and got.reasons == batch["reasons"][-1]
+    assert got.score == pytest.approx(batch["score"][-1])
+    assert "size" in got.findings and got.features["size_ratio"] == 4.0
+
+
+def test_bad_lines_and_bad_states() -> None:
+    state = SomState()
+    state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2024-03-01",
+                  "dosage_units": 10})
+    with pytest.raises(SomStateError) as e:
+        state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2024-02-01",
+                      "dosage_units": 10})
+    assert e.value.code == "som_out_of_order"
+    with pytest.raises(SomStateError) as e:
+        state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2024-03-02",
+                      "dosage_units": -5})
+    assert e.value.code == "som_invalid_line"
+    with pytest.raises(SomStateError) as e:
+        state.update({"customer": "AB1234563", "date": "2024-03-02", "dosage_units": 5})
+    assert e.value.code == "som_invalid_line"
+    with pytest.raises(SomStateError) as e:
+        SomState.from_bytes(b"not a state")
+    assert e.value.code == "som_state_unreadable"
+
+
+def test_config_travels_with_the_state() -> None:
+    state = SomState(SomConfig(monthly_cap=5000))
+    assert SomState.from_bytes(state.to_bytes()).config.monthly_cap == 5000
