@@ -56,6 +56,36 @@ def _refusals() -> Iterator[None]:
         raise CommandError(getattr(exc, "code", "error"), str(exc)) from exc
 
 
+def _record(settings: Settings, event_type: str, outcome: str, subject: str, details: dict) -> None:
+    """Append one audit event for a key or PKI change (21 CFR 1311.150: changes are auditable)."""
+    import asyncio
+
+    from gateway.storage import open_storage
+    from gateway.storage.base import AuditEvent
+
+    async def write() -> None:
+        async with open_storage(settings) as storage:
+            await storage.append_audit(AuditEvent(event_type, "cli", outcome, subject=subject, details=details))
+
+    try:
+        asyncio.run(write())
+    except Exception as exc:  # noqa: BLE001 - the change happened; say loudly that its record did not
+        click.echo(f"warning [audit_write_failed]: {event_type} for {subject} not recorded: {exc}", err=True)
+
+
+@contextmanager
+def _audited(settings: Settings, event_type: str, subject: str, **details: object) -> Iterator[dict]:
+    """Record the command's outcome in the audit trail, success or refusal. Yields a dict the
+    command may add details to."""
+    extra: dict = dict(details)
+    try:
+        yield extra
+    except CommandError as exc:
+        _record(settings, event_type, "failure", subject, {**extra, "code": exc.code, "message": exc.message})
+        raise
+    _record(settings, event_type, "success", subject, extra)
+
+
 @contextmanager
 def _open_hsm(settings: Settings) -> Iterator[object]:
     from gateway.signing.hsm import Hsm  # imported here: `pki` commands work without PKCS#11
@@ -130,7 +160,7 @@ def ca_bundle_cmd(ctx: Context, out: str | None) -> None:
 def revoke_cmd(ctx: Context, serial: str, reason: str) -> None:
     """Test PKI only: revoke a certificate and reissue its CA's CRL."""
     number = _parse_serial(serial)
-    with _refusals():
+    with _audited(ctx.settings, "pki.certificate_revoked", str(number), reason=reason), _refusals():
         entry = pki.revoke(ctx.settings.pki_dir, number, reason)
         layout = pki.PkiLayout(ctx.settings.pki_dir)
     _echo_json({**asdict(entry), "serial": str(entry.serial),
@@ -142,7 +172,7 @@ def revoke_cmd(ctx: Context, serial: str, reason: str) -> None:
 @pass_context
 def crl_cmd(ctx: Context) -> None:
     """Test PKI only: reissue every CA's CRL (next CRL number, nextUpdate in 7 days)."""
-    with _refusals():
+    with _audited(ctx.settings, "pki.crl_issued", "test-pki"), _refusals():
         paths = pki.issue_crl(ctx.settings.pki_dir)
     report = {}
     for ca, path in paths.items():
@@ -185,12 +215,14 @@ def issue_cmd(ctx: Context, label: str, profile: str, dea_number: str | None, sc
     """Test PKI only: issue a certificate for an HSM key and store it with the key."""
     parsed = _parse_schedules(schedules)
     settings = ctx.settings
-    with _open_hsm(settings) as hsm, _refusals():
+    with _audited(settings, "key.certificate_issued", label, profile=profile) as audit, \
+            _open_hsm(settings) as hsm, _refusals():
         fields = dict(dea_number=dea_number, schedules=parsed, organization=organization, email=email,
                       business_activity=business_activity, validity_days=days)
         if common_name:
             fields["common_name"] = common_name
         cert, path = issue_for_label(settings, hsm, label, profile, **fields)
+        audit["serial"] = str(cert.serial_number)
     _echo_json({"label": label, "profile": profile, "serial": str(cert.serial_number),
                 "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
                 "not_after": cert.not_valid_after_utc.isoformat(), "certificate": str(path)})
@@ -217,9 +249,11 @@ def _fingerprint(public_key: object) -> str:
 @pass_context
 def generate_cmd(ctx: Context, label: str, key_type: str) -> None:
     """Generate a key pair inside the HSM (the private key never leaves it)."""
-    with _open_hsm(ctx.settings) as hsm, _refusals():
+    with _audited(ctx.settings, "key.generated", label, key_type=key_type) as audit, \
+            _open_hsm(ctx.settings) as hsm, _refusals():
         certificate_path(ctx.settings, label)  # refuse labels that cannot name a file later
         public = hsm.generate_keypair(label, key_type)
+        audit["spki_sha256"] = _fingerprint(public)
     _echo_json({"label": label, "key_type": key_type, "spki_sha256": _fingerprint(public),
                 "public_key": public.public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()})
@@ -250,7 +284,8 @@ def import_cert_cmd(ctx: Context, label: str, file: str) -> None:
     """Store the issued certificate with its HSM key (token and <home>/keys/LABEL.pem)."""
     with _refusals():
         cert = load_certificate_bytes(Path(file).read_bytes())
-    with _open_hsm(ctx.settings) as hsm, _refusals():
+    with _audited(ctx.settings, "key.certificate_imported", label, serial=str(cert.serial_number),
+                  certificate_subject=cert.subject.rfc4514_string()), _open_hsm(ctx.settings) as hsm, _refusals():
         path = install_certificate(ctx.settings, hsm, label, cert)
     _echo_json({"label": label, "subject": cert.subject.rfc4514_string(), "serial": str(cert.serial_number),
                 "not_after": cert.not_valid_after_utc.isoformat(), "certificate": str(path)})
