@@ -21,12 +21,13 @@ from typing import Protocol, Sequence
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.signing.errors import SigningError
+from gateway.signing.validation import load_certificate
 
 MAX_SIGNATURE_BYTES = 1_048_576
 MIN_RSA_BITS = 2048
@@ -238,7 +239,7 @@ def _certificates(signed_data: cms.SignedData) -> list[x509.Certificate]:
 
 def _load_certificate(der: bytes) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
+        return load_certificate(der)
     except ValueError as exc:
         raise CmsError("certificate_malformed", f"certificate cannot be read: {exc}",
                        "signer_certificate") from None
@@ -267,7 +268,11 @@ def _find_signer(sid: cms.SignerIdentifier, certificates: list[x509.Certificate]
 def _verify_signature(cert: x509.Certificate, signer_info: cms.SignerInfo, data: bytes) -> str:
     algorithm = signer_info["signature_algorithm"]["algorithm"].native
     signature = signer_info["signature"].native
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CmsError("algorithm_not_allowed", f"the certificate key cannot be used: {exc}",
+                       "signature_value") from None
     try:
         if isinstance(key, rsa.RSAPublicKey) and algorithm in _RSA_ALGORITHMS:
             if key.key_size < MIN_RSA_BITS:

@@ -38,7 +38,7 @@ from typing import Any
 from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
@@ -82,6 +82,22 @@ class CertificateValidation:
     @property
     def valid(self) -> bool:
         return self.failed_check is None
+
+
+def load_certificate(der: bytes) -> x509.Certificate:
+    """A DER certificate from an untrusted source, fully read: cryptography parses names and
+    extensions lazily, and a malformed one would otherwise raise later, anywhere.
+    Raises ValueError."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018 - parsed on access
+        list(cert.extensions)
+        cert.public_key()
+    except (UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    return cert
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -434,6 +450,11 @@ class TrustStore:
             return _failed(at, CHECK_KEY_USAGE, "certificate_key_usage", exc), None
         except (cv_errors.PathValidationError, cv_errors.ValidationError) as exc:
             return _failed(at, CHECK_CHAIN, "certificate_chain_invalid", exc), None
+        except (ValueError, TypeError, KeyError, NotImplementedError, UnsupportedAlgorithm) as exc:
+            # A certificate cryptography parsed but asn1crypto or the path checks cannot handle
+            # (an exotic extension or key): not a chain we can trust.
+            return _failed(at, CHECK_CHAIN, "certificate_chain_invalid",
+                           f"{type(exc).__name__}: {exc}"), None
 
         chain = tuple(_from_asn1(c) for c in reversed(list(path)))  # signer first
         revoked = _on_current_crl(chain, entries)

@@ -105,8 +105,10 @@ def verify_cms(
 ) -> VerificationReport:
     """Verify a detached CMS SignedData over `content`.
 
-    The certificate is judged at the signed signing-time attribute when present; `at` (the
-    caller's time) is used only when the signature carries none, else now.
+    The certificate is judged at the signed signing-time attribute when present (never later
+    than now: a signature cannot have been made in the future, and a claimed future time must not
+    reach a certificate's validity that has not begun); `at` (the caller's time) is used only when
+    the signature carries none, else now.
     """
     started = utcnow()
     try:
@@ -114,7 +116,7 @@ def verify_cms(
     except cms_format.CmsError as exc:
         return _failed_report("cms", started, CMS_CHECKS, exc.check, exc.code, exc.message)
     if verified.signing_time is not None:
-        when, source = verified.signing_time, "signed-attribute"
+        when, source = min(verified.signing_time, started), "signed-attribute"
     elif at is not None:
         when, source = as_utc(at), "caller"
     else:

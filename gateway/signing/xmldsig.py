@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from lxml import etree
 
 from gateway.signing.errors import SigningError
+from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DEPTH,
@@ -438,7 +439,7 @@ def _signer_certificate(
 
 def _load_certificate(b64: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(b64, validate=True))
+        return load_certificate(base64.b64decode(b64, validate=True))
     except (binascii.Error, ValueError) as exc:
         raise XmlSignatureError(
             "certificate_malformed", f"X509Certificate cannot be read: {exc}", "signer_certificate"
@@ -448,7 +449,12 @@ def _load_certificate(b64: str) -> x509.Certificate:
 def _verify_signature_value(
     cert: x509.Certificate, algorithm: str, raw: bytes, signed_info_c14n: bytes
 ) -> None:
-    key = _public_key(cert)
+    try:
+        key = _public_key(cert)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise XmlSignatureError(
+            "algorithm_not_allowed", f"the certificate key cannot be used: {exc}", "signature_value"
+        ) from None
     try:
         if algorithm == "rsa-sha256":
             if not isinstance(key, rsa.RSAPublicKey):

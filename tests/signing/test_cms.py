@@ -181,3 +181,31 @@ def test_certificate_judged_at_the_signed_signing_time(hsm, ec_key, signing_pki)
     report = verify_cms(after, CONTENT, trust)
     assert report.code == "certificate_expired"
     assert report.sub_indication.value == "EXPIRED"
+
+
+def test_future_signing_time_is_not_believed(hsm, ec_key, signing_pki):
+    """A certificate not valid yet cannot be reached by claiming a signing time in the future."""
+    start = dt.datetime.now(UTC) + dt.timedelta(days=3)
+    future = signing_pki.signer(hsm, ec_key, common_name="Future Cert", not_before=start)
+    der = sign_detached(CONTENT, future, signing_time=start + dt.timedelta(days=1))
+    report = verify_cms(der, CONTENT, signing_pki.trust())
+    assert report.code == "certificate_not_yet_valid"
+    assert report.signing_time <= dt.datetime.now(UTC)
+
+
+def test_verification_never_raises_on_mangled_input(ec_signer, trust):
+    import random
+
+    der = sign_detached(CONTENT, ec_signer)
+    rng = random.Random(1127)
+    for _ in range(300):
+        data = bytearray(der)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[at] = rng.randrange(256)
+            else:
+                del data[at:at + rng.randint(1, 20)]
+        report = verify_cms(bytes(data), CONTENT, trust)
+        assert report.code is None or isinstance(report.code, str)
+        report.to_dict()

@@ -375,3 +375,26 @@ def test_hostile_xml_never_reaches_the_verifier(trust):
     assert tree is None
     assert verify_xml(b"<a>" * 100 + b"</a>" * 100, trust)[0].code == "xml_too_deep"
     assert verify_xml(b"<a>", trust)[0].code == "malformed_xml"
+
+
+def test_verification_never_raises_on_mangled_input(ec_signer, trust):
+    """Bytes flipped, cut or inserted anywhere: always a report, never an exception."""
+    import random
+
+    signed = sign_enveloped(ORDER, ec_signer)
+    rng = random.Random(20261127)
+    for _ in range(300):
+        data = bytearray(signed)
+        for _ in range(rng.randint(1, 3)):
+            choice = rng.random()
+            at = rng.randrange(len(data))
+            if choice < 0.5:
+                data[at] = rng.randrange(256)
+            elif choice < 0.8:
+                del data[at:at + rng.randint(1, 40)]
+            else:
+                data[at:at] = rng.choice([b"<", b">", b"&", b'"', b"<!--", b"\x00", b"<ds:Object/>"])
+        report, tree = verify_xml(bytes(data), trust)
+        assert report.code is None or isinstance(report.code, str)
+        assert (tree is not None) == report.valid
+        report.to_dict()
