@@ -398,3 +398,58 @@ def test_verification_never_raises_on_mangled_input(ec_signer, trust):
         assert report.code is None or isinstance(report.code, str)
         assert (tree is not None) == report.valid
         report.to_dict()
+
+
+# --- reports and dispatch ----------------------------------------------------------------------
+
+
+def test_report_verdicts_are_derived_from_checks():
+    import datetime as dt
+    import json
+
+    from gateway.signing.report import Check, VerificationReport
+
+    now = dt.datetime.now(dt.timezone.utc)
+    passed = VerificationReport("xmldsig", (Check("format", True), Check("signature_value", True)), now)
+    assert passed.valid and passed.code is None and passed.indication.value == "TOTAL_PASSED"
+    revoked = VerificationReport("xmldsig", (
+        Check("format", True), Check("revocation", False, "certificate_revoked", "on the CRL"),
+        Check("key_usage", None)), now)
+    assert not revoked.valid and revoked.code == "certificate_revoked"
+    assert revoked.sub_indication.value == "REVOKED" and revoked.indication.value == "TOTAL_FAILED"
+    assert revoked.message == "on the CRL" and revoked.usable_input
+    untrusted = VerificationReport("cms", (Check("certificate_chain", False, "certificate_untrusted"),), now)
+    assert untrusted.indication.value == "INDETERMINATE"
+    incomplete = VerificationReport("cms", (Check("format", True), Check("revocation", None)), now)
+    assert not incomplete.valid and incomplete.code == "verification_incomplete"
+    assert json.loads(json.dumps(revoked.to_dict()))["checks"][1]["code"] == "certificate_revoked"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        revoked.checks = ()
+
+
+def test_verify_document_dispatches_by_type(ec_signer, trust):
+    from gateway.signing import verify as verify_module
+    from gateway.signing.cms import sign_detached
+
+    signed = sign_enveloped(ORDER, ec_signer)
+    report, tree = verify_module.verify_document(signed, trust)
+    assert report.valid and report.format == "xmldsig" and tree is not None
+    der = sign_detached(b"content", ec_signer)
+    assert verify_module.verify_document(der, trust, content=b"content")[0].valid
+    assert verify_module.verify_document(der, trust)[0].code == "content_missing"
+
+    seen = []
+
+    def order_verifier(tree_in, trust_in, at):
+        seen.append(tree_in.getroot().tag)
+        report_in, signed_tree = verify_module.verify_xml_tree(tree_in, trust_in, at,
+                                                               document_format="csos-order")
+        return report_in, signed_tree
+
+    verify_module.register_xml_document("{urn:csos-gateway:order:1}Order", order_verifier)
+    try:
+        report, tree = verify_module.verify_document(signed, trust)
+    finally:
+        verify_module._XML_DOCUMENT_TYPES.pop("{urn:csos-gateway:order:1}Order")
+    assert seen == ["{urn:csos-gateway:order:1}Order"]
+    assert report.valid and report.format == "csos-order"
