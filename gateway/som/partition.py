@@ -84,9 +84,17 @@ def _customer_column(path: str | Path) -> str:
     return "BUYER_DEA_NO" if som_io.detect_shape(names) == "arcos" else "customer"
 
 
-def _read_partition(path: str, index: int, count: int) -> pl.DataFrame:
+# What the peer reference reads, in either shape: the first pass reads only these columns.
+PEER_COLUMNS = ("customer", "customer_type", "state", "family", "date", "dosage_units", "BUYER_DEA_NO",
+                "BUYER_BUS_ACT", "BUYER_STATE", "DRUG_NAME", "DRUG_CODE", "DOSAGE_UNIT", "TRANSACTION_DATE")
+
+
+def _read_partition(path: str, index: int, count: int, columns: Iterable[str] | None = None) -> pl.DataFrame:
     """The lines of one partition of customers, as read (shape detection is read_orders' job)."""
     lf = som_io._scan(Path(path))
+    if columns is not None:
+        wanted = set(columns)
+        lf = lf.select([c for c in lf.collect_schema().names() if c in wanted])
     if count > 1:
         customer = _customer_column(path)
         lf = lf.filter(pl.col(customer).cast(pl.String).hash(seed=0) % count == index)
@@ -98,7 +106,7 @@ def _read_partition(path: str, index: int, count: int) -> pl.DataFrame:
 
 def partition_reference(path: str, index: int, count: int) -> pl.DataFrame | None:
     """First pass task: the peer sums of one partition (None when it holds no line)."""
-    part = _read_partition(path, index, count)
+    part = _read_partition(path, index, count, PEER_COLUMNS)
     return peer_reference(part) if part.height else None
 
 
