@@ -36,7 +36,6 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from cryptography import x509
 from signxml import XMLVerifier

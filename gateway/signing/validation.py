@@ -56,6 +56,7 @@ CHECK_KEY_USAGE = "key_usage"
 CHECKS = (CHECK_CHAIN, CHECK_VALIDITY, CHECK_REVOCATION, CHECK_KEY_USAGE)
 
 MAX_CRL_BYTES = 10 * 1024 * 1024
+_COVERED_LIMIT = 10_000
 _RESULT_CACHE_SIZE = 4096
 
 
@@ -157,6 +158,9 @@ class CrlCache:
         self._snapshot: tuple[int, tuple[_CrlEntry, ...]] | None = None
         self._covered: set[x509.Certificate] = set()  # certificates whose CRLs were looked for
         self._tracked: tuple[x509.Certificate, ...] = ()  # always looked for (intermediates)
+        # Which certificates' distribution points may be fetched: a trust store allows only those
+        # its CAs verifiably issued, so that a stranger's certificate cannot make us fetch a URL.
+        self.fetch_filter: Callable[[x509.Certificate], bool] | None = None
         self._refetch_at: dt.datetime | None = None  # earliest nextUpdate of a fetched CRL
 
     # -- sources
@@ -223,11 +227,12 @@ class CrlCache:
         for cert in certs:
             if cert.issuer == cert.subject:
                 continue
+            if self.fetch_filter is not None and not self.fetch_filter(cert):
+                continue
             if any(e.crl.issuer == cert.issuer and _current(e, now) for e in self._all_entries()):
                 continue
             for url in _distribution_points(cert):
-                failed = self._failed_urls.get(url)
-                if failed is not None and (now - failed).total_seconds() < self.retry_failed_after:
+                if not self._may_try(url, now):
                     continue
                 entry = self._fetch(url)
                 if entry is None:
@@ -265,11 +270,14 @@ class CrlCache:
                 self._last_scan = now
             # CRLs fetched from URLs are kept until their nextUpdate, then fetched again.
             for url, entry in list(self._urls.items()):
-                if not _current(entry, now):
-                    fresh = self._fetch(url)
-                    if fresh is not None and fresh.der != entry.der:
-                        self._urls[url] = fresh
-                        changed = True
+                if _current(entry, now) or not self._may_try(url, now):
+                    continue
+                fresh = self._fetch(url)
+                if fresh is None:
+                    self._failed_urls[url] = now
+                elif fresh.der != entry.der:
+                    self._urls[url] = fresh
+                    changed = True
             changed |= self._fetch_for((*certs, *self._tracked), now)
             if changed or self._snapshot is None:
                 unique: dict[bytes, _CrlEntry] = {}
@@ -278,10 +286,25 @@ class CrlCache:
                 self._generation += 1
                 self._snapshot = (self._generation, tuple(unique.values()))
                 self._covered.clear()
+            if len(self._covered) > _COVERED_LIMIT:
+                self._covered.clear()
             self._covered.update(certs)
-            pending = [e.next_update for e in self._urls.values() if e.next_update is not None]
-            self._refetch_at = min(pending) if pending else None
+            due = [
+                e.next_update if _current(e, now)
+                else self._failed_urls.get(url, now) + dt.timedelta(seconds=self.retry_failed_after)
+                for url, e in self._urls.items() if e.next_update is not None
+            ]
+            self._refetch_at = min(due) if due else None
             return self._snapshot
+
+    def _may_try(self, url: str, now: dt.datetime) -> bool:
+        failed = self._failed_urls.get(url)
+        return failed is None or (now - failed).total_seconds() >= self.retry_failed_after
+
+    def sources(self) -> list[str]:
+        """Where the CRLs held come from (file paths and URLs), for diagnostics."""
+        with self._lock:
+            return [str(p) for p in self._files] + list(self._urls)
 
     def track(self, certs: Iterable[x509.Certificate]) -> None:
         """Certificates whose CRLs are wanted on every use (a trust store's intermediates)."""
@@ -353,6 +376,8 @@ class TrustStore:
         self.usage = frozenset(usage)
         _check_usage(self.usage)
         self.crls.track(self.intermediates)
+        self.crls.fetch_filter = self._issued_by_ours
+        self._issued_cache: dict[x509.Certificate, bool] = {}
         self._asn1_anchors = [_asn1(c) for c in self.anchors]
         self._asn1_intermediates = [_asn1(c) for c in self.intermediates]
         self._results: dict[tuple, _CachedSuccess] = {}
@@ -369,6 +394,16 @@ class TrustStore:
         anchors, intermediates = _split_bundle(x509.load_pem_x509_certificates(data))
         crl_options = {k: kwargs.pop(k) for k in ("fetch_urls", "poll_seconds") if k in kwargs}
         return cls(anchors, intermediates, CrlCache(crl_dirs, **crl_options), **kwargs)
+
+    def _issued_by_ours(self, cert: x509.Certificate) -> bool:
+        """Issued (signature checked) by an anchor or a configured intermediate."""
+        known = self._issued_cache.get(cert)
+        if known is None:
+            known = any(_issued(cert, ca) for ca in (*self.anchors, *self.intermediates))
+            if len(self._issued_cache) > _COVERED_LIMIT:
+                self._issued_cache.clear()
+            self._issued_cache[cert] = known
+        return known
 
     def chain_for(self, cert: x509.Certificate) -> tuple[x509.Certificate, ...]:
         """The known intermediates above `cert`, nearest first, up to (not including) an anchor:

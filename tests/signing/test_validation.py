@@ -144,6 +144,18 @@ def test_crl_fetched_from_distribution_point(scratch_pki, ec_public):
     assert offline.validate_certificate(cert).code == "revocation_unavailable"
 
 
+def test_strangers_distribution_points_are_never_fetched(scratch_pki, untrusted_pki, ec_public):
+    """A certificate our CAs did not issue cannot make the gateway fetch its CRL URL."""
+    trust = TrustStore.from_pem_bundle(scratch_pki.bundle)
+    stranger = untrusted_pki.issue(ec_public).certificate
+    assert trust.validate_certificate(stranger).code == "certificate_untrusted"
+    assert not any("untrusted" in source.lower() or str(untrusted_pki.directory) in source
+                   for source in trust.crls.sources())
+    ours = scratch_pki.issue(ec_public).certificate
+    assert trust.validate_certificate(ours).valid
+    assert any(source.startswith("file:") for source in trust.crls.sources())
+
+
 def test_crl_kept_until_next_update_then_fetched_again(scratch_pki, ec_public):
     cert = scratch_pki.issue(ec_public).certificate
     clock = [now()]
