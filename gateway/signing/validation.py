@@ -9,7 +9,9 @@ only, no network of its own); this module supplies the anchors, the CRLs and cac
 - `CrlCache` keeps each CRL until its nextUpdate and fetches it again after; sources are
   directories of CRL files (the test PKI's `<home>/pki/crl`) and the http/file URLs of the
   certificates' CRL distribution points. A directory is looked at again at most every
-  `poll_seconds`, so a CRL reissued on disk is seen at once.
+  `poll_seconds`, so a CRL reissued on disk is seen at once. Distribution points are followed
+  only for certificates that a configured CA verifiably issued (a stranger's certificate must not
+  make the gateway fetch URLs of its choosing); intermediates therefore belong in the bundle.
 - `TrustStore.validate_certificate` remembers successful validations per (certificate, extra
   certificates, usage, CRL state) and reuses one while `at` lies inside the window in which every
   certificate of the path and every CRL is valid: nothing that decided the outcome can differ.
