@@ -5,8 +5,9 @@
 
 `verify` prints the JSON verification report. Exit status: 0 valid, 1 invalid (the report's
 `code` says why), 2 unusable input (unreadable file or document, no trust bundle, bad option).
-`sign` exits 0 when it wrote the signed document, 1 when the key or document is refused (printed
-as `error [code]: message`), 2 for unusable input.
+`sign` exits 0 when it wrote the signed document, 1 when the key, the document or the HSM refuses
+(printed as `error [code]: message`, e.g. `key_not_found`, `already_signed`, `hsm_unavailable`),
+2 for unusable input (unreadable file, malformed or hostile XML, bad option).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
     try:
         hsm = Hsm.open(ctx.settings)
     except HsmError as exc:
-        _fail(exc.code, str(exc), EXIT_UNUSABLE)
+        _fail(exc.code, str(exc), EXIT_INVALID)
     try:
         signer = hsm.signer(label)
         chain = _chain(ctx, signer.certificate)
