@@ -48,16 +48,6 @@ async def serve(settings: Settings, *, ready_file: str | None = None,
     log.info("stopped")
 
 
-def _run(main) -> None:  # noqa: ANN001
-    """asyncio.run, on uvloop when it is installed (a faster event loop for the same code)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def register(group: click.Group) -> None:
     @group.command("serve")
     @click.option("--host", default=None, help="Address to listen on (default: [server] host).")
@@ -79,7 +69,7 @@ def register(group: click.Group) -> None:
             server, host=host if host is not None else server.host,
             port=port if port is not None else server.port))
         try:
-            _run(serve(settings, ready_file=ready_file))
+            asyncio.run(serve(settings, ready_file=ready_file))
         except OSError as exc:
             log.error("cannot serve: %s", exc)
             sys.exit(1)

@@ -67,6 +67,9 @@ class Admission:
         self.admitted = 0
         self.rejected_full = 0
         self.rejected_deadline = 0
+        # Moving average of how long a slot is held: with it, a request that could only be served
+        # after its deadline is refused on arrival rather than after waiting the deadline out.
+        self.hold_s = 0.0
 
     @property
     def busy(self) -> int:
@@ -80,6 +83,26 @@ class Admission:
         return AdmissionStats(self.slots, self.busy, self.queued, self.queue_size, self.admitted,
                               self.rejected_full, self.rejected_deadline)
 
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now would queue, judged by recent slot hold times."""
+        if self._free > 0 and not self._waiters:
+            return 0.0
+        return (len(self._waiters) + 1) * self.hold_s / self.slots
+
+    def check(self, deadline_s: float | None = None) -> None:
+        """Refuse now a request that would find the queue full or could not be served before its
+        deadline. Cheap: called before the body is read."""
+        if self._free > 0 and not self._waiters:
+            return
+        if len(self._waiters) >= self.queue_size:
+            self.rejected_full += 1
+            raise Overloaded("queue_full", "the signing queue is full; retry later", self.retry_after_s)
+        timeout = self.deadline_s if deadline_s is None else deadline_s
+        if self.expected_wait_s() > timeout:
+            self.rejected_deadline += 1
+            raise Overloaded("queue_deadline", f"the queue is longer than {timeout * 1000:.0f} ms; retry later",
+                             self.retry_after_s)
+
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.busy, self.queued)
@@ -91,9 +114,7 @@ class Admission:
             self.admitted += 1
             self._changed()
             return 0.0
-        if len(self._waiters) >= self.queue_size:
-            self.rejected_full += 1
-            raise Overloaded("queue_full", "the signing queue is full; retry later", self.retry_after_s)
+        self.check(deadline_s)
         loop = asyncio.get_running_loop()
         started = loop.time()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -145,7 +166,10 @@ class Admission:
     @asynccontextmanager
     async def slot(self, deadline_s: float | None = None) -> AsyncIterator[float]:
         waited = await self.acquire(deadline_s)
+        started = time.monotonic()
         try:
             yield waited
         finally:
+            held = time.monotonic() - started
+            self.hold_s = held if self.hold_s == 0.0 else self.hold_s + 0.05 * (held - self.hold_s)
             self.release()

@@ -103,11 +103,12 @@ async def sign(request: web.Request) -> web.Response:
     if fmt == "xmldsig" and media not in XML_TYPES:
         raise ApiError("unsupported_media_type", "XML-DSig signs application/xml bodies",
                        details={"accepted": list(XML_TYPES)})
+    pool = request.app[keys.POOL]
+    pool.admission.check()  # under overload, refuse before reading the body
     body = await request.read()
     if not body:
         raise ApiError("bad_request", "the body is empty")
     signer = _signer(request, label)
-    pool = request.app[keys.POOL]
     try:
         if fmt == "xmldsig":
             signed = await pool.run(_sign_xml, body, signer, request.app[keys.SETTINGS].server.max_body_bytes)
@@ -154,6 +155,7 @@ async def verify_document(request: web.Request) -> web.Response:
         raise ApiError("trust_unavailable", "no trust bundle is configured", status=503,
                        retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     pool = request.app[keys.POOL]
+    pool.admission.check()
     if request.content_type.lower() == "multipart/form-data":
         parts = await _read_parts(request)
         if "signature" not in parts or "content" not in parts:

@@ -24,6 +24,7 @@ from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
 from gateway.storage.base import StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.http")
+access_log = logging.getLogger("gateway.http.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Generated ids: a random per-process prefix and a counter. Unique across processes and restarts
@@ -115,11 +116,14 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
         route = _route_label(request)
         status = resp.status if resp is not None else 499  # 499: the client went away
         metrics.observe_request(request.method, route, status, elapsed)
-        if log.isEnabledFor(logging.INFO):
+        # One access line per request; refusals for overload at DEBUG only, so that logging them
+        # does not add to the overload (the 429s are counted in the metrics).
+        level = logging.DEBUG if status == 429 else logging.INFO
+        if access_log.isEnabledFor(level):
             client = request.get(keys.CLIENT)
-            log.info("%s %s %s", request.method, request.path, status,
-                     extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2),
-                            "client": client.name if client else None, "error": error_code})
+            access_log.log(level, "%s %s %s", request.method, request.path, status,
+                           extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2),
+                                  "client": client.name if client else None, "error": error_code})
         request_id_var.reset(token)
 
 

@@ -70,3 +70,28 @@ async def test_cancelled_waiter_gives_up_its_place() -> None:
     assert adm.queued == 0
     adm.release()
     assert adm.busy == 0
+
+
+async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() -> None:
+    adm = Admission(slots=1, queue_size=100, deadline_s=0.1)
+    for _ in range(3):  # teach it that a slot is held about 40 ms
+        async with adm.slot():
+            await asyncio.sleep(0.04)
+    assert 0.02 < adm.hold_s < 0.06
+    await adm.acquire()
+    first = asyncio.create_task(adm.acquire())  # expected wait ~40 ms: queued
+    await asyncio.sleep(0)
+    second = asyncio.create_task(adm.acquire())  # ~80 ms: still within 100 ms
+    await asyncio.sleep(0)
+    assert adm.queued == 2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(Overloaded) as info:  # ~120 ms > 100 ms: refused at once
+        await adm.acquire()
+    assert info.value.code == "queue_deadline" and loop.time() - started < 0.02
+    adm.release()
+    await first
+    adm.release()
+    await second
+    adm.release()
+    assert adm.busy == 0 and adm.queued == 0
