@@ -15,8 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
 
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.signing.base import KeySigner
 from gateway.signing.errors import SigningError
 from gateway.signing.validation import load_certificate
 
@@ -35,15 +36,6 @@ MIN_RSA_BITS = 2048
 # signatureAlgorithm values we accept in a SignerInfo, by key kind.
 _RSA_ALGORITHMS = frozenset({"rsassa_pkcs1v15", "sha256_rsa"})
 _ECDSA_ALGORITHMS = frozenset({"sha256_ecdsa", "ecdsa"})
-
-
-class KeySigner(Protocol):
-    label: str
-    algorithm: str
-    public_key: object
-    certificate: x509.Certificate | None
-
-    def sign(self, data: bytes) -> bytes: ...
 
 
 class CmsError(Exception):

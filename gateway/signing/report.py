@@ -234,9 +234,7 @@ class VerificationReport:
         }
 
 
-def checks_until(
-    names: tuple[str, ...], failed: str, code: str, detail: str, passed_before: bool = True
-) -> tuple[Check, ...]:
+def checks_until(names: tuple[str, ...], failed: str, code: str, detail: str) -> tuple[Check, ...]:
     """The check list of a verification that stopped at `failed`: earlier steps passed, later
     steps did not run."""
     out: list[Check] = []
@@ -248,7 +246,7 @@ def checks_until(
         elif reached:
             out.append(Check(name, None))
         else:
-            out.append(Check(name, True if passed_before else None))
+            out.append(Check(name, True))
     if not reached:
         out.append(Check(failed, False, code, detail))
     return tuple(out)

@@ -26,20 +26,21 @@ import copy
 import functools
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
+from gateway.signing.base import KeySigner
 from gateway.signing.errors import SigningError
 from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
@@ -88,17 +89,6 @@ _IGNORED_KEY_INFO = frozenset({_ds("KeyName"), _ds("KeyValue")})
 _IGNORED_X509_DATA = frozenset({
     _ds("X509IssuerSerial"), _ds("X509SubjectName"), _ds("X509SKI"), _ds("X509CRL"),
 })
-
-
-class KeySigner(Protocol):
-    """What signing needs from a key (gateway.signing.base.KeySigner satisfies it)."""
-
-    label: str
-    algorithm: str
-    public_key: object
-    certificate: x509.Certificate | None
-
-    def sign(self, data: bytes) -> bytes: ...
 
 
 class XmlSignatureError(Exception):
