@@ -220,7 +220,10 @@ def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "fl
         from gateway.som import rules
 
         names = list(rules.RULE_SETS) if rule_sets is True else list(rule_sets)
-        native = scored.drop([c for c in (score_col, flag_col, "reasons") if c in scored.columns])
+        # The rule sets read a customer's units per family and date: nothing else is carried.
+        native = scored.select([c for c in ("customer", "family", "date", "dosage_units", "BUYER_DEA_NO",
+                                            "DRUG_NAME", "DRUG_CODE", "TRANSACTION_DATE", "DOSAGE_UNIT")
+                                if c in scored.columns])
         judged = rules.apply_all(native) if rule_sets is True else {
             name: rules.apply_rule_set(name, native) for name in names}
         for name in names:
