@@ -203,29 +203,95 @@ def test_result_cache(signing_pki, ec_public):
     assert third.code == "certificate_revoked" and not third.cached
 
 
-def _issue_without_signing_usage(layout: pki.PkiLayout, public_key) -> x509.Certificate:
-    """A certificate from the test CSOS CA whose key usage is key encipherment only."""
+def _issue_from_csos_ca(layout: pki.PkiLayout, public_key, *, signing: bool = True,
+                        crl_url: str | None = None) -> x509.Certificate:
+    """A certificate made by hand with the test CSOS CA's key, for shapes the profiles do not
+    issue: key encipherment only (`signing=False`), or an http CRL distribution point."""
     ca = x509.load_pem_x509_certificate(layout.cert_path(pki.CSOS_CA).read_bytes())
     ca_key = serialization.load_pem_private_key(layout.key_path(pki.CSOS_CA).read_bytes(), None)
     start = now() - dt.timedelta(minutes=5)
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "No Signing Usage")]))
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Hand Made")]))
         .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
         .not_valid_before(start).not_valid_after(start + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(
-            digital_signature=False, content_commitment=False, key_encipherment=True,
+            digital_signature=signing, content_commitment=signing, key_encipherment=not signing,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if crl_url:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(crl_url)], None, None, None)]), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+@pytest.fixture()
+def crl_server(scratch_pki):
+    """A loopback HTTP server publishing the scratch PKI's CSOS CA CRL; counts the fetches."""
+    import http.server
+    import threading
+
+    fetches: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            fetches.append(self.path)
+            body = scratch_pki.layout.crl_path(pki.CSOS_CA).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pkix-crl")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/csos-ca.crl", fetches
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_crl_over_http(scratch_pki, crl_server, ec_public):
+    """A certificate whose distribution point is an http URL: the CRL is fetched once, kept, and
+    its entries are honoured."""
+    url, fetches = crl_server
+    cert = _issue_from_csos_ca(scratch_pki.layout, ec_public, crl_url=url)
+    trust = TrustStore.from_pem_bundle(scratch_pki.bundle, [scratch_pki.crl_dir.parent / "no-such-dir"])
+    # The intermediates' own CRL (the root's) comes from its file: distribution point.
+    assert trust.validate_certificate(cert).valid
+    assert trust.validate_certificate(cert, now() - dt.timedelta(minutes=1)).valid
+    assert fetches == ["/csos-ca.crl"]
+    assert url in trust.crls.sources()
+
+    # Revoked later: a new trust store (fresh cache) fetches the new CRL and refuses.
+    ca_key = serialization.load_pem_private_key(
+        scratch_pki.layout.key_path(pki.CSOS_CA).read_bytes(), None)
+    ca = scratch_pki.cert(pki.CSOS_CA)
+    crl = (
+        x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+        .last_update(now() - dt.timedelta(minutes=1)).next_update(now() + dt.timedelta(days=1))
+        .add_extension(x509.CRLNumber(99), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                                 .revocation_date(now() - dt.timedelta(seconds=30)).build())
         .sign(ca_key, hashes.SHA256())
     )
+    scratch_pki.layout.crl_path(pki.CSOS_CA).write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    fresh = TrustStore.from_pem_bundle(scratch_pki.bundle)
+    assert fresh.validate_certificate(cert).code == "certificate_revoked"
+    assert fetches == ["/csos-ca.crl", "/csos-ca.crl"]
 
 
 def test_key_usage(signing_pki, rsa_public):
     trust = signing_pki.trust()
-    cert = _issue_without_signing_usage(signing_pki.layout, rsa_public)
+    cert = _issue_from_csos_ca(signing_pki.layout, rsa_public, signing=False)
     result = trust.validate_certificate(cert)
     assert result.code == "certificate_key_usage" and result.failed_check == "key_usage"
     good = signing_pki.issue(rsa_public).certificate
