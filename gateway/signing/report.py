@@ -158,11 +158,15 @@ class VerificationReport:
     checks: tuple[Check, ...]  # in the order they ran
     validated_at: datetime  # when the verification ran
     signing_time: datetime | None = None  # the time the certificate was judged at
-    signing_time_source: str = ""  # "signed-attribute" | "caller" | "verification-time"
+    # "signed-attribute" (CMS), "document" (read from the signed XML), "caller", "verification-time"
+    signing_time_source: str = ""
     signer: CertificateSummary | None = None  # the certificate whose key made the signature
     chain: tuple[CertificateSummary, ...] = ()  # validated path, signer first, anchor last
     signature_algorithm: str | None = None  # "rsa-sha256" | "ecdsa-sha256"
     details: dict[str, Any] = field(default_factory=dict)  # format-specific facts
+    # The signer's certificate itself, for rules that read its extensions (the DEA number hash
+    # and schedules of a CSOS certificate); not part of the JSON form.
+    signer_certificate: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def failure(self) -> Check | None:

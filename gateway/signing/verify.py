@@ -32,8 +32,11 @@ XML_CHECKS = ("format", "signer_certificate", "reference_digest", "signature_val
 CMS_CHECKS = ("format", "signer_certificate", "message_digest", "signature_value", *TRUST_CHECKS)
 
 SignedTree = etree._ElementTree
+# When to judge the certificate: a time, or a function that reads it from the signed content
+# (e.g. a CSOS order's SignedDate); None: now.
+SigningTime = dt.datetime | Callable[[etree._ElementTree], "dt.datetime | None"] | None
 XmlDocumentVerifier = Callable[
-    [etree._ElementTree, TrustStore, "dt.datetime | None"], "tuple[VerificationReport, SignedTree | None]"
+    [etree._ElementTree, TrustStore, SigningTime], "tuple[VerificationReport, SignedTree | None]"
 ]
 
 _XML_DOCUMENT_TYPES: dict[str, XmlDocumentVerifier] = {}
@@ -49,7 +52,7 @@ def register_xml_document(root_tag: str, verifier: XmlDocumentVerifier) -> None:
 def verify_xml(
     data: bytes,
     trust: TrustStore,
-    at: dt.datetime | None = None,
+    at: SigningTime = None,
     *,
     usage: Iterable[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -58,7 +61,9 @@ def verify_xml(
     """Verify an enveloped XML-DSig document (see gateway.signing.xmldsig for the profile).
 
     The tree returned is what the signature covers (the document without its Signature and
-    comments); it is None unless the report is valid.
+    comments); it is None unless the report is valid. `at` is the time the certificate is judged
+    at: a datetime given by the caller, or a function reading it from the signed tree (it is
+    called only once the signature is intact, and a time later than now counts as now).
     """
     started = utcnow()
     try:
@@ -71,7 +76,7 @@ def verify_xml(
 def verify_xml_tree(
     tree: etree._ElementTree,
     trust: TrustStore,
-    at: dt.datetime | None = None,
+    at: SigningTime = None,
     *,
     usage: Iterable[str] | None = None,
     started: dt.datetime | None = None,
@@ -84,7 +89,7 @@ def verify_xml_tree(
         verified = xmldsig.verify_tree(tree)
     except xmldsig.XmlSignatureError as exc:
         return _failed_report(document_format, started, XML_CHECKS, exc.check, exc.code, exc.message), None
-    when, source = (as_utc(at), "caller") if at is not None else (started, "verification-time")
+    when, source = _signing_time(at, verified.tree, started)
     validation = trust.validate_certificate(
         verified.signer, when, usage, extra_certs=verified.other_certificates
     )
@@ -133,13 +138,13 @@ def verify_document(
     trust: TrustStore,
     *,
     content: bytes | None = None,
-    at: dt.datetime | None = None,
+    at: SigningTime = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[VerificationReport, SignedTree | None]:
     """Verify whatever signed document `data` is: a detached CMS (when `content` is given, or
     when `data` is not XML) or an XML document, by its type."""
     if content is not None or not _looks_like_xml(data):
-        return verify_cms(data, content, trust, at), None
+        return verify_cms(data, content, trust, None if callable(at) else at), None
     started = utcnow()
     try:
         tree = parse_xml(data, max_bytes=max_bytes, remove_comments=True)
@@ -152,8 +157,21 @@ def verify_document(
     return verify_xml_tree(tree, trust, at, started=started)
 
 
+def _signing_time(
+    at: SigningTime, signed: etree._ElementTree, started: dt.datetime
+) -> tuple[dt.datetime, str]:
+    if at is None:
+        return started, "verification-time"
+    if callable(at):
+        found = at(signed)
+        if found is None:
+            return started, "verification-time"
+        return min(as_utc(found), started), "document"
+    return as_utc(at), "caller"
+
+
 def _looks_like_xml(data: bytes) -> bool:
-    head = data[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"<") or head.startswith((b"\xff\xfe", b"\xfe\xff"))
 
 
@@ -197,6 +215,7 @@ def _report(
         chain=_summaries(validation.path),
         signature_algorithm=algorithm,
         details={"trust_result_reused": validation.cached},
+        signer_certificate=signer,
     )
 
 

@@ -453,3 +453,37 @@ def test_verify_document_dispatches_by_type(ec_signer, trust):
         verify_module._XML_DOCUMENT_TYPES.pop("{urn:csos-gateway:order:1}Order")
     assert seen == ["{urn:csos-gateway:order:1}Order"]
     assert report.valid and report.format == "csos-order"
+
+
+def test_signing_time_read_from_the_signed_content(hsm, ec_key, signing_pki):
+    """A document type can judge the certificate at a date inside the signed document (a CSOS
+    order's SignedDate); the date is read only from what the signature covers."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    start = now - dt.timedelta(days=60)
+    expired = signing_pki.signer(hsm, ec_key, common_name="Dated Signer", not_before=start,
+                                 not_after=start + dt.timedelta(days=30))
+    trust = signing_pki.trust()
+
+    def signed_date(tree):
+        text = tree.getroot().findtext("{urn:csos-gateway:order:1}SignedDate")
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc) if text else None
+
+    def order(day: dt.datetime) -> bytes:
+        return (b'<Order xmlns="urn:csos-gateway:order:1"><SignedDate>'
+                + day.date().isoformat().encode() + b"</SignedDate></Order>")
+
+    signed = sign_enveloped(order(start + dt.timedelta(days=10)), expired)
+    report, tree = verify_xml(signed, trust, at=signed_date)
+    assert report.valid, report.to_dict()
+    assert report.signing_time_source == "document"
+    assert report.signer_certificate == expired.certificate
+    assert "signer_certificate" not in report.to_dict()
+    # A date in the future is not believed: judged now, the certificate has expired.
+    signed = sign_enveloped(order(now + dt.timedelta(days=400)), expired)
+    assert verify_xml(signed, trust, at=signed_date)[0].code == "certificate_expired"
+    # No date: now.
+    signed = sign_enveloped(b'<Order xmlns="urn:csos-gateway:order:1"/>', expired)
+    report, _ = verify_xml(signed, trust, at=signed_date)
+    assert report.code == "certificate_expired" and report.signing_time_source == "verification-time"
