@@ -425,12 +425,16 @@ def synthesize(
         e_detail = np.r_[e_detail, np.zeros(b_series.size, np.int8)]
 
     # --- quantities --------------------------------------------------------------------------
+    # Growth and seasonality are the customer's, evaluated once a week (a small table) rather
+    # than once a line.
     c_of = s_cust[e_series]
-    years = e_day / 365.25
-    level = (s_month[e_series] * np.exp(years * np.log1p(growth)[c_of])
-             * (1.0 + season_amp[c_of] * np.cos(2 * np.pi * (e_day - season_peak[c_of]) / 365.25)))
+    n_weeks = days // 7 + 1
+    mid_day = np.arange(n_weeks) * 7 + 3.5
+    trend = (np.exp(np.outer(np.log1p(growth), mid_day / 365.25))
+             * (1.0 + season_amp[:, None] * np.cos(2 * np.pi * (mid_day[None, :] - season_peak[:, None]) / 365.25)))
     # Burst orders are sized on the usual order, not on the shortened interval.
-    units = level * s_interval[e_series] / _DAYS_PER_MONTH * e_mult
+    s_order = s_month * s_interval / _DAYS_PER_MONTH
+    units = s_order[e_series] * trend.ravel()[c_of * n_weeks + e_day // 7] * e_mult
     pack = _PACKAGE_SIZES[s_pack[e_series]]
     units = np.maximum(1, np.rint(units / pack)).astype(np.int64) * pack
 
