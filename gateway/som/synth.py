@@ -33,7 +33,7 @@ Everything is vectorised NumPy (no Python loop per row or per customer), determi
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -50,6 +50,7 @@ __all__ = [
 
 MONTHLY_CAP = 8_000  # dosage units a month of one family (litigation rule 4, domain.md §6)
 ANOMALY_KINDS = ("size", "frequency", "pattern", "cap")
+MIN_DAYS_FOR_ANOMALIES = 120  # shorter histories get no injected anomalies
 _DAYS_PER_MONTH = 30.44
 
 # Classes of trade (ARCOS BUYER_BUS_ACT spelling) and their share of customers.
@@ -217,6 +218,8 @@ def synthesize(
     if customers < 1 or days < 1:
         raise ValueError("customers and days must be positive")
     rng = np.random.default_rng(seed)
+    if days < MIN_DAYS_FOR_ANOMALIES:  # too short a history to call anything unusual
+        rates = replace(rates, size=0.0, frequency=0.0, pattern=0.0, cap=0.0)
     n_fam = len(FAMILIES)
     min_history = min(180, days // 3)  # anomalies start after this much history
 

@@ -146,3 +146,12 @@ def test_write_by_extension(tmp_path, suffix: str) -> None:
     assert back["dosage_units"].sum() == small["dosage_units"].sum()
     with pytest.raises(ValueError):
         write_synthetic(small, str(tmp_path / "history.xlsx"))
+
+
+def test_short_histories_have_no_anomalies() -> None:
+    """Nothing is unusual without a history to compare with."""
+    short = synthesize(customers=200, days=60, seed=1)
+    assert short.height > 0 and not short["label"].any()
+    assert synthesize(customers=1, days=1, seed=1).columns == NATIVE + ["label", "anomaly", "anomaly_detail"]
+    with pytest.raises(ValueError):
+        synthesize(customers=0)
