@@ -65,6 +65,19 @@ def test_score_keeps_columns_and_shows_progress(workdir, synth_file, scored_file
     assert joined.height == scored.height and (joined["flag"] == joined["flag_csv"]).all()
 
 
+def test_score_on_dask(workdir, synth_file, scored_file) -> None:
+    """--engine dask --workers 2: a LocalCluster of two processes, the same scores."""
+    pytest.importorskip("distributed")
+    out = workdir / "scored_dask.parquet"
+    result = _run(workdir / "home", "score", str(synth_file), "--out", str(out), "--engine", "dask",
+                  "--workers", "2", "--partitions", "2", "--quiet")
+    assert "dask" in result.output
+    a = pl.read_parquet(scored_file)
+    b = pl.read_parquet(out)
+    joined = a.join(b, on=["order_id", "line"], suffix="_d")
+    assert joined.height == a.height and (joined["flag"] == joined["flag_d"]).all()
+
+
 def test_score_with_thresholds_file(workdir, synth_file) -> None:
     strict = workdir / "strict.toml"
     strict.write_text("[som]\nsize_ratio = 1000.0\nmonth_ratio = 1000.0\nmonthly_cap = 1e9\n")

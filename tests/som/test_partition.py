@@ -80,9 +80,14 @@ def test_two_local_processes_csv_in_and_out(history, single, tmp_path) -> None:
     _same_scores(single, out.with_columns(pl.col("dosage_units").cast(single.schema["dosage_units"])))
 
 
-def test_dask_local_cluster_of_two_workers(history, single, tmp_path) -> None:
-    pytest.importorskip("distributed")
-    run = score_file(history[0], tmp_path / "scored.parquet", partitions=4, workers=2, engine="dask")
+def test_dask_cluster_of_two_workers(history, single, tmp_path) -> None:
+    """An existing Dask cluster (here a LocalCluster of two worker processes), by its address."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        run = score_file(history[0], tmp_path / "scored.parquet", partitions=4, engine="dask",
+                         scheduler=cluster.scheduler_address)
+        assert len(cluster.workers) == 2
     assert run.engine == "dask"
     _same_scores(single, pl.read_parquet(run.output))
 
