@@ -77,7 +77,10 @@ def make_home(connections_hint: int) -> tuple[Path, str]:
     return home, asyncio.run(client())
 
 
-def raw_hsm_rate(home: Path, seconds: float) -> float:
+def raw_hsm_rate(home: Path, seconds: float) -> tuple[float, float]:
+    """(signatures/s on all cores, CPU microseconds per signature)."""
+    import psutil
+
     from benchmarks.hsm_sign import raw_rate
     from gateway.config import load_settings
     from gateway.signing.hsm import Hsm
@@ -87,7 +90,11 @@ def raw_hsm_rate(home: Path, seconds: float) -> float:
     hsm = Hsm.open(settings, sessions=cores)
     try:
         hsm.sign(KEY, b"warm-up")
-        return raw_rate(hsm, KEY, "rsa2048", cores, seconds)
+        before = psutil.Process().cpu_times()
+        rate = raw_rate(hsm, KEY, "rsa2048", cores, seconds)
+        after = psutil.Process().cpu_times()
+        cpu = (after.user + after.system) - (before.user + before.system)
+        return rate, cpu / (rate * seconds) * 1e6
     finally:
         hsm.close()
 
@@ -104,6 +111,37 @@ def start_server(home: Path, log_level: str) -> tuple[subprocess.Popen, int]:
             raise SystemExit(f"server did not start:\n{(home / 'server.log').read_text()}")
         time.sleep(0.05)
     return proc, int(ready.read_text())
+
+
+def _cpu_s(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def loop_lag_buckets(port: int) -> dict[str, float]:
+    """The server's event-loop lag histogram (cumulative buckets) from /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_event_loop_lag_seconds_bucket"):
+            out[line.split('le="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_median_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Median loop lag between two scrapes (upper edge of the bucket holding it)."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    total = delta.get("+Inf", 0.0)
+    if not total:
+        return None
+    for edge, count in sorted(((float(k), v) for k, v in delta.items() if k != "+Inf")):
+        if count >= total / 2:
+            return edge * 1000
+    return float("inf")
 
 
 def rss_mb(pid: int) -> float:
@@ -330,18 +368,22 @@ def main() -> None:
         generator = "wrk" if shutil.which("wrk") else "python"
     home, token = make_home(args.connections)
     try:
-        raw = raw_hsm_rate(home, args.seconds)
+        raw, raw_cpu = raw_hsm_rate(home, args.seconds)
         proc, port = start_server(home, args.log_level)
         try:
             # warm-up: connections, caches, the first group commits
             python_load(port, token, "warm", 1.0, rate=None, connections=4)
+            cpu_before = _cpu_s(proc.pid)
             if generator == "wrk":
                 capacity = wrk_closed_loop(port, token, "cap", args.connections, args.seconds)
             else:
                 capacity = python_load(port, token, "cap", args.seconds, rate=None, connections=args.connections)
+            capacity["server_cpu_us_per_request"] = (_cpu_s(proc.pid) - cpu_before) / capacity["ok"] * 1e6
             rss_before = rss_mb(proc.pid)
             offered = capacity["ok_per_s"] * args.overload
+            lag0 = loop_lag_buckets(port)
             overload = overload_load(generator, port, token, "over", args.seconds, offered, args.connections)
+            overload["loop_lag_median_ms"] = lag_median_ms(lag0, loop_lag_buckets(port))
             rss_after = rss_mb(proc.pid)
             # a second overload round: memory must not keep growing
             overload2 = overload_load(generator, port, token, "over2", args.seconds, offered, args.connections)
@@ -349,7 +391,7 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(30)
-        raw_after = raw_hsm_rate(home, args.seconds)
+        raw_after, raw_cpu_after = raw_hsm_rate(home, args.seconds)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -373,6 +415,16 @@ def main() -> None:
         print(f"{name}: offered {o['offered_per_s']:.0f}/s (target {offered:.0f}/s) by {o['generator']}; "
               f"admitted p99 {o['p99_ms']:.1f} ms{note}; other statuses {o['other_statuses']}; "
               f"socket errors {o['socket_errors']}")
+    if overload.get("loop_lag_median_ms") is not None:
+        print(f"event loop lag during overload (median, bucket edge): {overload['loop_lag_median_ms']:.0f} ms")
+    hsm_cpu = (raw_cpu + raw_cpu_after) / 2
+    server_cpu = capacity["server_cpu_us_per_request"]
+    cores = len(os.sched_getaffinity(0))
+    # CPU budget: every request costs the HSM's signature plus the gateway's own work, on the
+    # same cores. This ceiling does not depend on what else runs on the machine.
+    ceiling = (cores * 1e6 / server_cpu) / (cores * 1e6 / hsm_cpu)
+    print(f"CPU per request: HSM signature {hsm_cpu:.0f} us (raw), whole server {server_cpu:.0f} us "
+          f"-> CPU-bound ceiling of HTTP vs raw on this machine: {ceiling:.2f}")
     print(f"server RSS: {rss_before:.1f} MB before overload, {rss_after:.1f} MB after, {rss_after2:.1f} MB after a second round")
     targets = {
         "http_vs_raw_ge_0.85": ratio >= 0.85,
@@ -386,7 +438,8 @@ def main() -> None:
     path = write_results("http_sign", {
         "seconds": args.seconds, "connections": args.connections, "generator": capacity["generator"],
         "log_level": args.log_level, "raw_hsm_per_s": [raw, raw_after], "capacity": capacity,
-        "http_vs_raw": ratio, "overload_factor": args.overload, "overload": overload, "overload_again": overload2,
+        "http_vs_raw": ratio, "hsm_cpu_us_per_signature": hsm_cpu,
+        "server_cpu_us_per_request": server_cpu, "cpu_bound_ceiling_vs_raw": ceiling, "overload_factor": args.overload, "overload": overload, "overload_again": overload2,
         "rss_mb": {"before_overload": rss_before, "after_overload": rss_after, "after_second_overload": rss_after2},
         "targets": targets})
     print(f"written {path}")

@@ -9,6 +9,7 @@ another process takes effect within that time, and one made through this process
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -28,20 +29,35 @@ class ClientCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: dict[bytes, tuple[Client, float]] = {}
+        self._pending: dict[bytes, asyncio.Future[Client | None]] = {}
 
     async def client(self, token: str) -> Client | None:
         key = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         hit = self._entries.get(key)
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > time.monotonic():
             return hit[0]
-        client = await self._authenticate(token)
+        # One database lookup per token at a time: when an entry expires under load, hundreds of
+        # requests carrying the same token would otherwise all miss together.
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Client | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            client = await self._authenticate(token)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters get it, nobody else needs to
+            raise
+        finally:
+            del self._pending[key]
+        fut.set_result(client)
         if client is None or not client.active:
             self._entries.pop(key, None)
             return None
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # simple bound; the cache refills in one TTL
-        self._entries[key] = (client, now + self.ttl_s)
+        self._entries[key] = (client, time.monotonic() + self.ttl_s)
         return client
 
     def invalidate(self, name: str | None = None) -> None:

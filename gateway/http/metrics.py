@@ -21,6 +21,7 @@ class Metrics:
     rejected: Counter
     hsm_errors: Counter
     auth_failures: Counter
+    loop_lag: Histogram
 
     @classmethod
     def create(cls) -> "Metrics":
@@ -41,6 +42,9 @@ class Metrics:
                                ["code"], registry=reg),
             auth_failures=Counter("gateway_auth_failures", "refused requests (401/403/404 by rule)",
                                   ["code"], registry=reg),
+            loop_lag=Histogram("gateway_event_loop_lag_seconds",
+                               "how late a timer on the event loop runs (time every callback waits)",
+                               buckets=LATENCY_BUCKETS, registry=reg),
         )
 
     def __post_init__(self) -> None:
@@ -56,7 +60,7 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def on_admission_change(self, busy: int, queued: int) -> None:
+    def set_pool_gauges(self, busy: int, queued: int) -> None:
         self.pool_busy.set(busy)
         self.queue_depth.set(queued)
 

@@ -7,6 +7,7 @@ Handlers only run once `guard` has let the request through, so they never repeat
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 import time
@@ -19,6 +20,7 @@ from gateway.http.admission import Overloaded
 from gateway.http.auth import refusal_event
 from gateway.http.errors import ERROR_CODES, ApiError
 from gateway.http.logs import request_id_var
+from gateway.http.pool import queued_s_var
 from gateway.http.routes import Route
 from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
 from gateway.storage.base import StorageError, StorageUnavailable
@@ -35,6 +37,21 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 _STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "role_not_allowed", 404: "not_found",
                  405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+
+
+_OVERLOAD_BODIES: dict[tuple[str, str], bytes] = {}
+
+
+def _overload_response(exc: Overloaded) -> web.Response:
+    """429 on the cheapest path: under overload most responses are these."""
+    key = (exc.code, exc.message)
+    body = _OVERLOAD_BODIES.get(key)
+    if body is None:
+        body = json.dumps({"error": {"code": exc.code, "message": exc.message, "details": {}}}).encode()
+        if len(_OVERLOAD_BODIES) < 64:
+            _OVERLOAD_BODIES[key] = body
+    return web.Response(body=body, status=429, content_type="application/json",
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def error_response(err: ApiError, request_id: str | None = None) -> web.Response:
@@ -96,6 +113,10 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
     try:
         try:
             resp = await handler(request)
+        except Overloaded as exc:
+            error_code = exc.code
+            metrics.rejected.labels(exc.code).inc()
+            resp = _overload_response(exc)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error body
             err = as_api_error(exc, request)
             error_code = err.code
@@ -121,8 +142,10 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
         level = logging.DEBUG if status == 429 else logging.INFO
         if access_log.isEnabledFor(level):
             client = request.get(keys.CLIENT)
+            queued = queued_s_var.get()
             access_log.log(level, "%s %s %s", request.method, request.path, status,
                            extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2),
+                                  "queued_ms": round(queued * 1000, 2) if queued is not None else None,
                                   "client": client.name if client else None, "error": error_code})
         request_id_var.reset(token)
 

@@ -52,7 +52,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     admission = app[keys.ADMISSION]
-    app[keys.METRICS].on_admission_change(admission.busy, admission.queued)
+    app[keys.METRICS].set_pool_gauges(admission.busy, admission.queued)
     resp = web.Response(body=app[keys.METRICS].render())
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp

@@ -1,97 +1,144 @@
-"""Admission control on its own: slots, the bounded queue, the deadline, FIFO hand-over."""
+"""Admission control and the work pool: bounded queue, refusal on arrival, deadline withdrawal,
+FIFO service, recovery of capacity. Real worker threads (an AsyncSigner running plain functions)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
 from gateway.http.admission import Admission, Overloaded
+from gateway.http.pool import WorkPool, queued_s_var
+from gateway.signing.async_signer import AsyncSigner
 
 
-async def test_full_queue_is_refused_at_once() -> None:
-    adm = Admission(slots=1, queue_size=1, deadline_s=5.0, retry_after_s=2)
-    await adm.acquire()  # the one worker is busy
-    waiting = asyncio.create_task(adm.acquire())
+@pytest.fixture
+def pool_of(hsm):
+    made: list[AsyncSigner] = []
+
+    def make(workers: int = 1, queue_size: int = 4, deadline_s: float = 5.0) -> WorkPool:
+        signer = AsyncSigner(hsm, workers=workers)
+        made.append(signer)
+        return WorkPool(Admission(workers, queue_size, deadline_s, retry_after_s=2), signer)
+
+    yield make
+    for signer in made:
+        signer.close()
+
+
+async def _hold(pool: WorkPool, gate: threading.Event) -> list[asyncio.Task]:
+    """Occupy every worker with a job that waits for the gate."""
+    tasks = [asyncio.create_task(pool.run(gate.wait, 30.0, deadline_s=30.0)) for _ in range(pool.workers)]
+    while pool.admission.busy < pool.workers:
+        await asyncio.sleep(0.001)
+    return tasks
+
+
+async def test_full_queue_is_refused_at_once(pool_of) -> None:
+    pool = pool_of(workers=1, queue_size=1)
+    gate = threading.Event()
+    holders = await _hold(pool, gate)
+    queued = asyncio.create_task(pool.run(time.monotonic))
     await asyncio.sleep(0)
-    assert adm.queued == 1
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    assert pool.admission.queued == 1
+    started = time.monotonic()
     with pytest.raises(Overloaded) as info:
-        await adm.acquire()
+        await pool.run(time.monotonic)
     assert info.value.code == "queue_full" and info.value.retry_after_s == 2
-    assert loop.time() - started < 0.05  # no waiting for a refusal
-    adm.release()  # hands the slot to the waiter
-    await waiting
-    assert adm.busy == 1 and adm.queued == 0
-    adm.release()
-    assert adm.busy == 0 and adm.rejected_full == 1
+    assert time.monotonic() - started < 0.05  # no waiting for a refusal
+    gate.set()
+    await asyncio.gather(*holders)
+    assert isinstance(await queued, float)
+    assert pool.admission.in_flight == 0 and pool.admission.rejected_full == 1
 
 
-async def test_deadline_refuses_and_leaves_no_ghost_waiter() -> None:
-    adm = Admission(slots=1, queue_size=4, deadline_s=0.05)
-    await adm.acquire()
+async def test_a_job_still_waiting_at_its_deadline_is_withdrawn(pool_of) -> None:
+    pool = pool_of(workers=1, queue_size=4, deadline_s=0.1)
+    gate = threading.Event()
+    holders = await _hold(pool, gate)
+    ran: list[int] = []
+    started = time.monotonic()
     with pytest.raises(Overloaded) as info:
-        await adm.acquire()
-    assert info.value.code == "queue_deadline"
-    assert adm.queued == 0 and adm.rejected_deadline == 1
-    adm.release()
-    assert adm.busy == 0
-    async with adm.slot():  # the slot is free again, not lost to the timed-out waiter
-        assert adm.busy == 1
+        await pool.run(ran.append, 1)
+    assert info.value.code == "queue_deadline" and 0.09 < time.monotonic() - started < 1.0
+    assert pool.admission.in_flight == 1  # only the gated job
+    gate.set()
+    await asyncio.gather(*holders)
+    assert await pool.run(ran.append, 2) is None
+    assert ran == [2]  # the withdrawn job never ran, even after the worker came free
 
 
-async def test_waiters_are_served_in_order() -> None:
-    adm = Admission(slots=1, queue_size=10, deadline_s=5.0)
-    await adm.acquire()
+async def test_jobs_are_served_in_order_and_report_their_queueing(pool_of) -> None:
+    pool = pool_of(workers=1, queue_size=10)
+    gate = threading.Event()
+    holders = await _hold(pool, gate)
     order: list[int] = []
 
-    async def worker(i: int) -> None:
-        async with adm.slot():
-            order.append(i)
-            await asyncio.sleep(0)
+    async def one(i: int) -> float:
+        await pool.run(order.append, i)
+        return queued_s_var.get()
 
-    tasks = [asyncio.create_task(worker(i)) for i in range(5)]
-    await asyncio.sleep(0)
-    adm.release()
-    await asyncio.gather(*tasks)
+    tasks = [asyncio.create_task(one(i)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    waits = await asyncio.gather(*tasks)
+    await asyncio.gather(*holders)
     assert order == [0, 1, 2, 3, 4]
-    assert adm.busy == 0 and adm.admitted == 6
-
-
-async def test_cancelled_waiter_gives_up_its_place() -> None:
-    adm = Admission(slots=1, queue_size=2, deadline_s=5.0)
-    await adm.acquire()
-    task = asyncio.create_task(adm.acquire())
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert adm.queued == 0
-    adm.release()
-    assert adm.busy == 0
+    assert all(w >= 0.04 for w in waits)
+    assert pool.admission.in_flight == 0 and pool.admission.admitted == 6
 
 
 async def test_a_request_that_would_miss_its_deadline_is_refused_on_arrival() -> None:
-    adm = Admission(slots=1, queue_size=100, deadline_s=0.1)
-    for _ in range(3):  # teach it that a slot is held about 40 ms
-        async with adm.slot():
-            await asyncio.sleep(0.04)
-    assert 0.02 < adm.hold_s < 0.06
-    await adm.acquire()
-    first = asyncio.create_task(adm.acquire())  # expected wait ~40 ms: queued
-    await asyncio.sleep(0)
-    second = asyncio.create_task(adm.acquire())  # ~80 ms: still within 100 ms
-    await asyncio.sleep(0)
-    assert adm.queued == 2
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(Overloaded) as info:  # ~120 ms > 100 ms: refused at once
-        await adm.acquire()
-    assert info.value.code == "queue_deadline" and loop.time() - started < 0.02
-    adm.release()
-    await first
-    adm.release()
-    await second
-    adm.release()
-    assert adm.busy == 0 and adm.queued == 0
+    adm = Admission(workers=1, queue_size=100, deadline_s=0.1)
+    adm.record_service(0.04)  # recent jobs took 40 ms
+    adm.admit()  # running
+    adm.admit()  # waits ~40 ms
+    adm.admit()  # waits ~80 ms
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as info:  # would wait ~120 ms > 100 ms
+        adm.admit()
+    assert info.value.code == "queue_deadline" and time.monotonic() - started < 0.01
+    assert adm.in_flight == 3 and adm.rejected_deadline == 1
+    for _ in range(3):
+        adm.done()
+    adm.admit()  # capacity is back
+    assert adm.in_flight == 1
+
+
+def test_service_time_is_a_moving_average() -> None:
+    adm = Admission(workers=2, queue_size=8, deadline_s=0.25)
+    adm.record_service(0.010)
+    assert adm.service_s == pytest.approx(0.010)
+    for _ in range(200):
+        adm.record_service(0.002)
+    assert adm.service_s == pytest.approx(0.002, rel=0.01)
+
+
+async def test_client_cache_looks_a_token_up_once_at_a_time() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.http.auth import ClientCache
+    from gateway.storage.base import Client
+
+    calls: list[str] = []
+    release = asyncio.Event()
+    alice = Client("1", "alice", "purchaser", frozenset({"k"}), datetime.now(UTC))
+
+    async def lookup(token: str) -> Client | None:  # a slow database
+        calls.append(token)
+        await release.wait()
+        return alice if token == "good" else None
+
+    cache = ClientCache(lookup, ttl_s=0.05)
+    waiting = [asyncio.create_task(cache.client("good")) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.gather(*waiting) == [alice] * 50
+    assert calls == ["good"]  # one lookup served all fifty
+    assert await cache.client("good") is alice and calls == ["good"]  # cached
+    await asyncio.sleep(0.06)
+    assert await cache.client("good") is alice and calls == ["good", "good"]  # expired: looked up again
+    assert await cache.client("bad") is None and await cache.client("bad") is None
+    assert calls.count("bad") == 2  # refusals are never cached
