@@ -3,21 +3,24 @@
 Every feature of the scorer is per customer (its own history, its own families) except the peer
 reference, which is a fixed table of sums. So the work splits by customers:
 
-1. first pass: each partition of customers (a hash of the customer column, read with a lazy scan
-   and a filter, so only that partition is in memory) gives its peer sums; the sums merge into the
-   one reference of the whole history (`peers.merge_peer_references`);
+0. split: one streaming pass over the input (a lazy scan, never the whole file in memory) writes
+   each line to the Parquet files of its partition, chosen by a hash of the customer column;
+1. first pass: each partition (only its peer columns) gives its peer sums; the sums merge into the
+   one reference of the whole history (`merge_references`);
 2. second pass: each partition is scored on its own against that same reference and written to its
    own Parquet part;
 3. the parts are streamed into the output (Parquet or CSV), with the scorer's columns: the input
    columns, then score, flag, reasons.
 
-Peak memory is one partition per worker plus the reference. Rows come out grouped by partition, in
-input order inside a partition; (order_id, line) identifies a line.
+Peak memory is one partition per worker plus the reference; the input is read once in full and the
+partitions twice. Rows come out grouped by partition, in input order inside a partition;
+(order_id, line) identifies a line.
 
 The same tasks run in-process, on local worker processes (`engine="local"`, `workers=N`), or on a
 Dask distributed cluster (`engine="dask"`: a scheduler address, else a LocalCluster of `workers`
-processes). With Dask the input and the output directory must be reachable by every worker under
-the same path (a shared file system), as usual for file-based Dask jobs.
+processes). With Dask the input and the output directory (where the partitions and parts are
+written, next to the output) must be reachable by every worker under the same path (a shared file
+system), as usual for file-based Dask jobs.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ def default_partitions(path: str | Path, workers: int = 1) -> int:
     return max(workers, math.ceil(size / per), 1)
 
 
-def _customer_column(path: str | Path) -> str:
-    names = som_io._scan(Path(path)).collect_schema().names()
+def _customer_column(lf: pl.LazyFrame) -> str:
+    names = lf.collect_schema().names()
     return "BUYER_DEA_NO" if som_io.detect_shape(names) == "arcos" else "customer"
 
 
@@ -89,34 +92,47 @@ PEER_COLUMNS = ("customer", "customer_type", "state", "family", "date", "dosage_
                 "BUYER_BUS_ACT", "BUYER_STATE", "DRUG_NAME", "DRUG_CODE", "DOSAGE_UNIT", "TRANSACTION_DATE")
 
 
-def _read_partition(path: str, index: int, count: int, columns: Iterable[str] | None = None) -> pl.DataFrame:
-    """The lines of one partition of customers, as read (shape detection is read_orders' job)."""
-    lf = som_io._scan(Path(path))
+def split_input(source: str | Path, work: str | Path, count: int) -> list[str | None]:
+    """Write the lines of each partition of customers under `work` (one streaming pass); the
+    directory of each partition, None for one no customer hashed to."""
+    lf = som_io._scan(Path(source))
+    key = (pl.col(_customer_column(lf)).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
+    try:
+        lf.with_columns(key.alias("_part")).sink_parquet(
+            pl.PartitionBy(Path(work), key="_part", include_key=False), mkdir=True)
+    except pl.exceptions.PolarsError as exc:
+        raise som_io.SomInputError("som_unreadable", str(exc)) from None
+    dirs = [Path(work) / f"_part={i}" for i in range(count)]
+    return [str(d) if d.is_dir() and any(d.glob("*.parquet")) else None for d in dirs]
+
+
+def _read_partition(part: str, columns: Iterable[str] | None = None) -> pl.DataFrame:
+    """The lines of one partition (a directory of Parquet files, or the whole input file), as read:
+    shape detection is read_orders' job."""
+    path = Path(part)
+    lf = pl.scan_parquet(path / "*.parquet") if path.is_dir() else som_io._scan(path)
     if columns is not None:
         wanted = set(columns)
         lf = lf.select([c for c in lf.collect_schema().names() if c in wanted])
-    if count > 1:
-        customer = _customer_column(path)
-        lf = lf.filter(pl.col(customer).cast(pl.String).hash(seed=0) % count == index)
     try:
         return lf.collect()
     except pl.exceptions.PolarsError as exc:
         raise som_io.SomInputError("som_unreadable", str(exc)) from None
 
 
-def partition_reference(path: str, index: int, count: int) -> pl.DataFrame | None:
+def partition_reference(part: str) -> pl.DataFrame | None:
     """First pass task: the peer sums of one partition (None when it holds no line)."""
-    part = _read_partition(path, index, count, PEER_COLUMNS)
-    return peer_reference(part) if part.height else None
+    lines = _read_partition(part, PEER_COLUMNS)
+    return peer_reference(lines) if lines.height else None
 
 
-def _score_task(path: str, index: int, count: int, config: dict[str, Any], peers: pl.DataFrame,
+def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFrame,
                 out_dir: str) -> tuple[str | None, int, int]:
     """Second pass task: score one partition against the shared reference; write its part."""
-    part = _read_partition(path, index, count)
-    if not part.height:  # no customer hashed here
+    lines = _read_partition(part)
+    if not lines.height:
         return None, 0, 0
-    scored = score_orders(part, SomConfig.from_dict(config), peers)
+    scored = score_orders(lines, SomConfig.from_dict(config), peers)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
     scored.write_parquet(target, compression="lz4", statistics=False)
     return str(target), scored.height, int(scored["flag"].sum())
@@ -256,17 +272,27 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
     som_io.read_orders(pl.DataFrame(schema=_native_probe(source)))  # fails fast on a foreign shape
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent or Path(".")))
     try:
+        if count > 1:
+            parts = [p for p in split_input(source, work / "input", count) if p is not None]
+        else:
+            parts = [str(source)]
+        tick("split")
+        skipped = count - len(parts)  # partitions no customer hashed to: nothing to do
+        (work / "scored").mkdir()
         with _Runner(engine, workers, scheduler) as runner:
-            refs = runner.map(partition_reference, [(str(source), i, count) for i in range(count)],
-                              lambda: tick("peers"))
+            refs = runner.map(partition_reference, [(p,) for p in parts], lambda: tick("peers"))
+            for _ in range(skipped):
+                tick("peers")
             refs = [r for r in refs if r is not None]
             if not refs:
                 raise som_io.SomInputError("som_empty_input", f"{source}: no order lines")
             peers = merge_references(refs)
             tick("reference")
             cfg = config.as_dict()
-            done = runner.map(_score_task, [(str(source), i, count, cfg, peers, str(work))
-                                            for i in range(count)], lambda: tick("score"))
+            done = runner.map(_score_task, [(p, i, cfg, peers, str(work / "scored")) for i, p in enumerate(parts)],
+                              lambda: tick("score"))
+            for _ in range(skipped):
+                tick("score")
         _concat_parts([d[0] for d in done if d[0] is not None], output)
         tick("write")
     finally:
@@ -279,7 +305,7 @@ def steps(partitions: int, workers: int = 1, engine: str = "local") -> int:
     """How many times `score_file` calls `progress` (for a progress bar's total)."""
     if partitions == 1 and workers == 1 and engine == "local":
         return 3
-    return 2 * partitions + 2
+    return 2 * partitions + 3
 
 
 def _native_probe(source: Path) -> dict[str, pl.DataType]:

@@ -61,7 +61,7 @@ def test_in_process_partitions(history, single, tmp_path) -> None:
     run = score_file(history[0], tmp_path / "scored.parquet", partitions=4, progress=seen.append)
     assert (run.partitions, run.workers, run.engine, run.lines) == (4, 1, "local", single.height)
     assert run.flagged == int(single["flag"].sum())
-    assert seen == ["peers"] * 4 + ["reference"] + ["score"] * 4 + ["write"]
+    assert seen == ["split"] + ["peers"] * 4 + ["reference"] + ["score"] * 4 + ["write"]
     _same_scores(single, pl.read_parquet(run.output))
     assert not list(tmp_path.glob(".*parts*"))  # the parts are cleaned up
 
@@ -127,3 +127,17 @@ def test_arcos_shape_by_partitions(history, tmp_path) -> None:
     assert j.height == arcos.height
     np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
     assert (j["flag"] == j["flag_p"]).all() and int(j["flag"].sum()) > 0
+
+
+def test_more_partitions_than_customers(tmp_path) -> None:
+    small = synthesize(customers=12, days=200, seed=8)
+    path = tmp_path / "small.parquet"
+    small.write_parquet(path)
+    seen: list[str] = []
+    run = score_file(path, tmp_path / "scored.parquet", partitions=40, progress=seen.append)
+    assert len(seen) == 2 * 40 + 3  # a progress bar reaches its end even with empty partitions
+    out = pl.read_parquet(run.output)
+    single = score_orders(small)
+    j = single.join(out, on=KEY, suffix="_p")
+    assert j.height == small.height == out.height
+    np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
