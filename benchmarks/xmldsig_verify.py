@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -149,6 +150,7 @@ def main() -> None:
                 })
     finally:
         hsm.close()
+        shutil.rmtree(home, ignore_errors=True)
 
     print(table(rows, ["key", "validation", "verifier", "verify_per_s", "us_per_verify", "x_signxml"]))
     checks = {
