@@ -11,7 +11,6 @@ from gateway.http import keys
 from gateway.http.errors import ApiError
 from gateway.http.metrics import CONTENT_TYPE_LATEST
 from gateway.http.routes import PUBLIC, Route
-from gateway.storage.base import StorageError
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -43,9 +42,9 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(app[keys.STORAGE].health_check(), 5.0)
         checks["database"] = "ok"
-    except (StorageError, OSError, TimeoutError) as exc:
-        raise ApiError("database_unavailable", f"database write failed: {exc}", retry_after_s=retry,
-                       details={"checks": checks}) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the database says, it is not ready
+        raise ApiError("database_unavailable", f"database write failed: {type(exc).__name__}: {exc}",
+                       retry_after_s=retry, details={"checks": checks}) from exc
     return web.json_response({"status": "ready", "checks": checks})
 
 

@@ -53,6 +53,9 @@ class WorkPool:
         claim = [True]
         withdrawn: list[bool] = []
         enqueued = time.monotonic()
+        # The worker runs the job in this request's context, so that anything it logs carries
+        # the request id.
+        context = contextvars.copy_context()
 
         def job() -> tuple[T, float]:
             try:
@@ -61,7 +64,7 @@ class WorkPool:
                 raise _Withdrawn() from None
             started = time.monotonic()
             try:
-                return fn(*args), started - enqueued
+                return context.run(fn, *args), started - enqueued
             finally:
                 admission.record_service(time.monotonic() - started)
 

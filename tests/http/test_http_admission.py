@@ -142,3 +142,34 @@ async def test_client_cache_looks_a_token_up_once_at_a_time() -> None:
     assert await cache.client("good") is alice and calls == ["good", "good"]  # expired: looked up again
     assert await cache.client("bad") is None and await cache.client("bad") is None
     assert calls.count("bad") == 2  # refusals are never cached
+
+
+async def test_jobs_run_in_the_requests_context(pool_of) -> None:
+    """Log lines written on a worker carry the request id of the request that queued the job."""
+    import logging
+
+    from gateway.http.logs import JsonFormatter, request_id_var
+
+    pool = pool_of(workers=2)
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))  # formatted on the worker, as a stream handler does
+
+    logger = logging.getLogger("gateway.test.worker")
+    handler = Keep()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        async def one(rid: str) -> None:
+            request_id_var.set(rid)
+            await pool.run(logger.info, "signing for %s", rid)
+
+        await asyncio.gather(*(asyncio.create_task(one(f"req-{i}")) for i in range(6)))
+    finally:
+        logger.removeHandler(handler)
+    parsed = [__import__("json").loads(line) for line in lines]
+    assert sorted((p["request_id"], p["msg"]) for p in parsed) == sorted(
+        (f"req-{i}", f"signing for req-{i}") for i in range(6))

@@ -206,6 +206,20 @@ async def test_two_nodes_on_one_postgresql_behave_as_one(softhsm_settings, http_
             assert [r.seq for r in records] == list(range(1, len(records) + 1))
         finally:
             await storage.close()
+        # Readiness is honest about the shared database: both nodes say so when it goes away.
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f"ALTER SCHEMA {schema} RENAME TO {schema}_away")
+            async with aiohttp.ClientSession() as http:
+                for node in nodes:
+                    async with http.get(f"{node.url}/readyz") as resp:
+                        assert resp.status == 503 and resp.headers["Retry-After"]
+                        assert (await resp.json())["error"]["code"] == "database_unavailable"
+        finally:
+            await conn.execute(f"ALTER SCHEMA {schema}_away RENAME TO {schema}")
+            await conn.close()
+        for node in nodes:
+            await wait_ready(node.url)
         for node in nodes:
             assert stop_server(node) == 0
     finally:
