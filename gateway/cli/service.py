@@ -60,9 +60,9 @@ def register(group: click.Group) -> None:
     def serve_command(ctx: Context, host: str | None, port: int | None, ready_file: str | None,
                       log_level: str) -> None:
         """Run the HTTP gateway until SIGTERM/SIGINT, then drain in-flight requests."""
-        from gateway.http.logs import configure_logging
+        from gateway.http.logs import configure_logging, stop_logging
 
-        configure_logging(log_level.upper())
+        configure_logging(log_level.upper(), background=True)
         settings = ctx.settings
         server = settings.server
         settings = replace(settings, server=replace(
@@ -77,3 +77,5 @@ def register(group: click.Group) -> None:
             code = getattr(exc, "code", type(exc).__name__)
             log.error("cannot start: %s", exc, extra={"code": code})
             sys.exit(1)
+        finally:
+            stop_logging()

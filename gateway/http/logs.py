@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any
@@ -40,16 +42,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
-def configure_logging(level: str = "INFO", stream: Any = None) -> None:
-    """Route the root logger to one JSON handler (idempotent)."""
+class _ContextQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to a background thread, stamped with the request id of the thread that
+    logged them (the writer thread has no request context). Formatting and the write to the
+    stream happen off the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def configure_logging(level: str = "INFO", stream: Any = None, *, background: bool = False) -> None:
+    """Route the root logger to one JSON handler (idempotent).
+
+    background: format and write on a separate thread (for the server; `stop_logging` flushes).
+    """
+    global _listener
+    stop_logging()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_gateway_json", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    if background:
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+        _listener.start()
+        handler = _ContextQueueHandler(records)
     handler._gateway_json = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     # aiohttp's own access log duplicates ours; keep it quiet.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def stop_logging() -> None:
+    """Write out what the background thread still holds (at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
