@@ -23,7 +23,7 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.peers import ALL, peer_matrix
-from gateway.som.score import LineScore, _peer_label, config_vector, findings_of, reasons_text
+from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
 _FORMAT = 1
@@ -118,10 +118,10 @@ class SomState:
         feat = self._feat
         if p >= 0:
             score, bits = K.process_line(g, c, day, units, controlled, self._peer_vectors[p], True,
-                                         self._cfg, feat)
+                                         self._cfg, feat, True)
         else:
             score, bits = K.process_line(g, c, day, units, controlled, self._nopeer, False,
-                                         self._cfg, feat)
+                                         self._cfg, feat, True)
         reasons = ""
         if bits:
             label = self._peer_labels[p] if p >= 0 else (ALL, ALL)

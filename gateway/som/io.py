@@ -70,7 +70,7 @@ def _looks_tab(path: Path) -> bool:
         return b"\t" in fh.readline()
 
 
-def _to_native(lf: pl.LazyFrame, columns: list[str]) -> pl.LazyFrame:
+def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list[str]]:
     shape = detect_shape(columns)
     if shape == "native":
         out = lf

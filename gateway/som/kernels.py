@@ -30,7 +30,11 @@ ND = 32  # ring of the last distinct order days (at most 30 fall in a 30-day win
 G_FIRST_DAY = 0
 G_FIRST_MONTH = 1
 G_NDAYS = 2  # distinct order days ever seen
-G_MONTHS = 4  # NM slots of: month id, units, lines, order days, max line, sum log, sum log^2
+G_CMONTH = 3  # the month the cached trailing sums below are for (-1: none)
+G_CACHE = 4  # tot12, cnt12, days12, slog, slog2, max6, maxm12, cfam12, ctot12, cctl12
+G_NCACHE = 10
+G_MONTHS = G_CACHE + G_NCACHE  # NM slots of: month id, units, lines, order days, max line,
+# sum log, sum log^2
 G_MSLOT = 7
 G_DAYS = G_MONTHS + NM * G_MSLOT  # ND slots of: day, units
 G_DSLOT = 2
@@ -39,7 +43,11 @@ G_SIZE = G_DAYS + ND * G_DSLOT
 # customer state (all families)
 C_FIRST_DAY = 0
 C_NDAYS = 1
-C_MONTHS = 2  # NM slots of: month id, units, controlled units
+C_FIRST_MONTH = 2
+C_MONTH = 3  # the month of the last line, valid for days C_MONTH_LO <= day < C_MONTH_HI
+C_MONTH_LO = 4
+C_MONTH_HI = 5
+C_MONTHS = 6  # NM slots of: month id, units, controlled units
 C_MSLOT = 3
 C_DAYS = C_MONTHS + NM * C_MSLOT  # ND slots of: day, units, controlled units
 C_DSLOT = 3
@@ -114,7 +122,7 @@ NF = len(FEATURES)
 DAYS_PER_MONTH = 30.436875
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def month_of_day(day):
     """Calendar month id (year * 12 + month - 1) of a day count since 1970-01-01."""
     z = day + 719468
@@ -130,42 +138,114 @@ def month_of_day(day):
     return y * 12 + m - 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def days_from_civil(y, m, d):
+    y -= m <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+@njit(cache=True, error_model="numpy")
+def month_first_day(month):
+    """Day count of the first day of a month id."""
+    return days_from_civil(month // 12, month % 12 + 1, 1)
+
+
+@njit(cache=True, error_model="numpy")
 def new_group_state(g):
     g[:] = 0.0
+    g[G_CMONTH] = -1.0
     for s in range(NM):
         g[G_MONTHS + s * G_MSLOT] = -1.0
     for s in range(ND):
         g[G_DAYS + s * G_DSLOT] = -1e9
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def new_customer_state(c):
     c[:] = 0.0
+    c[C_MONTH_HI] = -1e9
     for s in range(NM):
         c[C_MONTHS + s * C_MSLOT] = -1.0
     for s in range(ND):
         c[C_DAYS + s * C_DSLOT] = -1e9
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _odds(p):
     p = min(max(p, 0.05), 0.95)
     return p / (1.0 - p)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sev(value, threshold):
     if value != value or threshold <= 0.0:
         return 0.0
     return value / threshold
 
 
-@njit(cache=True)
-def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
-    """Add one line to its group state `g` and customer state `c`; fill `feat`; return
+@njit(cache=True, error_model="numpy")
+def _trailing_months(g, c, month):
+    """Sums over the months m-12 .. m-1 of the group and of the customer, into g's cache."""
+    tot12 = 0.0
+    cnt12 = 0.0
+    days12 = 0.0
+    slog = 0.0
+    slog2 = 0.0
+    max6 = 0.0
+    maxm12 = 0.0
+    ctot12 = 0.0
+    cctl12 = 0.0
+    cfam12 = 0.0
+    fam_lo = max(month - 12.0, g[G_FIRST_MONTH])
+    for s in range(NM):
+        b = G_MONTHS + s * G_MSLOT
+        mid = g[b]
+        if mid >= month - 12 and mid <= month - 1:
+            tot12 += g[b + 1]
+            if g[b + 1] > maxm12:
+                maxm12 = g[b + 1]
+            cnt12 += g[b + 2]
+            days12 += g[b + 3]
+            slog += g[b + 5]
+            slog2 += g[b + 6]
+            if mid >= month - 6 and g[b + 4] > max6:
+                max6 = g[b + 4]
+        cb = C_MONTHS + s * C_MSLOT
+        cmid = c[cb]
+        if cmid >= month - 12 and cmid <= month - 1:
+            ctot12 += c[cb + 1]
+            cctl12 += c[cb + 2]
+            if cmid >= fam_lo:
+                cfam12 += c[cb + 1]
+    g[G_CMONTH] = month
+    g[G_CACHE] = tot12
+    g[G_CACHE + 1] = cnt12
+    g[G_CACHE + 2] = days12
+    g[G_CACHE + 3] = slog
+    g[G_CACHE + 4] = slog2
+    g[G_CACHE + 5] = max6
+    g[G_CACHE + 6] = maxm12
+    g[G_CACHE + 7] = cfam12
+    g[G_CACHE + 8] = ctot12
+    g[G_CACHE + 9] = cctl12
+
+
+@njit(cache=True, error_model="numpy")
+def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
+    """Add one line to its group state `g` and customer state `c`; fill `feat` (the numbers only
+    the reasons quote are filled for flagged lines, or for all with `full`); return
     (score, reason bits). Lines must arrive in time order per customer."""
-    month = month_of_day(day)
+    if c[C_MONTH_LO] <= day < c[C_MONTH_HI]:
+        month = int(c[C_MONTH])
+    else:
+        month = month_of_day(day)
+        c[C_MONTH] = month
+        c[C_MONTH_LO] = month_first_day(month)
+        c[C_MONTH_HI] = month_first_day(month + 1)
     lu = math.log1p(units)
     for k in range(NF):
         feat[k] = np.nan
@@ -174,6 +254,7 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
     # ---- customer state ----
     if c[C_NDAYS] == 0.0:
         c[C_FIRST_DAY] = day
+        c[C_FIRST_MONTH] = month
     slot = month % NM
     base = C_MONTHS + slot * C_MSLOT
     if c[base] != month:
@@ -230,66 +311,56 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
     mtd = g[base + 1]
 
     # ---- trailing months (m-12 .. m-1) of the group and the customer ----
-    tot12 = 0.0
-    cnt12 = 0.0
-    days12 = 0.0
-    slog = 0.0
-    slog2 = 0.0
-    max6 = 0.0
-    maxm12 = 0.0
-    ctot12 = 0.0
-    cctl12 = 0.0
-    cfam12 = 0.0  # customer units in the trailing months since the family's first month
-    fam_lo = max(month - 12.0, g[G_FIRST_MONTH])
-    for s in range(NM):
-        b = G_MONTHS + s * G_MSLOT
-        mid = g[b]
-        if mid >= month - 12 and mid <= month - 1:
-            tot12 += g[b + 1]
-            if g[b + 1] > maxm12:
-                maxm12 = g[b + 1]
-            cnt12 += g[b + 2]
-            days12 += g[b + 3]
-            slog += g[b + 5]
-            slog2 += g[b + 6]
-            if mid >= month - 6 and g[b + 4] > max6:
-                max6 = g[b + 4]
-        cb = C_MONTHS + s * C_MSLOT
-        cmid = c[cb]
-        if cmid >= month - 12 and cmid <= month - 1:
-            ctot12 += c[cb + 1]
-            cctl12 += c[cb + 2]
-            if cmid >= fam_lo:
-                cfam12 += c[cb + 1]
+    # Past months are complete once a line of month m arrives (time order), so their sums are
+    # computed once per (group, month) and kept in the state.
+    if g[G_CMONTH] != month:
+        _trailing_months(g, c, month)
+    tot12 = g[G_CACHE]
+    cnt12 = g[G_CACHE + 1]
+    days12 = g[G_CACHE + 2]
+    slog = g[G_CACHE + 3]
+    slog2 = g[G_CACHE + 4]
+    max6 = g[G_CACHE + 5]
+    maxm12 = g[G_CACHE + 6]
+    cfam12 = g[G_CACHE + 7]  # customer units in the trailing months since the family's first
+    ctot12 = g[G_CACHE + 8]
+    cctl12 = g[G_CACHE + 9]
     nhist = min(12.0, month - g[G_FIRST_MONTH])
     feat[F_NHIST] = nhist
     feat[F_MTD] = mtd
     feat[F_CAP] = np.nan
 
-    # ---- last 30 days ----
+    # ---- last 30 days (rings are in time order: walk back from the newest day) ----
     n30 = 0.0
     u30 = 0.0
     lo = day - 29
-    for s in range(ND):
-        b = G_DAYS + s * G_DSLOT
-        if g[b] >= lo and g[b] <= day:
-            n30 += 1.0
-            u30 += g[b + 1]
+    for j in range(min(nd, ND)):
+        b = G_DAYS + ((nd - 1 - j) % ND) * G_DSLOT
+        if g[b] < lo:
+            break
+        n30 += 1.0
+        u30 += g[b + 1]
     c30 = 0.0
     k30 = 0.0
     cn30 = 0.0
-    for s in range(ND):
-        b = C_DAYS + s * C_DSLOT
-        if c[b] >= lo and c[b] <= day:
-            c30 += c[b + 1]
-            k30 += c[b + 2]
-            cn30 += 1.0
+    ncd = int(c[C_NDAYS])
+    for j in range(min(ncd, ND)):
+        b = C_DAYS + ((ncd - 1 - j) % ND) * C_DSLOT
+        if c[b] < lo:
+            break
+        c30 += c[b + 1]
+        k30 += c[b + 2]
+        cn30 += 1.0
     feat[F_N30] = n30
     feat[F_CN30] = cn30
 
     score = 0.0
     bits = 0
     sev = 0.0
+    mu = 0.0
+    sd = 0.0
+    psd = 0.0
+    msd = 0.0
     history = nhist >= cfg[K_MIN_MONTHS]
 
     # ---- size against the customer's history ----
@@ -313,7 +384,6 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
         sd = math.sqrt(max(var, 0.0))
         sd = max(sd, cfg[K_SDFLOOR])
         feat[F_CZ] = (lu - mu) / sd
-        feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd)
         sev = _sev(feat[F_CZ], cfg[K_CZ])
         if sev >= 1.0:
             bits |= R_CONTROL
@@ -333,16 +403,12 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
     # ---- size against the peer group ----
     if has_peer:
         psd = max(peer[P_LINE_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_TYP] = math.expm1(peer[P_LINE_MU])
-        feat[F_PEER_LIM] = math.expm1(peer[P_LINE_MU] + cfg[K_PEER_Z] * psd)
         feat[F_PEER_Z] = (lu - peer[P_LINE_MU]) / psd
         sev = _sev(feat[F_PEER_Z], cfg[K_PEER_Z])
         if sev >= 1.0:
             bits |= R_PEER
         score = max(score, sev)
         msd = max(peer[P_MONTH_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_MTYP] = math.expm1(peer[P_MONTH_MU])
-        feat[F_PEER_MLIM] = math.expm1(peer[P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
         feat[F_PEER_MZ] = (math.log1p(mtd) - peer[P_MONTH_MU]) / msd
         sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ]) if lu >= peer[P_LINE_MU] else 0.0
         if sev >= 1.0:
@@ -385,7 +451,7 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
         if sev >= 1.0:
             bits |= R_NEW_FAMILY
         score = max(score, sev)
-    cust_history = month - month_of_day(int(c[C_FIRST_DAY])) >= cfg[K_MIN_MONTHS]
+    cust_history = month - c[C_FIRST_MONTH] >= cfg[K_MIN_MONTHS]
     enough_days = cn30 >= cfg[K_MIX_DAYS]
     if history and cfam12 > 0 and c30 > 0 and enough_days:
         share30 = u30 / c30
@@ -436,60 +502,52 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat):
             bits |= R_CAP
         score = max(score, sev)
     if not controlled:  # non-controlled lines only inform the controlled share
-        return 0.0, 0
+        score = 0.0
+        bits = 0
+    if bits != 0 or full:  # numbers quoted by the reasons only
+        if feat[F_CZ] == feat[F_CZ]:
+            feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd)
+        if has_peer:
+            feat[F_PEER_TYP] = math.expm1(peer[P_LINE_MU])
+            feat[F_PEER_LIM] = math.expm1(peer[P_LINE_MU] + cfg[K_PEER_Z] * psd)
+            feat[F_PEER_MTYP] = math.expm1(peer[P_MONTH_MU])
+            feat[F_PEER_MLIM] = math.expm1(peer[P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
     return score, bits
 
 
 # --- batch ----------------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def dense_codes(keys):
-    """Dense codes 0..k-1 in order of first appearance for a uint64 key array (open addressing);
-    returns (codes, first index of each code)."""
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _probe(keys, lo, codes, first, k, table_k, table_v):
+    """Code keys from position lo on until the table is half full; returns (next position, k)."""
+    cap = table_k.shape[0]
+    mask = np.uint64(cap - 1)
+    limit = cap // 2
     n = keys.shape[0]
-    cap = 1024
-    while cap < 2 * min(n, 1 << 22) and cap < n * 2:
-        cap *= 2
-    table_k = np.zeros(cap, np.uint64)
-    table_v = np.full(cap, -1, np.int64)
-    codes = np.empty(n, np.int32)
-    first = np.empty(max(n, 1), np.int64)
-    k = 0
     prev_key = np.uint64(0)
     prev_code = -1
-    for i in range(n):
+    i = lo
+    while i < n:
         key = keys[i]
         if prev_code >= 0 and key == prev_key:
             codes[i] = prev_code
+            i += 1
             continue
-        mask = np.uint64(cap - 1)
-        h = (key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)
-        j = np.int64(h & mask)
+        j = np.int64(((key * _GOLDEN) >> np.uint64(17)) & mask)
         while True:
             v = table_v[j]
             if v < 0:
+                if k >= limit:
+                    return i, k  # grow first
                 table_k[j] = key
                 table_v[j] = k
                 first[k] = i
                 v = k
                 k += 1
-                if 2 * k > cap:  # grow and rehash
-                    ncap = cap * 2
-                    nk = np.zeros(ncap, np.uint64)
-                    nv = np.full(ncap, -1, np.int64)
-                    nmask = np.uint64(ncap - 1)
-                    for t in range(cap):
-                        if table_v[t] >= 0:
-                            hh = (table_k[t] * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)
-                            jj = np.int64(hh & nmask)
-                            while nv[jj] >= 0:
-                                jj = (jj + 1) & (ncap - 1)
-                            nk[jj] = table_k[t]
-                            nv[jj] = table_v[t]
-                    table_k = nk
-                    table_v = nv
-                    cap = ncap
                 break
             if table_k[j] == key:
                 break
@@ -497,10 +555,41 @@ def dense_codes(keys):
         codes[i] = v
         prev_key = key
         prev_code = v
+        i += 1
+    return i, k
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dense_codes(keys):
+    """Dense codes 0..k-1 in order of first appearance for a uint64 key array (open addressing);
+    returns (codes, first index of each code)."""
+    n = keys.shape[0]
+    codes = np.empty(n, np.int32)
+    first = np.empty(max(n, 1), np.int64)
+    cap = 1 << 12
+    table_k = np.zeros(cap, np.uint64)
+    table_v = np.full(cap, -1, np.int64)
+    i, k = _probe(keys, 0, codes, first, 0, table_k, table_v)
+    while i < n:
+        ncap = cap * 4
+        nk = np.zeros(ncap, np.uint64)
+        nv = np.full(ncap, -1, np.int64)
+        nmask = np.uint64(ncap - 1)
+        for t in range(cap):
+            if table_v[t] >= 0:
+                jj = np.int64(((table_k[t] * _GOLDEN) >> np.uint64(17)) & nmask)
+                while nv[jj] >= 0:
+                    jj = (jj + 1) & (ncap - 1)
+                nk[jj] = table_k[t]
+                nv[jj] = table_v[t]
+        table_k = nk
+        table_v = nv
+        cap = ncap
+        i, k = _probe(keys, i, codes, first, k, table_k, table_v)
     return codes, first[:k].copy()
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def order_by_customer_day(ccode, ncust, day):
     """Permutation sorting lines by (customer code, day, input position): a stable counting sort
     by customer, then a check that days are non-decreasing inside each customer; customers whose
@@ -532,43 +621,49 @@ def order_by_customer_day(ccode, ncust, day):
     return perm, start
 
 
-@njit(cache=True)
-def peer_sums(perm, ccode, fcode, nfam, day, units, cust_ts, nts):
-    """First pass: per (class-of-trade/state cell, family) sums for the peer reference table:
-    customers, lines, sum and sum of squares of log1p(line units) and of log1p(monthly units)."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def gather(perm, lo, hi, ccode, fcode, day, units, controlled, s_c, s_f, s_day, s_u, s_ctl):
+    """Copy lines lo..hi of the sorted order into contiguous arrays (one random read each)."""
+    for k in range(lo, hi):
+        i = perm[k]
+        s_c[k] = ccode[i]
+        s_f[k] = fcode[i]
+        s_day[k] = day[i]
+        s_u[k] = units[i]
+        s_ctl[k] = controlled[i]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
+    """First pass over sorted lines lo..hi (whole customers): per (class-of-trade/state cell,
+    family) sums for the peer reference table: customers, lines, sum and sum of squares of
+    log1p(line units) and of log1p(monthly units)."""
     acc = np.zeros((nts, nfam, 7))  # customers, lines, s, s2, months, ms, ms2
     cur_month = np.full(nfam, -1, np.int64)
     cur_tot = np.zeros(nfam)
     touched = np.empty(nfam, np.int64)
     ntouched = 0
-    n = perm.shape[0]
     prev_c = -1
     ts = 0
-    for idx in range(n + 1):
-        if idx < n:
-            i = perm[idx]
-            c = ccode[i]
-        else:
-            i = -1
-            c = -2
+    for k in range(lo, hi + 1):
+        c = s_c[k] if k < hi else -2
         if c != prev_c:
             for t in range(ntouched):
                 f = touched[t]
-                if cur_month[f] >= 0:
-                    lm = math.log1p(cur_tot[f])
-                    acc[ts, f, 4] += 1.0
-                    acc[ts, f, 5] += lm
-                    acc[ts, f, 6] += lm * lm
+                lm = math.log1p(cur_tot[f])
+                acc[ts, f, 4] += 1.0
+                acc[ts, f, 5] += lm
+                acc[ts, f, 6] += lm * lm
                 cur_month[f] = -1
                 cur_tot[f] = 0.0
             ntouched = 0
-            if idx == n:
+            if k == hi:
                 break
             prev_c = c
             ts = cust_ts[c]
-        f = fcode[i]
-        u = units[i]
-        m = month_of_day(day[i])
+        f = s_f[k]
+        u = s_u[k]
+        m = month_of_day(s_day[k])
         if cur_month[f] < 0:
             touched[ntouched] = f
             ntouched += 1
@@ -588,17 +683,12 @@ def peer_sums(perm, ccode, fcode, nfam, day, units, cust_ts, nts):
     return acc
 
 
-@njit(cache=True)
-def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer_row, peers,
-                 cfg, keep_features):
-    """Score every line (results at the line's input position). Returns score, flag, reason bits,
-    the features (n x NF when keep_features, else 0 x NF) and, for flagged lines only, their
-    positions and feature rows (for the reasons)."""
-    n = perm.shape[0]
-    score = np.zeros(n)
-    flag = np.zeros(n, np.bool_)
-    bits = np.zeros(n, np.int32)
-    feats = np.empty((n if keep_features else 0, NF))
+@njit(cache=True, nogil=True, error_model="numpy")
+def score_range(s_c, s_f, s_day, s_u, s_ctl, lo, hi, perm, nfam, cust_ts, peer_row, peers, cfg,
+                keep_features, score, bits, feats):
+    """Score sorted lines lo..hi (whole customers); results go to each line's input position in
+    `score`, `bits` (and `feats` with keep_features). Returns the input positions and feature
+    rows of the flagged lines (for their reasons)."""
     gstate = np.empty((nfam, G_SIZE))
     cstate = np.empty(C_SIZE)
     seen = np.zeros(nfam, np.bool_)
@@ -612,9 +702,8 @@ def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer
     nflag = 0
     prev_c = -1
     ts = 0
-    for idx in range(n):
-        i = perm[idx]
-        c = ccode[i]
+    for k in range(lo, hi):
+        c = s_c[k]
         if c != prev_c:
             for t in range(ntouched):
                 seen[touched[t]] = False
@@ -622,7 +711,7 @@ def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer
             new_customer_state(cstate)
             prev_c = c
             ts = cust_ts[c]
-        f = fcode[i]
+        f = s_f[k]
         if not seen[f]:
             seen[f] = True
             touched[ntouched] = f
@@ -630,17 +719,17 @@ def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer
             new_group_state(gstate[f])
         p = peer_row[ts, f]
         if p >= 0:
-            s, b = process_line(gstate[f], cstate, day[i], units[i], controlled[i], peers[p],
-                                True, cfg, feat)
+            sc, b = process_line(gstate[f], cstate, s_day[k], s_u[k], s_ctl[k], peers[p], True,
+                                 cfg, feat, keep_features)
         else:
-            s, b = process_line(gstate[f], cstate, day[i], units[i], controlled[i], nopeer,
-                                False, cfg, feat)
-        score[i] = s
+            sc, b = process_line(gstate[f], cstate, s_day[k], s_u[k], s_ctl[k], nopeer, False,
+                                 cfg, feat, keep_features)
+        i = perm[k]
+        score[i] = sc
         bits[i] = b
         if keep_features:
             feats[i, :] = feat
         if b != 0:
-            flag[i] = True
             if nflag == fcap:
                 fcap *= 2
                 np2 = np.empty(fcap, np.int64)
@@ -652,4 +741,4 @@ def score_sorted(perm, ccode, fcode, nfam, day, units, controlled, cust_ts, peer
             fpos[nflag] = i
             ffeat[nflag, :] = feat
             nflag += 1
-    return score, flag, bits, feats, fpos[:nflag].copy(), ffeat[:nflag].copy()
+    return fpos[:nflag].copy(), ffeat[:nflag].copy()

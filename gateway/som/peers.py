@@ -9,7 +9,10 @@ fewer than `min_peer_customers` customers falls back to the next level.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -36,6 +39,30 @@ class Prepared:
     cust_ts: np.ndarray  # int64 (class of trade, state) cell per customer code
     cells: list[tuple[str, str]]  # (class of trade, state) per cell code
     perm: np.ndarray  # int64: lines in (customer, date, input position) order
+    sorted: tuple[np.ndarray, ...]  # customer, family, day, units, controlled in that order
+    chunks: list[tuple[int, int]]  # ranges of sorted lines made of whole customers, one a thread
+
+
+def threads() -> int:
+    """Threads for the kernels (they release the GIL): the cores this process may use."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(int(os.environ.get("GATEWAY_SOM_THREADS", n or 1)), 16))
+
+
+def run_threads(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+    if len(tasks) == 1:
+        return [fn(*tasks[0])]
+    with ThreadPoolExecutor(len(tasks)) as pool:
+        return list(pool.map(lambda t: fn(*t), tasks))
+
+
+def _chunks(start: np.ndarray, n: int, parts: int) -> list[tuple[int, int]]:
+    """Split [0, n) at customer boundaries (`start`: offsets of customers) into about equal parts."""
+    if n < 200_000 or parts == 1:
+        return [(0, n)]
+    cuts = np.searchsorted(start, [n * k // parts for k in range(1, parts)])
+    bounds = [0, *sorted(set(int(start[c]) for c in cuts)), n]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _keys(s: pl.Series) -> np.ndarray:
@@ -71,9 +98,18 @@ def prepare(df: pl.DataFrame) -> Prepared:
     cell_keys = ctype.hash(seed=0).to_numpy() * np.uint64(1000003) ^ cstate.hash(seed=1).to_numpy()
     cust_ts, tfirst = kernels.dense_codes(cell_keys)
     cells = list(zip(ctype.gather(tfirst).to_list(), cstate.gather(tfirst).to_list()))
-    perm, _ = kernels.order_by_customer_day(ccode, len(cfirst), day)
+    perm, start = kernels.order_by_customer_day(ccode, len(cfirst), day)
+    s_c = np.empty(n, np.int32)
+    s_f = np.empty(n, np.int32)
+    s_day = np.empty(n, np.int32)
+    s_u = np.empty(n, np.float64)
+    s_ctl = np.empty(n, np.bool_)
+    t = threads()
+    run_threads(kernels.gather, [(perm, n * k // t, n * (k + 1) // t, ccode, fcode, day, units,
+                                  controlled, s_c, s_f, s_day, s_u, s_ctl) for k in range(t)])
     return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
-                    cust_ts.astype(np.int64), cells, perm)
+                    cust_ts.astype(np.int64), cells, perm, (s_c, s_f, s_day, s_u, s_ctl),
+                    _chunks(start, n, t))
 
 
 def _finish(sums: pl.DataFrame) -> pl.DataFrame:
@@ -97,7 +133,10 @@ def _finish(sums: pl.DataFrame) -> pl.DataFrame:
 def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     nts = len(p.cells)
     nfam = len(p.families)
-    acc = kernels.peer_sums(p.perm, p.ccode, p.fcode, nfam, p.day, p.units, p.cust_ts, nts)
+    s_c, s_f, s_day, s_u, _ = p.sorted
+    parts = run_threads(kernels.peer_sums, [(s_c, s_f, s_day, s_u, lo, hi, max(nfam, 1),
+                                             p.cust_ts, max(nts, 1)) for lo, hi in p.chunks])
+    acc = np.sum(parts, axis=0) if len(parts) > 1 else parts[0]
     cell_customers = np.bincount(p.cust_ts, minlength=nts).astype(np.float64)
     ts_idx, f_idx = np.nonzero(acc[:, :, 0] > 0)
     cell = pl.DataFrame({

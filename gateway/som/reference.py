@@ -12,7 +12,7 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.io import read_orders
-from gateway.som.peers import ALL, SUM_COLUMNS, _finish
+from gateway.som.peers import ALL, SUM_COLUMNS, _levels
 
 GROUP = ["customer", "family"]
 _NAN = float("nan")
@@ -53,7 +53,6 @@ def peer_reference_polars(df: pl.DataFrame) -> pl.DataFrame:
                        (pl.col("lm") ** 2).sum().alias("month_log_sumsq")))
     cells = lines.group_by(cell).agg(pl.col("customer").n_unique().alias("cell_customers"))
     c = line_stats.join(month_stats, on=[*cell, "family"]).join(cells, on=cell)
-    from gateway.som.peers import _levels
 
     return _levels(c.with_columns(pl.col(x).cast(pl.Float64) for x in SUM_COLUMNS))
 

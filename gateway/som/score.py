@@ -192,10 +192,20 @@ def score_arrays(df: pl.DataFrame, config: SomConfig = SomConfig(),
     matrix, vectors, labels = peers_mod.peer_matrix(peers, p.cells, p.families,
                                                     config.min_peer_customers)
     cfg = config_vector(config)
-    score, flag, bits, feats, fpos, ffeat = K.score_sorted(
-        p.perm, p.ccode, p.fcode, len(p.families), p.day, p.units, p.controlled, p.cust_ts,
-        matrix, vectors, cfg, keep_features)
-    return BatchResult(score, flag, bits, feats, fpos, ffeat, p, matrix, labels)
+    n = p.n
+    score = np.zeros(n)
+    bits = np.zeros(n, np.int32)
+    feats = np.empty((n if keep_features else 0, K.NF))
+    s_c, s_f, s_day, s_u, s_ctl = p.sorted
+    parts = peers_mod.run_threads(K.score_range, [
+        (s_c, s_f, s_day, s_u, s_ctl, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts, matrix,
+         vectors, cfg, keep_features, score, bits, feats) for lo, hi in p.chunks])
+    if len(parts) == 1:
+        fpos, ffeat = parts[0]
+    else:
+        fpos = np.concatenate([q[0] for q in parts])
+        ffeat = np.concatenate([q[1] for q in parts])
+    return BatchResult(score, bits != 0, bits, feats, fpos, ffeat, p, matrix, labels)
 
 
 def score_orders(df: pl.DataFrame, config: SomConfig = SomConfig(),
@@ -233,3 +243,24 @@ def findings_of(bits: int) -> tuple[str, ...]:
 def kinds_of(bits: int) -> tuple[str, ...]:
     """The anomaly kinds (size, frequency, pattern, cap) behind a set of findings."""
     return tuple(kind for kind, mask in K.KIND_BITS.items() if bits & mask)
+
+
+def score_file(source: str, output: str, config: SomConfig = SomConfig()) -> int:
+    """Parquet/CSV in, Parquet/CSV out with the input columns kept; returns flagged lines."""
+    from gateway.som.io import write_scored
+
+    scored = score_orders(read_orders(source), config)
+    write_scored(scored, output)
+    return int(scored["flag"].sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The lean whole command, IN OUT (the `gateway som score` CLI adds a progress bar)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: IN OUT", file=sys.stderr)
+        return 2
+    score_file(args[0], args[1])
+    return 0
