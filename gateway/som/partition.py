@@ -46,9 +46,10 @@ from gateway.som.score import score_orders
 __all__ = ["PartitionError", "ScoreRun", "score_file", "default_partitions", "partition_reference"]
 
 ENGINES = ("local", "dask")
-# Input bytes per partition when the caller does not say: small enough for a worker's memory,
-# large enough that per-partition overheads (a scan of the input, process start-up) stay small.
-TARGET_PARTITION_BYTES = 256 * 1024 * 1024
+# Lines per partition when the caller does not say: scoring holds about 250 bytes a line, so about
+# 1 GB per worker, and few enough partitions that their overheads stay small.
+TARGET_PARTITION_LINES = 4_000_000
+CSV_BYTES_PER_LINE = 90  # to estimate a CSV's lines from its size without reading it
 
 Progress = Callable[[str], None]
 
@@ -75,11 +76,13 @@ class ScoreRun:
 
 
 def default_partitions(path: str | Path, workers: int = 1) -> int:
-    """Enough partitions to keep each under TARGET_PARTITION_BYTES of input, at least one a worker."""
-    size = Path(path).stat().st_size
-    # CSV holds about 4x the bytes of the same lines in Parquet; both end up as columns in memory.
-    per = TARGET_PARTITION_BYTES * (4 if str(path).lower().endswith(".csv") else 1)
-    return max(workers, math.ceil(size / per), 1)
+    """Enough partitions to keep each under TARGET_PARTITION_LINES, at least one a worker."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        lines = pl.scan_parquet(path).select(pl.len()).collect().item()  # from the footer
+    else:
+        lines = path.stat().st_size // CSV_BYTES_PER_LINE
+    return max(workers, math.ceil(lines / TARGET_PARTITION_LINES), 1)
 
 
 def _customer_column(lf: pl.LazyFrame) -> str:

@@ -141,3 +141,16 @@ def test_more_partitions_than_customers(tmp_path) -> None:
     j = single.join(out, on=KEY, suffix="_p")
     assert j.height == small.height == out.height
     np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_default_partitions_follow_the_line_count(history, tmp_path, monkeypatch) -> None:
+    from gateway.som import partition
+
+    assert partition.default_partitions(history[0]) == 1
+    assert partition.default_partitions(history[0], workers=3) == 3
+    monkeypatch.setattr(partition, "TARGET_PARTITION_LINES", 10_000)
+    lines = history[1].height
+    assert partition.default_partitions(history[0]) == -(-lines // 10_000)
+    csv = tmp_path / "h.csv"
+    history[1].write_csv(csv)
+    assert partition.default_partitions(csv) == -(-(csv.stat().st_size // partition.CSV_BYTES_PER_LINE) // 10_000)
