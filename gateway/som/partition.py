@@ -25,8 +25,8 @@ system), as usual for file-based Dask jobs.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -43,7 +43,8 @@ from gateway.som.config import SomConfig
 from gateway.som.peers import SUM_COLUMNS, merge_peer_references, peer_reference
 from gateway.som.score import score_orders
 
-__all__ = ["PartitionError", "ScoreRun", "score_file", "default_partitions", "partition_reference"]
+__all__ = ["ENGINES", "PartitionError", "ScoreRun", "score_file", "default_partitions", "split_input",
+           "partition_reference", "merge_references", "steps"]
 
 ENGINES = ("local", "dask")
 # Lines per partition when the caller does not say: scoring holds about 250 bytes a line, so about
@@ -123,12 +124,36 @@ def _read_partition(part: str, columns: Iterable[str] | None = None) -> pl.DataF
         raise som_io.SomInputError("som_unreadable", str(exc)) from None
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """A coded error raised in a worker, carried back as a result (the domain's exceptions do not
+    all survive pickling)."""
+
+    code: str
+    message: str
+
+
+def _coded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def task(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - only errors with a code are the user's to fix
+            code = getattr(exc, "code", None)
+            if isinstance(code, str):
+                return _Failure(code, str(exc))
+            raise
+    return task
+
+
+@_coded
 def partition_reference(part: str) -> pl.DataFrame | None:
     """First pass task: the peer sums of one partition (None when it holds no line)."""
     lines = _read_partition(part, PEER_COLUMNS)
     return peer_reference(lines) if lines.height else None
 
 
+@_coded
 def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFrame,
                 out_dir: str) -> tuple[str | None, int, int]:
     """Second pass task: score one partition against the shared reference; write its part."""
@@ -220,6 +245,9 @@ class _Runner:
             for i, args in enumerate(tasks):
                 results[i] = fn(*args)
                 on_done()
+        for r in results:
+            if isinstance(r, _Failure):
+                raise PartitionError(r.code, r.message)
         return results
 
 
@@ -258,6 +286,9 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
         raise PartitionError("som_unknown_output", f"{output}: expected .parquet or .csv")
     if not source.exists():
         raise som_io.SomInputError("som_file_not_found", f"{source}: no such file")
+    if scheduler and engine != "dask":
+        raise PartitionError("som_bad_engine_options", "a scheduler address needs engine 'dask'")
+    output.parent.mkdir(parents=True, exist_ok=True)
     tick = progress or (lambda stage: None)
     started = time.perf_counter()
     count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
@@ -316,5 +347,3 @@ def _native_probe(source: Path) -> dict[str, pl.DataType]:
     return dict(som_io._scan(source).collect_schema())
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

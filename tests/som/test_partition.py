@@ -154,3 +154,15 @@ def test_default_partitions_follow_the_line_count(history, tmp_path, monkeypatch
     csv = tmp_path / "h.csv"
     history[1].write_csv(csv)
     assert partition.default_partitions(csv) == -(-(csv.stat().st_size // partition.CSV_BYTES_PER_LINE) // 10_000)
+
+
+def test_coded_errors_come_back_from_worker_processes(history, tmp_path) -> None:
+    bad = history[1].with_columns(
+        dosage_units=pl.when(pl.int_range(pl.len()) == 5).then(-3).otherwise(pl.col("dosage_units")))
+    path = tmp_path / "bad.parquet"
+    bad.write_parquet(path)
+    with pytest.raises(PartitionError) as err:
+        score_file(path, tmp_path / "out.parquet", partitions=2, workers=2)
+    assert err.value.code == "som_invalid_units"
+    assert not (tmp_path / "out.parquet").exists()
+    assert not list(tmp_path.glob(".*parts*"))
