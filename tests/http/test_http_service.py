@@ -322,3 +322,35 @@ async def test_sign_verify_get_round_trip_cms(gw) -> None:
     only.add_field("signature", signature, filename="s.p7s")
     resp = await gw.http.post("/v1/verify", data=only, headers=gw.auth("supplier"))
     assert resp.status == 400 and (await error_of(resp))["code"] == "missing_parameter"
+
+
+async def test_every_log_line_of_a_request_is_json_with_its_request_id(gw) -> None:
+    import io
+    import json
+    import logging
+
+    from gateway.http.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("gateway.http")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        resp = await gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(31), headers={
+            **gw.auth("purchaser"), "Content-Type": "application/xml", "X-Request-Id": "trace-31"})
+        assert resp.status == 200
+        refused = await gw.http.post(f"/v1/sign?key={HTTP_OTHER}", data=xml_doc(32), headers={
+            **gw.auth("purchaser"), "Content-Type": "application/xml", "X-Request-Id": "trace-32"})
+        assert refused.status == 403
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = {line["request_id"]: line for line in lines if line["logger"] == "gateway.http.access"}
+    assert access["trace-31"]["status"] == 200 and access["trace-31"]["client"] == "purchaser"
+    assert access["trace-31"]["queued_ms"] is not None and access["trace-31"]["route"] == "sign"
+    assert access["trace-32"]["status"] == 403 and access["trace-32"]["error"] == "key_not_allowed"
+    assert all("request_id" in line for line in lines)
