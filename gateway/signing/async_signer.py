@@ -47,11 +47,11 @@ class AsyncSigner:
         self._pending = 0
         self._in_flight = 0
         self._count_lock = threading.Lock()
+        self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"hsm-worker-{i}", daemon=True)
                          for i in range(self.workers)]
         for thread in self._threads:
             thread.start()
-        self._closed = False
 
     @property
     def pending(self) -> int:
@@ -112,13 +112,15 @@ class AsyncSigner:
                 pass
 
     def _enqueue(self, fn: Callable[..., Any] | None, args: Any) -> asyncio.Future[Any]:
-        if self._closed:
-            raise RuntimeError("AsyncSigner is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        # Checked and queued under the lock close() takes: a job queued behind the workers'
+        # stop marks would never run and its future would never resolve.
         with self._count_lock:
+            if self._closed:
+                raise RuntimeError("AsyncSigner is closed")
             self._pending += 1
-        self._jobs.put((loop, fut, fn, args))
+            self._jobs.put((loop, fut, fn, args))
         return fut
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -134,10 +136,11 @@ class AsyncSigner:
 
     def close(self, timeout: float = 10.0) -> None:
         """Let queued jobs finish, then stop the workers."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._threads:
-            self._jobs.put(_STOP)
+        with self._count_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _ in self._threads:
+                self._jobs.put(_STOP)
         for thread in self._threads:
             thread.join(timeout)

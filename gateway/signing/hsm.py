@@ -19,6 +19,7 @@ pool broken and raises `TokenUnavailable`; the next call reconnects (at most eve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import hmac
@@ -36,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from gateway.config import Settings
@@ -257,6 +258,8 @@ class Hsm:
 
     def _connect_locked(self, *, force: bool = False) -> None:
         self._last_attempt = time.monotonic()
+        logged_in: tuple[str, int] | None = None  # (token label, epoch) of a login we hold
+        opened: list[Any] = []  # sessions opened so far, closed again if we fail half-way
         try:
             epoch = _initialise_module(self.module, force=force)
             lib = pkcs11.lib(self.module)
@@ -269,21 +272,33 @@ class Hsm:
             except (pkcs11.exceptions.PinIncorrect, pkcs11.exceptions.PinLocked,
                     pkcs11.exceptions.PinExpired, pkcs11.exceptions.PinInvalid) as exc:
                 raise HsmLoginError(f"login to token '{self.token_label}' refused: {type(exc).__name__}") from exc
+            logged_in = (token.label, epoch)
             admin = token.open(rw=True)  # inherits the application's login
+            opened.append(admin)
             mechanisms = set(token.slot.get_mechanisms())
-            self._generation += 1
             pool: queue.LifoQueue[_PooledSession] = queue.LifoQueue()
             sessions = []
             for _ in range(self.size):
-                pooled = _PooledSession(token.open(), self._generation)
+                pooled = _PooledSession(token.open(), self._generation + 1)
+                opened.append(pooled.session)
                 sessions.append(pooled)
                 pool.put(pooled)
-        except HsmError as exc:
-            self._last_error = str(exc)
+        except BaseException as exc:
+            # Nothing half-open stays behind: a failed connect holds no session and no login
+            # reference (a leaked reference would keep the token logged in after close()).
+            for session in opened:
+                with contextlib.suppress(Exception):
+                    session.close()
+            if logged_in is not None:
+                _release_login(self.module, logged_in[0], logged_in[1])
+            if isinstance(exc, HsmError):
+                self._last_error = str(exc)
+                raise
+            if isinstance(exc, (pkcs11.exceptions.PKCS11Error, OSError)):
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                raise TokenUnavailable(f"HSM module {self.module} unusable: {self._last_error}") from exc
             raise
-        except (pkcs11.exceptions.PKCS11Error, OSError) as exc:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            raise TokenUnavailable(f"HSM module {self.module} unusable: {self._last_error}") from exc
+        self._generation += 1
         self._conn = _Connection(self._generation, epoch, token, admin, pool, sessions,
                                  Mechanism.ECDSA_SHA256 in mechanisms)
         self._last_error = None
@@ -328,31 +343,32 @@ class Hsm:
     _broken_generation = -1
 
     def _ensure_connected_locked(self) -> _Connection:
-        if self._closed:
-            raise TokenUnavailable("HSM pool is closed")
-        conn = self._conn
-        if conn is not None and conn.generation != self._broken_generation:
-            if conn.epoch == _module_epoch(self.module):
+        # A loop, because waiting for idle releases the lock: another thread may reconnect
+        # meanwhile, and then we must use its connection instead of tearing it down again
+        # (and, worse, re-initialising the module under borrowers of the new sessions).
+        while True:
+            if self._closed:
+                raise TokenUnavailable("HSM pool is closed")
+            conn = self._conn
+            healthy = conn is not None and conn.generation != self._broken_generation
+            if healthy and conn.epoch == _module_epoch(self.module):
                 return conn
-            # Someone else in this process re-initialised the module: our sessions are gone,
-            # the token probably is not. Reopen at once, without re-initialising again.
+            if not healthy and time.monotonic() - self._last_attempt < self.reconnect_interval:
+                raise TokenUnavailable(f"HSM unavailable: {self._last_error or 'not connected'}")
+            # Wait for borrowers of the old sessions, then start over. A healthy connection on
+            # an old epoch means someone else in this process re-initialised the module: our
+            # sessions are gone, the token probably is not, so reopen without re-initialising.
             self._wait_idle_locked(timeout=self.acquire_timeout)
+            if self._conn is not conn or self._closed:
+                continue
+            if self._active:
+                raise TokenUnavailable("HSM reconnect waits for operations still running")
             self._disconnect_locked()
-            self._connect_locked()
             self._pubkeys.clear()
             self._certs.clear()
+            self._connect_locked(force=not healthy)
             assert self._conn is not None
             return self._conn
-        if time.monotonic() - self._last_attempt < self.reconnect_interval:
-            raise TokenUnavailable(f"HSM unavailable: {self._last_error or 'not connected'}")
-        # Reconnect: wait for borrowers of the dead generation, then start over.
-        self._wait_idle_locked(timeout=self.acquire_timeout)
-        self._disconnect_locked()
-        self._connect_locked(force=True)
-        self._pubkeys.clear()
-        self._certs.clear()
-        assert self._conn is not None
-        return self._conn
 
     @contextmanager
     def _session(self) -> Iterator[tuple[_Connection, _PooledSession]]:
@@ -458,16 +474,22 @@ class Hsm:
             if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
                 raise KeyExists(f"a key labelled '{label}' already exists")
             key_id = hashlib.sha1(os.urandom(16) + label.encode()).digest()
+            # A signing key signs and does nothing else: python-pkcs11's defaults would also let
+            # an RSA key decrypt and unwrap, and an EC key derive (key separation, and the
+            # nonRepudiation use its certificate states).
             private = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
-                       Attribute.PRIVATE: True, Attribute.TOKEN: True}
+                       Attribute.PRIVATE: True, Attribute.TOKEN: True, Attribute.DECRYPT: False,
+                       Attribute.UNWRAP: False, Attribute.DERIVE: False}
             public = {Attribute.VERIFY: True, Attribute.TOKEN: True}
+            usage = MechanismFlag.SIGN | MechanismFlag.VERIFY
             if key_type == "rsa2048":
                 session.generate_keypair(KeyType.RSA, 2048, label=label, id=key_id, store=True,
-                                         public_template=public, private_template=private)
+                                         capabilities=usage, public_template=public,
+                                         private_template=private)
             else:
                 params = session.create_domain_parameters(
                     KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
-                params.generate_keypair(label=label, id=key_id, store=True,
+                params.generate_keypair(label=label, id=key_id, store=True, capabilities=usage,
                                         public_template=public, private_template=private)
 
         self._admin(op)
@@ -512,7 +534,7 @@ class Hsm:
         return self._admin(op)
 
     def key_protection(self, label: str) -> dict[str, bool]:
-        """The private key's protection attributes, as the token reports them."""
+        """The private key's protection and usage attributes, as the token reports them."""
 
         def op(session: Any, _conn: _Connection) -> dict[str, bool]:
             try:
@@ -522,7 +544,9 @@ class Hsm:
             return {name: bool(key[attr]) for name, attr in (
                 ("sensitive", Attribute.SENSITIVE), ("extractable", Attribute.EXTRACTABLE),
                 ("always_sensitive", Attribute.ALWAYS_SENSITIVE),
-                ("never_extractable", Attribute.NEVER_EXTRACTABLE), ("local", Attribute.LOCAL))}
+                ("never_extractable", Attribute.NEVER_EXTRACTABLE), ("local", Attribute.LOCAL),
+                ("decrypt", Attribute.DECRYPT), ("unwrap", Attribute.UNWRAP),
+                ("derive", Attribute.DERIVE))}
 
         return self._admin(op)
 
@@ -535,8 +559,9 @@ class Hsm:
 
         def op(session: Any, _conn: _Connection) -> None:
             key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
-            for old in list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label})):
-                old.destroy()
+            older = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}))
+            # The new certificate first, the old ones after: a failure leaves the key with a
+            # certificate, never with none.
             session.create_object({
                 Attribute.CLASS: ObjectClass.CERTIFICATE,
                 Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
@@ -548,6 +573,8 @@ class Hsm:
                 Attribute.SERIAL_NUMBER: cert.serial_number.to_bytes(20, "big").lstrip(b"\0") or b"\0",
                 Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
             })
+            for old in older:
+                old.destroy()
 
         self._admin(op)
         self._certs[label] = cert

@@ -23,6 +23,7 @@ from gateway.config import Settings, load_settings
 from gateway.signing.async_signer import AsyncSigner
 from gateway.signing.errors import CertificateMismatch, HsmLoginError, KeyExists, KeyNotFound, TokenUnavailable
 from gateway.signing.hsm import Hsm
+from pkcs11 import Attribute, ObjectClass
 
 
 def _self_signed(private_key, public_key, cn: str) -> x509.Certificate:
@@ -60,7 +61,9 @@ def test_keys_are_generated_inside_sensitive_and_not_extractable(hsm: Hsm, rsa_k
     for label in (rsa_key, ec_key):
         protection = hsm.key_protection(label)
         assert protection == {"sensitive": True, "extractable": False, "always_sensitive": True,
-                              "never_extractable": True, "local": True}
+                              "never_extractable": True, "local": True,
+                              # signing keys only: no decryption, unwrapping or key agreement
+                              "decrypt": False, "unwrap": False, "derive": False}
 
 
 def test_duplicate_label_and_unknown_label_are_specific_errors(hsm: Hsm, rsa_key: str) -> None:
@@ -89,6 +92,27 @@ def test_certificate_stored_with_its_key_and_mismatch_refused(hsm: Hsm, rsa_key:
     ec_cert = _self_signed(ec_signer.private_key(), ec_signer.public_key, "ec self-signed")
     with pytest.raises(CertificateMismatch):
         hsm.store_certificate(rsa_key, ec_cert)
+
+
+def test_replacing_a_certificate_keeps_exactly_the_new_one(hsm: Hsm, softhsm_settings: Settings) -> None:
+    label = "test-cert-replace"
+    if label not in {k.label for k in hsm.list_keys()}:
+        hsm.generate_keypair(label, "p256")
+    signer = hsm.signer(label)
+    first = _self_signed(signer.private_key(), signer.public_key, "first")
+    second = _self_signed(signer.private_key(), signer.public_key, "second")
+    hsm.store_certificate(label, first)
+    hsm.store_certificate(label, second)
+    fresh = Hsm.open(softhsm_settings)  # no cache: what the token holds
+    try:
+        assert fresh.certificate(label) == second
+        (info,) = [k for k in fresh.list_keys() if k.label == label]
+        assert info.subject == "CN=second"
+        counted = fresh._admin(lambda session, _conn: len(list(session.get_objects(
+            {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}))))
+        assert counted == 1
+    finally:
+        fresh.close()
 
 
 def hsm_home(hsm: Hsm) -> str:
@@ -248,5 +272,65 @@ def test_removed_token_gives_clean_error_and_pool_recovers(softhsm_settings: Set
     assert log["after"] == 256 and log["available"] is True
 
 
+RACE = textwrap.dedent('''
+    import sys, threading, time, json
+    from gateway.config import load_settings
+    from gateway.signing import hsm as hsm_module
+    from gateway.signing.hsm import Hsm
+    hsm = Hsm.open(load_settings(sys.argv[1]), sessions=4)
+    label = sys.argv[2]
+    hsm.reconnect_interval = 0.0
+    hsm.sign(label, b"warm")
+    start = hsm_module._module_epoch(hsm.module)
+    holding, release = threading.Event(), threading.Event()
+    def holder():
+        with hsm._session():  # a borrower still busy on the sessions that just died
+            holding.set()
+            release.wait()
+    h = threading.Thread(target=holder); h.start(); holding.wait()
+    hsm._mark_broken(hsm._conn.generation, RuntimeError("device failure"))
+    errors = []
+    def work():
+        try:
+            for i in range(30):
+                hsm.sign(label, b"%d" % i)
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]
+    time.sleep(0.3); release.set(); h.join(); [t.join() for t in threads]
+    print(json.dumps({"reinitialisations": hsm_module._module_epoch(hsm.module) - start,
+                      "errors": errors[:3]}))
+    hsm.close()
+''')
+
+
+def test_threads_waiting_on_a_broken_pool_reconnect_it_once(softhsm_settings: Settings, rsa_key: str) -> None:
+    """Six threads find the pool broken while a seventh still holds a dead session. One of them
+    reconnects; the others use that connection instead of each re-initialising the module
+    again (which closed sessions the first had just opened). In a child process: it
+    re-initialises the module."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", RACE, str(softhsm_settings.home), rsa_key],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SOFTHSM2_CONF": str(softhsm_settings.softhsm_conf)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert log == {"reinitialisations": 1, "errors": []}
+
+
 def test_probe_is_a_real_signature(hsm: Hsm, rsa_key: str) -> None:
-    hsm.probe(rsa_key)
+    hsm.probe(rsa_key)  # signs, and verifies the signature with the key's public key
+    with pytest.raises(KeyNotFound):
+        hsm.probe("no-such-key")
+
+
+async def test_async_signer_refuses_work_after_close(hsm: Hsm, rsa_key: str) -> None:
+    signer = AsyncSigner(hsm, workers=2)
+    queued = [signer.sign(rsa_key, b"before close %d" % i) for i in range(8)]
+    signer.close()
+    # What was queued before close() still completes; nothing is accepted afterwards.
+    assert all(len(s) == 256 for s in await asyncio.gather(*queued))
+    with pytest.raises(RuntimeError, match="closed"):
+        signer.sign(rsa_key, b"after close")
