@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -87,6 +88,10 @@ class SqliteStorage(Storage):
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
         conn.execute("PRAGMA foreign_keys = ON")
+        # INSERT OR REPLACE deletes the row it replaces WITHOUT firing delete triggers unless
+        # recursive triggers are on: without this, one REPLACE would rewrite an audit record or
+        # move the chain head back past every append-only trigger.
+        conn.execute("PRAGMA recursive_triggers = ON")
         conn.execute("PRAGMA busy_timeout = %d" % int(self._busy_timeout_s * 1000))
         if reader:
             conn.execute("PRAGMA query_only = ON")
@@ -128,6 +133,9 @@ class SqliteStorage(Storage):
         if self._opened:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The archive holds prescriptions (patient data) and the client token hashes: owner
+        # only. SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:

@@ -204,6 +204,47 @@ async def test_database_refuses_changes_to_history(backend: Backend, storage: St
     assert (await storage.get_document(doc.id)).content_type == "application/xml"
 
 
+@pytest.mark.parametrize("statement", [
+    "INSERT OR REPLACE INTO audit_log (seq, time, event_type, actor, outcome, subject, details, "
+    "request_id, prev_hash, hash) SELECT seq, time, event_type, 'someone else', outcome, subject, "
+    "details, request_id, prev_hash, hash FROM audit_log WHERE seq = 1",
+    "INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, 0, 'x')",
+    "REPLACE INTO documents (id, kind, content, content_type, sha256, report, client, key_label, "
+    "natural_key, created_at, retain_until) SELECT id, kind, x'00', content_type, sha256, report, "
+    "client, key_label, natural_key, created_at, retain_until FROM documents",
+    "INSERT OR REPLACE INTO audit_checkpoints (id, seq, hash, time, key_label, algorithm, signature) "
+    "SELECT id, seq, hash, time, key_label, algorithm, x'00' FROM audit_checkpoints",
+])
+async def test_sqlite_replace_cannot_rewrite_history(tmp_path, statement: str) -> None:  # noqa: ANN001
+    """REPLACE deletes the old row without firing delete triggers unless recursive triggers are
+    on: the gateway's own connections turn them on, so a REPLACE is refused like a DELETE."""
+    import sqlite3
+
+    from gateway.storage.sqlite import SqliteStorage
+
+    async with SqliteStorage(tmp_path / "g.sqlite3") as storage:
+        doc = order("26X000310")
+        await storage.commit_unit(documents=[doc], audit=[AuditEvent("sign", "c", "success", doc.id)])
+        await storage.add_checkpoint(*await storage.audit_head(), utcnow(), "audit", "rsa-sha256", b"sig")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only|never deleted|forward"):
+            await storage._on_writer(lambda c: c.execute(statement))
+        assert (await storage.get_document(doc.id)).content == doc.content
+        assert (await storage.audit_records())[0].actor == "c"
+        assert (await storage.checkpoints())[0].signature == b"sig"
+        assert (await verify_trail(storage, None)).ok
+
+
+async def test_sqlite_database_file_is_owner_only(tmp_path) -> None:  # noqa: ANN001
+    """The archive holds patient data and token hashes; its -wal and -shm files follow its mode."""
+    from gateway.storage.sqlite import SqliteStorage
+
+    path = tmp_path / "g.sqlite3"
+    async with SqliteStorage(path) as storage:
+        await storage.commit_unit(documents=[order("26X000320")])
+        for name in ("g.sqlite3", "g.sqlite3-wal", "g.sqlite3-shm"):
+            assert oct((tmp_path / name).stat().st_mode & 0o777) == "0o600", name
+
+
 @pytest.mark.postgres
 async def test_postgres_refuses_truncate(tmp_path) -> None:  # noqa: ANN001
     """Row triggers do not fire on TRUNCATE; statement triggers refuse it too."""
