@@ -190,6 +190,26 @@ def _segment_starts(keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
 
 
+def _date_order(key: np.ndarray, day: np.ndarray, in_order: np.ndarray) -> np.ndarray:
+    """np.argsort(key, kind="stable") where key = (day, customer, family), cheaply: the events
+    generated series by series, in (customer, family) order, need only a radix sort by day; the
+    few others (injected series, bursts) are sorted on their own and merged in."""
+    if day.size == 0 or day.max() > np.iinfo(np.int16).max:
+        return np.argsort(key, kind="stable")
+    main = np.flatnonzero(in_order)
+    extra = np.flatnonzero(~in_order)
+    main = main[np.argsort(day[main].astype(np.int16), kind="stable")]  # radix sort
+    extra = extra[np.argsort(key[extra], kind="stable")]
+    # Each extra event goes after the main events of equal key, as a stable sort would put it.
+    at = np.searchsorted(key[main], key[extra], side="right") + np.arange(extra.size)
+    order = np.empty(day.size, dtype=np.int64)
+    slot = np.ones(day.size, dtype=bool)
+    slot[at] = False
+    order[at] = extra
+    order[slot] = main
+    return order
+
+
 def _pick(rng: np.random.Generator, candidates: np.ndarray, expected: float, n_customers: int) -> np.ndarray:
     """Draw about `expected` events per customer from candidate indices (without replacement)."""
     if candidates.size == 0:
@@ -264,6 +284,7 @@ def synthesize(
     s_anom = np.zeros(n_series, dtype=np.int8)  # kind code when the whole series is an anomaly
     s_detail = np.where(late, 5, 0).astype(np.int8)  # 5: benign new family (unlabelled)
 
+    n_regular = n_series  # series appended below (new families) come after these
     # Pattern / new family: a rarely ordered high-risk family, at a volume far above peers'.
     rare = (_ADOPTION[cls] < _RARE) & _HIGH_RISK & ~has & (_ADOPTION[cls] > 0)
     rc, rf = np.nonzero(rare)
@@ -397,6 +418,7 @@ def synthesize(
         e_kind[hit] = 4
         e_detail[hit] = 0
 
+    in_order = np.ones(e_series.size, bool)  # events still in (series, day) generation order
     # Frequency: for 8-13 weeks a fortnightly-or-slower series is ordered 3-5x as often (a monthly
     # customer ordering weekly), each order of ordinary size.
     freq_series = np.flatnonzero(regular & _CONTROLLED[s_fam] & (s_start == 0) & (s_interval >= 14))
@@ -421,6 +443,7 @@ def synthesize(
         b_day = np.repeat(f_start, n_burst) + b_k * np.repeat(f_interval, n_burst)
         ok = b_day < days
         b_series, b_day = b_series[ok], b_day[ok]
+        in_order = np.r_[np.ones(e_series.size, bool), np.zeros(b_series.size, bool)]
         e_series = np.r_[e_series, b_series]
         e_day = np.r_[e_day, b_day]
         e_mult = np.r_[e_mult, rng.uniform(0.6, 1.0, b_series.size) * rng.lognormal(0.0, 0.1, b_series.size)]
@@ -444,7 +467,7 @@ def synthesize(
     # --- orders: lines of one customer on one day form one order -----------------------------
     fam_of = s_fam[e_series]
     sort_key = (e_day.astype(np.int64) * (customers + 1) + c_of) * (n_fam + 1) + fam_of
-    order = np.argsort(sort_key, kind="stable")
+    order = _date_order(sort_key, e_day, (e_series < n_regular) & in_order)
     e_series, e_day, units = e_series[order], e_day[order], units[order]
     e_kind, e_detail = e_kind[order], e_detail[order]
     c_of, fam_of = c_of[order], fam_of[order]
