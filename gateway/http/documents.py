@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +57,11 @@ def _signer(request: web.Request, label: str) -> Any:
     signer = cache.get(label)
     if signer is None:
         signer = request.app[keys.HSM].signer(label)
+        trust = request.app[keys.TRUST]
+        if trust is not None and signer.certificate is not None and not signer.chain:
+            # Intermediates travel in KeyInfo / the CMS certificates, so that verifiers holding
+            # only the root (xmlsec1, openssl) can build the path.
+            signer = dataclasses.replace(signer, chain=tuple(trust.chain_for(signer.certificate)))
         cache[label] = signer
     return signer
 
