@@ -49,12 +49,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write, readable by the owner only: demo.json holds API tokens and secrets."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".demo-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".demo-")  # created 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # no stray copy of the tokens
+        raise
 
 
 def ensure_audit_key(hsm: Hsm) -> None:
@@ -98,7 +101,7 @@ async def _ensure_clients(settings: Settings, previous: dict[str, Any]) -> dict[
 def init_home(home: str | os.PathLike[str] | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
     """Set up (or check) a home; returns what was written to demo.json."""
     settings = settings or load_settings(home)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # PINs, tokens, patient data
     write_default_config(settings)
     settings = load_settings(settings.home)
     ensure_softhsm_token(settings)

@@ -89,21 +89,29 @@ def _product(row: dict[str, str], line: int) -> Product:
 def parse_catalog(text: str) -> Catalog:
     """Parse and check a whole catalog; the first bad line raises CatalogError."""
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or set(COLUMNS) - {f.strip() for f in reader.fieldnames}:
-        raise CatalogError(f"header must be {','.join(COLUMNS)}", 1)
     catalog: Catalog = {}
-    for line, row in enumerate(reader, start=2):
-        product = _product({k.strip(): v for k, v in row.items() if k}, line)
-        if product.ndc in catalog:
-            raise CatalogError(f"NDC {product.ndc} listed twice", line)
-        catalog[product.ndc] = product
+    try:
+        if reader.fieldnames is None or set(COLUMNS) - {f.strip() for f in reader.fieldnames}:
+            raise CatalogError(f"header must be {','.join(COLUMNS)}", 1)
+        for row in reader:
+            line = reader.line_num  # physical line: quoted fields may span several
+            product = _product({k.strip(): v for k, v in row.items() if k}, line)
+            if product.ndc in catalog:
+                raise CatalogError(f"NDC {product.ndc} listed twice", line)
+            catalog[product.ndc] = product
+    except csv.Error as exc:  # e.g. a NUL byte, an unterminated quote
+        raise CatalogError(f"not a readable CSV file: {exc}", reader.line_num or None) from exc
     if not catalog:
         raise CatalogError("catalog is empty")
     return catalog
 
 
 def load_catalog(path: str | os.PathLike[str]) -> Catalog:
-    return parse_catalog(Path(path).read_text())
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from spreadsheet exports is fine
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"not UTF-8 text: {exc}") from exc
+    return parse_catalog(text)
 
 
 def render_catalog(catalog: Catalog) -> str:
@@ -126,11 +134,15 @@ def write_catalog(catalog: Catalog, target: str | os.PathLike[str]) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".catalog-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(render_catalog(catalog))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(render_catalog(catalog))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def demo_catalog() -> Catalog:

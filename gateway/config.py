@@ -7,6 +7,7 @@ operator changes per process (database URL, PKCS#11 module).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -145,21 +146,25 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def write_default_config(settings: Settings) -> None:
-    """Write `gateway.toml` once; an existing file is the operator's and is left alone."""
+    """Write `gateway.toml` once; an existing file is the operator's and is left alone.
+
+    The file holds the HSM PINs: it is created owner-only (0600), in a home created 0700, and
+    never overwritten (O_EXCL: two `gateway init` at once do not both write it).
+    """
     if settings.config_path.exists():
         return
-    settings.home.mkdir(parents=True, exist_ok=True)
-    settings.config_path.write_text(
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    text = (
         "# Gateway configuration. Environment overrides: GATEWAY_DATABASE_URL, GATEWAY_PKCS11_LIB,\n"
         "# GATEWAY_HSM_PIN.\n"
         "[hsm]\n"
-        f'module = "{settings.hsm.module}"\n'
-        f'token_label = "{settings.hsm.token_label}"\n'
-        f'user_pin = "{settings.hsm.user_pin}"\n'
-        f'so_pin = "{settings.hsm.so_pin}"\n'
+        f"module = {_toml_str(settings.hsm.module)}\n"
+        f"token_label = {_toml_str(settings.hsm.token_label)}\n"
+        f"user_pin = {_toml_str(settings.hsm.user_pin)}\n"
+        f"so_pin = {_toml_str(settings.hsm.so_pin)}\n"
         "sessions = 0  # 0: one per core\n\n"
         "[server]\n"
-        f'host = "{settings.server.host}"\n'
+        f"host = {_toml_str(settings.server.host)}\n"
         f"port = {settings.server.port}\n"
         f"max_body_bytes = {settings.server.max_body_bytes}\n"
         f"queue_size = {settings.server.queue_size}\n"
@@ -167,3 +172,14 @@ def write_default_config(settings: Settings) -> None:
         "[database]\n"
         'url = ""  # empty: embedded SQLite in the home; or postgresql://...\n'
     )
+    try:
+        fd = os.open(settings.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's): paths and PINs may hold quotes."""
+    return json.dumps(value)

@@ -47,3 +47,29 @@ def test_init_is_idempotent_and_keeps_tokens(initialized_home: dict, softhsm_set
     assert proc.returncode == 0, proc.stderr
     after = json.loads(softhsm_settings.demo_json.read_text())
     assert after == before
+
+
+def test_home_secrets_are_owner_only(initialized_home: dict, softhsm_settings: Settings) -> None:
+    """gateway.toml holds the HSM PINs, the database the archive and token hashes."""
+    for path in (softhsm_settings.config_path, softhsm_settings.sqlite_path, softhsm_settings.demo_json):
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    assert oct(softhsm_settings.pki_dir.joinpath("private").stat().st_mode & 0o777) == "0o700"
+
+
+def test_default_config_is_written_once_owner_only_and_quoted(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gateway.config import load_settings, write_default_config
+
+    home = tmp_path / "new-home"
+    settings = Settings(home=home)
+    settings = replace(settings, hsm=replace(settings.hsm, module='/opt/hsm "v2"\\lib.so', user_pin='9"9'))
+    write_default_config(settings)
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
+    assert oct(settings.config_path.stat().st_mode & 0o777) == "0o600"
+    loaded = load_settings(home)
+    assert loaded.hsm.module == '/opt/hsm "v2"\\lib.so' and loaded.hsm.user_pin == '9"9'
+    # The operator's file is never overwritten.
+    settings.config_path.write_text('[hsm]\ntoken_label = "mine"\n')
+    write_default_config(settings)
+    assert load_settings(home).hsm.token_label == "mine"
