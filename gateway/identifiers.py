@@ -66,7 +66,10 @@ REGISTRANT_TYPES: dict[str, str] = {
 # Types whose holders can be institutional practitioners using a suffix.
 _SUFFIX_TYPES = frozenset("ABFGMX")
 
-_DEA_RE = re.compile(r"^([A-Z])([A-Z9])(\d{7})(?:-([A-Z0-9]{1,10}))?$")
+# ASCII only: `\d` and str.isdigit() also take other scripts' digits ("٧", "²"), which would make
+# a second spelling of a number that compares unequal to the first and cannot be hashed as ASCII.
+_DEA_RE = re.compile(r"([A-Z])([A-Z9])([0-9]{7})(?:-([A-Z0-9]{1,10}))?")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class DeaNumber:
 
 def dea_check_digit(digits: str) -> int:
     """The check digit for the first six digits: (d1+d3+d5) + 2*(d2+d4+d6), last digit."""
-    if len(digits) < 6 or not digits[:6].isdigit():
+    if len(digits) < 6 or not _DIGITS.fullmatch(digits[:6]):
         raise DeaNumberError(f"need six digits, got {digits!r}", "dea_number_format")
     d = [int(c) for c in digits[:6]]
     return ((d[0] + d[2] + d[4]) + 2 * (d[1] + d[3] + d[5])) % 10
@@ -104,7 +107,7 @@ def parse_dea_number(value: str) -> DeaNumber:
     if not isinstance(value, str):
         raise DeaNumberError("DEA number must be text", "dea_number_format")
     text = value.strip().upper()
-    match = _DEA_RE.match(text)
+    match = _DEA_RE.fullmatch(text)
     if match is None:
         raise DeaNumberError(
             f"DEA number {value!r} is not two letters and seven digits (optional -SUFFIX)",
@@ -177,15 +180,15 @@ def normalize_ndc(value: str) -> str:
     if not isinstance(value, str):
         raise NdcError("NDC must be text", "ndc_format")
     text = value.strip()
-    if re.fullmatch(r"\d{11}", text):
+    if re.fullmatch(r"[0-9]{11}", text):
         return f"{text[:5]}-{text[5:9]}-{text[9:]}"
-    if re.fullmatch(r"\d{10}", text):
+    if re.fullmatch(r"[0-9]{10}", text):
         raise NdcError(
             f"NDC {value!r}: ten digits without hyphens are ambiguous (4-4-2, 5-3-2 or 5-4-1?)",
             "ndc_ambiguous",
         )
     parts = text.split("-")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    if len(parts) != 3 or not all(_DIGITS.fullmatch(p) for p in parts):
         raise NdcError(f"NDC {value!r} is not three hyphenated digit groups", "ndc_format")
     shape = tuple(len(p) for p in parts)
     if shape == (5, 4, 2):

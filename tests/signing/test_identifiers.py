@@ -42,7 +42,10 @@ def test_every_other_check_digit_is_refused(wrong_last):
 
 
 @pytest.mark.parametrize("value", ["", "A5836727", "AP583672", "AP58367270", "1P5836727",
-                                   "APX836727", "AP5836727-", "AP5836727-TOOLONGSUFFIX", "A-5836727"])
+                                   "APX836727", "AP5836727-", "AP5836727-TOOLONGSUFFIX", "A-5836727",
+                                   # other scripts' digits are digits to `\\d`, not to DEA
+                                   "AP583672\u0667", "AP\u0665\u0668\u0663\u0666\u0667\u0662\u0667",
+                                   "AP58367\uff12\uff17"])
 def test_malformed_numbers(value):
     with pytest.raises(DeaNumberError) as info:
         parse_dea_number(value)
@@ -108,7 +111,9 @@ def test_ten_bare_digits_are_ambiguous():
 
 
 @pytest.mark.parametrize("value", ["", "1234-567-89", "123-4567-89", "12345-67890-1", "ABCDE-1234-56",
-                                   "12345_6789_01", "123456789", "1234-5678-90-1", "123456789012"])
+                                   "12345_6789_01", "123456789", "1234-5678-90-1", "123456789012",
+                                   "59011-0410-1\u00b2", "\u0665" * 11, "59011-0410-\u0661\u0660",
+                                   "\u0665" * 10])
 def test_malformed_ndcs(value):
     with pytest.raises(NdcError) as info:
         normalize_ndc(value)
