@@ -44,6 +44,7 @@ def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trus
 
     app.cleanup_ctx.append(_storage_ctx(storage))
     app.cleanup_ctx.append(_hsm_ctx(hsm, workers))
+    app.cleanup_ctx.append(_checkpointer_ctx)
     app.cleanup_ctx.append(_trust_ctx(trust))
     app.cleanup_ctx.append(_clients_ctx(auth_cache_ttl_s))
     app.cleanup_ctx.append(_loop_lag_ctx)
@@ -100,6 +101,35 @@ def _hsm_ctx(given: Any, workers: int | None):
             if given is None:
                 await loop.run_in_executor(None, hsm.close)
     return ctx
+
+
+async def _checkpointer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sign an audit checkpoint with the HSM audit key every N records or T seconds
+    (`[audit] checkpoint_every_records`, `checkpoint_every_seconds`), and once more on the way out.
+
+    21 CFR 1311.150 wants audit records protected from modification and deletion: the hash chain
+    shows an edit, a signed checkpoint shows a rewrite of the chain itself.
+    """
+    from gateway.audit import AUDIT_KEY_LABEL, AuditKey, Checkpointer
+    from gateway.signing.errors import HsmError
+
+    settings = app[keys.SETTINGS]
+    conf = settings.extra.get("audit", {}) if isinstance(settings.extra, dict) else {}
+    loop = asyncio.get_running_loop()
+    try:
+        signer = await loop.run_in_executor(None, app[keys.HSM].signer, conf.get("key", AUDIT_KEY_LABEL))
+    except HsmError as exc:
+        log.warning("no audit key: audit checkpoints are not signed (%s)", exc)
+        yield
+        return
+    checkpointer = Checkpointer(app[keys.STORAGE], AuditKey.from_signer(signer),
+                                every_records=int(conf.get("checkpoint_every_records", 1000)),
+                                every_seconds=float(conf.get("checkpoint_every_seconds", 300)))
+    checkpointer.start()
+    try:
+        yield
+    finally:
+        await checkpointer.stop(final=True)
 
 
 def _probe_key(hsm: Any, settings: Settings) -> str | None:
