@@ -35,6 +35,20 @@ class EvaluationError(ValueError):
         self.code = code
 
 
+def _clean(scores: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def _auc(negatives_sorted: np.ndarray, positives: np.ndarray) -> float | None:
+    """Mann-Whitney U / (P N): for each positive, the negatives below it, ties counting half."""
+    if positives.size == 0 or negatives_sorted.size == 0:
+        return None
+    below = np.searchsorted(negatives_sorted, positives, side="left")
+    up_to = np.searchsorted(negatives_sorted, positives, side="right")
+    twice_u = int((2 * below + (up_to - below)).sum())  # integers: exact on any size
+    return twice_u / (2.0 * positives.size * negatives_sorted.size)
+
+
 def roc_auc(scores: Any, labels: Any) -> float | None:
     """Area under the ROC curve by ranks (Mann-Whitney U), ties counted as half.
 
@@ -44,22 +58,8 @@ def roc_auc(scores: Any, labels: Any) -> float | None:
     y = np.asarray(labels, dtype=bool)
     if s.shape != y.shape:
         raise ValueError("scores and labels differ in length")
-    n = s.size
-    n_pos = int(y.sum())
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    s = np.where(np.isnan(s), -np.inf, s)
-    order = np.argsort(s, kind="mergesort")
-    ordered = s[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], n]
-    mean_rank = (starts + 1 + ends) / 2.0  # 1-based ranks start+1..end, averaged over the tie
-    group = np.repeat(np.arange(starts.size), ends - starts)
-    ranks = np.empty(n)
-    ranks[order] = mean_rank[group]
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    s = _clean(s)
+    return _auc(np.sort(s[~y]), s[y])
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,14 @@ class Metrics:
 
 
 def metrics(name: str, score: np.ndarray, flag: np.ndarray, positive: np.ndarray,
-            negative: np.ndarray) -> Metrics:
-    """Figures for the lines where `positive` or `negative` holds (disjoint masks)."""
+            negative: np.ndarray, negatives_sorted: np.ndarray | None = None) -> Metrics:
+    """Figures for the lines where `positive` or `negative` holds (disjoint masks).
+    `negatives_sorted`: the negatives' scores, NaN as -inf, sorted (to share one sort)."""
     tp = int((flag & positive).sum())
     fp = int((flag & negative).sum())
     n_pos = int(positive.sum())
-    keep = positive | negative
+    if negatives_sorted is None:
+        negatives_sorted = np.sort(_clean(score[negative]))
     return Metrics(
         name=name,
         positives=n_pos,
@@ -91,7 +93,7 @@ def metrics(name: str, score: np.ndarray, flag: np.ndarray, positive: np.ndarray
         false_positives=fp,
         precision=tp / (tp + fp) if tp + fp else None,
         recall=tp / n_pos if n_pos else None,
-        roc_auc=roc_auc(score[keep], positive[keep]),
+        roc_auc=_auc(negatives_sorted, _clean(score[positive])),
     )
 
 
@@ -171,9 +173,10 @@ def _num(x: float | None) -> str:
 def _method(method: str, score: np.ndarray, flag: np.ndarray, label: np.ndarray, anomaly: np.ndarray,
             detail: np.ndarray | None) -> MethodResult:
     negative = ~label
-    overall = metrics("overall", score, flag, label, negative)
+    neg = np.sort(_clean(score[negative]))  # one sort serves every AUC of the method
+    overall = metrics("overall", score, flag, label, negative, neg)
     kinds = [k for k in sorted(set(anomaly[label].tolist())) if k]
-    by_kind = tuple(metrics(k, score, flag, label & (anomaly == k), negative) for k in kinds)
+    by_kind = tuple(metrics(k, score, flag, label & (anomaly == k), negative, neg) for k in kinds)
     by_variant: list[Metrics] = []
     benign: dict[str, float] = {}
     if detail is not None:
@@ -181,7 +184,7 @@ def _method(method: str, score: np.ndarray, flag: np.ndarray, label: np.ndarray,
             for v in sorted(set(detail[label & (anomaly == k)].tolist())):
                 if v:
                     by_variant.append(metrics(f"{k}/{v}", score, flag, label & (anomaly == k) & (detail == v),
-                                              negative))
+                                              negative, neg))
         for event in BENIGN_EVENTS:
             mask = negative & (detail == event)
             if mask.any():
