@@ -81,11 +81,17 @@ def install_certificate(settings: Settings, hsm: Hsm, label: str, cert: x509.Cer
     if _spki(cert.public_key()) != _spki(public):
         raise CertificateMismatch(f"the certificate does not carry the public key of HSM key '{label}'")
     path = certificate_path(settings, label)
-    hsm.store_certificate(label, cert)
     settings.keys_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, path)
+    try:
+        # The file is written before the token is touched, so that a full disk or a bad
+        # permission refuses the whole installation instead of leaving the two disagreeing.
+        tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        hsm.store_certificate(label, cert)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
