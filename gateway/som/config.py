@@ -54,8 +54,10 @@ class SomConfig:
     controlled_odds_ratio: float = 30.0  # odds of the controlled share, last 30 days against 12 months
     min_mix_units: float = 500.0         # family units in 30 days below this never make a mix finding
     min_mix_days: int = 3                # customer order days in 30 days needed to judge a share
-    # Monthly dosage-unit cap per family (litigation method 4 uses 8,000); a customer whose trailing
-    # 12-month monthly average is above it has outgrown it and is judged by the other findings.
+    # Monthly dosage-unit cap per family (litigation method 4 uses 8,000). Judged for customers
+    # with history, when the month also exceeds their largest month of the trailing 12 by
+    # `cap_over_usual` (a customer whose ordinary month is above the cap has an approved higher
+    # volume and is judged by the other findings); only the line that takes the month over counts.
     monthly_cap: float = 8000.0
     cap_over_usual: float = 1.2          # ...and this far above the largest month of the trailing
                                          # 12 (a customer that has always stayed under the cap)

@@ -47,6 +47,7 @@ class SomState:
         self._peer_rows: dict[tuple[str, str, str], int] = {}
         self._peer_vectors = np.zeros((1, len(K.PEER_FIELDS)))
         self._peer_labels: list[tuple[str, str]] = []
+        self._index: dict[tuple[str, str, str], tuple[int, float]] = {}
         if peers is not None and peers.height:
             _, self._peer_vectors, self._peer_labels = peer_matrix(peers, [], [], 0)
             self._index_peers()
@@ -54,7 +55,6 @@ class SomState:
         self.cells: dict[str, tuple[str, str]] = {}  # customer -> (class of trade, state)
         self.groups: dict[tuple[str, str], np.ndarray] = {}
         self._feat = np.empty(K.NF)
-        self._nopeer = np.zeros(len(K.PEER_FIELDS))
 
     def _index_peers(self) -> None:
         rows = self.peers.select("customer_type", "state", "family", "customers").iter_rows()
@@ -110,18 +110,14 @@ class SomState:
                                     f"line of {date} after lines of a later date for {customer}")
         g = self.groups.get((customer, family))
         if g is None:
-            g = np.empty(K.G_SIZE)
-            K.new_group_state(g)
+            g = np.empty((1, K.G_SIZE))
+            K.new_group_state(g[0])
             self.groups[(customer, family)] = g
         ctype, state = self.cells[customer]
         p = self._peer_for(ctype, state, family)
         feat = self._feat
-        if p >= 0:
-            score, bits = K.process_line(g, c, day, units, controlled, self._peer_vectors[p], True,
-                                         self._cfg, feat, True)
-        else:
-            score, bits = K.process_line(g, c, day, units, controlled, self._nopeer, False,
-                                         self._cfg, feat, True)
+        score, bits = K.process_line(g, 0, c, day, units, controlled, self._peer_vectors, p,
+                                     self._cfg, feat, True)
         reasons = ""
         if bits:
             label = self._peer_labels[p] if p >= 0 else (ALL, ALL)
@@ -172,7 +168,7 @@ class SomState:
                 state.customers[name] = vec.copy()
                 state.cells[name] = (cell[0], cell[1])
             for key, vec in zip(meta["groups"], z["groups"]):
-                state.groups[(key[0], key[1])] = vec.copy()
+                state.groups[(key[0], key[1])] = vec.reshape(1, -1).copy()
         except SomStateError:
             raise
         except Exception as exc:  # a corrupt or foreign file

@@ -12,6 +12,20 @@ Windows (the same in the kernels, the plain Polars reference and the DuckDB SQL)
 - "the last 30 days" are the days d-29 .. d of the line's date d, counting the lines before it
   (in time order) and the line itself;
 - "order days" are distinct dates with at least one line of the family.
+
+Findings (each a severity = value / threshold of SomConfig; flagged at 1; score = the largest):
+- size: line / mean line of the trailing 12 months; line / largest line of the trailing 6;
+  log-size control limit (mean + z sd of log1p(line) over the trailing 12 months, sd floored);
+  month to date / trailing 12-month monthly average (for the line that takes the month over);
+- peers: log1p(line) and log1p(month to date) against the peer reference (peers.py), in peer sd;
+- frequency: order days in the last 30 days / usual order days a month (while the last intervals
+  are short); usual interval / mean of the last `recent_intervals` intervals;
+- pattern: a family new to an established customer that few peers order; a sustained rise (each
+  of the last `sustained_orders` order days well above the usual order day); the odds of the
+  family's share of the customer's units (30 days against the months since it was first ordered);
+  the odds of the controlled share of the customer's units (30 days against 12 months);
+- cap: month to date above the monthly cap, for a customer whose months stay under it.
+Non-controlled lines are scored 0: they only inform the controlled share.
 """
 
 from __future__ import annotations
@@ -188,7 +202,7 @@ def _sev(value, threshold):
 
 
 @njit(cache=True, error_model="numpy")
-def _trailing_months(g, c, month):
+def _trailing_months(gs, gi, c, month):
     """Sums over the months m-12 .. m-1 of the group and of the customer, into g's cache."""
     tot12 = 0.0
     cnt12 = 0.0
@@ -200,20 +214,20 @@ def _trailing_months(g, c, month):
     ctot12 = 0.0
     cctl12 = 0.0
     cfam12 = 0.0
-    fam_lo = max(month - 12.0, g[G_FIRST_MONTH])
+    fam_lo = max(month - 12.0, gs[gi, G_FIRST_MONTH])
     for s in range(NM):
         b = G_MONTHS + s * G_MSLOT
-        mid = g[b]
+        mid = gs[gi, b]
         if mid >= month - 12 and mid <= month - 1:
-            tot12 += g[b + 1]
-            if g[b + 1] > maxm12:
-                maxm12 = g[b + 1]
-            cnt12 += g[b + 2]
-            days12 += g[b + 3]
-            slog += g[b + 5]
-            slog2 += g[b + 6]
-            if mid >= month - 6 and g[b + 4] > max6:
-                max6 = g[b + 4]
+            tot12 += gs[gi, b + 1]
+            if gs[gi, b + 1] > maxm12:
+                maxm12 = gs[gi, b + 1]
+            cnt12 += gs[gi, b + 2]
+            days12 += gs[gi, b + 3]
+            slog += gs[gi, b + 5]
+            slog2 += gs[gi, b + 6]
+            if mid >= month - 6 and gs[gi, b + 4] > max6:
+                max6 = gs[gi, b + 4]
         cb = C_MONTHS + s * C_MSLOT
         cmid = c[cb]
         if cmid >= month - 12 and cmid <= month - 1:
@@ -221,24 +235,26 @@ def _trailing_months(g, c, month):
             cctl12 += c[cb + 2]
             if cmid >= fam_lo:
                 cfam12 += c[cb + 1]
-    g[G_CMONTH] = month
-    g[G_CACHE] = tot12
-    g[G_CACHE + 1] = cnt12
-    g[G_CACHE + 2] = days12
-    g[G_CACHE + 3] = slog
-    g[G_CACHE + 4] = slog2
-    g[G_CACHE + 5] = max6
-    g[G_CACHE + 6] = maxm12
-    g[G_CACHE + 7] = cfam12
-    g[G_CACHE + 8] = ctot12
-    g[G_CACHE + 9] = cctl12
+    gs[gi, G_CMONTH] = month
+    gs[gi, G_CACHE] = tot12
+    gs[gi, G_CACHE + 1] = cnt12
+    gs[gi, G_CACHE + 2] = days12
+    gs[gi, G_CACHE + 3] = slog
+    gs[gi, G_CACHE + 4] = slog2
+    gs[gi, G_CACHE + 5] = max6
+    gs[gi, G_CACHE + 6] = maxm12
+    gs[gi, G_CACHE + 7] = cfam12
+    gs[gi, G_CACHE + 8] = ctot12
+    gs[gi, G_CACHE + 9] = cctl12
 
 
 @njit(cache=True, error_model="numpy")
-def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
-    """Add one line to its group state `g` and customer state `c`; fill `feat` (the numbers only
+def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
+    """Add one line to its group state `gs[gi]` and customer state `c`, with the peer row
+    `peers[pi]` (pi < 0: no peers); fill `feat` (the numbers only
     the reasons quote are filled for flagged lines, or for all with `full`); return
     (score, reason bits). Lines must arrive in time order per customer."""
+    has_peer = pi >= 0
     if c[C_MONTH_LO] <= day < c[C_MONTH_HI]:
         month = int(c[C_MONTH])
     else:
@@ -279,53 +295,53 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
         c[dbase + 2] += units
 
     # ---- group state ----
-    first_line = g[G_NDAYS] == 0.0
+    first_line = gs[gi, G_NDAYS] == 0.0
     if first_line:
-        g[G_FIRST_DAY] = day
-        g[G_FIRST_MONTH] = month
-    nd = int(g[G_NDAYS])
+        gs[gi, G_FIRST_DAY] = day
+        gs[gi, G_FIRST_MONTH] = month
+    nd = int(gs[gi, G_NDAYS])
     last = G_DAYS + ((nd - 1) % ND) * G_DSLOT
-    new_day = not (nd > 0 and g[last] == day)
+    new_day = not (nd > 0 and gs[gi, last] == day)
     if new_day:
         dbase = G_DAYS + (nd % ND) * G_DSLOT
-        g[dbase] = day
-        g[dbase + 1] = 0.0
-        g[G_NDAYS] = nd + 1
+        gs[gi, dbase] = day
+        gs[gi, dbase + 1] = 0.0
+        gs[gi, G_NDAYS] = nd + 1
         nd += 1
     else:
         dbase = last
-    g[dbase + 1] += units
+    gs[gi, dbase + 1] += units
     base = G_MONTHS + slot * G_MSLOT
-    if g[base] != month:
-        g[base] = month
+    if gs[gi, base] != month:
+        gs[gi, base] = month
         for k in range(1, G_MSLOT):
-            g[base + k] = 0.0
-    g[base + 1] += units
-    g[base + 2] += 1.0
+            gs[gi, base + k] = 0.0
+    gs[gi, base + 1] += units
+    gs[gi, base + 2] += 1.0
     if new_day:
-        g[base + 3] += 1.0
-    if units > g[base + 4]:
-        g[base + 4] = units
-    g[base + 5] += lu
-    g[base + 6] += lu * lu
-    mtd = g[base + 1]
+        gs[gi, base + 3] += 1.0
+    if units > gs[gi, base + 4]:
+        gs[gi, base + 4] = units
+    gs[gi, base + 5] += lu
+    gs[gi, base + 6] += lu * lu
+    mtd = gs[gi, base + 1]
 
     # ---- trailing months (m-12 .. m-1) of the group and the customer ----
     # Past months are complete once a line of month m arrives (time order), so their sums are
     # computed once per (group, month) and kept in the state.
-    if g[G_CMONTH] != month:
-        _trailing_months(g, c, month)
-    tot12 = g[G_CACHE]
-    cnt12 = g[G_CACHE + 1]
-    days12 = g[G_CACHE + 2]
-    slog = g[G_CACHE + 3]
-    slog2 = g[G_CACHE + 4]
-    max6 = g[G_CACHE + 5]
-    maxm12 = g[G_CACHE + 6]
-    cfam12 = g[G_CACHE + 7]  # customer units in the trailing months since the family's first
-    ctot12 = g[G_CACHE + 8]
-    cctl12 = g[G_CACHE + 9]
-    nhist = min(12.0, month - g[G_FIRST_MONTH])
+    if gs[gi, G_CMONTH] != month:
+        _trailing_months(gs, gi, c, month)
+    tot12 = gs[gi, G_CACHE]
+    cnt12 = gs[gi, G_CACHE + 1]
+    days12 = gs[gi, G_CACHE + 2]
+    slog = gs[gi, G_CACHE + 3]
+    slog2 = gs[gi, G_CACHE + 4]
+    max6 = gs[gi, G_CACHE + 5]
+    maxm12 = gs[gi, G_CACHE + 6]
+    cfam12 = gs[gi, G_CACHE + 7]  # customer units in the trailing months since the family's first
+    ctot12 = gs[gi, G_CACHE + 8]
+    cctl12 = gs[gi, G_CACHE + 9]
+    nhist = min(12.0, month - gs[gi, G_FIRST_MONTH])
     feat[F_NHIST] = nhist
     feat[F_MTD] = mtd
     feat[F_CAP] = np.nan
@@ -336,10 +352,10 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
     lo = day - 29
     for j in range(min(nd, ND)):
         b = G_DAYS + ((nd - 1 - j) % ND) * G_DSLOT
-        if g[b] < lo:
+        if gs[gi, b] < lo:
             break
         n30 += 1.0
-        u30 += g[b + 1]
+        u30 += gs[gi, b + 1]
     c30 = 0.0
     k30 = 0.0
     cn30 = 0.0
@@ -402,15 +418,15 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
 
     # ---- size against the peer group ----
     if has_peer:
-        psd = max(peer[P_LINE_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_Z] = (lu - peer[P_LINE_MU]) / psd
+        psd = max(peers[pi, P_LINE_SD], cfg[K_SDFLOOR])
+        feat[F_PEER_Z] = (lu - peers[pi, P_LINE_MU]) / psd
         sev = _sev(feat[F_PEER_Z], cfg[K_PEER_Z])
         if sev >= 1.0:
             bits |= R_PEER
         score = max(score, sev)
-        msd = max(peer[P_MONTH_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_MZ] = (math.log1p(mtd) - peer[P_MONTH_MU]) / msd
-        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ]) if lu >= peer[P_LINE_MU] else 0.0
+        msd = max(peers[pi, P_MONTH_SD], cfg[K_SDFLOOR])
+        feat[F_PEER_MZ] = (math.log1p(mtd) - peers[pi, P_MONTH_MU]) / msd
+        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ]) if lu >= peers[pi, P_LINE_MU] else 0.0
         if sev >= 1.0:
             bits |= R_PEER_MONTH
         score = max(score, sev)
@@ -421,7 +437,7 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
         feat[F_USUAL_N] = usual
         r = int(cfg[K_RECENT])
         if nd - 1 >= r:
-            back = g[G_DAYS + ((nd - 1 - r) % ND) * G_DSLOT]
+            back = gs[gi, G_DAYS + ((nd - 1 - r) % ND) * G_DSLOT]
             recent = (day - back) / r
             usual_gap = DAYS_PER_MONTH * nhist / days12
             feat[F_RECENT_GAP] = recent
@@ -441,10 +457,10 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
                 score = max(score, sev)
 
     # ---- pattern: new family, family mix, controlled share ----
-    tenure = g[G_FIRST_DAY] - c[C_FIRST_DAY]
+    tenure = gs[gi, G_FIRST_DAY] - c[C_FIRST_DAY]
     feat[F_TENURE] = day - c[C_FIRST_DAY]
-    if tenure >= cfg[K_TENURE] and day - g[G_FIRST_DAY] < cfg[K_WINDOW]:
-        share = peer[P_SHARE] if has_peer else 0.0
+    if tenure >= cfg[K_TENURE] and day - gs[gi, G_FIRST_DAY] < cfg[K_WINDOW]:
+        share = peers[pi, P_SHARE] if has_peer else 0.0
         feat[F_NEWFAM] = share
         sev = cfg[K_PEER_SHARE] / max(share, 0.01)
         sev = min(sev, 10.0)
@@ -478,9 +494,9 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
     # ---- sustained: the last order days against the usual order day ----
     ns = int(cfg[K_SUST_N])
     if history and days12 > 0 and nd >= ns:
-        recent_units = g[dbase + 1]
+        recent_units = gs[gi, dbase + 1]
         for k in range(1, ns):
-            recent_units = min(recent_units, g[G_DAYS + ((nd - 1 - k) % ND) * G_DSLOT + 1])
+            recent_units = min(recent_units, gs[gi, G_DAYS + ((nd - 1 - k) % ND) * G_DSLOT + 1])
         usual_day = tot12 / days12
         feat[F_RECENT_DAY] = recent_units
         feat[F_USUAL_DAY] = usual_day
@@ -508,10 +524,10 @@ def process_line(g, c, day, units, controlled, peer, has_peer, cfg, feat, full):
         if feat[F_CZ] == feat[F_CZ]:
             feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd)
         if has_peer:
-            feat[F_PEER_TYP] = math.expm1(peer[P_LINE_MU])
-            feat[F_PEER_LIM] = math.expm1(peer[P_LINE_MU] + cfg[K_PEER_Z] * psd)
-            feat[F_PEER_MTYP] = math.expm1(peer[P_MONTH_MU])
-            feat[F_PEER_MLIM] = math.expm1(peer[P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
+            feat[F_PEER_TYP] = math.expm1(peers[pi, P_LINE_MU])
+            feat[F_PEER_LIM] = math.expm1(peers[pi, P_LINE_MU] + cfg[K_PEER_Z] * psd)
+            feat[F_PEER_MTYP] = math.expm1(peers[pi, P_MONTH_MU])
+            feat[F_PEER_MLIM] = math.expm1(peers[pi, P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
     return score, bits
 
 
@@ -695,7 +711,6 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, lo, hi, perm, nfam, cust_ts, peer_r
     touched = np.empty(nfam, np.int64)
     ntouched = 0
     feat = np.empty(NF)
-    nopeer = np.zeros(len(PEER_FIELDS))
     fcap = 1024
     fpos = np.empty(fcap, np.int64)
     ffeat = np.empty((fcap, NF))
@@ -717,13 +732,8 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, lo, hi, perm, nfam, cust_ts, peer_r
             touched[ntouched] = f
             ntouched += 1
             new_group_state(gstate[f])
-        p = peer_row[ts, f]
-        if p >= 0:
-            sc, b = process_line(gstate[f], cstate, s_day[k], s_u[k], s_ctl[k], peers[p], True,
-                                 cfg, feat, keep_features)
-        else:
-            sc, b = process_line(gstate[f], cstate, s_day[k], s_u[k], s_ctl[k], nopeer, False,
-                                 cfg, feat, keep_features)
+        sc, b = process_line(gstate, f, cstate, s_day[k], s_u[k], s_ctl[k], peers,
+                             peer_row[ts, f], cfg, feat, keep_features)
         i = perm[k]
         score[i] = sc
         bits[i] = b

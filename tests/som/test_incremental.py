@@ -62,7 +62,7 @@ def test_state_is_bounded() -> None:
                       "date": start + dt.timedelta(days=k), "dosage_units": 100.0})
     (g,) = state.groups.values()
     (c,) = state.customers.values()
-    assert g.shape == (K.G_SIZE,) and c.shape == (K.C_SIZE,)
+    assert g.shape == (1, K.G_SIZE) and c.shape == (K.C_SIZE,)
     assert len(state.to_bytes()) < 20_000
 
 
