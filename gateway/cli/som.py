@@ -57,14 +57,25 @@ def _config(ctx: Context, path: str | None) -> Any:
         _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
 
 
-def _read_table(path: str) -> Any:
+def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
+    """A scored table (Parquet or CSV); `columns`: read only those of them that exist."""
     import polars as pl
 
     if path.lower().endswith(".csv"):
-        return pl.read_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
-                                                                          "customer": pl.String,
-                                                                          "ndc": pl.String})
-    return pl.read_parquet(path)
+        lf = pl.scan_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
+                                                                        "customer": pl.String,
+                                                                        "ndc": pl.String})
+    else:
+        lf = pl.scan_parquet(path)
+    if columns is not None:
+        names = lf.collect_schema().names()
+        lf = lf.select([c for c in names if c in columns])
+    return lf.collect()
+
+
+# What evaluate reads: labels, the scorer's verdict (the first five), and what the rule sets need.
+EVALUATE_COLUMNS = ("label", "anomaly", "anomaly_detail", "score", "flag", "customer", "family", "date",
+                    "dosage_units")
 
 
 @click.group("som")
@@ -146,7 +157,8 @@ def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
     from gateway.som.evaluate import evaluate
 
     try:
-        report = evaluate(_read_table(scored), rule_sets=not no_rules)
+        columns = EVALUATE_COLUMNS[:5] if no_rules else EVALUATE_COLUMNS
+        report = evaluate(_read_table(scored, columns), rule_sets=not no_rules)
     except Exception as exc:  # noqa: BLE001
         _guard(exc)
     click.echo(report.to_json() if as_json else report.table())

@@ -170,26 +170,50 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _method(method: str, score: np.ndarray, flag: np.ndarray, label: np.ndarray, anomaly: np.ndarray,
-            detail: np.ndarray | None) -> MethodResult:
-    negative = ~label
-    neg = np.sort(_clean(score[negative]))  # one sort serves every AUC of the method
-    overall = metrics("overall", score, flag, label, negative, neg)
-    kinds = [k for k in sorted(set(anomaly[label].tolist())) if k]
-    by_kind = tuple(metrics(k, score, flag, label & (anomaly == k), negative, neg) for k in kinds)
-    by_variant: list[Metrics] = []
-    benign: dict[str, float] = {}
+@dataclass(frozen=True)
+class _Groups:
+    """The line sets every method is measured on, computed once."""
+
+    label: np.ndarray
+    kinds: tuple[tuple[str, np.ndarray], ...]  # (kind, its lines)
+    variants: tuple[tuple[str, np.ndarray], ...]  # ("kind/variant", its lines)
+    benign: tuple[tuple[str, np.ndarray], ...]  # (benign event, its unlabelled lines)
+
+
+def _groups(scored: pl.DataFrame, label_col: str, anomaly_col: str) -> _Groups:
+    label_s = scored[label_col].cast(pl.Boolean).fill_null(False)
+    label = label_s.to_numpy()
+    if anomaly_col in scored.columns:
+        anomaly = scored[anomaly_col].cast(pl.String).fill_null("")
+    else:
+        anomaly = pl.Series([""] * scored.height, dtype=pl.String)
+    # Every labelled line has a kind; one without is counted under "unspecified".
+    anomaly = pl.select(pl.when(label_s & (anomaly == "")).then(pl.lit("unspecified")).otherwise(anomaly)).to_series()
+    detail = (scored["anomaly_detail"].cast(pl.String).fill_null("")
+              if "anomaly_detail" in scored.columns else None)
+    kinds, variants, benign = [], [], []
+    for k in sorted(set(anomaly.filter(label_s).unique().to_list()) - {""}):
+        is_k = (anomaly == k).to_numpy() & label
+        kinds.append((k, is_k))
+        if detail is not None:
+            for v in sorted(set(detail.filter(label_s & (anomaly == k)).unique().to_list()) - {""}):
+                variants.append((f"{k}/{v}", is_k & (detail == v).to_numpy()))
     if detail is not None:
-        for k in kinds:
-            for v in sorted(set(detail[label & (anomaly == k)].tolist())):
-                if v:
-                    by_variant.append(metrics(f"{k}/{v}", score, flag, label & (anomaly == k) & (detail == v),
-                                              negative, neg))
         for event in BENIGN_EVENTS:
-            mask = negative & (detail == event)
+            mask = (detail == event).to_numpy() & ~label
             if mask.any():
-                benign[event] = float(flag[mask].mean())
-    return MethodResult(method, int(flag.sum()), overall, by_kind, tuple(by_variant), benign)
+                benign.append((event, mask))
+    return _Groups(label, tuple(kinds), tuple(variants), tuple(benign))
+
+
+def _method(method: str, score: np.ndarray, flag: np.ndarray, g: _Groups) -> MethodResult:
+    negative = ~g.label
+    neg = np.sort(_clean(score[negative]))  # one sort serves every AUC of the method
+    overall = metrics("overall", score, flag, g.label, negative, neg)
+    by_kind = tuple(metrics(k, score, flag, mask, negative, neg) for k, mask in g.kinds)
+    by_variant = tuple(metrics(v, score, flag, mask, negative, neg) for v, mask in g.variants)
+    benign = {event: float(flag[mask].mean()) for event, mask in g.benign}
+    return MethodResult(method, int(flag.sum()), overall, by_kind, by_variant, benign)
 
 
 def _arrays(scored: pl.DataFrame, score_col: str, flag_col: str) -> tuple[np.ndarray, np.ndarray]:
@@ -208,17 +232,9 @@ def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "fl
     names), also the litigation rule sets on the same lines."""
     if label_col not in scored.columns:
         raise EvaluationError("som_no_labels", f"no {label_col!r} column: nothing to evaluate against")
-    label = scored[label_col].cast(pl.Boolean).fill_null(False).to_numpy()
-    if anomaly_col in scored.columns:
-        anomaly = scored[anomaly_col].cast(pl.String).fill_null("").to_numpy().astype(str)
-    else:
-        anomaly = np.where(label, "anomaly", "")
-    # Every labelled line has a kind; one without is counted under "unspecified".
-    anomaly = np.where(label & (anomaly == ""), "unspecified", anomaly)
-    detail = (scored["anomaly_detail"].cast(pl.String).fill_null("").to_numpy().astype(str)
-              if "anomaly_detail" in scored.columns else None)
+    groups = _groups(scored, label_col, anomaly_col)
     score, flag = _arrays(scored, score_col, flag_col)
-    results = [_method(SCORER, score, flag, label, anomaly, detail)]
+    results = [_method(SCORER, score, flag, groups)]
     if rule_sets:
         from gateway.som import rules
 
@@ -231,5 +247,5 @@ def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "fl
             name: rules.apply_rule_set(name, native) for name in names}
         for name in names:
             rs, rf = _arrays(judged[name], "score", "flag")
-            results.append(_method(name, rs, rf, label, anomaly, detail))
-    return EvaluationReport(lines=scored.height, labelled=int(label.sum()), results=tuple(results))
+            results.append(_method(name, rs, rf, groups))
+    return EvaluationReport(lines=scored.height, labelled=int(groups.label.sum()), results=tuple(results))
