@@ -89,14 +89,16 @@ def som_group() -> None:
 @click.option("--customers", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--days", default=730, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth_command(out: str, customers: int, days: int, seed: int) -> None:
+@click.option("--start", type=click.DateTime(formats=["%Y-%m-%d"]), default="2024-01-01", show_default=True,
+              help="First day of the history.")
+def synth_command(out: str, customers: int, days: int, seed: int, start: Any) -> None:
     """Write a synthetic order history with labelled anomalies (label, anomaly columns)."""
     from gateway.som.synth import synthesize, write_synthetic
 
     if not out.lower().endswith((".parquet", ".pq", ".csv")):
         _fail("som_unknown_format", f"{out}: expected .parquet or .csv")
     started = time.perf_counter()
-    frame = synthesize(customers=customers, days=days, seed=seed)
+    frame = synthesize(customers=customers, days=days, seed=seed, start=start.date())
     write_synthetic(frame, out)
     kinds = frame.filter("label")["anomaly"].value_counts(sort=True)
     summary = ", ".join(f"{k} {n:,}" for k, n in kinds.iter_rows())

@@ -45,10 +45,15 @@ def scored_file(workdir, synth_file) -> Path:
     return out
 
 
-def test_synth_writes_labelled_history(synth_file) -> None:
+def test_synth_writes_labelled_history(workdir, synth_file) -> None:
     frame = pl.read_parquet(synth_file)
     assert {"label", "anomaly"} <= set(frame.columns)
     assert frame["customer"].n_unique() == 60
+    later = workdir / "later.csv"
+    _run(workdir / "home", "synth", "--out", str(later), "--customers", "5", "--days", "30", "--start", "2026-03-01")
+    assert pl.read_csv(later, try_parse_dates=True)["date"].min().isoformat() >= "2026-03-01"
+    result = _run(workdir / "home", "synth", "--out", str(workdir / "x.xlsx"), ok=False)
+    assert result.exit_code == 2 and json.loads(result.stderr)["error"]["code"] == "som_unknown_format"
 
 
 def test_score_keeps_columns_and_shows_progress(workdir, synth_file, scored_file) -> None:
