@@ -114,6 +114,9 @@ _COMMON = 0.40
 
 # anomaly_detail: the pattern variant of a labelled line, or the benign event of an unlabelled one.
 _DETAILS = ("", "new_family", "mix_shift", "controlled_share", "restock", "benign_new_family")
+# Codes of the kinds (index in ("",) + ANOMALY_KINDS) and of the details (index in _DETAILS).
+_SIZE, _FREQUENCY, _PATTERN, _CAP = 1, 2, 3, 4
+_NEW_FAMILY, _MIX_SHIFT, _CONTROLLED_SHARE, _RESTOCK, _BENIGN_NEW_FAMILY = 1, 2, 3, 4, 5
 
 # Three NDCs per family (11-digit 5-4-2 form), with their package sizes in dosage units.
 _PACKAGE_SIZES = np.array([30, 100, 500])
@@ -282,7 +285,7 @@ def synthesize(
     order_units = s_month * s_interval / _DAYS_PER_MONTH
     s_pack = np.clip(np.searchsorted(_PACKAGE_SIZES, order_units / 2, side="right") - 1, 0, 2)
     s_anom = np.zeros(n_series, dtype=np.int8)  # kind code when the whole series is an anomaly
-    s_detail = np.where(late, 5, 0).astype(np.int8)  # 5: benign new family (unlabelled)
+    s_detail = np.where(late, _BENIGN_NEW_FAMILY, 0).astype(np.int8)
 
     n_regular = n_series  # series appended below (new families) come after these
     # Pattern / new family: a rarely ordered high-risk family, at a volume far above peers'.
@@ -313,8 +316,8 @@ def synthesize(
         s_end = np.r_[s_end, new_end]
         new_units = new_month * new_interval / _DAYS_PER_MONTH
         s_pack = np.r_[s_pack, np.clip(np.searchsorted(_PACKAGE_SIZES, new_units / 2, side="right") - 1, 0, 2)]
-        s_anom = np.r_[s_anom, np.full(n_new, 3, np.int8)]
-        s_detail = np.r_[s_detail, np.full(n_new, 1, np.int8)]
+        s_anom = np.r_[s_anom, np.full(n_new, _PATTERN, np.int8)]
+        s_detail = np.r_[s_detail, np.full(n_new, _NEW_FAMILY, np.int8)]
     n_series = s_cust.size
     s_ndc = rng.integers(0, 3, n_series)  # which of the family's NDCs (packaging varies inside)
 
@@ -336,7 +339,7 @@ def synthesize(
     # Benign one-off restocks.
     restock = (rng.random(e_series.size) < rates.restock) & (e_kind == 0)
     e_mult[restock] *= rng.uniform(1.4, 2.0, restock.sum())
-    e_detail[restock] = 4
+    e_detail[restock] = _RESTOCK
 
     # Regular controlled series (not injected ones) eligible for anomalies after enough history.
     regular = s_anom == 0
@@ -348,7 +351,7 @@ def synthesize(
     factor = rng.uniform(3.0, 8.0, size_ev.size)
     order_share = s_interval[e_series[size_ev]] / _DAYS_PER_MONTH  # this order's usual part of a month
     e_mult[size_ev] = np.maximum(e_mult[size_ev], 1.0) * (1.0 + (factor - 1.0) / np.minimum(order_share, 1.0))
-    e_kind[size_ev] = 1
+    e_kind[size_ev] = _SIZE
     e_detail[size_ev] = 0
 
     # Pattern / mix shift: a high-risk family x2-3.5 for 2-4 months, another family of the same
@@ -373,8 +376,8 @@ def synthesize(
                           & (e_day[in_mix] < mix_start[w[in_mix]] + mix_len[w[in_mix]]))
         in_mix &= e_kind == 0
         e_mult[in_mix] *= mix_factor[w[in_mix]]
-        e_kind[in_mix] = 3
-        e_detail[in_mix] = 2
+        e_kind[in_mix] = _PATTERN
+        e_detail[in_mix] = _MIX_SHIFT
         # The customer's other families fall during the shift (unlabelled: a fall is not suspicious).
         cust_win = np.full(customers, -1, dtype=np.int64)
         cust_win[s_cust[mix]] = np.arange(mix.size)
@@ -395,10 +398,10 @@ def synthesize(
                       & _CONTROLLED[s_fam[e_series[rise]]])
         rise &= e_kind == 0
         e_mult[rise] *= share_factor[sw[rise]]
-        e_kind[rise] = 3
-        e_detail[rise] = 3
+        e_kind[rise] = _PATTERN
+        e_detail[rise] = _CONTROLLED_SHARE
 
-    # Cap: a series usually at 3,500-7,500 units a month goes over 8,000 in one month.
+    # Cap: a series usually at 3,500-7,000 units a month goes over 8,000 in one month.
     cap_series = np.flatnonzero(regular & _CONTROLLED[s_fam] & (s_month > 3500) & (s_month < 7000)
                                 & (s_start == 0))
     caps = _pick(rng, cap_series, rates.cap, customers)
@@ -415,7 +418,7 @@ def synthesize(
         hit = cw >= 0
         hit[hit] = (e_month[hit] == cap_month[cw[hit]]) & (e_kind[hit] == 0)
         e_mult[hit] *= cap_factor[cw[hit]]
-        e_kind[hit] = 4
+        e_kind[hit] = _CAP
         e_detail[hit] = 0
 
     in_order = np.ones(e_series.size, bool)  # events still in (series, day) generation order
@@ -447,7 +450,7 @@ def synthesize(
         e_series = np.r_[e_series, b_series]
         e_day = np.r_[e_day, b_day]
         e_mult = np.r_[e_mult, rng.uniform(0.6, 1.0, b_series.size) * rng.lognormal(0.0, 0.1, b_series.size)]
-        e_kind = np.r_[e_kind, np.full(b_series.size, 2, np.int8)]
+        e_kind = np.r_[e_kind, np.full(b_series.size, _FREQUENCY, np.int8)]
         e_detail = np.r_[e_detail, np.zeros(b_series.size, np.int8)]
 
     # --- quantities --------------------------------------------------------------------------
