@@ -21,7 +21,8 @@ from typing import Any
 
 from gateway.storage.base import (
     AuditEvent, AuditRecord, Checkpoint, Client, CommitResult, InvalidRecord, NewClient,
-    NewDocument, NewLink, StorageError, StorageUnavailable, audit_canonical, canonical_json,
+    NewDocument, NewLink, Storage, StorageError, StorageUnavailable, audit_canonical,
+    canonical_json,
 )
 
 
@@ -192,3 +193,40 @@ class GroupCommitter:
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+
+
+class GroupCommitStorage(Storage):
+    """The writes both engines make the same way: a unit handed to `self.committer`, which the
+    engine's `_run_batch` writes. Engines set `committer` in their constructor."""
+
+    committer: GroupCommitter
+
+    async def commit_unit(self, *, documents: Sequence[NewDocument] = (),
+                          links: Sequence[NewLink] = (),
+                          audit: Sequence[AuditEvent] = ()) -> CommitResult:
+        result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
+        return result.commit
+
+    async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
+        result = await self.committer.submit(Unit(audit=list(audit), client_change=change))
+        assert result.client is not None
+        return result.client
+
+    async def add_client(self, client: NewClient, audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("add", client.name, new=client), audit)
+
+    async def revoke_client(self, name: str, audit: Sequence[AuditEvent] = (),
+                            at: datetime | None = None) -> Client:
+        return await self._client_unit(ClientChange("revoke", name, at=at), audit)
+
+    async def set_client_keys(self, name: str, key_labels: frozenset[str],
+                              audit: Sequence[AuditEvent] = ()) -> Client:
+        return await self._client_unit(ClientChange("keys", name, key_labels=frozenset(key_labels)),
+                                       audit)
+
+    async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
+                             algorithm: str, signature: bytes) -> Checkpoint:
+        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
+            seq, hash, time, key_label, algorithm, signature)))
+        assert result.checkpoint is not None
+        return result.checkpoint

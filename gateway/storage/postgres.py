@@ -21,13 +21,14 @@ import asyncpg
 
 from gateway.storage import migrations
 from gateway.storage.base import (
-    GENESIS_HASH, RETENTION_SLACK, AuditEvent, AuditRecord, Checkpoint, Client, ClientExists,
+    GENESIS_HASH, RETENTION_SLACK, AuditRecord, Checkpoint, Client, ClientExists,
     ClientNotFound, CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument,
-    InvalidRecord, LinkedRecord, MigrationError, NewClient, NewDocument, NewLink, Storage,
+    InvalidRecord, LinkedRecord, MigrationError, NewDocument,
     StorageError, StorageUnavailable, minimum_retention, utcnow,
 )
 from gateway.storage.group_commit import (
-    ClientChange, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain, dump_json,
+    ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
+    dump_json,
 )
 
 _DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
@@ -81,7 +82,7 @@ def _checkpoint(row: Mapping[str, Any]) -> Checkpoint:
                       row["algorithm"], bytes(row["signature"]))
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(GroupCommitStorage):
     engine = "postgresql"
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
@@ -172,12 +173,6 @@ class PostgresStorage(Storage):
             "SELECT version FROM schema_migrations ORDER BY version")]
 
     # -- writes --------------------------------------------------------------------------------
-
-    async def commit_unit(self, *, documents: Sequence[NewDocument] = (),
-                          links: Sequence[NewLink] = (),
-                          audit: Sequence[AuditEvent] = ()) -> CommitResult:
-        result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
-        return result.commit
 
     async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
         try:
@@ -406,23 +401,6 @@ class PostgresStorage(Storage):
 
     # -- clients -------------------------------------------------------------------------------
 
-    async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
-        result = await self.committer.submit(Unit(audit=list(audit), client_change=change))
-        assert result.client is not None
-        return result.client
-
-    async def add_client(self, client: NewClient, audit: Sequence[AuditEvent] = ()) -> Client:
-        return await self._client_unit(ClientChange("add", client.name, new=client), audit)
-
-    async def revoke_client(self, name: str, audit: Sequence[AuditEvent] = (),
-                            at: datetime | None = None) -> Client:
-        return await self._client_unit(ClientChange("revoke", name, at=at), audit)
-
-    async def set_client_keys(self, name: str, key_labels: frozenset[str],
-                              audit: Sequence[AuditEvent] = ()) -> Client:
-        return await self._client_unit(ClientChange("keys", name, key_labels=frozenset(key_labels)),
-                                       audit)
-
     async def get_client(self, name: str) -> Client | None:
         row = await self._fetchrow(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = $1", name)
         return _client(row) if row else None
@@ -447,13 +425,6 @@ class PostgresStorage(Storage):
             f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
             after_seq, limit)
         return [_audit(r) for r in rows]
-
-    async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
-                             algorithm: str, signature: bytes) -> Checkpoint:
-        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
-            seq, hash, time, key_label, algorithm, signature)))
-        assert result.checkpoint is not None
-        return result.checkpoint
 
     async def checkpoints(self) -> list[Checkpoint]:
         return [_checkpoint(r) for r in await self._fetch(

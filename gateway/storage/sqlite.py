@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 
 from gateway.storage import migrations
 from gateway.storage.base import (
-    GENESIS_HASH, AuditEvent, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
+    GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
     CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord,
-    LinkedRecord, MigrationError, NewClient, NewDocument, NewLink, Storage, StorageError,
+    LinkedRecord, MigrationError, StorageError,
     StorageUnavailable, RETENTION_SLACK, format_time, minimum_retention, parse_time, utcnow,
 )
 from gateway.storage.group_commit import (
-    ClientChange, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain, dump_json,
+    ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
+    dump_json,
 )
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ def _checkpoint(row: Sequence[Any]) -> Checkpoint:
     return Checkpoint(row[0], row[1], row[2], parse_time(row[3]), row[4], row[5], bytes(row[6]))
 
 
-class SqliteStorage(Storage):
+class SqliteStorage(GroupCommitStorage):
     engine = "sqlite"
 
     def __init__(self, path: str | Path, *, readers: int = 2, max_batch: int = 256,
@@ -206,12 +207,6 @@ class SqliteStorage(Storage):
             "SELECT version FROM schema_migrations ORDER BY version")])
 
     # -- writes --------------------------------------------------------------------------------
-
-    async def commit_unit(self, *, documents: Sequence[NewDocument] = (),
-                          links: Sequence[NewLink] = (),
-                          audit: Sequence[AuditEvent] = ()) -> CommitResult:
-        result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
-        return result.commit
 
     async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
         return await self._on_writer(lambda conn: self._batch_sync(conn, batch))
@@ -393,23 +388,6 @@ class SqliteStorage(Storage):
 
     # -- clients -------------------------------------------------------------------------------
 
-    async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
-        result = await self.committer.submit(Unit(audit=list(audit), client_change=change))
-        assert result.client is not None
-        return result.client
-
-    async def add_client(self, client: NewClient, audit: Sequence[AuditEvent] = ()) -> Client:
-        return await self._client_unit(ClientChange("add", client.name, new=client), audit)
-
-    async def revoke_client(self, name: str, audit: Sequence[AuditEvent] = (),
-                            at: datetime | None = None) -> Client:
-        return await self._client_unit(ClientChange("revoke", name, at=at), audit)
-
-    async def set_client_keys(self, name: str, key_labels: frozenset[str],
-                              audit: Sequence[AuditEvent] = ()) -> Client:
-        return await self._client_unit(ClientChange("keys", name, key_labels=frozenset(key_labels)),
-                                       audit)
-
     async def get_client(self, name: str) -> Client | None:
         row = await self._read(lambda c: c.execute(
             f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = ?", (name,)).fetchone())
@@ -438,13 +416,6 @@ class SqliteStorage(Storage):
             f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit)).fetchall())
         return [_audit(r) for r in rows]
-
-    async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
-                             algorithm: str, signature: bytes) -> Checkpoint:
-        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
-            seq, hash, time, key_label, algorithm, signature)))
-        assert result.checkpoint is not None
-        return result.checkpoint
 
     async def checkpoints(self) -> list[Checkpoint]:
         rows = await self._read(lambda c: c.execute(
