@@ -6,7 +6,7 @@ A token is `gw_<token_id>_<secret>`: `token_id` (12 hex characters) is public an
 is compared in constant time. The token is shown once, when the client is added.
 
 Every change to clients (add, revoke, key grants) is an audit event written in the same unit as
-the change (21 CFR 1311.150(b)(iv): changes to access controls are auditable events).
+the change (21 CFR 1311.150: changes to access controls are auditable events).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checking the audit trail end to end (21 CFR 1311.150(c), 1311.215: records protected from
+"""Checking the audit trail end to end (21 CFR 1311.150, 1311.215: records protected from
 modification and deletion; the trail is analysed daily).
 
 `verify_trail` walks the chain from seq 1 and stops at the first problem:

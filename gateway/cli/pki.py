@@ -84,7 +84,7 @@ def _audited(settings: Settings, event_type: str, subject: str, **details: objec
         _record(settings, event_type, "failure", subject, {**extra, "code": exc.code, "message": exc.message})
         raise
     except Exception as exc:
-        # An attempt that failed in an unforeseen way is still an attempt (21 CFR 1311.150(b)).
+        # An attempt that failed in an unforeseen way is still an attempt (21 CFR 1311.150).
         _record(settings, event_type, "failure", subject,
                 {**extra, "code": "unexpected_error", "message": f"{type(exc).__name__}: {exc}"})
         raise

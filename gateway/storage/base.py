@@ -222,7 +222,7 @@ class LinkedRecord:
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """One auditable event (21 CFR 1311.150(b), 1311.215): date and time, type, identity, outcome.
+    """One auditable event (21 CFR 1311.150, 1311.215): date and time, type, identity, outcome.
 
     actor: the client name, or "system" / "cli".
     subject: what it was about (a document id, a key label, a client name), or None.

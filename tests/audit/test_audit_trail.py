@@ -65,7 +65,7 @@ async def test_intact_trail_verifies(storage: Storage, audit_key: AuditKey,
     assert result.ok, result
     assert (result.records_checked, result.checkpoints_checked) == (13, 2)
     assert result.first_bad_seq is None and result.problem is None
-    # the record format: sequence, time, type, identity, outcome (21 CFR 1311.150(b))
+    # the record format: sequence, time, type, identity, outcome (21 CFR 1311.150, 1311.215)
     rec = (await storage.audit_records(after_seq=1, limit=1))[0]
     assert (rec.seq, rec.event_type, rec.actor, rec.outcome, rec.subject) == (
         2, "document_signed", "client-1", "success", "doc-1")

@@ -79,7 +79,7 @@ async def test_names_roles_and_lookup(storage: Storage) -> None:
 
 
 async def test_client_changes_are_audit_events(storage: Storage) -> None:
-    """21 CFR 1311.150(b): changes to access controls are auditable events."""
+    """21 CFR 1311.150: changes to access controls are auditable events."""
     client, _ = await clients.add_client(storage, "p-1", "pharmacy", "k1", actor="admin-1",
                                          request_id="req-7")
     await clients.set_client_keys(storage, "p-1", "k1,k2")
