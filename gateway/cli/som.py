@@ -57,16 +57,20 @@ def _config(ctx: Context, path: str | None) -> Any:
         _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
 
 
-def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
-    """A scored table (Parquet or CSV); `columns`: read only those of them that exist."""
+def _scan_table(path: str) -> Any:
+    """A lazy scan of a scored table (Parquet or CSV)."""
     import polars as pl
 
     if path.lower().endswith(".csv"):
-        lf = pl.scan_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
-                                                                        "customer": pl.String,
-                                                                        "ndc": pl.String})
-    else:
-        lf = pl.scan_parquet(path)
+        return pl.scan_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
+                                                                          "customer": pl.String,
+                                                                          "ndc": pl.String})
+    return pl.scan_parquet(path)
+
+
+def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
+    """A scored table (Parquet or CSV); `columns`: read only those of them that exist."""
+    lf = _scan_table(path)
     if columns is not None:
         names = lf.collect_schema().names()
         lf = lf.select([c for c in names if c in columns])
@@ -176,7 +180,7 @@ def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
     from gateway.som.diligence import diligence_page
 
     try:
-        page = diligence_page(_read_table(scored), order_id, line)
+        page = diligence_page(_scan_table(scored), order_id, line)
     except Exception as exc:  # noqa: BLE001
         _guard(exc)
     tmp = Path(out).with_name(Path(out).name + ".tmp")

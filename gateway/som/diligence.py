@@ -81,22 +81,26 @@ def _trailing(units: np.ndarray) -> tuple[list, list, list]:
     return avg12, max6, ctrl
 
 
-def diligence_data(scored: pl.DataFrame, order_id: str, line: int) -> Diligence:
-    """Collect the figures for one line of a scored history."""
+def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int) -> Diligence:
+    """Collect the figures for one line of a scored history. A LazyFrame (a scan of a large file)
+    is read twice with filters: for the line, then for the lines of its family."""
+    lf = scored.lazy()
+    schema = lf.collect_schema()
     needed = {"order_id", "line", "customer", "family", "date", "dosage_units"}
-    missing = needed - set(scored.columns)
+    missing = needed - set(schema.names())
     if missing:
         raise DiligenceError("som_missing_column", f"missing columns: {', '.join(sorted(missing))}")
-    if scored.schema["date"] == pl.String:
-        scored = scored.with_columns(pl.col("date").str.to_date(strict=False))
-    scored = scored.with_row_index("_row")
-    hit = scored.filter((pl.col("order_id").cast(pl.String) == str(order_id)) & (pl.col("line") == line))
+    if schema["date"] == pl.String:
+        lf = lf.with_columns(pl.col("date").str.to_date(strict=False))
+    lf = lf.with_row_index("_row")
+    hit = lf.filter((pl.col("order_id").cast(pl.String) == str(order_id)) & (pl.col("line") == line)).collect()
     if hit.height == 0:
         raise DiligenceError("som_line_not_found", f"no line {line} in order {order_id}")
     row = hit.row(0, named=True)
     customer, family, date = row["customer"], row["family"], row["date"]
+    scored = lf.filter(pl.col("family") == family).collect()  # the customer's and its peers' lines
 
-    history = scored.filter((pl.col("customer") == customer) & (pl.col("family") == family))
+    history = scored.filter(pl.col("customer") == customer)
     month = pl.col("date").dt.truncate("1mo")
     # Months of this customer from its first order in the family to the line's month (zeros kept).
     first = _month_start(history["date"].min())

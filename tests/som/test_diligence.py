@@ -85,3 +85,9 @@ def test_unknown_line() -> None:
     with pytest.raises(DiligenceError) as err:
         diligence_data(_history().drop("family"), "25X000099", 2)
     assert err.value.code == "som_missing_column"
+
+
+def test_lazy_scan_gives_the_same_page(tmp_path) -> None:
+    path = tmp_path / "scored.parquet"
+    _history().write_parquet(path)
+    assert diligence_page(pl.scan_parquet(path), "25X000099", 2) == diligence_page(_history(), "25X000099", 2)
