@@ -122,7 +122,7 @@ class GroupCommitter:
             self._task = asyncio.create_task(self._loop(), name="storage-group-commit")
 
     async def submit(self, unit: Unit) -> UnitResult:
-        if self._closed or self._task is None:
+        if self._closed or self._task is None or self._task.done():
             raise StorageUnavailable("storage is closed")
         unit.future = asyncio.get_running_loop().create_future()
         unit.future.add_done_callback(_consume)
@@ -155,26 +155,45 @@ class GroupCommitter:
 
     async def _loop(self) -> None:
         stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            stopping = self._drain(batch)
-            # Wait briefly for stragglers only when fewer units are here than last time: under
-            # steady load the batch fills while the previous commit runs, and a lone writer
-            # should not pay the window on every request.
-            if (not stopping and self.window_s > 0
-                    and len(batch) < min(self._last_batch, self.max_batch)):
-                await asyncio.sleep(self.window_s)
+        batch: list[Unit] = []
+        try:
+            while not stopping:
+                batch = []
+                first = await self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
                 stopping = self._drain(batch)
-            self._last_batch = len(batch)
-            await self._commit(batch)
-        # units queued after the sentinel (none normally): refuse, never leave a caller hanging
-        while not self._queue.empty():
-            unit = self._queue.get_nowait()
-            if unit is not None and unit.future is not None and not unit.future.done():
-                unit.future.set_exception(StorageUnavailable("storage is closed"))
+                # Wait briefly for stragglers only when fewer units are here than last time:
+                # under steady load the batch fills while the previous commit runs, and a lone
+                # writer should not pay the window on every request.
+                if (not stopping and self.window_s > 0
+                        and len(batch) < min(self._last_batch, self.max_batch)):
+                    await asyncio.sleep(self.window_s)
+                    stopping = self._drain(batch)
+                self._last_batch = len(batch)
+                await self._commit(batch)
+                batch = []
+        finally:
+            # Units queued after the sentinel (none normally), or left when the writer task was
+            # cancelled or broke: refuse them, never leave a caller waiting for ever. A unit
+            # cancelled mid-commit may still have been committed: "unavailable" is what the
+            # caller can act on (retry; a duplicate is refused by its natural key).
+            self._closed = True
+            leftover = batch + [u for u in iter(self._get_nowait, None)]
+            for unit in leftover:
+                if unit.future is not None and not unit.future.done():
+                    unit.future.set_exception(StorageUnavailable("storage is closed"))
+
+    def _get_nowait(self) -> Unit | None:
+        """The next queued unit, skipping stop marks; None when the queue is empty."""
+        while True:
+            try:
+                unit = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+            if unit is not None:
+                return unit
 
     async def _commit(self, batch: list[Unit]) -> None:
         try:

@@ -309,6 +309,28 @@ async def test_group_commit_200_concurrent_writers(backend: Backend, storage: St
     assert (await verify_trail(storage, None)).ok
 
 
+async def test_writer_task_gone_leaves_no_caller_waiting(tmp_path) -> None:  # noqa: ANN001
+    """If the group-commit task dies (cancelled at an abrupt shutdown), every caller hears of it:
+    committed, or StorageUnavailable; none waits for ever, and later writes are refused."""
+    from gateway.storage.sqlite import SqliteStorage
+
+    storage = SqliteStorage(tmp_path / "g.sqlite3")
+    await storage.open()
+    try:
+        writers = [asyncio.create_task(storage.commit_unit(documents=[order(f"26X{n:06d}")]))
+                   for n in range(50)]
+        await asyncio.sleep(0)  # queued
+        storage.committer._task.cancel()
+        done, pending = await asyncio.wait(writers, timeout=10)
+        assert not pending
+        outcomes = {type(t.exception()).__name__ if t.exception() else "committed" for t in done}
+        assert outcomes <= {"committed", "StorageUnavailable"} and "StorageUnavailable" in outcomes
+        with pytest.raises(StorageUnavailable):
+            await storage.commit_unit(documents=[order("26X999999")])
+    finally:
+        await storage.close()
+
+
 async def test_acknowledged_means_committed_after_close(backend: Backend) -> None:
     s = backend.storage()
     await s.open()
