@@ -44,8 +44,8 @@ def features_sql(source: str, cfg: SomConfig = SomConfig(), *, columns: list[str
     row = "_row" if not keep_input else "row_number() OVER () - 1"
     r = int(cfg.recent_intervals)
     s = int(cfg.sustained_orders)
-    prev_min = (f"min(du) OVER (PARTITION BY customer, family ORDER BY day ROWS BETWEEN {s - 1} "
-                f"PRECEDING AND 1 PRECEDING)" if s > 1 else "CAST('inf' AS DOUBLE)")
+    frame = (f"OVER (PARTITION BY customer, family ORDER BY day ROWS BETWEEN {s - 1} PRECEDING "
+             f"AND 1 PRECEDING)")
     c = cfg
     sev = {
         "size": f"coalesce(size_ratio / {c.size_ratio}, 0)",
@@ -64,7 +64,9 @@ def features_sql(source: str, cfg: SomConfig = SomConfig(), *, columns: list[str
                       f"{c.new_family_peer_share} / greatest(new_family_share, 0.01)) END",
         "mix": f"coalesce(mix_odds_ratio / {c.mix_odds_ratio}, 0)",
         "controlled": f"coalesce(controlled_odds_ratio / {c.controlled_odds_ratio}, 0)",
-        "sustained": f"coalesce(sustained_ratio / {c.sustained_ratio}, 0)",
+        "sustained": f"CASE WHEN coalesce(mtd_day < {c.sustained_today} * usual_day_units, FALSE) "
+                     f"THEN least(coalesce(sustained_ratio / {c.sustained_ratio}, 0), 0.999) "
+                     f"ELSE coalesce(sustained_ratio / {c.sustained_ratio}, 0) END",
     }
     cap = (f"CASE WHEN mtd - u > {c.monthly_cap} THEN least(coalesce(cap_ratio, 0), 1.0) "
            f"ELSE coalesce(cap_ratio, 0) END")
@@ -153,7 +155,8 @@ peers AS (
 gdays AS (SELECT customer, family, day, sum(u) AS du FROM x GROUP BY ALL),
 gdays2 AS (
   SELECT customer, family, day,
-         row_number() OVER w AS nd, lag(day, {r}) OVER w AS back, {prev_min} AS prev_min,
+         row_number() OVER w AS nd, lag(day, {r}) OVER w AS back, sum(du) {frame} AS prev_sum,
+         max(du) {frame} AS prev_max,
          count(*) OVER w30 AS n30, sum(du) OVER w30 AS u30_full
   FROM gdays
   WINDOW w AS (PARTITION BY customer, family ORDER BY day),
@@ -165,7 +168,9 @@ monthly AS (
 trail AS (
   SELECT t.customer, t.family, t.m, sum(mo.tot) AS tot12, sum(mo.cnt) AS cnt12,
          sum(mo.ndays) AS ndays12, sum(mo.slog) AS slog12, sum(mo.slog2) AS slog212,
-         max(CASE WHEN t.m - mo.m <= 6 THEN mo.maxl END) AS maxl6, max(mo.tot) AS tot_max12
+         max(CASE WHEN t.m - mo.m <= 6 THEN mo.maxl END) AS maxl6, max(mo.tot) AS tot_max12,
+         coalesce(sum(CASE WHEN t.m - mo.m >= 11 THEN mo.tot END), 0) AS tot_season,
+         coalesce(sum(CASE WHEN t.m - mo.m >= 11 THEN mo.ndays END), 0) AS ndays_season
   FROM monthly t JOIN monthly mo ON mo.customer = t.customer AND mo.family = t.family
        AND mo.m BETWEEN t.m - 12 AND t.m - 1
   GROUP BY ALL),
@@ -196,7 +201,7 @@ lines AS (
   FROM x),
 j AS (
   SELECT l._row, l.family, l.u, l.lu, l.m, l.day, l.controlled, l.mtd, l.gdtd, l.cfirst, l.cfirst_m,
-         g.first_m, g.gfirst, d.nd, d.back, d.n30, d.prev_min, cd.cn30,
+         g.first_m, g.gfirst, d.nd, d.back, d.n30, d.prev_sum, d.prev_max, cd.cn30,
          d.u30_full - l.gday + l.gdtd AS u30, cd.c30_full - cd.cdu + l.cdtd AS c30,
          cd.k30_full - cd.ccu + l.kdtd AS k30,
          CAST(least(12, l.m - g.first_m) AS DOUBLE) AS nhist,
@@ -204,6 +209,7 @@ j AS (
          coalesce(t.ndays12, 0) AS ndays12, coalesce(t.slog12, 0) AS slog12,
          coalesce(t.slog212, 0) AS slog212, coalesce(t.maxl6, 0) AS maxl6,
          coalesce(t.tot_max12, 0) AS tot_max12, coalesce(ct.ctot12, 0) AS ctot12,
+         coalesce(t.tot_season, 0) AS tot_season, coalesce(t.ndays_season, 0) AS ndays_season,
          coalesce(ct.cctl12, 0) AS cctl12, coalesce(cf.cfam12, 0) AS cfam12,
          CASE WHEN coalesce(p0.customers, 0) >= {c.min_peer_customers} THEN 0
               WHEN coalesce(p1.customers, 0) >= {c.min_peer_customers} THEN 1
@@ -240,11 +246,13 @@ k AS (
     CASE WHEN ndays12 > 0 THEN {K.DAYS_PER_MONTH} * nhist / ndays12 END AS usual_gap,
     (gfirst - cfirst) >= {c.new_family_tenure_days} AND (day - gfirst) < {c.new_family_window_days} AS new_fam,
     (m - cfirst_m) >= {c.min_history_months} AS cust_hist,
-    least(prev_min, gdtd) AS recent_day,
-    CASE WHEN ndays12 > 0 THEN tot12 / ndays12 END AS usual_day
+    (prev_sum + gdtd - greatest(prev_max, gdtd)) / {s - 1} AS recent_day,
+    CASE WHEN nhist >= 12 AND ndays_season > 0
+         THEN greatest(tot12 / ndays12, tot_season / ndays_season)
+         WHEN ndays12 > 0 THEN tot12 / ndays12 END AS usual_day
   FROM j),
 f AS (
-  SELECT _row, family, u, lu, mtd, controlled, p_mu, avg12,
+  SELECT _row, family, u, lu, mtd, controlled, p_mu, avg12, gdtd AS mtd_day,
     CASE WHEN size_ok AND mean12 > 0 THEN u / mean12 END AS size_ratio,
     CASE WHEN size_ok AND maxl6 > 0 THEN u / maxl6 END AS max6_ratio,
     CASE WHEN size_ok THEN (lu - mu) / sd END AS control_z,

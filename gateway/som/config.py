@@ -46,9 +46,11 @@ class SomConfig:
     new_family_tenure_days: int = 180    # a new family is judged only for an established customer
     new_family_window_days: int = 180    # lines this long after a family's first order count as new
     new_family_peer_share: float = 0.25  # a new family ordered by fewer peers than this is unusual
-    sustained_ratio: float = 1.7         # smallest of the last `sustained_orders` order days /
-                                         # usual order day: every recent order well above usual
-    sustained_orders: int = 2
+    sustained_ratio: float = 1.5         # mean of the last `sustained_orders` order days, the
+                                         # largest left out (a restock), / usual order day (for a
+                                         # full year of history, not below last year's season)
+    sustained_orders: int = 3
+    sustained_today: float = 1.2         # ...while today is still this much above the usual day
     mix_odds_ratio: float = 15.0        # odds of a family's share of the customer's units, last 30
                                          # days against the trailing months since it was first ordered
     controlled_odds_ratio: float = 30.0  # odds of the controlled share, last 30 days against 12 months
@@ -59,7 +61,7 @@ class SomConfig:
     # `cap_over_usual` (a customer whose ordinary month is above the cap has an approved higher
     # volume and is judged by the other findings); only the line that takes the month over counts.
     monthly_cap: float = 8000.0
-    cap_over_usual: float = 1.2          # ...and this far above the largest month of the trailing
+    cap_over_usual: float = 1.4          # ...and this far above the largest month of the trailing
                                          # 12 (a customer that has always stayed under the cap)
 
     def __post_init__(self) -> None:
@@ -71,8 +73,8 @@ class SomConfig:
                 raise SomConfigError(f"{f.name}: must not be negative, got {value!r}")
         if not 1 <= self.recent_intervals <= 30:
             raise SomConfigError("recent_intervals: must be between 1 and 30")
-        if not 1 <= self.sustained_orders <= 30:
-            raise SomConfigError("sustained_orders: must be between 1 and 30")
+        if not 2 <= self.sustained_orders <= 30:
+            raise SomConfigError("sustained_orders: must be between 2 and 30")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SomConfig":

@@ -20,8 +20,9 @@ Findings (each a severity = value / threshold of SomConfig; flagged at 1; score 
 - peers: log1p(line) and log1p(month to date) against the peer reference (peers.py), in peer sd;
 - frequency: order days in the last 30 days / usual order days a month (while the last intervals
   are short); usual interval / mean of the last `recent_intervals` intervals;
-- pattern: a family new to an established customer that few peers order; a sustained rise (each
-  of the last `sustained_orders` order days well above the usual order day); the odds of the
+- pattern: a family new to an established customer that few peers order; a sustained rise (the
+  mean of the last `sustained_orders` order days, the largest left out, well above the usual
+  order day, and today above it too); the odds of the
   family's share of the customer's units (30 days against the months since it was first ordered);
   the odds of the controlled share of the customer's units (30 days against 12 months);
 - cap: month to date above the monthly cap, for a customer whose months stay under it.
@@ -45,8 +46,9 @@ G_FIRST_DAY = 0
 G_FIRST_MONTH = 1
 G_NDAYS = 2  # distinct order days ever seen
 G_CMONTH = 3  # the month the cached trailing sums below are for (-1: none)
-G_CACHE = 4  # tot12, cnt12, days12, slog, slog2, max6, maxm12, cfam12, ctot12, cctl12
-G_NCACHE = 10
+G_CACHE = 4  # tot12, cnt12, days12, slog, slog2, max6, maxm12, cfam12, ctot12, cctl12,
+# and units and order days of the same season last year (months m-12 and m-11)
+G_NCACHE = 12
 G_MONTHS = G_CACHE + G_NCACHE  # NM slots of: month id, units, lines, order days, max line,
 # sum log, sum log^2
 G_MSLOT = 7
@@ -75,11 +77,11 @@ CONFIG_FIELDS = (
     "min_orders_30d", "interval_ratio", "recent_intervals", "new_family_tenure_days",
     "new_family_window_days", "new_family_peer_share", "mix_odds_ratio", "controlled_odds_ratio",
     "min_mix_units", "monthly_cap", "sustained_ratio", "sustained_orders",
-    "frequency_min_interval_ratio", "cap_over_usual", "min_mix_days",
+    "frequency_min_interval_ratio", "cap_over_usual", "min_mix_days", "sustained_today",
 )
 (K_MIN_MONTHS, K_MIN_LINES, K_SIZE, K_MAX6, K_CZ, K_SDFLOOR, K_MONTH, K_PEER_Z, K_PEER_MZ,
  K_FREQ, K_MIN30, K_INTERVAL, K_RECENT, K_TENURE, K_WINDOW, K_PEER_SHARE, K_MIX, K_CTRL,
- K_MIN_MIX, K_CAP, K_SUST, K_SUST_N, K_FREQ_INT, K_CAP_USUAL, K_MIX_DAYS) = range(
+ K_MIN_MIX, K_CAP, K_SUST, K_SUST_N, K_FREQ_INT, K_CAP_USUAL, K_MIX_DAYS, K_TODAY) = range(
     len(CONFIG_FIELDS))
 
 # --- peer vector layout (one row of the peer reference table) --------------------------------
@@ -214,6 +216,8 @@ def _trailing_months(gs, gi, c, month):
     ctot12 = 0.0
     cctl12 = 0.0
     cfam12 = 0.0
+    stot = 0.0
+    sdays = 0.0
     fam_lo = max(month - 12.0, gs[gi, G_FIRST_MONTH])
     for s in range(NM):
         b = G_MONTHS + s * G_MSLOT
@@ -228,6 +232,9 @@ def _trailing_months(gs, gi, c, month):
             slog2 += gs[gi, b + 6]
             if mid >= month - 6 and gs[gi, b + 4] > max6:
                 max6 = gs[gi, b + 4]
+            if mid <= month - 11:
+                stot += gs[gi, b + 1]
+                sdays += gs[gi, b + 3]
         cb = C_MONTHS + s * C_MSLOT
         cmid = c[cb]
         if cmid >= month - 12 and cmid <= month - 1:
@@ -246,6 +253,8 @@ def _trailing_months(gs, gi, c, month):
     gs[gi, G_CACHE + 7] = cfam12
     gs[gi, G_CACHE + 8] = ctot12
     gs[gi, G_CACHE + 9] = cctl12
+    gs[gi, G_CACHE + 10] = stot
+    gs[gi, G_CACHE + 11] = sdays
 
 
 @njit(cache=True, error_model="numpy")
@@ -494,14 +503,27 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
     # ---- sustained: the last order days against the usual order day ----
     ns = int(cfg[K_SUST_N])
     if history and days12 > 0 and nd >= ns:
-        recent_units = gs[gi, dbase + 1]
-        for k in range(1, ns):
-            recent_units = min(recent_units, gs[gi, G_DAYS + ((nd - 1 - k) % ND) * G_DSLOT + 1])
+        # mean of the last ns order days without the largest (one restock is not a rise)
+        total = 0.0
+        largest = 0.0
+        for k in range(ns):
+            v = gs[gi, G_DAYS + ((nd - 1 - k) % ND) * G_DSLOT + 1]
+            total += v
+            if v > largest:
+                largest = v
+        recent_units = (total - largest) / (ns - 1)
+        today_units = gs[gi, dbase + 1]
         usual_day = tot12 / days12
+        # a full year of history: not below the same season last year (winter peaks)
+        sdays = gs[gi, G_CACHE + 11]
+        if nhist >= 12 and sdays > 0:
+            usual_day = max(usual_day, gs[gi, G_CACHE + 10] / sdays)
         feat[F_RECENT_DAY] = recent_units
         feat[F_USUAL_DAY] = usual_day
         feat[F_SUST] = recent_units / usual_day
         sev = _sev(feat[F_SUST], cfg[K_SUST])
+        if today_units < cfg[K_TODAY] * usual_day:  # the rise is over (no echo)
+            sev = min(sev, 0.999)
         if sev >= 1.0:
             bits |= R_SUSTAINED
         score = max(score, sev)

@@ -58,7 +58,8 @@ def peer_reference_polars(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _trailing(monthly: pl.DataFrame, keys: list[str], targets: pl.DataFrame, cols: list[str],
-              max6: list[str] = (), max12: list[str] = ()) -> pl.DataFrame:
+              max6: list[str] = (), max12: list[str] = (), season: list[str] = ()
+              ) -> pl.DataFrame:
     """Sums of `cols` over the 12 calendar months before each target month, and maxima of `max6`
     over the 6 before it (months without lines count as nothing)."""
     shifted = pl.concat([monthly.with_columns((pl.col("m") + k).alias("m"),
@@ -67,6 +68,7 @@ def _trailing(monthly: pl.DataFrame, keys: list[str], targets: pl.DataFrame, col
     aggs = [pl.col(c).sum().alias(c + "12") for c in cols]
     aggs += [pl.col(c).filter(pl.col("_k") <= 6).max().alias(c + "6") for c in max6]
     aggs += [pl.col(c).max().alias(c + "_max12") for c in max12]
+    aggs += [pl.col(c).filter(pl.col("_k") >= 11).sum().alias(c + "_season") for c in season]
     return shifted.group_by([*keys, "m"]).agg(aggs)
 
 
@@ -84,8 +86,10 @@ def features(df: pl.DataFrame, config: SomConfig = SomConfig(),
     days = days.sort([*GROUP, "day"]).with_columns(
         pl.col("day").rank("ordinal").over(GROUP).alias("nd"),
         pl.col("day").shift(int(cfg.recent_intervals)).over(GROUP).alias("back"),
-        (pl.col("du").shift(1).rolling_min(int(cfg.sustained_orders) - 1).over(GROUP)
-         if cfg.sustained_orders > 1 else pl.lit(float("inf"))).alias("_prev_min"))
+        pl.col("du").shift(1).rolling_sum(int(cfg.sustained_orders) - 1).over(GROUP)
+        .alias("_prev_sum"),
+        pl.col("du").shift(1).rolling_max(int(cfg.sustained_orders) - 1).over(GROUP)
+        .alias("_prev_max"))
     # rolling windows of 30 days by day number: sums over days in [d-29, d]
     days = days.with_columns(pl.col("day").cast(pl.Int64).alias("_di"))
     roll = (days.sort([*GROUP, "_di"])
@@ -97,7 +101,7 @@ def features(df: pl.DataFrame, config: SomConfig = SomConfig(),
         pl.col("day").n_unique().cast(pl.Float64).alias("ndays"), pl.col("u").max().alias("maxl"),
         pl.col("lu").sum().alias("slog"), (pl.col("lu") ** 2).sum().alias("slog2"))
     trail = _trailing(monthly, GROUP, x, ["tot", "cnt", "ndays", "slog", "slog2"], ["maxl"],
-                      max12=["tot"])
+                      max12=["tot"], season=["tot", "ndays"])
 
     # ---- the customer's days and months ----
     x = x.with_columns(pl.when(pl.col("controlled")).then(pl.col("u")).otherwise(0.0).alias("cu"))
@@ -132,7 +136,7 @@ def features(df: pl.DataFrame, config: SomConfig = SomConfig(),
         pl.col("day").min().over(GROUP).alias("gfirst"),
         pl.col("day").min().over("customer").alias("cfirst"),
     )
-    x = (x.join(days.select([*GROUP, "day", "nd", "back", "n30", "u30_full", "_prev_min"]),
+    x = (x.join(days.select([*GROUP, "day", "nd", "back", "n30", "u30_full", "_prev_sum", "_prev_max"]),
                 on=[*GROUP, "day"], how="left")
          .join(cdays.select(["customer", "day", "cdu", "ccu", "c30_full", "k30_full", "cn30"]),
                on=["customer", "day"], how="left")
@@ -141,13 +145,15 @@ def features(df: pl.DataFrame, config: SomConfig = SomConfig(),
          .join(cfam, on=[*GROUP, "m"], how="left"))
     x = x.with_columns(pl.col(c).fill_null(0.0) for c in
                        ("tot12", "cnt12", "ndays12", "slog12", "slog212", "maxl6", "ctot12",
-                        "cctl12", "cfam12", "tot_max12"))
+                        "cctl12", "cfam12", "tot_max12", "tot_season", "ndays_season"))
     x = x.with_columns(
         # this line's 30 days: earlier days in full, today up to and including the line
         (pl.col("u30_full") - pl.col("gday") + pl.col("gdtd")).alias("u30"),
         (pl.col("c30_full") - pl.col("cdu") + pl.col("cdtd")).alias("c30"),
-        # the smallest of the last order days, today up to and including the line
-        pl.min_horizontal(pl.col("_prev_min"), pl.col("gdtd")).alias("recent_day"),
+        # the mean of the last order days without the largest, today up to and including the line
+        ((pl.col("_prev_sum") + pl.col("gdtd")
+          - pl.max_horizontal(pl.col("_prev_max"), pl.col("gdtd")))
+         / (int(cfg.sustained_orders) - 1)).alias("recent_day"),
         (pl.col("k30_full") - pl.col("ccu") + pl.col("kdtd")).alias("k30"),
         pl.min_horizontal(pl.lit(12), pl.col("m") - pl.col("first_m")).cast(pl.Float64)
         .alias("nhist"),
@@ -220,6 +226,9 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
     ctl12 = pl.col("cctl12") / pl.col("ctot12")
     sust_ok = history & (pl.col("ndays12") > 0) & (pl.col("nd") >= cfg.sustained_orders)
     usual_day = pl.col("tot12") / pl.col("ndays12")
+    usual_day = pl.when((pl.col("nhist") >= 12) & (pl.col("ndays_season") > 0)).then(
+        pl.max_horizontal(usual_day, pl.col("tot_season") / pl.col("ndays_season"))
+    ).otherwise(usual_day)
     f = {
         "size_ratio": pl.when(size_ok & (mean12 > 0)).then(pl.col("u") / mean12),
         "max6_ratio": pl.when(size_ok & (pl.col("maxl6") > 0)).then(pl.col("u") / pl.col("maxl6")),
@@ -286,7 +295,9 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
                               / pl.max_horizontal(pl.col("new_family_share"), pl.lit(0.01)))),
         K.R_MIX: _sev(pl.col("mix_odds_ratio"), cfg.mix_odds_ratio),
         K.R_CONTROLLED: _sev(pl.col("controlled_odds_ratio"), cfg.controlled_odds_ratio),
-        K.R_SUSTAINED: _sev(pl.col("sustained_ratio"), cfg.sustained_ratio),
+        K.R_SUSTAINED: pl.when(pl.col("gdtd") < cfg.sustained_today * pl.col("usual_day_units"))
+        .then(pl.min_horizontal(_sev(pl.col("sustained_ratio"), cfg.sustained_ratio), pl.lit(0.999)))
+        .otherwise(_sev(pl.col("sustained_ratio"), cfg.sustained_ratio)),
     }
     cap = pl.col("cap_ratio").fill_nan(0.0)
     cap = pl.when(pl.col("mtd") - pl.col("u") > cfg.monthly_cap).then(

@@ -180,19 +180,39 @@ def test_monthly_cap_for_a_customer_under_it() -> None:
 
 
 def test_sustained_rise_and_a_single_restock() -> None:
-    base = monthly("AB1234563", "oxycodone", 1000, "2024-01", 12)
-    rise = base + [("AB1234563", "oxycodone", "2025-01-05", 2000),
-                   ("AB1234563", "oxycodone", "2025-02-05", 2000)]
+    base = monthly("AB1234563", "oxycodone", 1000, "2024-01", 14)
+    rise = base + [("AB1234563", "oxycodone", d, 2000)
+                   for d in ("2025-03-05", "2025-04-05", "2025-05-05")]
     r = _last(lines(rise))
-    # February's trailing 12 months are Feb 2024 .. Jan 2025: 11 x 1,000 and the 2,000 of January.
-    assert r["recent_day_units"] == 2000 and r["usual_day_units"] == pytest.approx(13000 / 12)
-    assert r["sustained_ratio"] == pytest.approx(2000 / (13000 / 12))
+    # May 2025: the last three order days are 2,000 each (the largest left out: 2,000); the
+    # trailing 12 months are May 2024 .. Apr 2025: 10 x 1,000 and 2 x 2,000 over 12 order days,
+    # above the same season last year (May and June 2024: 1,000 a day).
+    usual = (10 * 1000 + 2 * 2000) / 12
+    assert r["recent_day_units"] == 2000 and r["usual_day_units"] == pytest.approx(usual)
+    assert r["sustained_ratio"] == pytest.approx(2000 / usual)
     assert r["findings"] & K.R_SUSTAINED
-    restock = base + [("AB1234563", "oxycodone", "2025-01-05", 2000),
-                      ("AB1234563", "oxycodone", "2025-02-05", 1000)]
+    assert "oxycodone: the last order days average 2,000 units (the largest left out) = 1.7x" in r["reasons"]
+    restock = base + [("AB1234563", "oxycodone", "2025-03-05", 2000),
+                      ("AB1234563", "oxycodone", "2025-04-05", 1000)]
     out = score_orders(lines(restock), keep_features=True)
     assert not out["flag"].any()
     assert out.row(-1, named=True)["recent_day_units"] == 1000
+
+
+def test_sustained_rise_is_judged_against_last_years_season() -> None:
+    # Last winter December and January ran at 1,800; this winter's 2,000 is 1.57x the trailing
+    # 12-month order day (16,600 / 13) but only 1.1x the same season last year: no finding.
+    rows = [("AB1234563", "oxycodone", "2023-11-05", 1000),
+            ("AB1234563", "oxycodone", "2023-12-05", 1800),
+            ("AB1234563", "oxycodone", "2024-01-05", 1800)]
+    rows += monthly("AB1234563", "oxycodone", 1000, "2024-02", 9)
+    rows += [("AB1234563", "oxycodone", d, 2000) for d in ("2024-11-05", "2024-11-20", "2024-12-05")]
+    r = _last(lines(rows))
+    assert r["months_history"] == 12
+    assert r["usual_day_units"] == pytest.approx(1800)
+    assert r["sustained_ratio"] == pytest.approx(2000 / 1800)
+    assert not r["findings"] & K.R_SUSTAINED
+    assert 2000 / (16600 / 13) >= SomConfig().sustained_ratio  # what the yearly mean alone says
 
 
 def test_family_mix_shift() -> None:
