@@ -110,12 +110,34 @@ def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:
     return (Path.cwd() / ".gateway").resolve()
 
 
+class ConfigError(ValueError):
+    """`gateway.toml` cannot be used: not TOML, an unknown key, a value of the wrong type."""
+
+    code = "config_invalid"
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    raw = data.get(name, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"gateway.toml: [{name}] must be a table, not {type(raw).__name__}")
+    return raw
+
+
 def _section(data: dict[str, Any], name: str, cls: type) -> Any:
-    raw = data.get(name, {}) or {}
+    raw = _table(data, name)
     known = {f for f in cls.__dataclass_fields__}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"gateway.toml [{name}]: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"gateway.toml [{name}]: unknown keys {sorted(unknown)}")
+    # A value of the wrong type would otherwise surface much later, far from its cause
+    # (`sessions = "4"` as a TypeError inside the HSM pool).
+    defaults = cls()
+    for key, value in raw.items():
+        want = type(getattr(defaults, key))
+        ok = isinstance(value, int | float) if want is float else isinstance(value, want)
+        if not ok or (isinstance(value, bool) and want is not bool):
+            raise ConfigError(f"gateway.toml [{name}] {key}: expected {want.__name__}, "
+                              f"got {type(value).__name__} {value!r}")
     return cls(**raw)
 
 
@@ -125,15 +147,18 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     path = root / "gateway.toml"
     data: dict[str, Any] = {}
     if path.exists():
-        data = tomllib.loads(path.read_text())
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     hsm = _section(data, "hsm", HsmSettings)
     server = _section(data, "server", ServerSettings)
     settings = Settings(
         home=root,
         hsm=hsm,
         server=server,
-        database_url=str(data.get("database", {}).get("url", "")),
-        trust_bundle=str(data.get("trust", {}).get("bundle", "")),
+        database_url=str(_table(data, "database").get("url", "")),
+        trust_bundle=str(_table(data, "trust").get("bundle", "")),
         extra={k: v for k, v in data.items() if k not in {"hsm", "server", "database", "trust"}},
     )
     if os.environ.get("GATEWAY_PKCS11_LIB"):
