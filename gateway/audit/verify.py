@@ -31,6 +31,9 @@ from gateway.storage.base import GENESIS_HASH, Checkpoint, Storage
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
+# How many times verify_trail reads on when the head moved past what it read (live appends).
+_CATCH_UP_ROUNDS = 1000
+
 PROBLEMS = {
     "hash_mismatch": "the record's content does not match its hash (edited)",
     "missing_record": "a record is missing (deleted)",
@@ -121,34 +124,43 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
     checked_cps = 0
     after = 0
     first_bad: AuditVerifyResult | None = None
-    while first_bad is None:
-        batch = await storage.audit_records(after_seq=after, limit=page)
-        if not batch:
-            break
-        for rec in batch:
-            if rec.seq != expected_seq:
-                # a gap: the first missing seq is the bad one
-                first_bad = _fail("missing_record", expected_seq, records, checked_cps,
-                                  expected_seq - 1, f"next record present is {rec.seq}")
+    head_seq, head_hash = 0, GENESIS_HASH
+    for _ in range(_CATCH_UP_ROUNDS):
+        read_from = expected_seq
+        while first_bad is None:
+            batch = await storage.audit_records(after_seq=after, limit=page)
+            if not batch:
                 break
-            if rec.expected_hash() != rec.hash:
-                first_bad = _fail("hash_mismatch", rec.seq, records, checked_cps, rec.seq)
-                break
-            if rec.prev_hash != prev_hash:
-                first_bad = _fail("chain_broken", rec.seq, records, checked_cps, rec.seq)
-                break
-            records += 1
-            for cp in by_seq.get(rec.seq, ()):
-                if cp.hash != rec.hash:
-                    first_bad = _fail("checkpoint_mismatch", rec.seq, records, checked_cps,
-                                      rec.seq, f"checkpoint {cp.id}")
+            for rec in batch:
+                if rec.seq != expected_seq:
+                    # a gap: the first missing seq is the bad one
+                    first_bad = _fail("missing_record", expected_seq, records, checked_cps,
+                                      expected_seq - 1, f"next record present is {rec.seq}")
                     break
-                checked_cps += 1
-            if first_bad is not None:
-                break
-            prev_hash = rec.hash
-            expected_seq = rec.seq + 1
-        after = batch[-1].seq
+                if rec.expected_hash() != rec.hash:
+                    first_bad = _fail("hash_mismatch", rec.seq, records, checked_cps, rec.seq)
+                    break
+                if rec.prev_hash != prev_hash:
+                    first_bad = _fail("chain_broken", rec.seq, records, checked_cps, rec.seq)
+                    break
+                records += 1
+                for cp in by_seq.get(rec.seq, ()):
+                    if cp.hash != rec.hash:
+                        first_bad = _fail("checkpoint_mismatch", rec.seq, records, checked_cps,
+                                          rec.seq, f"checkpoint {cp.id}")
+                        break
+                    checked_cps += 1
+                if first_bad is not None:
+                    break
+                prev_hash = rec.hash
+                expected_seq = rec.seq + 1
+            after = batch[-1].seq
+        # The head is read after the records: on a live gateway, records appended meanwhile
+        # move it past what was read. They are not "cut off": read on and check them too. A head
+        # past records that are not there (this round found none) is a cut tail.
+        head_seq, head_hash = await storage.audit_head()
+        if first_bad is not None or head_seq <= expected_seq - 1 or expected_seq == read_from:
+            break
 
     last_seq = expected_seq - 1
     bad_sig = min(signature_bad, key=lambda c: c.seq, default=None)
@@ -162,7 +174,6 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
     if beyond:
         return _fail("missing_record", last_seq + 1, records, checked_cps, last_seq,
                      f"checkpoint {beyond[0].id} covers seq {beyond[0].seq}")
-    head_seq, head_hash = await storage.audit_head()
     if head_seq != last_seq or (head_seq and head_hash != prev_hash):
         return _fail("head_mismatch", min(head_seq, last_seq) + 1 if head_seq != last_seq
                      else head_seq, records, checked_cps, last_seq,

@@ -333,3 +333,27 @@ async def test_checkpointer_survives_hsm_failure(storage: Storage, audit_key: Au
         await checkpointer.stop(final=False)
     assert calls["n"] >= 3  # failed twice, kept going, then signed
     assert [c.seq for c in await storage.checkpoints()] == [2]
+
+
+async def test_verify_while_the_gateway_appends(storage: Storage, audit_public_key: rsa.RSAPublicKey) -> None:
+    """`gateway audit verify` runs beside a live gateway: records appended while it reads are
+    not "cut off", they are read and checked too."""
+    await fill(storage, 5)
+    stop = asyncio.Event()
+
+    async def append() -> None:
+        i = 5
+        while not stop.is_set():
+            await fill(storage, 1, start=i)
+            i += 1
+
+    writer = asyncio.create_task(append())
+    try:
+        results = [await verify_trail(storage, audit_public_key, page=3) for _ in range(30)]
+    finally:
+        stop.set()
+        await writer
+    assert [r.problem for r in results if not r.ok] == []
+    assert results[-1].records_checked > 5
+    final = await verify_trail(storage, audit_public_key)
+    assert final.ok and final.last_seq == (await storage.audit_head())[0]
