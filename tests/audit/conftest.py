@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "storage"))
 
-from storage_backends import (  # noqa: E402
-    Backend, backend_params, drop_pg_schema, make_backend,
-)
+from storage_backends import backend, storage  # noqa: E402,F401 - fixtures
 
 from gateway.audit import AuditKey  # noqa: E402
-from gateway.storage import Storage  # noqa: E402
-
-
-@pytest.fixture(params=backend_params())
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    b = await make_backend(request.param, tmp_path)
-    yield b
-    if b.schema:
-        await drop_pg_schema(b.schema)
-
-
-@pytest.fixture
-async def storage(backend: Backend) -> AsyncIterator[Storage]:
-    s = backend.storage()
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture(scope="session")

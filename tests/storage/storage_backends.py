@@ -1,6 +1,7 @@
 """The two storage engines as test backends: SQLite in tmp_path, PostgreSQL in a fresh schema.
 
-Used by tests/storage and tests/audit (their conftest files make the `backend` fixture from it).
+Used by tests/storage and tests/audit (their conftest files import the `backend` and `storage`
+fixtures defined at the end).
 PostgreSQL: postgresql://postgres@127.0.0.1:5432/test (override with GATEWAY_TEST_PG_URL); each
 test gets its own schema `gw_test_<run>_<n>` (search_path set via server_settings), dropped at
 the end. Unreachable server: skipped locally, a failure when CI is set.
@@ -13,6 +14,7 @@ import itertools
 import os
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,3 +146,22 @@ async def make_backend(name: str, tmp_path: Path) -> Backend:
     schema = await make_pg_schema()
     return Backend("postgresql", PG_URL, {"server_settings": {"search_path": schema}},
                    schema=schema)
+
+
+# The `backend` and `storage` fixtures of tests/storage and tests/audit: their conftest files
+# import these two names, so that both areas run every test on both engines the same way.
+
+@pytest.fixture(params=backend_params())
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    b = await make_backend(request.param, tmp_path)
+    yield b
+    if b.schema:
+        await drop_pg_schema(b.schema)
+
+
+@pytest.fixture
+async def storage(backend: Backend) -> AsyncIterator[Storage]:
+    s = backend.storage()
+    await s.open()
+    yield s
+    await s.close()
