@@ -6,6 +6,7 @@ tools; the gateway then only needs the module path, the token label and the PIN.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -62,11 +63,15 @@ def ensure_softhsm_token(settings: Settings) -> bool:
     if not is_softhsm(settings.hsm.module):
         return False
     conf = write_softhsm_conf(settings)
-    if settings.hsm.token_label in _token_labels(conf):
-        return False
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", settings.hsm.token_label,
-         "--pin", settings.hsm.user_pin, "--so-pin", settings.hsm.so_pin],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True, check=True,
-    )
+    # Look and create under one lock: two `gateway init` at once would otherwise both find no
+    # token and both create one, and a label on two tokens makes the home unusable.
+    with open(settings.token_dir / ".init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if settings.hsm.token_label in _token_labels(conf):
+            return False
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", settings.hsm.token_label,
+             "--pin", settings.hsm.user_pin, "--so-pin", settings.hsm.so_pin],
+            env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True, check=True,
+        )
     return True

@@ -334,3 +334,28 @@ async def test_async_signer_refuses_work_after_close(hsm: Hsm, rsa_key: str) -> 
     assert all(len(s) == 256 for s in await asyncio.gather(*queued))
     with pytest.raises(RuntimeError, match="closed"):
         signer.sign(rsa_key, b"after close")
+
+
+TOKEN_INIT = textwrap.dedent('''
+    import sys
+    from gateway.config import load_settings
+    from gateway.signing.softhsm import ensure_softhsm_token
+    print(ensure_softhsm_token(load_settings(sys.argv[1])))
+''')
+
+
+def test_concurrent_token_set_up_makes_one_token(tmp_path: Path) -> None:
+    """Four `gateway init` at once on a new home: one creates the token, the others find it (two
+    tokens with one label would make the home unusable)."""
+    from gateway.config import write_default_config
+    from gateway.signing.softhsm import _token_labels
+
+    home = tmp_path / "home"
+    write_default_config(load_settings(home))
+    settings = load_settings(home)
+    procs = [subprocess.Popen([sys.executable, "-c", TOKEN_INIT, str(home)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sorted(out.strip() for out, _ in outputs) == ["False", "False", "False", "True"]
+    assert _token_labels(settings.softhsm_conf).count(settings.hsm.token_label) == 1
