@@ -61,7 +61,9 @@ def features_sql(source: str, cfg: SomConfig = SomConfig(), *, columns: list[str
                      f"FALSE) THEN coalesce(frequency_ratio / {c.frequency_ratio}, 0) ELSE 0 END",
         "interval": f"coalesce(interval_ratio / {c.interval_ratio}, 0)",
         "new_family": f"CASE WHEN new_family_share IS NULL THEN 0 ELSE least(10.0, "
-                      f"{c.new_family_peer_share} / greatest(new_family_share, 0.01)) END",
+                      f"{c.new_family_peer_share} / greatest(new_family_share, 0.01) * "
+                      f"CASE WHEN coalesce(peer_z > 0, FALSE) THEN 1 + peer_z / {c.peer_z} "
+                      f"ELSE 1 END) END",
         "mix": f"coalesce(mix_odds_ratio / {c.mix_odds_ratio}, 0)",
         "controlled": f"coalesce(controlled_odds_ratio / {c.controlled_odds_ratio}, 0)",
         "sustained": f"CASE WHEN coalesce(mtd_day < {c.sustained_today} * usual_day_units, FALSE) "

@@ -20,7 +20,8 @@ Findings (each a severity = value / threshold of SomConfig; flagged at 1; score 
 - peers: log1p(line) and log1p(month to date) against the peer reference (peers.py), in peer sd;
 - frequency: order days in the last 30 days / usual order days a month (while the last intervals
   are short); usual interval / mean of the last `recent_intervals` intervals;
-- pattern: a family new to an established customer that few peers order; a sustained rise (the
+- pattern: a family new to an established customer that few peers order (weighted up by its
+  volume against the peers': x (1 + peer z / peer_z)); a sustained rise (the
   mean of the last `sustained_orders` order days, the largest left out, well above the usual
   order day, and today above it too); the odds of the
   family's share of the customer's units (30 days against the months since it was first ordered);
@@ -472,6 +473,8 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
         share = peers[pi, P_SHARE] if has_peer else 0.0
         feat[F_NEWFAM] = share
         sev = cfg[K_PEER_SHARE] / max(share, 0.01)
+        if has_peer and feat[F_PEER_Z] > 0:  # ...the more so at a volume above the peers'
+            sev *= 1.0 + feat[F_PEER_Z] / cfg[K_PEER_Z]
         sev = min(sev, 10.0)
         if sev >= 1.0:
             bits |= R_NEW_FAMILY

@@ -292,7 +292,9 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
         K.R_INTERVAL: _sev(pl.col("interval_ratio"), cfg.interval_ratio),
         K.R_NEW_FAMILY: pl.when(pl.col("new_family_share").is_nan()).then(0.0).otherwise(
             pl.min_horizontal(pl.lit(10.0), cfg.new_family_peer_share
-                              / pl.max_horizontal(pl.col("new_family_share"), pl.lit(0.01)))),
+                              / pl.max_horizontal(pl.col("new_family_share"), pl.lit(0.01))
+                              * pl.when(pl.col("has_peer") & (pl.col("peer_z") > 0))
+                              .then(1.0 + pl.col("peer_z") / cfg.peer_z).otherwise(1.0))),
         K.R_MIX: _sev(pl.col("mix_odds_ratio"), cfg.mix_odds_ratio),
         K.R_CONTROLLED: _sev(pl.col("controlled_odds_ratio"), cfg.controlled_odds_ratio),
         K.R_SUSTAINED: pl.when(pl.col("gdtd") < cfg.sustained_today * pl.col("usual_day_units"))
