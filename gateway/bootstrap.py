@@ -8,6 +8,7 @@ catalog, the database (migrations), the demo API clients, and `demo.json` naming
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import secrets
@@ -102,6 +103,14 @@ def init_home(home: str | os.PathLike[str] | None = None, *, settings: Settings 
     """Set up (or check) a home; returns what was written to demo.json."""
     settings = settings or load_settings(home)
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # PINs, tokens, patient data
+    # One init at a time per home: each step looks, then creates (token, keys, clients), and
+    # two inits at once made two audit keys with one label, which breaks the home for good.
+    with open(settings.home / ".init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _init_locked(settings)
+
+
+def _init_locked(settings: Settings) -> dict[str, Any]:
     write_default_config(settings)
     settings = load_settings(settings.home)
     ensure_softhsm_token(settings)

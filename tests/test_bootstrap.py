@@ -73,3 +73,34 @@ def test_default_config_is_written_once_owner_only_and_quoted(tmp_path: Path) ->
     settings.config_path.write_text('[hsm]\ntoken_label = "mine"\n')
     write_default_config(settings)
     assert load_settings(home).hsm.token_label == "mine"
+
+
+def test_concurrent_inits_of_a_new_home_make_one_of_everything(tmp_path: Path) -> None:
+    """Two `gateway init` at once: both succeed, and the home has one token, one key per label
+    (two audit keys under one label made the home unusable) and demo tokens that work."""
+    home = tmp_path / "home"
+    procs = [subprocess.Popen([sys.executable, "-m", "gateway", "--home", str(home), "init"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    listed = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "keys", "list", "--json"],
+                            capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert listed.returncode == 0, listed.stderr
+    labels = [k["label"] for k in json.loads(listed.stdout)]
+    assert sorted(labels) == sorted(set(labels)) and "audit" in labels
+    demo = json.loads((home / "demo.json").read_text())
+    assert {k["label"] for k in demo["keys"].values()} <= set(labels)
+
+    import asyncio
+
+    from gateway.clients import authenticate
+    from gateway.config import load_settings
+    from gateway.storage import open_storage
+
+    async def roles() -> dict[str, str | None]:
+        async with open_storage(load_settings(home)) as storage:
+            return {name: getattr(await authenticate(storage, c["token"]), "role", None)
+                    for name, c in demo["clients"].items()}
+
+    assert asyncio.run(roles()) == {name: c["role"] for name, c in demo["clients"].items()}

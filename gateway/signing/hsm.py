@@ -509,6 +509,8 @@ class Hsm:
                 pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
             except pkcs11.exceptions.NoSuchKey as exc:
                 raise KeyNotFound(f"no key labelled '{label}' on the token") from exc
+            except pkcs11.exceptions.MultipleObjectsReturned as exc:
+                raise HsmError(f"several public keys labelled '{label}'", code="key_ambiguous") from exc
             return _key_type_of(pub), _to_cryptography(pub)
 
         result = self._admin(op)
