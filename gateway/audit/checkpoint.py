@@ -48,6 +48,10 @@ async def make_checkpoint(storage: Storage, key: AuditKey, *, actor: str = "syst
         existing = await storage.checkpoints()
         if existing and existing[-1].seq >= seq:
             return None
+        if existing and await _only_checkpoint_records_since(storage, existing[-1].seq, seq):
+            # Nothing since the last checkpoint but checkpoint records. Signing those would make
+            # a record that the next checkpointer (another node) signs in turn, for ever.
+            return None
     now = utcnow()
     payload = checkpoint_payload(seq, head_hash, now, key.label, key.algorithm)
     signature = await asyncio.to_thread(key.sign, payload)
@@ -57,6 +61,18 @@ async def make_checkpoint(storage: Storage, key: AuditKey, *, actor: str = "syst
         "audit_checkpoint", actor, "success", subject=str(seq),
         details={"checkpoint_id": checkpoint.id, "hash": head_hash, "key_label": key.label}))
     return checkpoint
+
+
+async def _only_checkpoint_records_since(storage: Storage, checkpointed: int, head: int) -> bool:
+    """Whether the records after seq `checkpointed` up to `head` are all checkpoint records
+    (two nodes checkpointing the same head at once leave two)."""
+    if not 0 < head - checkpointed <= _QUIET_LOOKBACK:
+        return False
+    records = await storage.audit_records(after_seq=checkpointed, limit=head - checkpointed)
+    return bool(records) and all(r.event_type == "audit_checkpoint" for r in records)
+
+
+_QUIET_LOOKBACK = 16
 
 
 class Checkpointer:

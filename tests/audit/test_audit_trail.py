@@ -357,3 +357,25 @@ async def test_verify_while_the_gateway_appends(storage: Storage, audit_public_k
     assert results[-1].records_checked > 5
     final = await verify_trail(storage, audit_public_key)
     assert final.ok and final.last_seq == (await storage.audit_head())[0]
+
+
+async def test_two_nodes_checkpointing_one_chain_go_quiet(storage: Storage, audit_key: AuditKey,
+                                                          audit_public_key: rsa.RSAPublicKey) -> None:
+    """Two gateway nodes share one chain, each with its checkpointer. A checkpoint's own audit
+    record is not activity: once the nodes are idle, checkpoints stop (they used to answer each
+    other's checkpoint records for ever)."""
+    nodes = [Checkpointer(storage, audit_key, every_records=1000, every_seconds=0.02, poll_seconds=0.005)
+             for _ in range(2)]
+    for node in nodes:
+        node.start()
+    try:
+        await fill(storage, 3)
+        await asyncio.sleep(0.3)
+        settled = len(await storage.checkpoints())
+        await asyncio.sleep(0.3)
+        assert len(await storage.checkpoints()) == settled >= 1
+    finally:
+        for node in nodes:
+            await node.stop(final=False)
+    result = await verify_trail(storage, audit_public_key)
+    assert result.ok and result.checkpoints_checked == settled
