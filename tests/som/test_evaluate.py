@@ -130,21 +130,17 @@ def test_rule_sets_on_the_same_lines() -> None:
     assert report.method("avg12x3").kind("size").recall >= 0.8
 
 
-# Measured with the scorer at the time of writing (300 customers x 2 years, seed 11); the mark
-# goes once the scorer meets every target.
-TARGETS_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="scorer under tuning: measured precision 80.2%, recall size 100%, frequency 89.0%, pattern 70.5%",
-)
+# Three independent histories of 300 customers x 2 years, scored each on its own and evaluated
+# together: one seed alone moves the figures by several points.
+TARGET_SEEDS = (1, 2, 3)
 
 
-@TARGETS_XFAIL
 def test_detection_targets_on_a_synthetic_history() -> None:
     """Issue 4 targets: precision >= 0.8 overall; recall >= 0.9 size, >= 0.8 frequency and pattern."""
     from gateway.som.score import score_orders
 
-    history = synthesize(customers=300, days=730, seed=11)
-    scorer = evaluate(score_orders(history), rule_sets=False).scorer
+    scored = pl.concat([score_orders(synthesize(customers=300, days=730, seed=seed)) for seed in TARGET_SEEDS])
+    scorer = evaluate(scored, rule_sets=False).scorer
     figures = {"precision": scorer.overall.precision, "size": scorer.kind("size").recall,
                "frequency": scorer.kind("frequency").recall, "pattern": scorer.kind("pattern").recall}
     assert figures["precision"] >= 0.8, figures
