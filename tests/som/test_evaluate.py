@@ -11,6 +11,7 @@ import pytest
 
 from gateway.som import rules
 from gateway.som.evaluate import EvaluationError, evaluate, metrics, roc_auc
+from gateway.som.score import score_orders
 from gateway.som.synth import synthesize
 
 
@@ -137,8 +138,6 @@ TARGET_SEEDS = (1, 2, 3)
 
 def test_detection_targets_on_a_synthetic_history() -> None:
     """Issue 4 targets: precision >= 0.8 overall; recall >= 0.9 size, >= 0.8 frequency and pattern."""
-    from gateway.som.score import score_orders
-
     scored = pl.concat([score_orders(synthesize(customers=300, days=730, seed=seed)) for seed in TARGET_SEEDS])
     scorer = evaluate(scored, rule_sets=False).scorer
     figures = {"precision": scorer.overall.precision, "size": scorer.kind("size").recall,
