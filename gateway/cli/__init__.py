@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from gateway.config import Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings
 
 # Modules that add commands to the group; each defines `register(group)`.
 _COMMAND_MODULES = (
@@ -29,7 +29,10 @@ class Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings(self._home)
+            try:
+                self._settings = load_settings(self._home)
+            except ConfigError as exc:
+                raise click.ClickException(f"[{exc.code}] {exc}") from exc
         return self._settings
 
 

@@ -71,6 +71,6 @@ class ClientCache:
 
 def refusal_event(event_type: str, actor: str, *, subject: str | None, request_id: str | None,
                   **details: Any) -> AuditEvent:
-    """An audit event for a refused request (21 CFR 1311.150(b): attempted unauthorized access)."""
+    """An audit event for a refused request (21 CFR 1311.150: attempted unauthorized access)."""
     return AuditEvent(event_type=event_type, actor=actor, outcome="refused", subject=subject,
                       details=details, request_id=request_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import hashlib
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,18 +52,24 @@ def _verify_cms(signature: bytes, content: bytes, trust: Any, at: datetime | Non
 
 # --- helpers -------------------------------------------------------------------------------
 
+SIGNER_CACHE_SECONDS = 60.0
+
+
 def _signer(request: web.Request, label: str) -> Any:
-    """The KeySigner for a label, cached for the life of the app (the HSM call is per label)."""
-    cache: dict[str, Any] = request.app[keys.STATE].extra.setdefault("signers", {})
-    signer = cache.get(label)
-    if signer is None:
-        signer = request.app[keys.HSM].signer(label)
-        trust = request.app[keys.TRUST]
-        if trust is not None and signer.certificate is not None and not signer.chain:
-            # Intermediates travel in KeyInfo / the CMS certificates, so that verifiers holding
-            # only the root (xmlsec1, openssl) can build the path.
-            signer = dataclasses.replace(signer, chain=tuple(trust.chain_for(signer.certificate)))
-        cache[label] = signer
+    """The KeySigner for a label with its chain, cached for a minute: the HSM lookups are per label,
+    and a certificate renewed meanwhile (`gateway keys import-cert`) is picked up without a restart."""
+    cache: dict[str, tuple[Any, float]] = request.app[keys.STATE].extra.setdefault("signers", {})
+    now = time.monotonic()
+    cached = cache.get(label)
+    if cached is not None and now - cached[1] < SIGNER_CACHE_SECONDS:
+        return cached[0]
+    signer = request.app[keys.HSM].signer(label)
+    trust = request.app[keys.TRUST]
+    if trust is not None and signer.certificate is not None and not signer.chain:
+        # Intermediates travel in KeyInfo / the CMS certificates, so that verifiers holding
+        # only the root (xmlsec1, openssl) can build the path.
+        signer = dataclasses.replace(signer, chain=tuple(trust.chain_for(signer.certificate)))
+    cache[label] = (signer, now)
     return signer
 
 

@@ -15,6 +15,7 @@ import uuid
 
 from aiohttp import web
 
+from gateway.clients import parse_token_id
 from gateway.http import keys
 from gateway.http.admission import Overloaded
 from gateway.http.auth import refusal_event
@@ -198,8 +199,9 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
             raise await _refuse(request, "auth.refused", "anonymous", "missing_token")
         client = await request.app[keys.CLIENTS].client(token)
         if client is None:
+            # Only the token's public id goes into the audit trail, never the presented secret.
             raise await _refuse(request, "auth.refused", "anonymous", "invalid_token",
-                                token_id=token.split(".", 1)[0][:32] if "." in token else None)
+                                token_id=parse_token_id(token))
         request[keys.CLIENT] = client
         if client.role not in route.roles:
             raise await _refuse(request, "access.refused", client.name, "role_not_allowed",

@@ -55,6 +55,7 @@ from gateway.signing.softhsm import point_environment_at
 T = TypeVar("T")
 
 CKF_OS_LOCKING_OK = 0x00000002
+CERT_CACHE_SECONDS = 60.0
 CKR_OK = 0
 CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
 
@@ -222,7 +223,9 @@ class Hsm:
         self._last_error: str | None = None
         self._closed = False
         self._pubkeys: dict[str, tuple[str, PublicKey]] = {}
-        self._certs: dict[str, x509.Certificate | None] = {}
+        # label -> (certificate, when read): re-read after CERT_CACHE_SECONDS, so a certificate
+        # renewed by another process (`gateway keys import-cert`) is used without a restart.
+        self._certs: dict[str, tuple[x509.Certificate | None, float]] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -579,11 +582,12 @@ class Hsm:
                 old.destroy()
 
         self._admin(op)
-        self._certs[label] = cert
+        self._certs[label] = (cert, time.monotonic())
 
     def certificate(self, label: str) -> x509.Certificate | None:
-        if label in self._certs:
-            return self._certs[label]
+        cached = self._certs.get(label)
+        if cached is not None and time.monotonic() - cached[1] < CERT_CACHE_SECONDS:
+            return cached[0]
 
         def op(session: Any, _conn: _Connection) -> x509.Certificate | None:
             found = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}))
@@ -592,7 +596,7 @@ class Hsm:
             return x509.load_der_x509_certificate(bytes(found[0][Attribute.VALUE]))
 
         cert = self._admin(op)
-        self._certs[label] = cert
+        self._certs[label] = (cert, time.monotonic())
         return cert
 
     # ----------------------------------------------------------------- health
