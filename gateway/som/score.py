@@ -140,30 +140,45 @@ def _num_expr(kind: str, col: pl.Expr, cap: float) -> pl.Expr:
     return pl.lit(f"{_r_int(cap):,}")
 
 
+def _template_expr(parts: tuple, cap: float) -> pl.Expr:
+    pieces = []
+    for part in parts:
+        if isinstance(part, str):
+            for j, chunk in enumerate(part.split("{fam}")):
+                if j:
+                    pieces.append(pl.col("fam"))
+                for m, sub in enumerate(chunk.split("{peer}")):
+                    if m:
+                        pieces.append(pl.col("peer"))
+                    if sub:
+                        pieces.append(pl.lit(sub))
+        else:
+            col = pl.col(f"f{part[1]}") if len(part) > 1 else pl.lit(0.0)
+            pieces.append(_num_expr(part[0], col, cap))
+    return pl.concat_str(pieces)
+
+
 def reasons_frame(bits: np.ndarray, feats: np.ndarray, family: pl.Series, peer_label: pl.Series,
                   cap: float) -> pl.Series:
-    """Reasons of many flagged lines at once (the vectorised rendering)."""
-    cols = {f"f{k}": feats[:, k] for k in range(K.NF)}
-    frame = pl.DataFrame({"bits": bits, "fam": family, "peer": peer_label, **cols})
+    """Reasons of many flagged lines at once (the vectorised rendering): each clause is built only
+    for the lines that have its finding, then the clauses of a line are joined in template order."""
+    m = len(bits)
+    used = sorted({p[1] for _, parts in TEMPLATES for p in parts
+                   if not isinstance(p, str) and len(p) > 1})
+    frame = pl.DataFrame({"bits": np.asarray(bits, np.int32), "fam": family, "peer": peer_label,
+                          **{f"f{k}": feats[:, k] for k in used}})
     clauses = []
     for bit, parts in TEMPLATES:
-        pieces = []
-        for part in parts:
-            if isinstance(part, str):
-                for j, chunk in enumerate(part.split("{fam}")):
-                    if j:
-                        pieces.append(pl.col("fam"))
-                    for m, sub in enumerate(chunk.split("{peer}")):
-                        if m:
-                            pieces.append(pl.col("peer"))
-                        if sub:
-                            pieces.append(pl.lit(sub))
-            else:
-                col = pl.col(f"f{part[1]}") if len(part) > 1 else pl.lit(0.0)
-                pieces.append(_num_expr(part[0], col, cap))
-        clauses.append(pl.when((pl.col("bits") & bit) != 0).then(pl.concat_str(pieces)))
-    return frame.select(pl.concat_str(clauses, separator="; ", ignore_nulls=True)
-                        .alias("reasons")).to_series()
+        idx = np.flatnonzero(np.asarray(bits) & bit)
+        if not len(idx):
+            continue
+        text = frame[idx].select(_template_expr(parts, cap)).to_series()
+        clauses.append(pl.repeat(None, m, dtype=pl.String, eager=True).scatter(idx, text)
+                       .alias(f"c{bit}"))
+    if not clauses:
+        return pl.Series("reasons", [""] * m, pl.String)
+    return pl.DataFrame(clauses).select(
+        pl.concat_str(pl.all(), separator="; ", ignore_nulls=True).alias("reasons")).to_series()
 
 
 # --- scoring -----------------------------------------------------------------------------------
