@@ -26,6 +26,7 @@ import copy
 import functools
 import hashlib
 import hmac
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,15 +153,7 @@ def sign_tree(
     method = SIGNATURE_METHODS.get(signer.algorithm)
     if method is None:
         raise SigningError(f"key algorithm {signer.algorithm!r}", code="algorithm_not_allowed")
-    if chain is None:
-        chain = tuple(getattr(signer, "chain", ()) or ())
-    certificate = signer.certificate
-    if certificate is None:
-        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
-    if certificate.public_key() != signer.public_key:
-        raise SigningError(
-            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
-        )
+    certificates_b64 = _key_info_certificates(signer, chain)
 
     # The digest covers the document as it is now: appending a Signature with no tail text is
     # exactly what the enveloped-signature transform removes again.
@@ -178,15 +171,42 @@ def sign_tree(
     etree.SubElement(reference, DIGEST_VALUE).text = base64.b64encode(digest).decode()
     value = etree.SubElement(signature, SIGNATURE_VALUE)
     x509_data = etree.SubElement(etree.SubElement(signature, KEY_INFO), X509_DATA)
-    for cert in (certificate, *chain):
-        der = cert.public_bytes(Encoding.DER)
-        etree.SubElement(x509_data, X509_CERTIFICATE).text = base64.b64encode(der).decode()
+    for text in certificates_b64:
+        etree.SubElement(x509_data, X509_CERTIFICATE).text = text
 
     raw = signer.sign(_c14n(signed_info))
     if signer.algorithm == "ecdsa-sha256":
         raw = der_to_raw_ecdsa(raw)
     value.text = base64.b64encode(raw).decode()
     return etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+
+
+# signer -> base64 DER of its certificate and chain, once its certificate was checked against its
+# key. Signers live as long as their caller keeps them (the HTTP layer: a minute), so the check
+# and the encoding are paid once per signer, not once per document.
+_KEY_INFO: weakref.WeakKeyDictionary[KeySigner, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _key_info_certificates(signer: KeySigner, chain: Sequence[x509.Certificate] | None) -> tuple[str, ...]:
+    if chain is None:
+        cached = _KEY_INFO.get(signer)
+        if cached is not None:
+            return cached
+    certificate = signer.certificate
+    if certificate is None:
+        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
+    if certificate.public_key() != signer.public_key:
+        raise SigningError(
+            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
+        )
+    certs = (certificate, *(tuple(getattr(signer, "chain", ()) or ()) if chain is None else tuple(chain)))
+    texts = tuple(base64.b64encode(c.public_bytes(Encoding.DER)).decode() for c in certs)
+    if chain is None:
+        try:
+            _KEY_INFO[signer] = texts
+        except TypeError:  # a signer type that cannot be weakly referenced: no caching
+            pass
+    return texts
 
 
 def der_to_raw_ecdsa(der: bytes, size: int = P256_COORDINATE_BYTES) -> bytes:
