@@ -663,15 +663,57 @@ def order_by_customer_day(ccode, ncust, day):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def gather(perm, lo, hi, ccode, fcode, day, units, controlled, s_c, s_f, s_day, s_u, s_ctl):
-    """Copy lines lo..hi of the sorted order into contiguous arrays (one random read each)."""
-    for k in range(lo, hi):
-        i = perm[k]
-        s_c[k] = ccode[i]
+def count_customers(ccode, lo, hi, ncust):
+    """Lines per customer code among input lines lo..hi."""
+    cnt = np.zeros(ncust, np.int64)
+    for i in range(lo, hi):
+        cnt[ccode[i]] += 1
+    return cnt
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def scatter_by_customer(lo, hi, pos, ccode, fcode, day, units, controlled, perm, s_c, s_f, s_day,
+                        s_u, s_ctl):
+    """The placing pass of a counting sort by customer over input lines lo..hi: each line goes to
+    its customer's next slot `pos[c]` with its values (a stable sort when parts of the input are
+    placed from disjoint slot ranges, earlier parts first). The reads are sequential and the
+    writes go to one short run per customer, which is far cheaper than gathering through the
+    permutation afterwards (one random read per line and column)."""
+    for i in range(lo, hi):
+        c = ccode[i]
+        k = pos[c]
+        pos[c] = k + 1
+        perm[k] = i
+        s_c[k] = c
         s_f[k] = fcode[i]
         s_day[k] = day[i]
         s_u[k] = units[i]
         s_ctl[k] = controlled[i]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def sort_days(start, c_lo, c_hi, perm, s_f, s_day, s_u, s_ctl):
+    """Customers c_lo..c_hi of the by-customer order: where a customer's days are not
+    non-decreasing (input not in time order), sort its lines by (day, input position); a check
+    only when they are."""
+    n = perm.shape[0]
+    for c in range(c_lo, c_hi):
+        a = start[c]
+        b = start[c + 1]
+        ok = True
+        for j in range(a + 1, b):
+            if s_day[j] < s_day[j - 1]:
+                ok = False
+                break
+        if ok:
+            continue
+        keys = s_day[a:b].astype(np.int64) * n + perm[a:b]
+        order = np.argsort(keys) + a
+        perm[a:b] = perm[order]
+        s_f[a:b] = s_f[order]
+        s_day[a:b] = s_day[order]
+        s_u[a:b] = s_u[order]
+        s_ctl[a:b] = s_ctl[order]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -76,6 +76,39 @@ def _text(s: pl.Series) -> list[str]:
     return s.cast(pl.String).fill_null("").to_list()
 
 
+def _order(ccode: np.ndarray, ncust: int, fcode: np.ndarray, day: np.ndarray,
+           units: np.ndarray, controlled: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """Lines in (customer code, day, input position) order: a counting sort by customer whose
+    placing pass carries the columns along (in parallel over parts of the input, each part placed
+    into its own slots), then a sort by day of the customers not already in time order."""
+    n = ccode.shape[0]
+    t = threads() if n >= 200_000 else 1
+    bounds = [n * k // t for k in range(t + 1)]
+    counts = run_threads(kernels.count_customers,
+                         [(ccode, a, b, ncust) for a, b in zip(bounds, bounds[1:])])
+    start = np.zeros(ncust + 1, np.int64)
+    np.cumsum(np.sum(counts, axis=0), out=start[1:])
+    perm = np.empty(n, np.int64)
+    s_c = np.empty(n, np.int32)
+    s_f = np.empty(n, np.int32)
+    s_day = np.empty(n, np.int32)
+    s_u = np.empty(n, np.float64)
+    s_ctl = np.empty(n, np.bool_)
+    pos = start[:-1].copy()
+    tasks = []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        tasks.append((a, b, pos.copy(), ccode, fcode, day, units, controlled, perm, s_c, s_f,
+                      s_day, s_u, s_ctl))
+        pos += counts[k]
+    run_threads(kernels.scatter_by_customer, tasks)
+    cuts = [0, *(int(x) for x in np.searchsorted(start, bounds[1:-1])), ncust]
+    run_threads(kernels.sort_days, [(start, a, b, perm, s_f, s_day, s_u, s_ctl)
+                                    for a, b in zip(cuts, cuts[1:]) if b > a] or [
+        (start, 0, 0, perm, s_f, s_day, s_u, s_ctl)])
+    return perm, start, (s_c, s_f, s_day, s_u, s_ctl)
+
+
 def prepare(df: pl.DataFrame) -> Prepared:
     n = df.height
     ccode, cfirst = kernels.dense_codes(_keys(df["customer"]))
@@ -98,17 +131,10 @@ def prepare(df: pl.DataFrame) -> Prepared:
     cell_keys = ctype.hash(seed=0).to_numpy() * np.uint64(1000003) ^ cstate.hash(seed=1).to_numpy()
     cust_ts, tfirst = kernels.dense_codes(cell_keys)
     cells = list(zip(ctype.gather(tfirst).to_list(), cstate.gather(tfirst).to_list()))
-    perm, start = kernels.order_by_customer_day(ccode, len(cfirst), day)
-    s_c = np.empty(n, np.int32)
-    s_f = np.empty(n, np.int32)
-    s_day = np.empty(n, np.int32)
-    s_u = np.empty(n, np.float64)
-    s_ctl = np.empty(n, np.bool_)
+    perm, start, sorted_ = _order(ccode, len(cfirst), fcode, day, units, controlled)
     t = threads()
-    run_threads(kernels.gather, [(perm, n * k // t, n * (k + 1) // t, ccode, fcode, day, units,
-                                  controlled, s_c, s_f, s_day, s_u, s_ctl) for k in range(t)])
     return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
-                    cust_ts.astype(np.int64), cells, perm, (s_c, s_f, s_day, s_u, s_ctl),
+                    cust_ts.astype(np.int64), cells, perm, sorted_,
                     _chunks(start, n, t))
 
 
