@@ -59,6 +59,11 @@ class Admission:
         self.admitted = 0
         self.rejected_full = 0
         self.rejected_deadline = 0
+        # Recent event-loop lag (set by the app's lag sampler). An admitted request meets the loop
+        # several times (body read, job done, commit done, response), so under overload the lag,
+        # not the queue, is what makes it late: it counts against the deadline too.
+        self.loop_lag_s = 0.0
+        self.loop_hops = 8
 
     @property
     def busy(self) -> int:
@@ -73,9 +78,15 @@ class Admission:
                               self.rejected_full, self.rejected_deadline, self.service_s)
 
     def expected_wait_s(self) -> float:
-        """How long a job admitted now would wait for a worker, at the recent service time."""
+        """How long a job admitted now would wait: for a worker, at the recent service time, and
+        for the event loop at each of its hops."""
         ahead = self.in_flight - self.workers + 1
-        return 0.0 if ahead <= 0 else ahead * self.service_s / self.workers
+        queue = 0.0 if ahead <= 0 else ahead * self.service_s / self.workers
+        return queue + self.loop_hops * self.loop_lag_s
+
+    def record_loop_lag(self, seconds: float) -> None:
+        """Called by the lag sampler; a moving average that reacts within a few samples."""
+        self.loop_lag_s += 0.5 * (seconds - self.loop_lag_s)
 
     def check(self, deadline_s: float | None = None) -> None:
         """Raise Overloaded if a request arriving now would be refused (cheap: before the body

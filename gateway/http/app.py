@@ -167,17 +167,25 @@ def load_trust(settings: Settings) -> Any:
     return TrustStore.from_pem_bundle(bundle, crl_dirs=crl_dirs)
 
 
+LAG_SAMPLE_S = 0.025
+
+
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Sample the event loop's lag every 100 ms: under overload it is what admitted requests
-    wait at every hop (request read, job done, commit done), so it is worth watching."""
+    """Sample the event loop's lag every 25 ms: under overload it is what admitted requests wait
+    at every hop (request read, job done, commit done), so admission control counts it."""
     histogram = app[keys.METRICS].loop_lag
     loop = asyncio.get_running_loop()
 
+    admission = app.get(keys.ADMISSION)
+
     async def sample() -> None:
         while True:
-            due = loop.time() + 0.1
-            await asyncio.sleep(0.1)
-            histogram.observe(max(0.0, loop.time() - due))
+            due = loop.time() + LAG_SAMPLE_S
+            await asyncio.sleep(LAG_SAMPLE_S)
+            lag = max(0.0, loop.time() - due)
+            histogram.observe(lag)
+            if admission is not None:
+                admission.record_loop_lag(lag)
 
     task = asyncio.create_task(sample(), name="loop-lag")
     try:
