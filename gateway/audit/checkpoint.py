@@ -91,11 +91,14 @@ class Checkpointer:
         self.poll_seconds = min(poll_seconds, every_seconds)
         self._task: asyncio.Task[None] | None = None
         self._last_seq = 0
-        self._last_time = 0.0
+        self._last_time: float | None = None  # loop time of the last checkpoint, or of the first look
         self.made = 0
 
     async def tick(self) -> Checkpoint | None:
         loop = asyncio.get_running_loop()
+        if self._last_time is None:
+            # The clock starts when we start watching (the loop's clock counts from boot).
+            self._last_time = loop.time()
         seq, _ = await self.storage.audit_head()
         due_records = seq - self._last_seq >= self.every_records
         due_time = seq > self._last_seq and loop.time() - self._last_time >= self.every_seconds
