@@ -55,7 +55,9 @@ G_MONTHS = G_CACHE + G_NCACHE  # NM slots of: month id, units, lines, order days
 G_MSLOT = 7
 G_DAYS = G_MONTHS + NM * G_MSLOT  # ND slots of: day, units
 G_DSLOT = 2
-G_SIZE = G_DAYS + ND * G_DSLOT
+G_WIN = G_DAYS + ND * G_DSLOT  # the last 30 days: index of the oldest order day in them,
+# order days, units (kept as days arrive and leave, instead of a walk over the ring per line)
+G_SIZE = G_WIN + 3
 
 # customer state (all families)
 C_FIRST_DAY = 0
@@ -68,7 +70,9 @@ C_MONTHS = 6  # NM slots of: month id, units, controlled units
 C_MSLOT = 3
 C_DAYS = C_MONTHS + NM * C_MSLOT  # ND slots of: day, units, controlled units
 C_DSLOT = 3
-C_SIZE = C_DAYS + ND * C_DSLOT
+C_WIN = C_DAYS + ND * C_DSLOT  # the last 30 days: index of the oldest order day in them,
+# order days, units, controlled units
+C_SIZE = C_WIN + 4
 
 # --- configuration vector (from SomConfig, in this order) ------------------------------------
 
@@ -300,9 +304,27 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
         c[dbase + 1] = 0.0
         c[dbase + 2] = 0.0
         c[C_NDAYS] = nd + 1
+        # the 30-day window moves: days before day-29 leave it (at most 30 days are in it, so
+        # they are still in the ring)
+        c[C_WIN + 1] += 1.0
+        old = int(c[C_WIN])
+        while old < nd:
+            ob = C_DAYS + (old % ND) * C_DSLOT
+            if c[ob] >= day - 29:
+                break
+            c[C_WIN + 1] -= 1.0
+            c[C_WIN + 2] -= c[ob + 1]
+            c[C_WIN + 3] -= c[ob + 2]
+            old += 1
+        c[C_WIN] = old
+        if c[C_WIN + 1] == 1.0:  # today alone: exactly zero so far (no rounding residue)
+            c[C_WIN + 2] = 0.0
+            c[C_WIN + 3] = 0.0
     c[dbase + 1] += units
+    c[C_WIN + 2] += units
     if controlled:
         c[dbase + 2] += units
+        c[C_WIN + 3] += units
 
     # ---- group state ----
     first_line = gs[gi, G_NDAYS] == 0.0
@@ -317,10 +339,23 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
         gs[gi, dbase] = day
         gs[gi, dbase + 1] = 0.0
         gs[gi, G_NDAYS] = nd + 1
+        gs[gi, G_WIN + 1] += 1.0
+        old = int(gs[gi, G_WIN])
+        while old < nd:
+            ob = G_DAYS + (old % ND) * G_DSLOT
+            if gs[gi, ob] >= day - 29:
+                break
+            gs[gi, G_WIN + 1] -= 1.0
+            gs[gi, G_WIN + 2] -= gs[gi, ob + 1]
+            old += 1
+        gs[gi, G_WIN] = old
+        if gs[gi, G_WIN + 1] == 1.0:
+            gs[gi, G_WIN + 2] = 0.0
         nd += 1
     else:
         dbase = last
     gs[gi, dbase + 1] += units
+    gs[gi, G_WIN + 2] += units
     base = G_MONTHS + slot * G_MSLOT
     if gs[gi, base] != month:
         gs[gi, base] = month
@@ -356,27 +391,12 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
     feat[F_MTD] = mtd
     feat[F_CAP] = np.nan
 
-    # ---- last 30 days (rings are in time order: walk back from the newest day) ----
-    n30 = 0.0
-    u30 = 0.0
-    lo = day - 29
-    for j in range(min(nd, ND)):
-        b = G_DAYS + ((nd - 1 - j) % ND) * G_DSLOT
-        if gs[gi, b] < lo:
-            break
-        n30 += 1.0
-        u30 += gs[gi, b + 1]
-    c30 = 0.0
-    k30 = 0.0
-    cn30 = 0.0
-    ncd = int(c[C_NDAYS])
-    for j in range(min(ncd, ND)):
-        b = C_DAYS + ((ncd - 1 - j) % ND) * C_DSLOT
-        if c[b] < lo:
-            break
-        c30 += c[b + 1]
-        k30 += c[b + 2]
-        cn30 += 1.0
+    # ---- last 30 days (days d-29 .. d, this line included) ----
+    n30 = gs[gi, G_WIN + 1]
+    u30 = gs[gi, G_WIN + 2]
+    cn30 = c[C_WIN + 1]
+    c30 = c[C_WIN + 2]
+    k30 = c[C_WIN + 3]
     feat[F_N30] = n30
     feat[F_CN30] = cn30
 
