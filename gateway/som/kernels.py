@@ -268,6 +268,14 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
     `peers[pi]` (pi < 0: no peers); fill `feat` (the numbers only
     the reasons quote are filled for flagged lines, or for all with `full`); return
     (score, reason bits). Lines must arrive in time order per customer."""
+    return process_line_lu(gs, gi, c, day, units, math.log1p(units), controlled, peers, pi, cfg,
+                           feat, full)
+
+
+@njit(cache=True, error_model="numpy")
+def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat, full):
+    """`process_line` with log1p(units) given (the batch computes it once per line, in
+    `scatter_by_customer`, for the peer pass and this one)."""
     has_peer = pi >= 0
     if c[C_MONTH_LO] <= day < c[C_MONTH_HI]:
         month = int(c[C_MONTH])
@@ -276,7 +284,6 @@ def process_line(gs, gi, c, day, units, controlled, peers, pi, cfg, feat, full):
         c[C_MONTH] = month
         c[C_MONTH_LO] = month_first_day(month)
         c[C_MONTH_HI] = month_first_day(month + 1)
-    lu = math.log1p(units)
     for k in range(NF):
         feat[k] = np.nan
     feat[F_UNITS] = units
@@ -693,7 +700,7 @@ def count_customers(ccode, lo, hi, ncust):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def scatter_by_customer(lo, hi, pos, ccode, fcode, day, units, controlled, perm, s_c, s_f, s_day,
-                        s_u, s_ctl):
+                        s_u, s_ctl, s_lu):
     """The placing pass of a counting sort by customer over input lines lo..hi: each line goes to
     its customer's next slot `pos[c]` with its values (a stable sort when parts of the input are
     placed from disjoint slot ranges, earlier parts first). The reads are sequential and the
@@ -709,10 +716,11 @@ def scatter_by_customer(lo, hi, pos, ccode, fcode, day, units, controlled, perm,
         s_day[k] = day[i]
         s_u[k] = units[i]
         s_ctl[k] = controlled[i]
+        s_lu[k] = math.log1p(units[i])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def sort_days(start, c_lo, c_hi, perm, s_f, s_day, s_u, s_ctl):
+def sort_days(start, c_lo, c_hi, perm, s_f, s_day, s_u, s_ctl, s_lu):
     """Customers c_lo..c_hi of the by-customer order: where a customer's days are not
     non-decreasing (input not in time order), sort its lines by (day, input position); a check
     only when they are."""
@@ -734,10 +742,11 @@ def sort_days(start, c_lo, c_hi, perm, s_f, s_day, s_u, s_ctl):
         s_day[a:b] = s_day[order]
         s_u[a:b] = s_u[order]
         s_ctl[a:b] = s_ctl[order]
+        s_lu[a:b] = s_lu[order]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
+def peer_sums(s_c, s_f, s_day, s_u, s_lu, lo, hi, nfam, cust_ts, nts):
     """First pass over sorted lines lo..hi (whole customers): per (class-of-trade/state cell,
     family) sums for the peer reference table: customers, lines, sum and sum of squares of
     log1p(line units) and of log1p(monthly units)."""
@@ -748,6 +757,9 @@ def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
     ntouched = 0
     prev_c = -1
     ts = 0
+    m = 0
+    m_lo = 0
+    m_hi = 0
     for k in range(lo, hi + 1):
         c = s_c[k] if k < hi else -2
         if c != prev_c:
@@ -766,7 +778,11 @@ def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
             ts = cust_ts[c]
         f = s_f[k]
         u = s_u[k]
-        m = month_of_day(s_day[k])
+        d = s_day[k]
+        if not m_lo <= d < m_hi:  # the month changes rarely along a customer's days
+            m = month_of_day(d)
+            m_lo = month_first_day(m)
+            m_hi = month_first_day(m + 1)
         if cur_month[f] < 0:
             touched[ntouched] = f
             ntouched += 1
@@ -779,7 +795,7 @@ def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
             cur_tot[f] = 0.0
         cur_month[f] = m
         cur_tot[f] += u
-        lu = math.log1p(u)
+        lu = s_lu[k]
         acc[ts, f, 1] += 1.0
         acc[ts, f, 2] += lu
         acc[ts, f, 3] += lu * lu
@@ -787,7 +803,7 @@ def peer_sums(s_c, s_f, s_day, s_u, lo, hi, nfam, cust_ts, nts):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def score_range(s_c, s_f, s_day, s_u, s_ctl, lo, hi, perm, nfam, cust_ts, peer_row, peers, cfg,
+def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, peer_row, peers, cfg,
                 keep_features, score, bits, feats):
     """Score sorted lines lo..hi (whole customers); results go to each line's input position in
     `score`, `bits` (and `feats` with keep_features). Returns the input positions and feature
@@ -819,7 +835,7 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, lo, hi, perm, nfam, cust_ts, peer_r
             touched[ntouched] = f
             ntouched += 1
             new_group_state(gstate[f])
-        sc, b = process_line(gstate, f, cstate, s_day[k], s_u[k], s_ctl[k], peers,
+        sc, b = process_line_lu(gstate, f, cstate, s_day[k], s_u[k], s_lu[k], s_ctl[k], peers,
                              peer_row[ts, f], cfg, feat, keep_features)
         i = perm[k]
         score[i] = sc

@@ -39,7 +39,8 @@ class Prepared:
     cust_ts: np.ndarray  # int64 (class of trade, state) cell per customer code
     cells: list[tuple[str, str]]  # (class of trade, state) per cell code
     perm: np.ndarray  # int64: lines in (customer, date, input position) order
-    sorted: tuple[np.ndarray, ...]  # customer, family, day, units, controlled in that order
+    sorted: tuple[np.ndarray, ...]  # customer, family, day, units, controlled, log1p(units)
+    # in that order
     chunks: list[tuple[int, int]]  # ranges of sorted lines made of whole customers, one a thread
 
 
@@ -95,18 +96,19 @@ def _order(ccode: np.ndarray, ncust: int, fcode: np.ndarray, day: np.ndarray,
     s_day = np.empty(n, np.int32)
     s_u = np.empty(n, np.float64)
     s_ctl = np.empty(n, np.bool_)
+    s_lu = np.empty(n, np.float64)
     pos = start[:-1].copy()
     tasks = []
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
         tasks.append((a, b, pos.copy(), ccode, fcode, day, units, controlled, perm, s_c, s_f,
-                      s_day, s_u, s_ctl))
+                      s_day, s_u, s_ctl, s_lu))
         pos += counts[k]
     run_threads(kernels.scatter_by_customer, tasks)
     cuts = [0, *(int(x) for x in np.searchsorted(start, bounds[1:-1])), ncust]
-    run_threads(kernels.sort_days, [(start, a, b, perm, s_f, s_day, s_u, s_ctl)
+    run_threads(kernels.sort_days, [(start, a, b, perm, s_f, s_day, s_u, s_ctl, s_lu)
                                     for a, b in zip(cuts, cuts[1:]) if b > a] or [
-        (start, 0, 0, perm, s_f, s_day, s_u, s_ctl)])
-    return perm, start, (s_c, s_f, s_day, s_u, s_ctl)
+        (start, 0, 0, perm, s_f, s_day, s_u, s_ctl, s_lu)])
+    return perm, start, (s_c, s_f, s_day, s_u, s_ctl, s_lu)
 
 
 def prepare(df: pl.DataFrame) -> Prepared:
@@ -159,8 +161,8 @@ def _finish(sums: pl.DataFrame) -> pl.DataFrame:
 def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     nts = len(p.cells)
     nfam = len(p.families)
-    s_c, s_f, s_day, s_u, _ = p.sorted
-    parts = run_threads(kernels.peer_sums, [(s_c, s_f, s_day, s_u, lo, hi, max(nfam, 1),
+    s_c, s_f, s_day, s_u, _, s_lu = p.sorted
+    parts = run_threads(kernels.peer_sums, [(s_c, s_f, s_day, s_u, s_lu, lo, hi, max(nfam, 1),
                                              p.cust_ts, max(nts, 1)) for lo, hi in p.chunks])
     acc = np.sum(parts, axis=0) if len(parts) > 1 else parts[0]
     cell_customers = np.bincount(p.cust_ts, minlength=nts).astype(np.float64)

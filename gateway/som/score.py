@@ -211,9 +211,9 @@ def score_arrays(df: pl.DataFrame, config: SomConfig = SomConfig(),
     score = np.zeros(n)
     bits = np.zeros(n, np.int32)
     feats = np.empty((n if keep_features else 0, K.NF))
-    s_c, s_f, s_day, s_u, s_ctl = p.sorted
+    s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
     parts = peers_mod.run_threads(K.score_range, [
-        (s_c, s_f, s_day, s_u, s_ctl, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts, matrix,
+        (s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts, matrix,
          vectors, cfg, keep_features, score, bits, feats) for lo, hi in p.chunks])
     if len(parts) == 1:
         fpos, ffeat = parts[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gateway.som import peers
@@ -13,13 +15,14 @@ def _check(ccode: np.ndarray, day: np.ndarray, ncust: int) -> None:
     fcode = rng.integers(0, 9, n).astype(np.int32)
     units = rng.random(n) * 100
     controlled = rng.random(n) < 0.8
-    perm, start, (s_c, s_f, s_day, s_u, s_ctl) = peers._order(ccode, ncust, fcode, day, units,
+    perm, start, (s_c, s_f, s_day, s_u, s_ctl, s_lu) = peers._order(ccode, ncust, fcode, day, units,
                                                              controlled)
     expect = np.lexsort((np.arange(n), day, ccode))
     assert np.array_equal(perm, expect)
     assert np.array_equal(start, np.concatenate([[0], np.cumsum(np.bincount(ccode, minlength=ncust))]))
     for got, col in ((s_c, ccode), (s_f, fcode), (s_day, day), (s_u, units), (s_ctl, controlled)):
         assert np.array_equal(got, col[expect])
+    assert np.array_equal(s_lu, np.array([math.log1p(u) for u in units[expect]]))
 
 
 def test_order_of_lines_in_time_order_is_stable_across_parts() -> None:
