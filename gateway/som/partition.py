@@ -103,7 +103,8 @@ def split_input(source: str | Path, work: str | Path, count: int) -> list[str | 
     key = (pl.col(_customer_column(lf)).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
     try:
         lf.with_columns(key.alias("_part")).sink_parquet(
-            pl.PartitionBy(Path(work), key="_part", include_key=False), mkdir=True)
+            pl.PartitionBy(Path(work), key="_part", include_key=False), mkdir=True,
+            compression="uncompressed", statistics=False)  # scratch files: fast to write and read
     except pl.exceptions.PolarsError as exc:
         raise som_io.SomInputError("som_unreadable", str(exc)) from None
     dirs = [Path(work) / f"_part={i}" for i in range(count)]
@@ -162,7 +163,7 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
         return None, 0, 0
     scored = score_orders(lines, SomConfig.from_dict(config), peers)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
-    scored.write_parquet(target, compression="lz4", statistics=False)
+    scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
     return str(target), scored.height, int(scored["flag"].sum())
 
 
