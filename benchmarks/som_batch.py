@@ -4,7 +4,11 @@ Run: `python -m benchmarks.som_batch [--lines 10000000] [--skip-polars] [--skip-
 Measured in the same run, on the same synthetic history (gateway.som.synth), with the same
 features (the three are first checked to agree):
 - in memory: the data already loaded (a Polars DataFrame; DuckDB reads it through Arrow), result
-  materialised in memory; lines/s and the ratio to DuckDB;
+  materialised in memory; lines/s and the ratio to DuckDB. For Numba the timed region is one
+  `score_orders(df)` call: checking the table, coding customers and families, ordering the lines,
+  the peer reference, the kernel, the reasons of the flagged lines and the output DataFrame (the
+  input columns, score, flag, reasons); kernels compiled beforehand (as the on-disk cache does).
+  The same stages are also timed one by one;
 - whole commands in fresh processes: Parquet in, Parquet out with the input columns kept, start-up
   included; wall time and peak memory (max RSS of the process);
 - incremental scoring: latency of one `SomState.update` in process (p50, p99, max);
@@ -386,6 +390,37 @@ def _first_customers(df: pl.DataFrame, lines: int) -> pl.DataFrame:
     return df.filter(pl.col("customer").is_in(keep.implode()))
 
 
+def stages(df: pl.DataFrame, repeat: int) -> dict[str, float]:
+    """Seconds of each stage of score_orders (best of `repeat`): checking the loaded table,
+    coding and ordering the lines, the peer reference, the kernel, reasons and the output table."""
+    from gateway.som import peers as peers_mod
+    from gateway.som.io import read_orders
+    from gateway.som.score import assemble, score_prepared
+
+    cfg = SomConfig()
+    out: dict[str, list[float]] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        out.setdefault(name, []).append(now - t)
+        return now
+
+    for _ in range(repeat):
+        t = time.perf_counter()
+        d = read_orders(df)
+        t = lap("check input", t)
+        p = peers_mod.prepare(d)
+        t = lap("codes and order", t)
+        ref = peers_mod.peer_reference_prepared(p)
+        t = lap("peer reference", t)
+        r = score_prepared(p, cfg, ref)
+        t = lap("kernel", t)
+        assemble(d, r, cfg)
+        lap("reasons and output table", t)
+        del p, r
+    return {k: min(v) for k, v in out.items()}
+
+
 def best(fn, repeat: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeat):
@@ -437,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     results["in_memory"]["numba"] = {"seconds": t_numba, "lines_per_s": n / t_numba,
                                      "flagged": int(scored["flag"].sum())}
     print(f"numba in memory: {t_numba:.2f} s", flush=True)
+    results["in_memory"]["numba"]["stages"] = stages(df, args.repeat)
+    print("  stages: " + ", ".join(f"{k} {v:.2f} s"
+                                   for k, v in results["in_memory"]["numba"]["stages"].items()),
+          flush=True)
     ref_score = scored["score"].to_numpy()
     if not args.skip_duckdb:
         con = duckdb.connect()

@@ -201,7 +201,13 @@ def score_arrays(df: pl.DataFrame, config: SomConfig = SomConfig(),
                  peers: pl.DataFrame | None = None, *, keep_features: bool = False
                  ) -> BatchResult:
     """The numeric part of scoring (no text): for benchmarks and for callers that want arrays."""
-    p = peers_mod.prepare(df)
+    return score_prepared(peers_mod.prepare(df), config, peers, keep_features=keep_features)
+
+
+def score_prepared(p: peers_mod.Prepared, config: SomConfig = SomConfig(),
+                   peers: pl.DataFrame | None = None, *, keep_features: bool = False
+                   ) -> BatchResult:
+    """`score_arrays` from lines already coded and ordered (`peers.prepare`)."""
     if peers is None:
         peers = peers_mod.peer_reference_prepared(p)
     matrix, vectors, labels = peers_mod.peer_matrix(peers, p.cells, p.families,
@@ -213,8 +219,8 @@ def score_arrays(df: pl.DataFrame, config: SomConfig = SomConfig(),
     feats = np.empty((n if keep_features else 0, K.NF))
     s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
     parts = peers_mod.run_threads(K.score_range, [
-        (s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts, matrix,
-         vectors, cfg, keep_features, score, bits, feats) for lo, hi in p.chunks])
+        (s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts,
+         matrix, vectors, cfg, keep_features, score, bits, feats) for lo, hi in p.chunks])
     if len(parts) == 1:
         fpos, ffeat = parts[0]
     else:
@@ -230,7 +236,14 @@ def score_orders(df: pl.DataFrame, config: SomConfig = SomConfig(),
     `peer_reference`), else one is built from `df`. Returns the input columns, then score, flag,
     reasons and, with keep_features, one column per feature of kernels.FEATURES."""
     df = read_orders(df)
-    r = score_arrays(df, config, peers, keep_features=keep_features)
+    return assemble(df, score_arrays(df, config, peers, keep_features=keep_features), config,
+                    keep_features=keep_features)
+
+
+def assemble(df: pl.DataFrame, r: BatchResult, config: SomConfig = SomConfig(), *,
+             keep_features: bool = False) -> pl.DataFrame:
+    """The output table of `score_orders`: `df`'s columns, score, flag, reasons (built for the
+    flagged lines only), and with keep_features the features."""
     n = df.height
     reasons = pl.Series("reasons", [""], pl.String).new_from_index(0, n) if n else pl.Series(
         "reasons", [], pl.String)
