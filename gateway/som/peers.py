@@ -51,10 +51,14 @@ def threads() -> int:
 
 
 def run_threads(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+    """Run the tasks on at most threads() threads; results in task order."""
     if len(tasks) == 1:
         return [fn(*tasks[0])]
-    with ThreadPoolExecutor(len(tasks)) as pool:
+    with ThreadPoolExecutor(min(len(tasks), threads())) as pool:
         return list(pool.map(lambda t: fn(*t), tasks))
+
+
+CHUNKS_PER_THREAD = 4  # a thread slowed down by another process leaves the rest to the others
 
 
 def _chunks(start: np.ndarray, n: int, parts: int) -> list[tuple[int, int]]:
@@ -137,7 +141,7 @@ def prepare(df: pl.DataFrame) -> Prepared:
     t = threads()
     return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
                     cust_ts.astype(np.int64), cells, perm, sorted_,
-                    _chunks(start, n, t))
+                    _chunks(start, n, t * CHUNKS_PER_THREAD if t > 1 else 1))
 
 
 def _finish(sums: pl.DataFrame) -> pl.DataFrame:
