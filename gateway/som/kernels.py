@@ -804,8 +804,8 @@ def peer_sums(s_c, s_f, s_day, s_u, s_lu, lo, hi, nfam, cust_ts, nts):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, peer_row, peers, cfg,
-                keep_features, score, bits, feats):
+def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, peer_row, peers,
+                cfg, keep_features, score, bits, feats):
     """Score sorted lines lo..hi (whole customers); results go to each line's input position in
     `score`, `bits` (and `feats` with keep_features). Returns the input positions and feature
     rows of the flagged lines (for their reasons)."""

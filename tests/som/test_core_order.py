@@ -19,7 +19,8 @@ def _check(ccode: np.ndarray, day: np.ndarray, ncust: int) -> None:
                                                              controlled)
     expect = np.lexsort((np.arange(n), day, ccode))
     assert np.array_equal(perm, expect)
-    assert np.array_equal(start, np.concatenate([[0], np.cumsum(np.bincount(ccode, minlength=ncust))]))
+    counts = np.bincount(ccode, minlength=ncust)
+    assert np.array_equal(start, np.concatenate([[0], np.cumsum(counts)]))
     for got, col in ((s_c, ccode), (s_f, fcode), (s_day, day), (s_u, units), (s_ctl, controlled)):
         assert np.array_equal(got, col[expect])
     assert np.array_equal(s_lu, np.array([math.log1p(u) for u in units[expect]]))
