@@ -199,7 +199,7 @@ class _Connection:
     epoch: int  # the module initialisation these sessions belong to
     token: Any
     admin: Any  # read-write session for management operations
-    pool: queue.LifoQueue[_PooledSession]
+    pool: queue.SimpleQueue[_PooledSession]
     sessions: list[_PooledSession]
     has_ecdsa_sha256: bool
 
@@ -217,6 +217,7 @@ class Hsm:
         self.acquire_timeout = acquire_timeout
         self._lock = threading.Condition()
         self._active = 0  # operations holding a session
+        self._idle_waiters = 0  # threads waiting for _active to reach 0
         self._conn: _Connection | None = None
         self._generation = 0
         self._last_attempt = 0.0
@@ -279,7 +280,7 @@ class Hsm:
             admin = token.open(rw=True)  # inherits the application's login
             opened.append(admin)
             mechanisms = set(token.slot.get_mechanisms())
-            pool: queue.LifoQueue[_PooledSession] = queue.LifoQueue()
+            pool: queue.SimpleQueue[_PooledSession] = queue.LifoQueue()
             sessions = []
             for _ in range(self.size):
                 pooled = _PooledSession(token.open(), self._generation + 1)
@@ -329,11 +330,15 @@ class Hsm:
 
     def _wait_idle_locked(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._active:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._lock.wait(left)
+        self._idle_waiters += 1
+        try:
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+        finally:
+            self._idle_waiters -= 1
 
     def _mark_broken(self, generation: int, exc: BaseException) -> None:
         """Remember that this generation of sessions is dead; the next borrower reconnects."""
@@ -395,7 +400,8 @@ class Hsm:
         finally:
             with self._lock:
                 self._active -= 1
-                self._lock.notify_all()
+                if self._idle_waiters:  # only a reconnect or close waits for borrowers to return
+                    self._lock.notify_all()
 
     def _admin(self, op: Callable[[Any, _Connection], T]) -> T:
         """Run a management operation on the logged-in read-write session."""
