@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.signing.base import KeySigner
-from gateway.signing.errors import SigningError
+from gateway.signing.errors import SignatureRefused, SigningError
 from gateway.signing.validation import load_certificate
 
 MAX_SIGNATURE_BYTES = 1_048_576
@@ -38,14 +38,8 @@ _RSA_ALGORITHMS = frozenset({"rsassa_pkcs1v15", "sha256_rsa"})
 _ECDSA_ALGORITHMS = frozenset({"sha256_ecdsa", "ecdsa"})
 
 
-class CmsError(Exception):
-    """A CMS signature the profile refuses; `check` names the verification step that failed."""
-
-    def __init__(self, code: str, message: str, check: str = "format") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.check = check
+class CmsError(SignatureRefused):
+    """A CMS signature the profile refuses."""
 
 
 @dataclass(frozen=True)

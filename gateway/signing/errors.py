@@ -48,3 +48,14 @@ class CertificateMismatch(SigningError):
     """A certificate does not carry the public key of the HSM key it is stored with."""
 
     code = "certificate_key_mismatch"
+
+
+class SignatureRefused(Exception):
+    """A signature the verification profile refuses; `check` names the step that failed (the
+    report's check name) and `code` the stable error code."""
+
+    def __init__(self, code: str, message: str, check: str = "format") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.check = check

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from gateway.signing.base import KeySigner
-from gateway.signing.errors import SigningError
+from gateway.signing.errors import SignatureRefused, SigningError
 from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
     DEFAULT_MAX_BYTES,
@@ -92,14 +92,8 @@ _IGNORED_X509_DATA = frozenset({
 })
 
 
-class XmlSignatureError(Exception):
-    """A signature the profile refuses. `check` names the verification step that failed."""
-
-    def __init__(self, code: str, message: str, check: str = "format") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.check = check
+class XmlSignatureError(SignatureRefused):
+    """An XML signature the profile refuses."""
 
 
 @dataclass(frozen=True)
