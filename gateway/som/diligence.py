@@ -21,18 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from gateway.som.errors import SomError
+
 __all__ = ["DiligenceError", "MonthPoint", "Diligence", "diligence_data", "render_html", "diligence_page"]
 
 MIN_PEERS = 5
 RECENT_LINES = 12
 
 
-class DiligenceError(ValueError):
+class DiligenceError(SomError):
     """The line cannot be found or the table is not a scored history; `code` says which."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import polars as pl
 
+from gateway.som.errors import SomError
+
 __all__ = ["EvaluationError", "Metrics", "MethodResult", "EvaluationReport", "roc_auc", "metrics",
            "evaluate"]
 
@@ -27,12 +29,8 @@ SCORER = "scorer"
 BENIGN_EVENTS = ("restock", "benign_new_family")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SomError):
     """The table cannot be evaluated (no labels, no score); `code` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _clean(scores: np.ndarray) -> np.ndarray:

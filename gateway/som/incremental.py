@@ -22,6 +22,7 @@ import polars as pl
 
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
+from gateway.som.errors import SomError
 from gateway.som.peers import ALL, peer_matrix
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
@@ -29,12 +30,8 @@ _EPOCH = dt.date(1970, 1, 1)
 _FORMAT = 1
 
 
-class SomStateError(ValueError):
+class SomStateError(SomError):
     """A line the state cannot take (out of time order, bad values) or an unreadable state."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class SomState:

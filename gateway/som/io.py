@@ -12,6 +12,8 @@ from pathlib import Path
 
 import polars as pl
 
+from gateway.som.errors import SomError
+
 REQUIRED = ("customer", "family", "date", "dosage_units")
 OPTIONAL_TEXT = ("customer_type", "state", "ndc", "order_id")
 
@@ -26,12 +28,8 @@ ARCOS_NAMES = {
 }
 
 
-class SomInputError(ValueError):
+class SomInputError(SomError):
     """An order history the scorer cannot use; `code` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def detect_shape(columns: list[str]) -> str:

@@ -40,6 +40,7 @@ import polars as pl
 
 from gateway.som import io as som_io
 from gateway.som.config import SomConfig
+from gateway.som.errors import SomError
 from gateway.som.peers import SUM_COLUMNS, merge_peer_references, peer_reference
 from gateway.som.score import score_orders
 
@@ -55,12 +56,8 @@ CSV_BYTES_PER_LINE = 90  # to estimate a CSV's lines from its size without readi
 Progress = Callable[[str], None]
 
 
-class PartitionError(ValueError):
+class PartitionError(SomError):
     """Bad partitioning options or an engine that cannot be used; `code` says which."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,17 @@ def test_empty_input_scores_to_an_empty_table() -> None:
     df = lines(monthly("AB1234563", "oxycodone", 1000, "2024-01", 1)).clear()
     out = score_orders(df)
     assert out.height == 0 and out.columns[-3:] == ["score", "flag", "reasons"]
+
+
+def test_som_errors_survive_pickling_with_their_code() -> None:
+    """Worker processes (local or Dask) send errors back pickled: code and message must survive."""
+    import pickle
+
+    from gateway.som.evaluate import EvaluationError
+    from gateway.som.incremental import SomStateError
+    from gateway.som.io import SomInputError
+    from gateway.som.partition import PartitionError
+
+    for cls in (SomInputError, PartitionError, SomStateError, EvaluationError):
+        err = pickle.loads(pickle.dumps(cls("some_code", "what went wrong")))
+        assert type(err) is cls and err.code == "some_code" and str(err) == "what went wrong"
