@@ -41,7 +41,7 @@ import polars as pl
 from gateway.som import io as som_io
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
-from gateway.som.peers import SUM_COLUMNS, merge_peer_references, peer_reference
+from gateway.som.peers import merge_peer_references, peer_reference
 from gateway.som.score import score_orders
 
 __all__ = ["ENGINES", "PartitionError", "ScoreRun", "score_file", "default_partitions", "split_input",
@@ -165,25 +165,8 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
 
 
 def merge_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
-    """The reference of the whole history from the references of its partitions.
-
-    A partition's table has a (class of trade, state, family) row only for families its customers
-    in that cell order, yet every row carries the cell's customer count, which the merge sums per
-    family. So each partition's cells are first given a row for every family (zero sums, the
-    partition's cell count), and rows nobody orders are dropped after the merge.
-    """
-    keep = ["level", "customer_type", "state", "family", *SUM_COLUMNS]
-    cells = [t.filter(pl.col("level") == "type_state").select(keep) for t in tables]
-    families = pl.concat([c.select("family") for c in cells]).unique()
-    padded = []
-    for c in cells:
-        counts = c.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
-        grid = counts.join(families, how="cross").join(
-            c.select("customer_type", "state", "family"), on=["customer_type", "state", "family"], how="anti")
-        zeros = grid.with_columns(pl.lit("type_state").alias("level"),
-                                  *[pl.lit(0.0).alias(k) for k in SUM_COLUMNS if k != "cell_customers"])
-        padded.append(pl.concat([c, zeros.select(c.columns).cast(c.schema)], how="vertical"))
-    return merge_peer_references(padded).filter(pl.col("customers") > 0)
+    """The reference of the whole history from the references of its partitions."""
+    return merge_peer_references(tables)
 
 
 class _Runner:

@@ -209,12 +209,26 @@ def _levels(cell: pl.DataFrame) -> pl.DataFrame:
 
 
 def merge_peer_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
-    """One reference from references of disjoint sets of customers (e.g. partitions)."""
-    cell = pl.concat([t.filter(pl.col("level") == "type_state").select(
-        "customer_type", "state", "family", *SUM_COLUMNS) for t in tables])
-    cell = cell.group_by("customer_type", "state", "family").agg(
+    """One reference from references of disjoint sets of customers (e.g. partitions).
+
+    A table has a (class of trade, state, family) row only for the families its customers in
+    that cell order, yet every row carries the cell's customer count, which the merge sums per
+    family. So each table's cells are first given a row for every family (zero sums, the
+    table's cell count); rows nobody orders are dropped after the merge.
+    """
+    keep = ["customer_type", "state", "family", *SUM_COLUMNS]
+    cells = [t.filter(pl.col("level") == "type_state").select(keep) for t in tables]
+    families = pl.concat([c.select("family") for c in cells]).unique()
+    padded = []
+    for c in cells:
+        counts = c.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
+        grid = counts.join(families, how="cross").join(
+            c.select("customer_type", "state", "family"), on=["customer_type", "state", "family"], how="anti")
+        zeros = grid.with_columns(*[pl.lit(0.0).alias(k) for k in SUM_COLUMNS if k != "cell_customers"])
+        padded.append(pl.concat([c, zeros.select(c.columns).cast(c.schema)], how="vertical"))
+    cell = pl.concat(padded).group_by("customer_type", "state", "family").agg(
         pl.col(c).sum() for c in SUM_COLUMNS)
-    return _levels(cell)
+    return _levels(cell).filter(pl.col("customers") > 0)
 
 
 def peer_reference(df: pl.DataFrame) -> pl.DataFrame:
