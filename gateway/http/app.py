@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.http import keys
 from gateway.http.admission import Admission
-from gateway.http.auth import ClientCache
+from gateway.http.auth import ClientCache, RefusalThrottle
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import context, guard
 from gateway.http.pool import WorkPool
@@ -204,5 +204,27 @@ def _clients_ctx(ttl_s: float):
             return await authenticate(storage, token)
 
         app[keys.CLIENTS] = ClientCache(lookup, ttl_s=ttl_s)
-        yield
+        conf = app[keys.SETTINGS].extra.get("audit", {}) if isinstance(app[keys.SETTINGS].extra, dict) else {}
+        throttle = RefusalThrottle(burst=int(conf.get("refusal_burst", 20)),
+                                   window_s=float(conf.get("refusal_window_s", 60)))
+        app[keys.REFUSALS] = throttle
+
+        async def expire() -> None:
+            while True:
+                await asyncio.sleep(throttle.window_s / 4)
+                closed = throttle.expire()
+                if closed:
+                    try:
+                        await storage.append_audit(*closed)
+                    except Exception:  # noqa: BLE001 - keep summarising; the database may be back later
+                        log.exception("could not write %d refusal summaries", len(closed))
+
+        task = asyncio.create_task(expire(), name="refusal-summaries")
+        try:
+            yield
+        finally:
+            task.cancel()
+            closed = throttle.flush()
+            if closed:
+                await storage.append_audit(*closed)
     return ctx

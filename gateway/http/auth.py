@@ -74,3 +74,73 @@ def refusal_event(event_type: str, actor: str, *, subject: str | None, request_i
     """An audit event for a refused request (21 CFR 1311.150: attempted unauthorized access)."""
     return AuditEvent(event_type=event_type, actor=actor, outcome="refused", subject=subject,
                       details=details, request_id=request_id)
+
+
+class RefusalThrottle:
+    """Bounds how many refusals of unauthenticated callers are audited one by one.
+
+    Every refused request is an audit event (21 CFR 1311.150: attempted unauthorized access), and
+    each costs a durable commit; a flood of bad tokens would otherwise grow the trail and the
+    database as fast as it arrives. Per peer address, the first `burst` refusals of a window are
+    audited individually; the rest are counted and written as one `auth.refused.suppressed` event
+    (peer, count, codes, first and last time) when the window closes, when the peer is refused
+    again after it, or on shutdown. So the trail still says what happened, in bounded space.
+    """
+
+    def __init__(self, burst: int = 20, window_s: float = 60.0, max_peers: int = 10_000) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self.max_peers = max_peers
+        self._windows: dict[str, dict[str, Any]] = {}
+
+    def _summary(self, peer: str, w: dict[str, Any]) -> AuditEvent | None:
+        if not w["suppressed"]:
+            return None
+        return AuditEvent(event_type="auth.refused.suppressed", actor="anonymous", outcome="refused",
+                          subject=peer, details={"peer": peer, "count": w["suppressed"],
+                                                 "codes": dict(sorted(w["codes"].items())),
+                                                 "first": w["first"], "last": w["last"],
+                                                 "window_s": self.window_s})
+
+    def refusal(self, peer: str, code: str, now: float | None = None) -> tuple[bool, list[AuditEvent]]:
+        """(audit this refusal individually?, summary events of windows that closed)."""
+        now = time.time() if now is None else now
+        closed: list[AuditEvent] = []
+        w = self._windows.get(peer)
+        if w is not None and now - w["start"] >= self.window_s:
+            summary = self._summary(peer, self._windows.pop(peer))
+            if summary is not None:
+                closed.append(summary)
+            w = None
+        if w is None:
+            if len(self._windows) >= self.max_peers:
+                closed.extend(self.expire(now))
+                if len(self._windows) >= self.max_peers:
+                    peer = "*"  # too many peers at once: count the rest together
+            w = self._windows.setdefault(peer, {"start": now, "audited": 0, "suppressed": 0,
+                                                "codes": {}, "first": None, "last": None})
+        if w["audited"] < self.burst:
+            w["audited"] += 1
+            return True, closed
+        w["suppressed"] += 1
+        w["codes"][code] = w["codes"].get(code, 0) + 1
+        stamp = round(now, 3)
+        w["first"] = w["first"] or stamp
+        w["last"] = stamp
+        return False, closed
+
+    def expire(self, now: float | None = None) -> list[AuditEvent]:
+        """Close the windows that are over; their summaries."""
+        now = time.time() if now is None else now
+        out = []
+        for peer in [p for p, w in self._windows.items() if now - w["start"] >= self.window_s]:
+            summary = self._summary(peer, self._windows.pop(peer))
+            if summary is not None:
+                out.append(summary)
+        return out
+
+    def flush(self) -> list[AuditEvent]:
+        """Every open window's summary (on shutdown)."""
+        out = [s for s in (self._summary(p, w) for p, w in self._windows.items()) if s is not None]
+        self._windows.clear()
+        return out

@@ -34,6 +34,7 @@ POOL = web.AppKey("pool", "WorkPool")
 ADMISSION = web.AppKey("admission", "Admission")
 METRICS = web.AppKey("metrics", "Metrics")
 CLIENTS = web.AppKey("clients", "ClientCache")
+REFUSALS = web.AppKey("refusals", "RefusalThrottle")
 ROUTE_TABLE = web.AppKey("route_table", dict)
 STATE = web.AppKey("state", ServerState)
 

@@ -157,9 +157,16 @@ async def _refuse(request: web.Request, event_type: str, actor: str, code: str, 
     metrics = request.app[keys.METRICS]
     metrics.auth_failures.labels(code).inc()
     storage = request.app[keys.STORAGE]
-    event = refusal_event(event_type, actor, subject=subject, request_id=request.get(keys.REQUEST_ID),
-                          code=code, method=request.method, path=request.path, **details)
-    await storage.append_audit(event)
+    events = []
+    individually = True
+    throttle = request.app.get(keys.REFUSALS)
+    if actor == "anonymous" and throttle is not None:
+        individually, events = throttle.refusal(request.remote or "unknown", code)
+    if individually:
+        events.append(refusal_event(event_type, actor, subject=subject, request_id=request.get(keys.REQUEST_ID),
+                                    code=code, method=request.method, path=request.path, **details))
+    if events:
+        await storage.append_audit(*events)
     return ApiError(code, message, status=status)
 
 
