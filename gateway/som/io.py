@@ -161,6 +161,24 @@ def read_orders(source: str | Path | pl.DataFrame, *, columns: list[str] | None 
     return _coerce(df)
 
 
+def source_schema(path: str | Path) -> dict[str, pl.DataType]:
+    """The column types of an input file as it is (before `read_orders` casts for scoring)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            return dict(pl.scan_csv(path).collect_schema())
+        return dict(pl.read_parquet_schema(path))
+    except (OSError, pl.exceptions.PolarsError):
+        return {}
+
+
+def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataType]) -> list[pl.Expr]:
+    """Casts that give the output back the input's whole-number columns (`dosage_units` is
+    scored as Float64): "the input columns kept" means their types too."""
+    return [pl.col(name).cast(dtype, strict=False) for name, dtype in schema.items()
+            if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
+
+
 def write_scored(df: pl.DataFrame, path: str | Path) -> Path:
     """Write a scored table (Parquet, or CSV by suffix); written to a temporary name then renamed,
     so that a failure leaves nothing half-written."""

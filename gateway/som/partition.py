@@ -232,10 +232,14 @@ class _Runner:
         return results
 
 
-def _concat_parts(parts: Iterable[str], output: Path) -> None:
-    """Stream the parts into the output (written under a temporary name, then renamed)."""
+def _concat_parts(parts: Iterable[str], output: Path, schema: dict[str, pl.DataType] | None = None) -> None:
+    """Stream the parts into the output (written under a temporary name, then renamed), with the
+    input's column types (`schema`) restored."""
     tmp = output.with_name(output.name + ".tmp")
     lazy = pl.concat([pl.scan_parquet(p) for p in parts], how="vertical")
+    casts = som_io.input_type_casts(dict(lazy.collect_schema()), schema or {})
+    if casts:
+        lazy = lazy.with_columns(casts)
     try:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
@@ -279,7 +283,8 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
         tick("read")
         scored = score_orders(df, config)
         tick("score")
-        som_io.write_scored(scored, output)
+        casts = som_io.input_type_casts(dict(scored.schema), som_io.source_schema(source))
+        som_io.write_scored(scored.with_columns(casts) if casts else scored, output)
         tick("write")
         return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, engine,
                         time.perf_counter() - started)
@@ -308,7 +313,7 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
                               lambda: tick("score"))
             for _ in range(skipped):
                 tick("score")
-        _concat_parts([d[0] for d in done if d[0] is not None], output)
+        _concat_parts([d[0] for d in done if d[0] is not None], output, som_io.source_schema(source))
         tick("write")
     finally:
         shutil.rmtree(work, ignore_errors=True)

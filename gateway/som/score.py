@@ -275,10 +275,11 @@ def kinds_of(bits: int) -> tuple[str, ...]:
 
 def score_file(source: str, output: str, config: SomConfig = SomConfig()) -> int:
     """Parquet/CSV in, Parquet/CSV out with the input columns kept; returns flagged lines."""
-    from gateway.som.io import write_scored
+    from gateway.som.io import input_type_casts, source_schema, write_scored
 
     scored = score_orders(read_orders(source), config)
-    write_scored(scored, output)
+    casts = input_type_casts(dict(scored.schema), source_schema(source))
+    write_scored(scored.with_columns(casts) if casts else scored, output)
     return int(scored["flag"].sum())
 
 

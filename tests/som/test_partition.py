@@ -166,3 +166,20 @@ def test_coded_errors_come_back_from_worker_processes(history, tmp_path) -> None
     assert err.value.code == "som_invalid_units"
     assert not (tmp_path / "out.parquet").exists()
     assert not list(tmp_path.glob(".*parts*"))
+
+
+def test_whole_number_units_come_back_as_they_went_in(tmp_path) -> None:
+    """The output keeps the input columns with their types: integer dosage units stay integers,
+    on the in-memory path and the partitioned one, in Parquet and in CSV."""
+    from gateway.som.synth import synthesize
+
+    frame = synthesize(customers=40, days=200, seed=5).with_columns(pl.col("dosage_units").cast(pl.Int64))
+    src = tmp_path / "in.parquet"
+    frame.write_parquet(src)
+    for partitions in (1, 3):
+        for suffix in (".parquet", ".csv"):
+            out = tmp_path / f"out-{partitions}{suffix}"
+            score_file(src, out, partitions=partitions)
+            back = pl.read_parquet(out) if suffix == ".parquet" else pl.read_csv(out)
+            assert back.schema["dosage_units"] == pl.Int64, (partitions, suffix)
+            assert sorted(back["dosage_units"].to_list()) == sorted(frame["dosage_units"].to_list())
