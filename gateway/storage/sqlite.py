@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -140,7 +141,7 @@ class SqliteStorage(GroupCommitStorage):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
-            await self._on_writer(lambda c: c.execute("PRAGMA journal_mode = WAL").fetchone())
+            await self._on_writer(self._enable_wal)
             await self.migrate()
         except BaseException:
             await self._shutdown()
@@ -150,6 +151,22 @@ class SqliteStorage(GroupCommitStorage):
                                             window_s=self.committer.window_s)
         self.committer.start()
         self._opened = True
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL. SQLite answers "database is locked" at once, without its busy handler,
+        when another process is switching the same new file at that moment (two nodes starting
+        together): retry for as long as the busy timeout would have waited."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     async def close(self) -> None:
         await self.committer.stop()
