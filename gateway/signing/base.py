@@ -15,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from gateway.signing.errors import CertificateMismatch, SigningError
+
 KeyType = Literal["rsa2048", "p256"]
 
 ALGORITHM_BY_KEY_TYPE: dict[str, str] = {"rsa2048": "rsa-sha256", "p256": "ecdsa-sha256"}
@@ -62,6 +64,17 @@ class KeySigner:
             self.public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
         else:
             self.public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+
+    def checked_certificate(self) -> x509.Certificate:
+        """The certificate, checked to carry this key: what every signature format embeds.
+
+        Raises SigningError `certificate_missing`, or CertificateMismatch
+        (`certificate_key_mismatch`)."""
+        if self.certificate is None:
+            raise SigningError(f"key {self.label!r} has no certificate", code="certificate_missing")
+        if self.certificate.public_key() != self.public_key:
+            raise CertificateMismatch(f"the certificate of {self.label!r} is not for its key")
+        return self.certificate
 
     def private_key(self) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
         """A cryptography private-key object whose `sign()` goes to the HSM.

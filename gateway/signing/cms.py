@@ -64,13 +64,7 @@ def sign_detached(
     chain: Sequence[x509.Certificate] | None = None,
 ) -> bytes:
     """A detached CMS SignedData over `content`, DER-encoded."""
-    certificate = signer.certificate
-    if certificate is None:
-        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
-    if certificate.public_key() != signer.public_key:
-        raise SigningError(
-            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
-        )
+    certificate = signer.checked_certificate()
     if signer.algorithm == "rsa-sha256":
         signature_algorithm = "rsassa_pkcs1v15"
     elif signer.algorithm == "ecdsa-sha256":

@@ -186,13 +186,7 @@ def _key_info_certificates(signer: KeySigner, chain: Sequence[x509.Certificate] 
         cached = _KEY_INFO.get(signer)
         if cached is not None:
             return cached
-    certificate = signer.certificate
-    if certificate is None:
-        raise SigningError(f"key {signer.label!r} has no certificate", code="certificate_missing")
-    if certificate.public_key() != signer.public_key:
-        raise SigningError(
-            f"the certificate of {signer.label!r} is not for its key", code="certificate_key_mismatch"
-        )
+    certificate = signer.checked_certificate()
     certs = (certificate, *(tuple(getattr(signer, "chain", ()) or ()) if chain is None else tuple(chain)))
     texts = tuple(base64.b64encode(c.public_bytes(Encoding.DER)).decode() for c in certs)
     if chain is None:
