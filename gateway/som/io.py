@@ -8,6 +8,8 @@ names; columns neither shape knows are kept as they are.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -179,18 +181,26 @@ def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataT
             if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
 
 
-def write_scored(df: pl.DataFrame, path: str | Path) -> Path:
-    """Write a scored table (Parquet, or CSV by suffix); written to a temporary name then renamed,
-    so that a failure leaves nothing half-written."""
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path`; renamed to `path` when the block succeeds, removed
+    when it fails, so that a failure leaves nothing half-written."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        if path.suffix.lower() == ".csv":
-            df.write_csv(tmp)
-        else:
-            df.write_parquet(tmp, compression="lz4", statistics=False)
+        yield tmp
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_scored(df: pl.DataFrame, path: str | Path) -> Path:
+    """Write a scored table (Parquet, or CSV by suffix), all or nothing."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        if path.suffix.lower() == ".csv":
+            df.write_csv(tmp)
+        else:
+            df.write_parquet(tmp, compression="lz4", statistics=False)
     return path

@@ -235,20 +235,15 @@ class _Runner:
 def _concat_parts(parts: Iterable[str], output: Path, schema: dict[str, pl.DataType] | None = None) -> None:
     """Stream the parts into the output (written under a temporary name, then renamed), with the
     input's column types (`schema`) restored."""
-    tmp = output.with_name(output.name + ".tmp")
     lazy = pl.concat([pl.scan_parquet(p) for p in parts], how="vertical")
     casts = som_io.input_type_casts(dict(lazy.collect_schema()), schema or {})
     if casts:
         lazy = lazy.with_columns(casts)
-    try:
+    with som_io.atomic_output(output) as tmp:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
         else:
             lazy.sink_parquet(tmp, compression="lz4", statistics=False)
-        tmp.replace(output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def score_file(source: str | Path, output: str | Path, config: SomConfig = SomConfig(), *,
