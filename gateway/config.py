@@ -59,6 +59,12 @@ class Settings:
     trust_bundle: str = ""  # empty: the home's test PKI bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def section(self, name: str) -> dict[str, Any]:
+        """A table of gateway.toml that has no settings class of its own ([audit], [som],
+        [readiness]...); empty when absent."""
+        table = self.extra.get(name)
+        return table if isinstance(table, dict) else {}
+
     # Paths inside the home, in one place so that nobody guesses them.
     @property
     def config_path(self) -> Path:

@@ -51,8 +51,7 @@ def _config(ctx: Context, path: str | None) -> Any:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
             return SomConfig.from_dict(data.get("som", data))
-        home_table = ctx.settings.extra.get("som") if ctx.settings.config_path.exists() else None
-        return SomConfig.from_dict(home_table or {})
+        return SomConfig.from_dict(ctx.settings.section("som"))
     except (tomllib.TOMLDecodeError, SomConfigError) as exc:
         _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
 

@@ -114,7 +114,7 @@ async def _checkpointer_ctx(app: web.Application) -> AsyncIterator[None]:
     from gateway.signing.errors import HsmError
 
     settings = app[keys.SETTINGS]
-    conf = settings.extra.get("audit", {}) if isinstance(settings.extra, dict) else {}
+    conf = settings.section("audit")
     loop = asyncio.get_running_loop()
     try:
         signer = await loop.run_in_executor(None, app[keys.HSM].signer, conf.get("key", AUDIT_KEY_LABEL))
@@ -134,7 +134,7 @@ async def _checkpointer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _probe_key(hsm: Any, settings: Settings) -> str | None:
     """The key the readiness probe signs with: `[server] ready_key` in extra, else the first key."""
-    wanted = settings.extra.get("readiness", {}).get("key") if isinstance(settings.extra, dict) else None
+    wanted = settings.section("readiness").get("key")
     if wanted:
         return str(wanted)
     found = hsm.list_keys()
@@ -204,7 +204,7 @@ def _clients_ctx(ttl_s: float):
             return await authenticate(storage, token)
 
         app[keys.CLIENTS] = ClientCache(lookup, ttl_s=ttl_s)
-        conf = app[keys.SETTINGS].extra.get("audit", {}) if isinstance(app[keys.SETTINGS].extra, dict) else {}
+        conf = app[keys.SETTINGS].section("audit")
         throttle = RefusalThrottle(burst=int(conf.get("refusal_burst", 20)),
                                    window_s=float(conf.get("refusal_window_s", 60)))
         app[keys.REFUSALS] = throttle
