@@ -77,7 +77,6 @@ async def _ensure_clients(settings: Settings, previous: dict[str, Any]) -> dict[
     try:
         for name, (role, labels) in DEMO_CLIENTS.items():
             token = (known.get(name) or {}).get("token")
-            client_name = (known.get(name) or {}).get("client") or f"demo-{name}"
             if token:
                 client = await authenticate(storage, token)
                 if client is not None and client.role == role:
