@@ -21,6 +21,7 @@ from gateway.signing.validation import (
     TrustStore,
     validate_certificate,
 )
+from tests.loopback import serving
 
 UTC = dt.timezone.utc
 
@@ -231,31 +232,9 @@ def _issue_from_csos_ca(layout: pki.PkiLayout, public_key, *, signing: bool = Tr
 @pytest.fixture()
 def crl_server(scratch_pki):
     """A loopback HTTP server publishing the scratch PKI's CSOS CA CRL; counts the fetches."""
-    import http.server
-    import threading
-
-    fetches: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            fetches.append(self.path)
-            body = scratch_pki.layout.crl_path(pki.CSOS_CA).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/pkix-crl")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/csos-ca.crl", fetches
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(lambda: scratch_pki.layout.crl_path(pki.CSOS_CA).read_bytes(), "application/pkix-crl") as (
+            base, fetches):
+        yield f"{base}/csos-ca.crl", fetches
 
 
 def test_crl_over_http(scratch_pki, crl_server, ec_public):

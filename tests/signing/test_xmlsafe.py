@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import http.server
 import threading
 
 import pytest
 from lxml import etree
 
 from gateway.xmlsafe import XmlError, parse_xml
+from tests.loopback import serving
 
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [
@@ -65,27 +65,8 @@ def test_utf16_doctype_is_refused():
 @pytest.fixture()
 def dtd_server():
     """A loopback HTTP server that records whether anybody fetched the external DTD."""
-    hits: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            hits.append(self.path)
-            body = b'<!ENTITY ext "fetched">'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/evil.dtd", hits
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(lambda: b'<!ENTITY ext "fetched">') as (base, hits):
+        yield f"{base}/evil.dtd", hits
 
 
 def test_external_dtd_is_refused_without_network(dtd_server):
