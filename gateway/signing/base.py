@@ -14,6 +14,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from gateway.signing.errors import CertificateMismatch, SigningError
 
@@ -22,6 +23,12 @@ KeyType = Literal["rsa2048", "p256"]
 ALGORITHM_BY_KEY_TYPE: dict[str, str] = {"rsa2048": "rsa-sha256", "p256": "ecdsa-sha256"}
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def raw_to_der_ecdsa(raw: bytes) -> bytes:
+    """ECDSA r||s (what PKCS#11 CKM_ECDSA and XML-DSig carry) -> DER SEQUENCE (X.509, CMS)."""
+    half = len(raw) // 2
+    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
 
 @dataclass(frozen=True)

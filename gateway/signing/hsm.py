@@ -36,12 +36,11 @@ import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from gateway.config import Settings
-from gateway.signing.base import KeyInfo, KeySigner, PublicKey
+from gateway.signing.base import KeyInfo, KeySigner, PublicKey, raw_to_der_ecdsa
 from gateway.signing.errors import (
     CertificateMismatch,
     HsmError,
@@ -453,8 +452,7 @@ class Hsm:
             raw = key.sign(data, mechanism=Mechanism.ECDSA_SHA256)
         else:
             raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
-        half = len(raw) // 2
-        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+        return raw_to_der_ecdsa(raw)
 
     @staticmethod
     def _find_private(session: Any, label: str) -> tuple[Any, str]:

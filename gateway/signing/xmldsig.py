@@ -34,14 +34,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
-from gateway.signing.base import KeySigner
+from gateway.signing.base import KeySigner, raw_to_der_ecdsa
 from gateway.signing.errors import SignatureRefused, SigningError
 from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
@@ -203,9 +200,6 @@ def der_to_raw_ecdsa(der: bytes, size: int = P256_COORDINATE_BYTES) -> bytes:
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
-def raw_to_der_ecdsa(raw: bytes) -> bytes:
-    half = len(raw) // 2
-    return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
 
 # ---------------------------------------------------------------------------------------------
