@@ -45,7 +45,6 @@ class AsyncSigner:
         self.workers = workers or hsm.size or (os.cpu_count() or 2)
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending = 0
-        self._in_flight = 0
         self._count_lock = threading.Lock()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"hsm-worker-{i}", daemon=True)
@@ -57,11 +56,6 @@ class AsyncSigner:
     def pending(self) -> int:
         """Jobs queued or running."""
         return self._pending
-
-    @property
-    def in_flight(self) -> int:
-        """Jobs running on a worker right now."""
-        return self._in_flight
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -83,8 +77,6 @@ class AsyncSigner:
                 return
 
     def _run_batch(self, batch: list[Any]) -> None:
-        with self._count_lock:
-            self._in_flight += len(batch)
         by_loop: dict[Any, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         signs = [job for job in batch if job[2] is None]
         others = [job for job in batch if job[2] is not None]
@@ -103,7 +95,6 @@ class AsyncSigner:
                 value, ok = exc, False
             by_loop.setdefault(loop, []).append((fut, ok, value))
         with self._count_lock:
-            self._in_flight -= len(batch)
             self._pending -= len(batch)
         for loop, results_of_loop in by_loop.items():
             try:
