@@ -13,6 +13,9 @@ for pair in softhsm2-util:softhsm2 xmlsec1:xmlsec1 openssl:openssl pkcs11-tool:o
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 if [ ! -e /usr/lib/softhsm/libsofthsm2.so ]; then need_apt+=(softhsm2); fi
+# A bare Debian has python3 without venv/ensurepip (package python3-venv).
+if ! command -v "${PYTHON:-python3}" >/dev/null 2>&1; then need_apt+=(python3 python3-venv)
+elif ! "${PYTHON:-python3}" -c "import venv, ensurepip" >/dev/null 2>&1; then need_apt+=(python3-venv); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
