@@ -82,10 +82,11 @@ def parse_xml(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("parse_xml takes bytes")
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     if len(data) > max_bytes:
         raise XmlError("xml_too_large", f"document is {len(data)} bytes, the limit is {max_bytes}")
-    if not data.strip():
+    if not data or data.isspace():
         raise XmlError("malformed_xml", "empty document")
     # '!' is rare in documents and found with memchr: the marker search runs only when present.
     if b"!" in data and any(marker in data for marker in _DTD_MARKERS):
@@ -107,14 +108,15 @@ def parse_xml(
 
 
 def _check_shape(root: etree._Element, data: bytes, max_depth: int, max_elements: int) -> None:
-    # Every element needs a '<' in the input, so counting them bounds the work in the common case.
-    tags = data.count(b"<")
-    if tags > max_elements:
+    # Cheap bounds first, so the tree is walked only when the input could break a limit: an
+    # element takes at least 4 bytes ("<a/>") and one '<'; each level of nesting at least 7
+    # bytes ("<a></a>").
+    if len(data) > 4 * max_elements and data.count(b"<") > max_elements:
         count = int(root.xpath("count(//*)"))
         if count > max_elements:
             raise XmlError("xml_too_large", f"document has {count} elements, the limit is {max_elements}")
     # An element at depth max_depth + 1 exists iff this location path selects something.
-    if tags > max_depth and _too_deep(max_depth)(root):
+    if len(data) > 7 * max_depth and _too_deep(max_depth)(root):
         raise XmlError("xml_too_deep", f"elements nest deeper than {max_depth}")
 
 

@@ -257,7 +257,7 @@ def verify_tree(tree: etree._ElementTree) -> VerifiedXml:
         raise XmlSignatureError(
             "signature_invalid", "the document does not match the signed digest", "reference_digest"
         )
-    _verify_signature_value(signer, algorithm, raw_signature, signed_info_c14n)
+    _verify_signature_value(certificates, algorithm, raw_signature, signed_info_c14n)
     return VerifiedXml(tree=tree, signer=signer, other_certificates=others, algorithm=algorithm)
 
 
@@ -439,10 +439,10 @@ def _load_certificate(b64: str) -> x509.Certificate:
 
 
 def _verify_signature_value(
-    cert: x509.Certificate, algorithm: str, raw: bytes, signed_info_c14n: bytes
+    certificates: tuple[str, ...], algorithm: str, raw: bytes, signed_info_c14n: bytes
 ) -> None:
     try:
-        key = _public_key(cert)
+        key = _signer_key(certificates)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise XmlSignatureError(
             "algorithm_not_allowed", f"the certificate key cannot be used: {exc}", "signature_value"
@@ -479,8 +479,10 @@ def _verify_signature_value(
 
 
 @functools.lru_cache(maxsize=512)
-def _public_key(cert: x509.Certificate):
-    return cert.public_key()
+def _signer_key(encoded: tuple[str, ...]):
+    # Keyed like _signer_certificate: hashing a Certificate hashes its DER on every lookup, a
+    # tuple of strings reuses the hashes its strings already computed.
+    return _signer_certificate(encoded)[0].public_key()
 
 
 def _detach(element: etree._Element) -> None:
