@@ -99,3 +99,25 @@ def test_categorical_keys_score_like_text(messy) -> None:
     b = score_orders(cat)
     assert np.array_equal(a["score"].to_numpy(), b["score"].to_numpy())
     assert a["reasons"].equals(b["reasons"])
+
+
+def test_flagged_lines_collected_past_the_first_buffer(messy) -> None:
+    """score_range collects the flagged lines' features in a buffer it doubles when full: with a
+    4-row first buffer, the flagged lines and their features are those of keep_features."""
+    from gateway.som import peers as peers_mod
+    from gateway.som.score import config_vector
+
+    p = peers_mod.prepare(messy)
+    matrix, vectors, _ = peers_mod.peer_matrix(peer_reference(messy), p.cells, p.families, 5)
+    s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
+    score = np.zeros(p.n)
+    bits = np.zeros(p.n, np.int32)
+    feats = np.empty((p.n, K.NF))
+    fpos, ffeat = K.score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, 0, p.n, p.perm,
+                                len(p.families), p.cust_ts, matrix, vectors,
+                                config_vector(SomConfig()), True, score, bits, feats, 4)
+    assert len(fpos) > 100
+    assert np.array_equal(np.sort(fpos), np.flatnonzero(bits))
+    assert np.array_equal(ffeat, feats[fpos], equal_nan=True)
+    expected = score_orders(messy)
+    assert np.array_equal(score, expected["score"].to_numpy())
