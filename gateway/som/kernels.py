@@ -886,3 +886,121 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, 
         ffeat = ffeat2
     nflag = run[3]
     return fpos[:nflag].copy(), ffeat[:nflag].copy()
+
+
+# --- reasons text ---------------------------------------------------------------------------
+# The templates of score.TEMPLATES as a program: per template its finding bit and a run of
+# (op, arg) pairs. Numbers are written as Python's f"{n:,}" writes them (score._fmt).
+
+OP_TEXT, OP_FAM, OP_PEER, OP_INT, OP_ONE, OP_PCT = range(6)  # arg: literal, -, -, feature x3
+_SAFE = 2.0 ** 53  # beyond, a float's rounding to an integer is no longer exact
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _put_int(out, pos, v, commas):
+    """Write the integer v at out[pos:] in decimal, with thousands separators when `commas`;
+    return the position after it."""
+    if v < 0:
+        out[pos] = 45  # "-"
+        pos += 1
+        v = -v
+    digits = 1
+    t = v
+    while t >= 10:
+        t //= 10
+        digits += 1
+    end = pos + digits + ((digits - 1) // 3 if commas else 0)
+    k = end - 1
+    d = 0
+    while True:
+        out[k] = 48 + v % 10
+        v //= 10
+        k -= 1
+        d += 1
+        if v == 0:
+            break
+        if commas and d % 3 == 0:
+            out[k] = 44  # ","
+            k -= 1
+    return end
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def render_reasons(bits, feats, fam, fam_text, fam_off, peer, peer_text, peer_off, tbit, tstart,
+                   op, arg, lit, lit_off):
+    """The reasons of m flagged lines as UTF-8 bytes: line j's text is out[off[j]:off[j+1]],
+    its clauses (templates whose bit is set, in template order) joined by "; ". `fam`/`peer`:
+    codes into the texts fam_text/peer_text (cut at fam_off/peer_off). Returns (out, off, odd):
+    `odd` marks lines with a number that is not finite or too large to round exactly here (left
+    empty, for the Python rendering)."""
+    m = bits.shape[0]
+    nt = tbit.shape[0]
+    size = 0
+    for j in range(m):  # an upper bound of the bytes: 32 per number
+        for t in range(nt):
+            if bits[j] & tbit[t]:
+                size += 2
+                for q in range(tstart[t], tstart[t + 1]):
+                    o = op[q]
+                    if o == OP_TEXT:
+                        size += lit_off[arg[q] + 1] - lit_off[arg[q]]
+                    elif o == OP_FAM:
+                        size += fam_off[fam[j] + 1] - fam_off[fam[j]]
+                    elif o == OP_PEER:
+                        size += peer_off[peer[j] + 1] - peer_off[peer[j]]
+                    else:
+                        size += 32
+    out = np.empty(size, np.uint8)
+    off = np.zeros(m + 1, np.int64)
+    odd = np.zeros(m, np.bool_)
+    pos = 0
+    for j in range(m):
+        line_start = pos
+        first = True
+        for t in range(nt):
+            if not bits[j] & tbit[t]:
+                continue
+            if not first:
+                out[pos] = 59  # "; "
+                out[pos + 1] = 32
+                pos += 2
+            first = False
+            for q in range(tstart[t], tstart[t + 1]):
+                o = op[q]
+                if o == OP_TEXT or o == OP_FAM or o == OP_PEER:
+                    if o == OP_TEXT:
+                        src, a, b = lit, lit_off[arg[q]], lit_off[arg[q] + 1]
+                    elif o == OP_FAM:
+                        src, a, b = fam_text, fam_off[fam[j]], fam_off[fam[j] + 1]
+                    else:
+                        src, a, b = peer_text, peer_off[peer[j]], peer_off[peer[j] + 1]
+                    for s in range(a, b):
+                        out[pos] = src[s]
+                        pos += 1
+                    continue
+                x = feats[j, arg[q]]
+                scale = 1.0 if o == OP_INT else (10.0 if o == OP_ONE else 100.0)
+                y = np.floor(x * scale + 0.5)  # score._r_int, in float until checked
+                if not abs(y) < _SAFE:  # NaN too
+                    odd[j] = True
+                    continue
+                v = np.int64(y)
+                if o == OP_INT:
+                    pos = _put_int(out, pos, v, True)
+                elif o == OP_ONE:  # one decimal: "-" for a negative, then |t| // 10 "." |t| % 10
+                    if v < 0:
+                        out[pos] = 45
+                        pos += 1
+                        v = -v
+                    pos = _put_int(out, pos, v // 10, True)
+                    out[pos] = 46  # "."
+                    out[pos + 1] = 48 + v % 10
+                    pos += 2
+                else:  # percent
+                    pos = _put_int(out, pos, v, False)
+                    out[pos] = 37  # "%"
+                    pos += 1
+        if odd[j]:
+            pos = line_start
+        off[j + 1] = pos
+    return out, off, odd

@@ -4,11 +4,12 @@ substantially from a normal pattern, orders of unusual frequency).
 `score_orders` keeps the input columns in their order and adds `score` (the largest severity:
 a feature divided by its threshold; higher is more suspicious), `flag` (some severity reached 1)
 and `reasons` (one clause per finding, with its numbers; empty when not flagged). Reasons are
-built only for flagged lines, vectorised.
+built only for flagged lines, by a Numba renderer of the templates.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class LineScore:
 
 # --- reasons -----------------------------------------------------------------------------------
 # One template per finding. Numbers: "i" integer with thousands separators, "r" one decimal,
-# "p" percent. The Python and the Polars renderings are kept identical (tests check it).
+# "p" percent. The Python and the Numba renderings are kept identical (tests check it).
 
 TEMPLATES: tuple[tuple[int, tuple], ...] = (
     (K.R_CAP, ("{fam}: ", ("i", K.F_MTD), " units this month exceed the monthly cap of ",
@@ -99,6 +100,10 @@ def _peer_label(ctype: str, state: str) -> str:
 def reasons_text(bits: int, feat: np.ndarray, family: str, peer: tuple[str, str],
                  cap: float) -> str:
     """Reasons of one line (the Python rendering, for the incremental scorer)."""
+    return _reasons_text(bits, feat, family, _peer_label(*peer), cap)
+
+
+def _reasons_text(bits: int, feat: np.ndarray, family: str, label: str, cap: float) -> str:
     out = []
     for bit, parts in TEMPLATES:
         if not bits & bit:
@@ -106,79 +111,95 @@ def reasons_text(bits: int, feat: np.ndarray, family: str, peer: tuple[str, str]
         s = []
         for part in parts:
             if isinstance(part, str):
-                s.append(part.replace("{fam}", family).replace("{peer}", _peer_label(*peer)))
+                s.append(part.replace("{fam}", family).replace("{peer}", label))
             else:
                 s.append(_fmt(part[0], feat[part[1]] if len(part) > 1 else 0.0, cap))
         out.append("".join(s))
     return "; ".join(out)
 
 
-def _int_expr(e: pl.Expr) -> pl.Expr:
-    """Non-negative Int64 expression -> text with thousands separators."""
-    s = e.cast(pl.String)
-    n = s.str.len_chars()
-    out = s
-    for k in (1, 2, 3, 4):  # up to 15 digits
-        head = s.str.head(-3 * k)
-        mid = [s.str.slice(-3 * j, 3) for j in range(k, 0, -1)]
-        built = pl.concat_str([head, *[pl.concat_str([pl.lit(","), m]) for m in mid]])
-        out = pl.when(n > 3 * k).then(built).otherwise(out)
-    return out
+@functools.lru_cache(maxsize=8)
+def _program(cap: float) -> tuple[np.ndarray, ...]:
+    """TEMPLATES as the program kernels.render_reasons runs: each template's bit, where its ops
+    start, the ops and their arguments, and the literal texts (UTF-8) with their offsets. The
+    cap, a constant, becomes a literal."""
+    literals: list[bytes] = []
+    tbit, tstart, ops, args = [], [0], [], []
+
+    def text(t: str) -> None:
+        if t:
+            ops.append(K.OP_TEXT)
+            args.append(len(literals))
+            literals.append(t.encode())
+
+    kinds = {"i": K.OP_INT, "r": K.OP_ONE, "p": K.OP_PCT}
+    for bit, parts in TEMPLATES:
+        for part in parts:
+            if isinstance(part, str):
+                for j, chunk in enumerate(part.split("{fam}")):
+                    if j:
+                        ops.append(K.OP_FAM)
+                        args.append(0)
+                    for m, sub in enumerate(chunk.split("{peer}")):
+                        if m:
+                            ops.append(K.OP_PEER)
+                            args.append(0)
+                        text(sub)
+            elif part[0] == "cap":
+                text(_fmt("cap", 0.0, cap))
+            else:
+                ops.append(kinds[part[0]])
+                args.append(part[1])
+        tbit.append(bit)
+        tstart.append(len(ops))
+    lit_text, lit_off = _texts(literals)
+    return (np.array(tbit, np.int64), np.array(tstart, np.int64), np.array(ops, np.int64),
+            np.array(args, np.int64), lit_text, lit_off)
 
 
-def _num_expr(kind: str, col: pl.Expr, cap: float) -> pl.Expr:
-    if kind == "i":
-        return _int_expr((col + 0.5).floor().cast(pl.Int64))
-    if kind == "r":
-        t = (col * 10 + 0.5).floor().cast(pl.Int64)
-        a = t.abs()
-        return pl.concat_str([pl.when(t < 0).then(pl.lit("-")).otherwise(pl.lit("")),
-                              _int_expr(a // 10), pl.lit("."), (a % 10).cast(pl.String)])
-    if kind == "p":
-        return pl.concat_str([(col * 100 + 0.5).floor().cast(pl.Int64).cast(pl.String),
-                              pl.lit("%")])
-    return pl.lit(f"{_r_int(cap):,}")
+def _texts(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings as one uint8 array and the offsets that cut it."""
+    off = np.zeros(len(items) + 1, np.int64)
+    np.cumsum([len(t) for t in items], out=off[1:])
+    return np.frombuffer(b"".join(items), np.uint8).copy(), off
 
 
-def _template_expr(parts: tuple, cap: float) -> pl.Expr:
-    pieces = []
-    for part in parts:
-        if isinstance(part, str):
-            for j, chunk in enumerate(part.split("{fam}")):
-                if j:
-                    pieces.append(pl.col("fam"))
-                for m, sub in enumerate(chunk.split("{peer}")):
-                    if m:
-                        pieces.append(pl.col("peer"))
-                    if sub:
-                        pieces.append(pl.lit(sub))
-        else:
-            col = pl.col(f"f{part[1]}") if len(part) > 1 else pl.lit(0.0)
-            pieces.append(_num_expr(part[0], col, cap))
-    return pl.concat_str(pieces)
+def reasons_coded(bits: np.ndarray, feats: np.ndarray, family: np.ndarray, families: list[str],
+                  peer: np.ndarray, peer_labels: list[str], cap: float) -> pl.Series:
+    """Reasons of many flagged lines at once: family and peer label given as codes into
+    `families` and `peer_labels`. Rendered by kernels.render_reasons (same text as
+    `reasons_text`, which renders the rare line with a number it cannot)."""
+    fam_text, fam_off = _texts([f.encode() for f in families] or [b""])
+    peer_text, peer_off = _texts([p.encode() for p in peer_labels] or [b""])
+    out, off, odd = K.render_reasons(
+        np.asarray(bits, np.int64), np.ascontiguousarray(feats, np.float64),
+        np.asarray(family, np.int64), fam_text, fam_off, np.asarray(peer, np.int64), peer_text,
+        peer_off, *_program(float(cap)))
+    import pyarrow as pa  # the texts go to Polars as one Arrow array, without Python strings
+
+    arr = pa.LargeStringArray.from_buffers(len(off) - 1, pa.py_buffer(off), pa.py_buffer(out))
+    text = pl.Series("reasons", arr, pl.String)
+    for j in np.flatnonzero(odd):
+        text[int(j)] = _reasons_text(int(bits[j]), feats[j], families[family[j]],
+                                     peer_labels[peer[j]], cap)
+    return text
 
 
 def reasons_frame(bits: np.ndarray, feats: np.ndarray, family: pl.Series, peer_label: pl.Series,
                   cap: float) -> pl.Series:
-    """Reasons of many flagged lines at once (the vectorised rendering): each clause is built only
-    for the lines that have its finding, then the clauses of a line are joined in template order."""
-    m = len(bits)
-    used = sorted({p[1] for _, parts in TEMPLATES for p in parts
-                   if not isinstance(p, str) and len(p) > 1})
-    frame = pl.DataFrame({"bits": np.asarray(bits, np.int32), "fam": family, "peer": peer_label,
-                          **{f"f{k}": feats[:, k] for k in used}})
-    clauses = []
-    for bit, parts in TEMPLATES:
-        idx = np.flatnonzero(np.asarray(bits) & bit)
-        if not len(idx):
-            continue
-        text = frame[idx].select(_template_expr(parts, cap)).to_series()
-        clauses.append(pl.repeat(None, m, dtype=pl.String, eager=True).scatter(idx, text)
-                       .alias(f"c{bit}"))
-    if not clauses:
-        return pl.Series("reasons", [""] * m, pl.String)
-    return pl.DataFrame(clauses).select(
-        pl.concat_str(pl.all(), separator="; ", ignore_nulls=True).alias("reasons")).to_series()
+    """Reasons of many flagged lines at once (the vectorised rendering): family and peer label
+    per line as text Series."""
+    fam, families = _coded(family)
+    peer, labels = _coded(peer_label)
+    return reasons_coded(bits, feats, fam, families, peer, labels, cap)
+
+
+def _coded(s: pl.Series) -> tuple[np.ndarray, list[str]]:
+    """Codes of a text Series into its distinct values (in order of first appearance)."""
+    if not len(s):
+        return np.zeros(0, np.int64), []
+    codes, first = K.dense_codes(s.cast(pl.String).hash(seed=0).to_numpy())
+    return codes, s.cast(pl.String).gather(first).to_list()
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -250,12 +271,11 @@ def assemble(df: pl.DataFrame, r: BatchResult, config: SomConfig = SomConfig(), 
         "reasons", [], pl.String)
     if len(r.flagged):
         p = r.prepared
-        fam_codes = p.fcode[r.flagged]
-        fam = pl.Series(p.families, dtype=pl.String).gather(fam_codes)
-        rows = r.peer_matrix[p.cust_ts[p.ccode[r.flagged]], fam_codes]
-        labels = pl.Series([_peer_label(*lab) for lab in r.peer_labels] or [""], dtype=pl.String)
-        peer = labels.gather(np.maximum(rows, 0))
-        text = reasons_frame(r.bits[r.flagged], r.flagged_features, fam, peer, config.monthly_cap)
+        fam = p.fcode[r.flagged]
+        rows = r.peer_matrix[p.cust_ts[p.ccode[r.flagged]], fam]
+        labels = [_peer_label(*lab) for lab in r.peer_labels] or [""]
+        text = reasons_coded(r.bits[r.flagged], r.flagged_features, fam, p.families,
+                             np.maximum(rows, 0), labels, config.monthly_cap)
         reasons = reasons.scatter(r.flagged, text)
     out = df.with_columns(pl.Series("score", r.score), pl.Series("flag", r.flag), reasons)
     if keep_features:

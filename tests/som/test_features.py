@@ -282,3 +282,20 @@ def test_python_and_vectorised_reasons_agree(messy) -> None:
     for bits, f, fam, text in zip(flagged["findings"], feats, flagged["family"], fast):
         assert reasons_text(bits, f, fam, ("RETAIL PHARMACY", "OH"), 8000.0) == text
     assert all(out.filter(~pl.col("flag"))["reasons"] == "")
+
+
+def test_rendered_reasons_match_python_on_awkward_numbers() -> None:
+    """Rounding halves, negatives, thousands separators, and numbers too large for the Numba
+    renderer (those lines fall back to the Python rendering): the same text either way."""
+    rng = np.random.default_rng(9)
+    values = np.array([0.0, 0.05, 0.45, 0.5, 2.25, 999.5, 999.95, 1234.5, -0.04, -0.06, -1234.56,
+                       1e6 + 0.5, 123456789.25, 2.0 ** 52, 1e17, 7.5e18, 0.125, 0.995])
+    m = 400
+    bits = rng.integers(1, 1 << 13, m)
+    feats = rng.choice(values, (m, K.NF))
+    families = pl.Series(rng.choice(["oxycodone", "hydrocodone", "fentanyl"], m))
+    peers = pl.Series(rng.choice(["peers: RETAIL PHARMACY, OH", "peers: all customers"], m))
+    fast = reasons_frame(bits, feats, families, peers, 8000.0)
+    for b, f, fam, peer, text in zip(bits, feats, families, peers, fast):
+        label = ("RETAIL PHARMACY", "OH") if "OH" in peer else ("", "")
+        assert reasons_text(int(b), f, fam, label, 8000.0) == text
