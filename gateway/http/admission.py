@@ -9,6 +9,10 @@ queue in front of them, bounded here. A request is judged once, on arrival:
 - otherwise it is admitted and its job goes straight to the workers' queue. A worker takes the
   next job without any round trip through the event loop, so a busy loop never starves the HSM.
 
+The bound counts a request from admission until its response is ready (`Admission.request`), not
+only while its job is at the pool: body reads, the trip back through the loop and the archive
+commit take time too, and under overload they would otherwise pile up unbounded behind the pool.
+
 A job still waiting when its deadline passes is withdrawn (429 `queue_deadline`); one that has
 started runs to the end. Refusing early keeps the latency of admitted requests bounded instead
 of letting every request get slower under overload.
@@ -19,6 +23,8 @@ The counters are touched on the event loop thread only; the service time is writ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -55,6 +61,10 @@ class Admission:
         self.deadline_s = deadline_s
         self.retry_after_s = retry_after_s
         self.in_flight = 0  # admitted jobs not finished: running or waiting at the pool
+        # Admitted requests not yet answered: besides their job, they read bodies, wait for the
+        # loop and for their commit. Bounding them bounds the latency of admitted requests even
+        # when the time goes outside the pool (Little's law: latency = open / throughput).
+        self.open_requests = 0
         self.service_s = 0.0  # moving average of one job's run time on a worker
         self.admitted = 0
         self.rejected_full = 0
@@ -91,9 +101,13 @@ class Admission:
     def check(self, deadline_s: float | None = None) -> None:
         """Raise Overloaded if a request arriving now would be refused (cheap: before the body
         is read). Does not admit."""
-        if self.in_flight < self.workers:
+        # Jobs can be admitted without an open request (pool.run called directly).
+        self._refuse_if_over(max(self.open_requests, self.in_flight), deadline_s)
+
+    def _refuse_if_over(self, count: int, deadline_s: float | None) -> None:
+        if count < self.workers:
             return
-        if self.in_flight >= self.workers + self.queue_size:
+        if count >= self.workers + self.queue_size:
             self.rejected_full += 1
             raise Overloaded("queue_full", "the signing queue is full; retry later", self.retry_after_s)
         timeout = self.deadline_s if deadline_s is None else deadline_s
@@ -103,9 +117,19 @@ class Admission:
                              f"the signing queue is longer than {timeout * 1000:.0f} ms; retry later",
                              self.retry_after_s)
 
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Check, then count one request as open until its response is ready."""
+        self.check()
+        self.open_requests += 1
+        try:
+            yield
+        finally:
+            self.open_requests -= 1
+
     def admit(self, deadline_s: float | None = None) -> None:
         """Admit one job or raise Overloaded. Pair every admit with one `done`."""
-        self.check(deadline_s)
+        self._refuse_if_over(self.in_flight, deadline_s)
         self.in_flight += 1
         self.admitted += 1
 

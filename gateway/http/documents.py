@@ -14,10 +14,11 @@ from aiohttp import web
 from gateway.http import keys
 from gateway.http.errors import ApiError
 from gateway.http.middleware import refuse
+from gateway.http.pool import WorkPool
 from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
 from gateway.signing import xmldsig
 from gateway.signing.errors import HsmError
-from gateway.storage.base import AuditEvent, DuplicateDocument, NewDocument, NewLink
+from gateway.storage.base import AuditEvent, Client, DuplicateDocument, NewDocument, NewLink
 from gateway.xmlsafe import XmlError
 
 FORMATS = ("xmldsig", "cms")
@@ -118,7 +119,13 @@ async def sign(request: web.Request) -> web.Response:
         raise ApiError("unsupported_media_type", "XML-DSig signs application/xml bodies",
                        details={"accepted": list(XML_TYPES)})
     pool = request.app[keys.POOL]
-    pool.admission.check()  # under overload, refuse before reading the body
+    # Refused before the body is read under overload; counted as open until answered.
+    with pool.admission.request():
+        return await _sign_admitted(request, pool, client, label, fmt, media)
+
+
+async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, label: str, fmt: str,
+                         media: str) -> web.Response:
     body = await request.read()
     if not body:
         raise ApiError("bad_request", "the body is empty")
@@ -169,16 +176,16 @@ async def verify_document(request: web.Request) -> web.Response:
         raise ApiError("trust_unavailable", "no trust bundle is configured", status=503,
                        retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     pool = request.app[keys.POOL]
-    pool.admission.check()
-    if request.content_type.lower() == "multipart/form-data":
-        parts = await _read_parts(request)
-        if "signature" not in parts or "content" not in parts:
-            raise ApiError("missing_parameter", "multipart body needs 'signature' and 'content' parts",
-                           details={"parts": sorted(parts)})
-        report = await pool.run(_verify_cms, parts["signature"], parts["content"], trust, at)
-    else:
-        body = await request.read()
-        report = await pool.run(_verify_xml, body, trust, at)
+    with pool.admission.request():
+        if request.content_type.lower() == "multipart/form-data":
+            parts = await _read_parts(request)
+            if "signature" not in parts or "content" not in parts:
+                raise ApiError("missing_parameter", "multipart body needs 'signature' and 'content' parts",
+                               details={"parts": sorted(parts)})
+            report = await pool.run(_verify_cms, parts["signature"], parts["content"], trust, at)
+        else:
+            body = await request.read()
+            report = await pool.run(_verify_xml, body, trust, at)
     return _report_response(report)
 
 

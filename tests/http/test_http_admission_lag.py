@@ -30,3 +30,18 @@ def test_free_workers_admit_whatever_the_lag() -> None:
     admission.record_loop_lag(1.0)
     admission.admit()  # a worker is free: the request is served at once
     assert admission.in_flight == 1
+
+
+def test_requests_count_until_answered_not_only_while_at_the_pool() -> None:
+    """A request whose job is done but whose commit or response is still pending keeps its place:
+    otherwise a slow commit lets admitted requests pile up behind it without bound."""
+    admission = Admission(workers=2, queue_size=2, deadline_s=0.25)
+    with admission.request(), admission.request(), admission.request(), admission.request():
+        assert admission.in_flight == 0  # no job at the pool: all four wait past it
+        with pytest.raises(Overloaded) as refused, admission.request():
+            pass
+        assert refused.value.code == "queue_full"
+        assert admission.open_requests == 4
+    assert admission.open_requests == 0
+    with admission.request():  # answered: there is room again
+        assert admission.open_requests == 1
