@@ -37,6 +37,9 @@ class HsmSettings:
     so_pin: str = "12345678"
     sessions: int = 0  # 0: one per core
     workers: int = 0  # 0: one per core
+    # CPU priority (nice) of the signing workers, above the event loop's: when the cores are
+    # saturated the loop keeps reading requests and refusing the excess at once. 0: same priority.
+    worker_nice: int = 0
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def _hsm_ctx(given: Any, workers: int | None):
         loop = asyncio.get_running_loop()
         hsm = given if given is not None else await loop.run_in_executor(None, Hsm.open, settings)
         n = workers or settings.hsm.workers or hsm.size
-        signer = AsyncSigner(hsm, workers=n)
+        signer = AsyncSigner(hsm, workers=n, nice=settings.hsm.worker_nice)
         # (The queue and pool gauges are read at scrape time, in /metrics, not set per request.)
         admission = Admission(workers=signer.workers, queue_size=settings.server.queue_size,
                               deadline_s=settings.server.queue_deadline_ms / 1000,

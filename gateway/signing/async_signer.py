@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,12 +38,29 @@ def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 _MAX_BATCH = 16
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness by `nice` (Linux schedules threads one by one).
+
+    A software token (SoftHSM) signs on the worker's own CPU time, so a saturated machine splits
+    the cores between the workers and the event loop. Niced workers leave the loop enough to keep
+    reading requests and refusing the excess at once; signing still gets every idle cycle.
+    """
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere PRIO_PROCESS with a thread id would renice the whole process
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        pass  # not permitted in this sandbox: run at the default priority
+
+
 class AsyncSigner:
     """Bounded pool of worker threads in front of an `Hsm` (or any blocking work)."""
 
-    def __init__(self, hsm: Hsm, workers: int | None = None) -> None:
+    def __init__(self, hsm: Hsm, workers: int | None = None, nice: int = 0) -> None:
         self.hsm = hsm
         self.workers = workers or hsm.size or (os.cpu_count() or 2)
+        self.nice = nice
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending = 0
         self._count_lock = threading.Lock()
@@ -58,6 +76,8 @@ class AsyncSigner:
         return self._pending
 
     def _work(self) -> None:
+        if self.nice > 0:
+            _lower_priority(self.nice)
         jobs = self._jobs
         while True:
             batch = [jobs.get()]

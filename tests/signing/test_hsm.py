@@ -359,3 +359,20 @@ def test_concurrent_token_set_up_makes_one_token(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), outputs
     assert sorted(out.strip() for out, _ in outputs) == ["False", "False", "False", "True"]
     assert _token_labels(settings.softhsm_conf).count(settings.hsm.token_label) == 1
+
+
+async def test_async_signer_workers_can_run_below_the_loops_priority(hsm: Hsm, rsa_key: str) -> None:
+    """`[hsm] worker_nice`: the workers (and the signing they do on their own CPU time) yield the
+    cores to the event loop when both want them; the loop's own thread keeps its priority."""
+    loop_thread = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, loop_thread)
+    signer = AsyncSigner(hsm, workers=2, nice=3)
+    try:
+        def own_priority() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert await signer.run(own_priority) == before + 3
+        assert len(await signer.sign(rsa_key, b"signed by a niced worker")) == 256
+    finally:
+        signer.close()
+    assert os.getpriority(os.PRIO_PROCESS, loop_thread) == before
