@@ -660,6 +660,13 @@ def dense_codes(keys):
     return codes, first[:k].copy()
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def recode(local, table, out):
+    """out[i] = table[local[i]]: a part's own codes turned into the codes of the whole."""
+    for i in range(local.shape[0]):
+        out[i] = table[local[i]]
+
+
 @njit(cache=True, error_model="numpy")
 def order_by_customer_day(ccode, ncust, day):
     """Permutation sorting lines by (customer code, day, input position): a stable counting sort

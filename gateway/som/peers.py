@@ -115,10 +115,30 @@ def _order(ccode: np.ndarray, ncust: int, fcode: np.ndarray, day: np.ndarray,
     return perm, start, (s_c, s_f, s_day, s_u, s_ctl, s_lu)
 
 
+def dense_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kernels.dense_codes (codes in order of first appearance, first index of each), in
+    threads over parts of the keys: each part is coded on its own, then the parts' distinct keys,
+    taken part after part in their order of first appearance, are coded once more, which is the
+    order of first appearance in the whole; each part's codes are then translated."""
+    n = keys.shape[0]
+    t = threads() if n >= 200_000 else 1
+    if t == 1:
+        return kernels.dense_codes(keys)
+    bounds = [n * k // t for k in range(t + 1)]
+    parts = run_threads(kernels.dense_codes, [(keys[a:b],) for a, b in zip(bounds, bounds[1:])])
+    firsts = np.concatenate([first + a for (_, first), a in zip(parts, bounds)])
+    table, which = kernels.dense_codes(keys[firsts])
+    codes = np.empty(n, np.int32)
+    offsets = np.cumsum([0] + [len(first) for _, first in parts])
+    run_threads(kernels.recode, [(local, table[o:], codes[a:b]) for (local, _), o, a, b in
+                                 zip(parts, offsets, bounds, bounds[1:])])
+    return codes, firsts[which]
+
+
 def prepare(df: pl.DataFrame) -> Prepared:
     n = df.height
-    ccode, cfirst = kernels.dense_codes(_keys(df["customer"]))
-    fcode, ffirst = kernels.dense_codes(_keys(df["family"]))
+    ccode, cfirst = dense_codes(_keys(df["customer"]))
+    fcode, ffirst = dense_codes(_keys(df["family"]))
     families = _text(df["family"].gather(ffirst))
     day = df["date"].to_physical().to_numpy()
     if day.dtype != np.int32:

@@ -33,6 +33,19 @@ def test_dense_codes_in_order_of_first_appearance() -> None:
     assert np.array_equal(keys[first][codes], keys)
 
 
+def test_dense_codes_in_threads_match_one_pass(monkeypatch) -> None:
+    from gateway.som import peers as peers_mod
+
+    monkeypatch.setenv("GATEWAY_SOM_THREADS", "3")
+    rng = np.random.default_rng(6)
+    keys = rng.integers(0, 2**63, 20_000, dtype=np.uint64)[rng.integers(0, 20_000, 700_000)]
+    keys[500_000:] = keys[:200_000]  # the last part has no key of its own
+    codes, first = peers_mod.dense_codes(keys)
+    expect_codes, expect_first = K.dense_codes(keys)
+    assert codes.dtype == expect_codes.dtype and np.array_equal(codes, expect_codes)
+    assert np.array_equal(first, expect_first)
+
+
 def test_order_by_customer_day_is_a_stable_sort() -> None:
     rng = np.random.default_rng(2)
     n = 50_000
