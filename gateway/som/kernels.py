@@ -386,6 +386,8 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     # computed once per (group, month) and kept in the state.
     if gs[gi, G_CMONTH] != month:
         _trailing_months(gs, gi, c, month)
+    if not controlled and not full:  # scored 0 below: its features would be seen by nobody
+        return 0.0, 0
     tot12 = gs[gi, G_CACHE]
     cnt12 = gs[gi, G_CACHE + 1]
     days12 = gs[gi, G_CACHE + 2]
