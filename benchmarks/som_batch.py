@@ -390,9 +390,10 @@ def _first_customers(df: pl.DataFrame, lines: int) -> pl.DataFrame:
     return df.filter(pl.col("customer").is_in(keep.implode()))
 
 
-def stages(df: pl.DataFrame, repeat: int) -> dict[str, float]:
-    """Seconds of each stage of score_orders (best of `repeat`): checking the loaded table,
-    coding and ordering the lines, the peer reference, the kernel, reasons and the output table."""
+def stages(df: pl.DataFrame, repeat: int, stat=min) -> dict[str, float]:
+    """Seconds of each stage of score_orders (`stat` of `repeat` runs, the best by default):
+    checking the loaded table, coding and ordering the lines, the peer reference, the kernel,
+    reasons and the output table."""
     from gateway.som import peers as peers_mod
     from gateway.som.io import read_orders
     from gateway.som.score import assemble, score_prepared
@@ -418,7 +419,7 @@ def stages(df: pl.DataFrame, repeat: int) -> dict[str, float]:
         assemble(d, r, cfg)
         lap("reasons and output table", t)
         del p, r
-    return {k: min(v) for k, v in out.items()}
+    return {k: stat(v) for k, v in out.items()}
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-polars", action="store_true")
     ap.add_argument("--skip-duckdb", action="store_true")
     ap.add_argument("--data", help="reuse this synthetic Parquet file (written when absent)")
+    ap.add_argument("--stages-only", action="store_true",
+                    help="only the in-memory Numba figure and its stages (best and median of "
+                         "--repeat runs each), printed, no results file: for trying changes")
     ap.add_argument("--duckdb-memory", default="8GB", help="DuckDB memory_limit (it spills beyond)")
     ap.add_argument("--polars-lines", type=int, default=2_000_000,
                     help="the Polars reference needs ~1.6 GB per million lines: it runs on the "
@@ -468,6 +472,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- in memory ----
     score_orders(df.head(200_000))  # compile / load the cached kernels outside the measurement
+    if args.stages_only:
+        times = [best(lambda: score_orders(df), 1)[0] for _ in range(args.repeat)]
+        print(f"numba in memory: best {min(times):.3f} s ({n / min(times) / 1e6:.2f}M lines/s), "
+              f"median {float(np.median(times)):.3f} s of {args.repeat}")
+        for name, stat in (("best", min), ("median", lambda v: float(np.median(v)))):
+            print(f"  stages, {name}: " + ", ".join(
+                f"{k} {v:.3f} s" for k, v in stages(df, args.repeat, stat).items()), flush=True)
+        return 0
     t_numba, scored = best(lambda: score_orders(df), args.repeat)
     results["in_memory"]["numba"] = {"seconds": t_numba, "lines_per_s": n / t_numba,
                                      "flagged": int(scored["flag"].sum())}
