@@ -9,6 +9,7 @@ fewer than `min_peer_customers` customers falls back to the next level.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ def run_threads(fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
         return list(pool.map(lambda t: fn(*t), tasks))
 
 
+@functools.lru_cache(maxsize=1)
+def log1p_table() -> np.ndarray:
+    """kernels.log1p_table, made once per process."""
+    return kernels.log1p_table(kernels.LOG1P_TABLE)
+
+
 CHUNKS_PER_THREAD = 4  # a thread slowed down by another process leaves the rest to the others
 
 
@@ -105,7 +112,7 @@ def _order(ccode: np.ndarray, ncust: int, fcode: np.ndarray, day: np.ndarray,
     tasks = []
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
         tasks.append((a, b, pos.copy(), ccode, fcode, day, units, controlled, perm, s_c, s_f,
-                      s_day, s_u, s_ctl, s_lu))
+                      s_day, s_u, s_ctl, s_lu, log1p_table()))
         pos += counts[k]
     run_threads(kernels.scatter_by_customer, tasks)
     cuts = [0, *(int(x) for x in np.searchsorted(start, bounds[1:-1])), ncust]
@@ -187,7 +194,8 @@ def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     nfam = len(p.families)
     s_c, s_f, s_day, s_u, _, s_lu = p.sorted
     parts = run_threads(kernels.peer_sums, [(s_c, s_f, s_day, s_u, s_lu, lo, hi, max(nfam, 1),
-                                             p.cust_ts, max(nts, 1)) for lo, hi in p.chunks])
+                                             p.cust_ts, max(nts, 1), log1p_table())
+                                            for lo, hi in p.chunks])
     acc = np.sum(parts, axis=0) if len(parts) > 1 else parts[0]
     cell_customers = np.bincount(p.cust_ts, minlength=nts).astype(np.float64)
     ts_idx, f_idx = np.nonzero(acc[:, :, 0] > 0)

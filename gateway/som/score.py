@@ -241,7 +241,8 @@ def score_prepared(p: peers_mod.Prepared, config: SomConfig = SomConfig(),
     s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
     parts = peers_mod.run_threads(K.score_range, [
         (s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts,
-         matrix, vectors, cfg, keep_features, s_score, s_bits, s_feats, max(1024, (hi - lo) // 32))
+         matrix, vectors, cfg, keep_features, s_score, s_bits, s_feats, peers_mod.log1p_table(),
+         max(1024, (hi - lo) // 32))
         for lo, hi in p.chunks])  # room for ~3% flagged lines (about 1% usually are)
     score = np.empty(n)
     bits = np.empty(n, np.int32)

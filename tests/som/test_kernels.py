@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import numpy as np
 import polars as pl
@@ -44,6 +45,16 @@ def test_dense_codes_in_threads_match_one_pass(monkeypatch) -> None:
     expect_codes, expect_first = K.dense_codes(keys)
     assert codes.dtype == expect_codes.dtype and np.array_equal(codes, expect_codes)
     assert np.array_equal(first, expect_first)
+
+
+def test_log1p_from_the_table_is_math_log1p() -> None:
+    from gateway.som import peers as peers_mod
+
+    table = peers_mod.log1p_table()
+    assert len(table) == K.LOG1P_TABLE
+    assert table.tolist() == [math.log1p(k) for k in range(K.LOG1P_TABLE)]
+    for x in (0.0, 1.0, 2.5, 7.0, 65535.0, 65536.0, 1e9, 0.25, 1e-300, 123456.0):
+        assert K._log1p(x, table) == math.log1p(x)
 
 
 def test_order_by_customer_day_is_a_stable_sort() -> None:
@@ -128,7 +139,8 @@ def test_flagged_lines_collected_past_the_first_buffer(messy) -> None:
     feats = np.empty((p.n, K.NF))
     fpos, ffeat = K.score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, 0, p.n, p.perm,
                                 len(p.families), p.cust_ts, matrix, vectors,
-                                config_vector(SomConfig()), True, score, bits, feats, 4)
+                                config_vector(SomConfig()), True, score, bits, feats,
+                                peers_mod.log1p_table(), 4)
     assert len(fpos) > 100
     # score, bits and feats are in sorted order; fpos are input positions
     inverse = np.empty(p.n, np.int64)
