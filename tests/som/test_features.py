@@ -285,15 +285,15 @@ def test_python_and_vectorised_reasons_agree(messy) -> None:
 
 
 def test_rendered_reasons_match_python_on_awkward_numbers() -> None:
-    """Rounding halves, negatives, thousands separators, and numbers too large for the Numba
-    renderer (those lines fall back to the Python rendering): the same text either way."""
+    """Rounding halves, negatives, thousands separators, non-ASCII names, and numbers too large
+    for the Numba renderer (those lines fall back to the Python rendering): the same text."""
     rng = np.random.default_rng(9)
     values = np.array([0.0, 0.05, 0.45, 0.5, 2.25, 999.5, 999.95, 1234.5, -0.04, -0.06, -1234.56,
                        1e6 + 0.5, 123456789.25, 2.0 ** 52, 1e17, 7.5e18, 0.125, 0.995])
     m = 400
     bits = rng.integers(1, 1 << 13, m)
     feats = rng.choice(values, (m, K.NF))
-    families = pl.Series(rng.choice(["oxycodone", "hydrocodone", "fentanyl"], m))
+    families = pl.Series(rng.choice(["oxycodone", "hydrocodone", "fentanyl", "morfina ñ é"], m))
     peers = pl.Series(rng.choice(["peers: RETAIL PHARMACY, OH", "peers: all customers"], m))
     fast = reasons_frame(bits, feats, families, peers, 8000.0)
     for b, f, fam, peer, text in zip(bits, feats, families, peers, fast):
