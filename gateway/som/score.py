@@ -235,23 +235,15 @@ def score_prepared(p: peers_mod.Prepared, config: SomConfig = SomConfig(),
                                                     config.min_peer_customers)
     cfg = config_vector(config)
     n = p.n
-    s_score = np.empty(n)  # in sorted order, then in input order
-    s_bits = np.empty(n, np.int32)
-    s_feats = np.empty((n if keep_features else 0, K.NF))
+    score = np.empty(n)
+    bits = np.empty(n, np.int32)
+    feats = np.empty((n if keep_features else 0, K.NF))
     s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
     parts = peers_mod.run_threads(K.score_range, [
         (s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, p.perm, max(len(p.families), 1), p.cust_ts,
-         matrix, vectors, cfg, keep_features, s_score, s_bits, s_feats, peers_mod.log1p_table(),
+         matrix, vectors, cfg, keep_features, score, bits, feats, peers_mod.log1p_table(),
          max(1024, (hi - lo) // 32))
         for lo, hi in p.chunks])  # room for ~3% flagged lines (about 1% usually are)
-    score = np.empty(n)
-    bits = np.empty(n, np.int32)
-    peers_mod.run_threads(K.unpermute, [(p.perm, lo, hi, s_score, s_bits, score, bits)
-                                        for lo, hi in p.chunks])
-    feats = s_feats
-    if keep_features:
-        feats = np.empty_like(s_feats)
-        feats[p.perm] = s_feats
     if len(parts) == 1:
         fpos, ffeat = parts[0]
     else:
