@@ -47,7 +47,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8443
     max_body_bytes: int = 1_048_576
-    queue_size: int = 64
+    queue_size: int = 32
     queue_deadline_ms: int = 250
     retry_after_s: int = 1
     drain_timeout_s: float = 10.0
