@@ -90,15 +90,17 @@ async def create_clients(storage: Any, suffix: str = "") -> tuple[dict[str, str]
 @pytest.fixture
 async def make_gateway(softhsm_settings: Settings, hsm: Hsm, http_keys: dict[str, str],
                        tmp_path: Path) -> AsyncIterator[Any]:
-    """`await make_gateway(queue_size=..., workers=..., auth_cache_ttl_s=...)` -> Gateway."""
+    """`await make_gateway(queue_size=..., workers=..., auth_cache_ttl_s=..., extra={...})` -> Gateway.
+    `extra` holds gateway.toml tables without a settings class of their own ([audit]...)."""
     started: list[tuple[TestClient, Any]] = []
 
     async def factory(*, workers: int | None = None, auth_cache_ttl_s: float = 1.0,
                       routes: list | None = None, database_url: str | None = None,
-                      **server: Any) -> Gateway:
+                      extra: dict[str, Any] | None = None, **server: Any) -> Gateway:
         url = database_url or f"sqlite:///{tmp_path / f'gw{len(started)}.sqlite3'}"
         settings = replace(softhsm_settings, database_url=url,
-                           server=replace(softhsm_settings.server, **server))
+                           server=replace(softhsm_settings.server, **server),
+                           extra=extra if extra is not None else softhsm_settings.extra)
         storage = storage_for_url(url)
         await storage.open()
         tokens, names = await create_clients(storage)
