@@ -201,8 +201,6 @@ def der_to_raw_ecdsa(der: bytes, size: int = P256_COORDINATE_BYTES) -> bytes:
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Verification
 
