@@ -26,9 +26,11 @@ import copy
 import functools
 import hashlib
 import hmac
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -230,34 +232,27 @@ def verify_tree(tree: etree._ElementTree) -> VerifiedXml:
     root = tree.getroot()
     signature = _the_signature(root)
     signed_info, signature_value, key_info = _signature_parts(signature)
-    c14n_method, signature_method, reference = _signed_info_parts(signed_info)
-    signed_info_prefixes = _exc_c14n_prefixes(c14n_method)
-    algorithm = _ALGORITHM_NAMES.get(signature_method.get("Algorithm", ""))
-    if algorithm is None:
-        raise XmlSignatureError(
-            "algorithm_not_allowed",
-            f"SignatureMethod {signature_method.get('Algorithm')!r} is not accepted",
-        )
-    if len(signature_method):
-        raise XmlSignatureError("signature_malformed", "SignatureMethod must be empty")
-    reference_prefixes, expected_digest = _reference_parts(reference)
+    # SignedInfo is canonicalised in place, before the Signature leaves the tree.
+    signed_info_c14n = _c14n(signed_info)
+    profile = _profile_from_c14n(signed_info_c14n)
+    if profile is None:  # not the plain form: walk the elements, naming the failed check
+        profile = _profile_from_elements(signed_info)
+        if profile.signed_info_prefixes:
+            signed_info_c14n = _c14n(signed_info, profile.signed_info_prefixes)
     raw_signature = _b64(signature_value.text, "SignatureValue")
     certificates = _certificates(key_info)
     signer, others = _signer_certificate(certificates)
 
-    # SignedInfo is canonicalised in place, before the Signature leaves the tree.
-    signed_info_c14n = _c14n(signed_info, signed_info_prefixes)
-
     # Enveloped-signature transform: take the Signature element out, keeping the text after it
     # (that text is document content, not part of the signature).
     _detach(signature)
-    digest = hashlib.sha256(_c14n(tree, reference_prefixes)).digest()
-    if not hmac.compare_digest(digest, expected_digest):
+    digest = hashlib.sha256(_c14n(tree, profile.reference_prefixes)).digest()
+    if not hmac.compare_digest(digest, profile.digest):
         raise XmlSignatureError(
             "signature_invalid", "the document does not match the signed digest", "reference_digest"
         )
-    _verify_signature_value(certificates, algorithm, raw_signature, signed_info_c14n)
-    return VerifiedXml(tree=tree, signer=signer, other_certificates=others, algorithm=algorithm)
+    _verify_signature_value(certificates, profile.algorithm, raw_signature, signed_info_c14n)
+    return VerifiedXml(tree=tree, signer=signer, other_certificates=others, algorithm=profile.algorithm)
 
 
 def _the_signature(root: etree._Element) -> etree._Element:
@@ -312,6 +307,80 @@ def _signature_parts(signature: etree._Element):
         )
     _expect(children, (SIGNED_INFO, SIGNATURE_VALUE, KEY_INFO), "Signature")
     raise AssertionError("unreachable")
+
+
+class _SignedInfoProfile(NamedTuple):
+    """What an accepted SignedInfo says: the algorithm, the C14N parameters and the digest."""
+
+    algorithm: str  # "rsa-sha256" | "ecdsa-sha256"
+    signed_info_prefixes: tuple[str, ...] | None  # InclusiveNamespaces of CanonicalizationMethod
+    reference_prefixes: tuple[str, ...] | None  # InclusiveNamespaces of the Reference's C14N
+    digest: bytes
+
+
+def _signed_info_form() -> re.Pattern[bytes]:
+    # The exclusive C14N of the plain SignedInfo the profile accepts (no parameters, no Id or
+    # Type attributes), with any namespace prefix and whitespace between the elements. C14N is
+    # one fixed rendering of the element tree, so a match says everything the element walk
+    # checks, at a tenth of its cost; the xmlns declaration is compared to the prefix after.
+    ws = rb"[ \t\n]*"
+
+    def tag(name: str, attribute: str = "") -> bytes:
+        return b"<(?P=p)" + name.encode() + attribute.encode() + b">"
+
+    def end(name: str) -> bytes:
+        return b"</(?P=p)" + name.encode() + b">"
+
+    def empty(name: str, algorithm: str) -> bytes:
+        return tag(name, f' Algorithm="{re.escape(algorithm)}"') + end(name)
+
+    methods = b"|".join(re.escape(uri).encode() for uri in SIGNATURE_METHODS.values())
+    return re.compile(
+        rb'<(?P<p>(?:[A-Za-z_][\w.-]*:)?)SignedInfo xmlns(?P<declared>(?::[A-Za-z_][\w.-]*)?)="'
+        + re.escape(DS_NS).encode() + b'">' + ws
+        + empty("CanonicalizationMethod", EXC_C14N) + ws
+        + b'<(?P=p)SignatureMethod Algorithm="(?P<method>' + methods + b')">'
+        + end("SignatureMethod") + ws
+        + tag("Reference", ' URI=""') + ws + tag("Transforms") + ws
+        + empty("Transform", ENVELOPED) + ws + empty("Transform", EXC_C14N) + ws
+        + end("Transforms") + ws + empty("DigestMethod", SHA256) + ws
+        + tag("DigestValue") + rb"(?P<digest>[A-Za-z0-9+/=]*)" + end("DigestValue") + ws
+        + end("Reference") + ws + end("SignedInfo"),
+    )
+
+
+_SIGNED_INFO_FORM = _signed_info_form()
+
+
+def _profile_from_c14n(signed_info_c14n: bytes) -> _SignedInfoProfile | None:
+    """The profile of a SignedInfo in its plain form, from its canonical bytes; None otherwise."""
+    match = _SIGNED_INFO_FORM.fullmatch(signed_info_c14n)
+    if match is None:
+        return None
+    prefix, declared = match["p"], match["declared"]
+    if declared != (b":" + prefix[:-1] if prefix else b""):
+        return None
+    digest = _b64(match["digest"], "DigestValue")
+    if len(digest) != 32:
+        raise XmlSignatureError("signature_malformed", "DigestValue is not a SHA-256 digest")
+    return _SignedInfoProfile(_ALGORITHM_NAMES[match["method"].decode()], None, None, digest)
+
+
+def _profile_from_elements(signed_info: etree._Element) -> _SignedInfoProfile:
+    """The profile of any SignedInfo the profile accepts, or XmlSignatureError naming the check
+    it fails."""
+    c14n_method, signature_method, reference = _signed_info_parts(signed_info)
+    signed_info_prefixes = _exc_c14n_prefixes(c14n_method)
+    algorithm = _ALGORITHM_NAMES.get(signature_method.get("Algorithm", ""))
+    if algorithm is None:
+        raise XmlSignatureError(
+            "algorithm_not_allowed",
+            f"SignatureMethod {signature_method.get('Algorithm')!r} is not accepted",
+        )
+    if len(signature_method):
+        raise XmlSignatureError("signature_malformed", "SignatureMethod must be empty")
+    reference_prefixes, digest = _reference_parts(reference)
+    return _SignedInfoProfile(algorithm, signed_info_prefixes, reference_prefixes, digest)
 
 
 def _signed_info_parts(signed_info: etree._Element):
@@ -376,10 +445,15 @@ def _reference_parts(reference: etree._Element) -> tuple[tuple[str, ...] | None,
     return prefixes, digest
 
 
-def _b64(text: str | None, what: str) -> bytes:
+def _b64(text: str | bytes | None, what: str) -> bytes:
+    try:
+        # Base64 on one line, as most signers write it, decodes without the whitespace pass.
+        return binascii.a2b_base64(text or b"", strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
     try:
         return base64.b64decode("".join((text or "").split()), validate=True)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, TypeError):
         raise XmlSignatureError("signature_malformed", f"{what} is not base64") from None
 
 

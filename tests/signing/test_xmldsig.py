@@ -336,10 +336,70 @@ def test_profile_refusals_with_valid_signature_values(mutation, ec_signer, trust
         signed_info[0].tail = "text"
     elif mutation == "processing_instruction":
         signed_info.insert(0, etree.ProcessingInstruction("pi", "x"))
+    # A changed SignedInfo never passes the quick reading of its canonical form: the element
+    # walk then runs and names the check.
+    quick = xmldsig._profile_from_c14n(etree.tostring(signed_info, method="c14n", exclusive=True))
+    assert (quick is None) == (mutation not in ("retrieval_method", "no_key_info"))
     report, tree_out = verify_xml(resign(tree, ec_signer), trust)
     assert report.code == expected, report.message
     assert tree_out is None
     assert not report.valid
+
+
+SIGNED_INFO_FORMS = {
+    # name: (SignedInfo as another signer might write it, whether it is the plain form)
+    "ds_prefix": (None, True),
+    "default_namespace": ("<SignedInfo xmlns='{ds}'><CanonicalizationMethod Algorithm='{exc}'/>"
+                          "<SignatureMethod Algorithm='{ecdsa}'/><Reference URI=''><Transforms>"
+                          "<Transform Algorithm='{env}'/><Transform Algorithm='{exc}'/></Transforms>"
+                          "<DigestMethod Algorithm='{sha}'/><DigestValue>{digest}</DigestValue>"
+                          "</Reference></SignedInfo>", True),
+    "indented_other_prefix": ("<dsig:SignedInfo xmlns:dsig='{ds}'>\n  <dsig:CanonicalizationMethod "
+                              "Algorithm='{exc}'/>\n  <dsig:SignatureMethod Algorithm='{ecdsa}'/>\n  "
+                              "<dsig:Reference URI=''>\n    <dsig:Transforms>\n      <dsig:Transform "
+                              "Algorithm='{env}'/>\n      <dsig:Transform Algorithm='{exc}'/>\n    "
+                              "</dsig:Transforms>\n    <dsig:DigestMethod Algorithm='{sha}'/>\n    "
+                              "<dsig:DigestValue>{digest}</dsig:DigestValue>\n  </dsig:Reference>\n"
+                              "</dsig:SignedInfo>", True),
+    "reference_with_id": ("<ds:SignedInfo xmlns:ds='{ds}'><ds:CanonicalizationMethod Algorithm='{exc}'/>"
+                          "<ds:SignatureMethod Algorithm='{ecdsa}'/><ds:Reference Id='r1' URI=''>"
+                          "<ds:Transforms><ds:Transform Algorithm='{env}'/><ds:Transform "
+                          "Algorithm='{exc}'/></ds:Transforms><ds:DigestMethod Algorithm='{sha}'/>"
+                          "<ds:DigestValue>{digest}</ds:DigestValue></ds:Reference></ds:SignedInfo>",
+                          False),
+}
+
+
+@pytest.mark.parametrize("form", sorted(SIGNED_INFO_FORMS))
+def test_signed_info_forms_verify_and_both_readings_agree(form, ec_signer, trust):
+    """The quick reading of SignedInfo's canonical form gives what the element walk gives, and a
+    form outside it (an Id on the Reference) still verifies through the walk."""
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    template, plain = SIGNED_INFO_FORMS[form]
+    signed_info = tree.find(".//ds:SignedInfo", NS)
+    if template is not None:
+        digest = signed_info.find(".//ds:DigestValue", NS).text
+        text = template.format(ds=DS_NS, exc=xmldsig.EXC_C14N, ecdsa=xmldsig.ECDSA_SHA256,
+                               env=xmldsig.ENVELOPED, sha=xmldsig.SHA256, digest=digest)
+        replacement = etree.fromstring(text)
+        replacement.tail = signed_info.tail
+        signed_info.getparent().replace(signed_info, replacement)
+        signed_info = replacement
+    quick = xmldsig._profile_from_c14n(etree.tostring(signed_info, method="c14n", exclusive=True))
+    walked = xmldsig._profile_from_elements(signed_info)
+    assert walked.algorithm == "ecdsa-sha256" and len(walked.digest) == 32
+    assert quick == (walked if plain else None)
+    report, signed = verify_xml(resign(tree, ec_signer), trust)
+    assert report.valid, report.to_dict()
+    assert signed.getroot().findtext("{urn:csos-gateway:order:1}OrderNumber") == "26X000123"
+
+
+def test_quick_reading_requires_the_declaration_of_signed_infos_own_prefix(ec_signer):
+    tree = tree_of(sign_enveloped(ORDER, ec_signer))
+    c14n = etree.tostring(tree.find(".//ds:SignedInfo", NS), method="c14n", exclusive=True)
+    assert xmldsig._profile_from_c14n(c14n).algorithm == "ecdsa-sha256"
+    for wrong in (b"xmlns=", b"xmlns:dx="):
+        assert xmldsig._profile_from_c14n(c14n.replace(b"xmlns:ds=", wrong, 1)) is None
 
 
 def test_inclusive_namespaces_prefix_list_is_honoured(ec_signer, trust):
