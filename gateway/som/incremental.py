@@ -23,6 +23,7 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
+from gateway.som.io import MAX_DOSAGE_UNITS
 from gateway.som.peers import ALL, peer_matrix
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
@@ -87,8 +88,11 @@ class SomState:
             date = date.date()
         if not isinstance(date, dt.date):
             raise SomStateError("som_invalid_line", "date must be a date")
-        if not units >= 0:
-            raise SomStateError("som_invalid_line", "dosage_units must be a non-negative number")
+        if not 0 <= units <= MAX_DOSAGE_UNITS:  # as read_orders: NaN, inf and absurd lines too
+            raise SomStateError(
+                "som_invalid_line",
+                f"dosage_units must be a number from 0 to {MAX_DOSAGE_UNITS:,.0f}",
+            )
         day = (date - _EPOCH).days
         controlled = order.get("controlled")
         controlled = True if controlled is None else bool(controlled)

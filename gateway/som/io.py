@@ -30,6 +30,14 @@ ARCOS_NAMES = {
 }
 
 
+MAX_DOSAGE_UNITS = 1e12
+"""The most dosage units one order line may carry: a line above it (a trillion tablets) is a
+data error, not an order, and read_orders refuses it like a negative number of units. The bound
+also keeps every sum the scorer makes finite: month-to-date and trailing totals of lines of at
+most 1e12 units cannot overflow a float, where two lines of 1e308 in one month could (an
+infinite total has no meaning to score or to quote in a reason)."""
+
+
 class SomInputError(SomError):
     """An order history the scorer cannot use; `code` says why."""
 
@@ -127,6 +135,9 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
         pl.col("dosage_units").is_null().sum().alias("units_null"),
         (pl.col("dosage_units") < 0).sum().alias("units_negative"),
         pl.col("dosage_units").is_nan().sum().alias("units_nan"),
+        pl.col("dosage_units").is_infinite().sum().alias("units_infinite"),
+        (pl.col("dosage_units").is_finite() & (pl.col("dosage_units") > MAX_DOSAGE_UNITS))
+        .sum().alias("units_too_large"),
         pl.col("customer").null_count().alias("customer"),
         pl.col("family").null_count().alias("family"),
     ).row(0, named=True)
@@ -137,6 +148,13 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
     if bad["units_negative"]:
         raise SomInputError("som_invalid_units",
                             f"{bad['units_negative']} lines with negative dosage units")
+    if bad["units_infinite"]:
+        raise SomInputError("som_invalid_units",
+                            f"{bad['units_infinite']} lines with infinite dosage_units")
+    if bad["units_too_large"]:
+        raise SomInputError("som_invalid_units",
+                            f"{bad['units_too_large']} lines with dosage_units above "
+                            f"{MAX_DOSAGE_UNITS:,.0f} (MAX_DOSAGE_UNITS)")
     if bad["customer"] or bad["family"]:
         raise SomInputError("som_missing_value", "lines without a customer or a family")
     return df

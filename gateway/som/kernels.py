@@ -278,11 +278,13 @@ def log1p_table(n):
 def _log1p(x, table):
     """math.log1p(x), read from `table` (log1p_table) when x is a whole number it covers: the
     same value, without the libm call (dosage units and monthly totals are whole numbers; the
-    call was about a tenth of the time of a line)."""
+    call was about a tenth of the time of a line). The sign of x goes onto the table's value:
+    log1p(-0.0) is -0.0 (and every other entry is positive), so the batch (table) and the
+    incremental scorer (libm) agree bit for bit."""
     if 0.0 <= x < table.shape[0]:
         k = int(x)
         if k == x:
-            return table[k]
+            return math.copysign(table[k], x)
     return math.log1p(x)
 
 
@@ -913,7 +915,8 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, 
     """Score sorted lines lo..hi (whole customers); results go to each line's input position in
     `score`, `bits` (and `feats` with keep_features). Returns the input positions and feature
     rows of the flagged lines (for their reasons), collected in buffers of `fcap` rows at first,
-    doubled when full."""
+    doubled when full (`fcap` below 1 is taken as 1: a buffer of 0 rows would double forever)."""
+    fcap = max(fcap, 1)
     gstate = np.empty((nfam, G_SIZE))
     cstate = np.empty(C_SIZE)
     seen = np.zeros(nfam, np.bool_)

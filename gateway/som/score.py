@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -79,17 +81,33 @@ def _r_int(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def _scaled(x: float, scale: int) -> int | str:
+    """x * scale rounded half up to an integer, as `_r_int(x * scale)`; a number that is not
+    finite comes back as its text ("inf", "-inf", "nan"), and a finite x whose product overflows
+    a float is rounded exactly instead. The Numba renderer (kernels.render_reasons) leaves every
+    such line to this one."""
+    x = float(x)  # a Python float: an overflowing product is inf, without NumPy's warning
+    y = x * scale
+    if math.isfinite(y):
+        return _r_int(y)
+    if math.isfinite(x):
+        return math.floor(Fraction(x) * scale + Fraction(1, 2))
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
 def _fmt(kind: str, x: float, cap: float) -> str:
-    if kind == "i":
-        return f"{_r_int(x):,}"
+    if kind == "i" or kind == "cap":
+        t = _scaled(cap if kind == "cap" else x, 1)
+        return t if isinstance(t, str) else f"{t:,}"
     if kind == "r":
-        t = _r_int(x * 10)
+        t = _scaled(x, 10)
+        if isinstance(t, str):
+            return t
         sign = "-" if t < 0 else ""
         t = abs(t)
         return f"{sign}{t // 10:,}.{t % 10}"
-    if kind == "p":
-        return f"{_r_int(x * 100)}%"
-    return f"{_r_int(cap):,}"
+    t = _scaled(x, 100)  # "p"
+    return f"{t}%"
 
 
 def _peer_label(ctype: str, state: str) -> str:
@@ -103,15 +121,21 @@ def reasons_text(bits: int, feat: np.ndarray, family: str, peer: tuple[str, str]
     return _reasons_text(bits, feat, family, _peer_label(*peer), cap)
 
 
+_PLACEHOLDER = re.compile(r"\{(?:fam|peer)\}")
+
+
 def _reasons_text(bits: int, feat: np.ndarray, family: str, label: str, cap: float) -> str:
     out = []
+    values = {"{fam}": family, "{peer}": label}
     for bit, parts in TEMPLATES:
         if not bits & bit:
             continue
         s = []
         for part in parts:
             if isinstance(part, str):
-                s.append(part.replace("{fam}", family).replace("{peer}", label))
+                # one pass over the template: a family name or label holding "{peer}" or "{fam}"
+                # is put in as it is, never scanned again (as kernels.render_reasons does)
+                s.append(_PLACEHOLDER.sub(lambda m: values[m.group(0)], part))
             else:
                 s.append(_fmt(part[0], feat[part[1]] if len(part) > 1 else 0.0, cap))
         out.append("".join(s))

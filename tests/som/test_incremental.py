@@ -92,6 +92,11 @@ def test_bad_lines_and_bad_states() -> None:
         state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2024-03-02",
                       "dosage_units": -5})
     assert e.value.code == "som_invalid_line"
+    for units in (float("nan"), float("inf"), 1e13):  # as read_orders refuses them
+        with pytest.raises(SomStateError) as e:
+            state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2024-03-02",
+                          "dosage_units": units})
+        assert e.value.code == "som_invalid_line"
     with pytest.raises(SomStateError) as e:
         state.update({"customer": "AB1234563", "date": "2024-03-02", "dosage_units": 5})
     assert e.value.code == "som_invalid_line"

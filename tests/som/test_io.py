@@ -69,6 +69,12 @@ def test_native_parquet_and_csv_round_trip(tmp_path) -> None:
     (pl.DataFrame({"customer": ["A"], "family": ["x"], "date": ["2024-01-02"],
                    "dosage_units": [None]}, schema_overrides={"dosage_units": pl.Float64}),
      "som_invalid_units"),
+    (pl.DataFrame({"customer": ["A"], "family": ["x"], "date": ["2024-01-02"],
+                   "dosage_units": [float("inf")]}), "som_invalid_units"),
+    (pl.DataFrame({"customer": ["A"], "family": ["x"], "date": ["2024-01-02"],
+                   "dosage_units": [float("-inf")]}), "som_invalid_units"),
+    (pl.DataFrame({"customer": ["A"], "family": ["x"], "date": ["2024-01-02"],
+                   "dosage_units": [1e12 + 1]}), "som_invalid_units"),
     (pl.DataFrame({"customer": [None], "family": ["x"], "date": ["2024-01-02"],
                    "dosage_units": [1.0]}, schema_overrides={"customer": pl.String}),
      "som_missing_value"),
@@ -79,6 +85,34 @@ def test_bad_input_has_a_code(frame: pl.DataFrame, code: str) -> None:
     with pytest.raises(SomInputError) as e:
         score_orders(frame)
     assert e.value.code == code
+
+
+def test_non_finite_and_absurd_units_are_refused_with_their_count(tmp_path) -> None:
+    """+inf units (NaN, null and negative ones were already refused) and more than
+    MAX_DOSAGE_UNITS on a line: a coded error naming the column and the number of bad lines,
+    from a CSV (native or ARCOS) as from a frame, and no output file written."""
+    from gateway.som.io import MAX_DOSAGE_UNITS
+    from gateway.som.score import score_file
+
+    assert MAX_DOSAGE_UNITS == 1e12
+    ok = read_orders(lines([("A", "x", "2024-01-02", MAX_DOSAGE_UNITS)]))  # the bound itself: fine
+    assert ok["dosage_units"].to_list() == [1e12]
+    native = tmp_path / "in.csv"
+    native.write_text("customer,family,date,dosage_units\nA,x,2024-01-02,100\nA,x,2024-01-03,inf\n"
+                      "B,x,2024-01-03,Infinity\nB,x,2024-01-04,5\n")
+    arcos = tmp_path / "arcos.csv"
+    arcos.write_text("BUYER_DEA_NO,DRUG_NAME,DOSAGE_UNIT,TRANSACTION_DATE\n"
+                     "AB1,OXY,1e308,01062012\nAB1,OXY,1e308,01072012\nAB1,OXY,3,01082012\n")
+    for path, count, what in ((native, 2, "infinite dosage_units"),
+                              (arcos, 2, "dosage_units above 1,000,000,000,000")):
+        with pytest.raises(SomInputError) as e:
+            read_orders(path)
+        assert e.value.code == "som_invalid_units"
+        assert e.value.message.startswith(f"{count} lines with {what}")
+        out = tmp_path / "out.parquet"
+        with pytest.raises(SomInputError):
+            score_file(str(path), str(out))
+        assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_missing_file_and_unknown_suffix(tmp_path) -> None:
