@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import threading
 import time
 
@@ -54,6 +55,38 @@ async def test_full_queue_gives_429_at_once_and_deadline_gives_429(make_gateway)
     assert 'gateway_admission_rejected_total{reason="queue_full"} 1.0' in metrics
     assert 'gateway_admission_rejected_total{reason="queue_deadline"} 1.0' in metrics
     assert admission.in_flight == 0
+
+
+async def test_requests_waiting_for_their_commit_count_against_the_queue(make_gateway) -> None:
+    """Admission counts a request as open until it is answered, not only while its job is at
+    the pool: requests signed but waiting for their commit still fill the queue (under overload
+    that wait is where admitted requests lost their time)."""
+    gw = await make_gateway(workers=1, queue_size=1)
+    admission = gw.app[keys.ADMISSION]
+    headers = {**gw.auth("purchaser"), "Content-Type": "application/xml"}
+    blocker = sqlite3.connect(gw.settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database: commits wait
+    try:
+        waiting = [asyncio.create_task(gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(n),
+                                                    headers=headers)) for n in (1, 2)]
+        deadline = time.monotonic() + 10
+        while (admission.admitted < 2 or admission.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert admission.admitted == 2 and admission.in_flight == 0  # signed, not committed
+        # Counted only at the pool, this one would be admitted and wait for the database too.
+        refused = await asyncio.wait_for(
+            gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(3), headers=headers), 5)
+        assert refused.status == 429
+        assert (await refused.json())["error"]["code"] == "queue_full"
+        assert admission.open_requests == 2
+        assert not any(task.done() for task in waiting)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert [r.status for r in await asyncio.gather(*waiting)] == [200, 200]
+    assert admission.open_requests == 0
+    ok = await gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(3), headers=headers)
+    assert ok.status == 200
 
 
 async def test_hsm_failure_gives_503_and_the_pool_recovers(softhsm_settings, http_keys, tmp_path, servers) -> None:
