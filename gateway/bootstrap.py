@@ -8,11 +8,13 @@ catalog, the database (migrations), the demo API clients, and `demo.json` naming
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +104,18 @@ def init_home(home: str | os.PathLike[str] | None = None, *, settings: Settings 
     """Set up (or check) a home; returns what was written to demo.json."""
     settings = settings or load_settings(home)
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # PINs, tokens, patient data
-    # One init at a time per home: each step looks, then creates (token, keys, clients), and
-    # two inits at once made two audit keys with one label, which breaks the home for good.
+    with home_lock(settings):
+        return _init_locked(settings)
+
+
+@contextlib.contextmanager
+def home_lock(settings: Settings) -> Iterator[None]:
+    """One look-then-create at a time per home (`gateway init`, `gateway keys generate`): PKCS#11
+    has no "create unless the label exists", and two processes that both looked first made two
+    keys with one label, which no later lookup by label can resolve."""
     with open(settings.home / ".init.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _init_locked(settings)
+        yield
 
 
 def _init_locked(settings: Settings) -> dict[str, Any]:

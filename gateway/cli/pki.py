@@ -16,6 +16,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from gateway.bootstrap import home_lock
 from gateway.cli import Context, pass_context
 from gateway.config import Settings
 from gateway.identifiers import IdentifierError
@@ -257,7 +258,8 @@ def generate_cmd(ctx: Context, label: str, key_type: str) -> None:
     with _audited(ctx.settings, "key.generated", label, key_type=key_type) as audit, \
             _open_hsm(ctx.settings) as hsm, _refusals():
         certificate_path(ctx.settings, label)  # refuse labels that cannot name a file later
-        public = hsm.generate_keypair(label, key_type)
+        with home_lock(ctx.settings):  # another process may be generating the same label
+            public = hsm.generate_keypair(label, key_type)
         audit["spki_sha256"] = _fingerprint(public)
     _echo_json({"label": label, "key_type": key_type, "spki_sha256": _fingerprint(public),
                 "public_key": public.public_bytes(serialization.Encoding.PEM,

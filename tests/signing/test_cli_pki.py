@@ -70,6 +70,26 @@ def test_ca_bundle_without_a_pki(tmp_path):
     assert "[pki_missing]" in result.stderr
 
 
+def test_concurrent_generates_of_one_label_make_one_key(home):
+    """Three processes generate the same label at once: one key, two key_exists refusals (each
+    looks before it creates; RSA generation leaves a wide window between the two)."""
+    label = _label("cli-race")
+    cmd = [sys.executable, "-m", "gateway", "--home", str(home), "keys", "generate", "--label", label,
+           "--type", "rsa2048"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    assert all("[key_exists]" in err for code, err in results if code == 1)
+    listed = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "keys", "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()].count(label) == 1
+
+
 def test_enrolment_generate_csr_issue_import_list(run, home, tmp_path):
     label = _label("cli-enrol")
     generated = json.loads(run("keys", "generate", "--label", label, "--type", "p256").stdout)
