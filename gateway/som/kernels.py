@@ -945,6 +945,20 @@ def score_range(s_c, s_f, s_day, s_u, s_ctl, s_lu, lo, hi, perm, nfam, cust_ts, 
     return fpos[:nflag].copy(), ffeat[:nflag].copy()
 
 
+@njit(cache=True, nogil=True, error_model="numpy", _nrt=False)
+def advance_states(s_c, s_f, s_g, s_day, s_u, s_ctl, s_lu, lo, hi, cstates, gstates, cust_cell,
+                   peer_row, peers, cfg, feat, table):
+    """Sorted lines lo..hi (whole customers) added to the states: customer s_c[k]'s row of
+    `cstates` and group s_g[k]'s row of `gstates`, line by line as `process_line` adds them,
+    without keeping scores (the bulk load of a live state). Allocates nothing (`feat` is
+    scratch), hence no reference counting."""
+    for k in range(lo, hi):
+        c = s_c[k]
+        f = s_f[k]
+        process_line_lu(gstates, s_g[k], cstates[c], s_day[k], s_u[k], s_lu[k], s_ctl[k], peers,
+                        peer_row[cust_cell[c], f], cfg, feat, False, table)
+
+
 # --- reasons text ---------------------------------------------------------------------------
 # The templates of score.TEMPLATES as a program: per template its finding bit and a run of
 # (op, arg) pairs. Numbers are written as Python's f"{n:,}" writes them (score._fmt).

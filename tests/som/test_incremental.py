@@ -108,3 +108,47 @@ def test_bad_lines_and_bad_states() -> None:
 def test_config_travels_with_the_state() -> None:
     state = SomState(SomConfig(monthly_cap=5000))
     assert SomState.from_bytes(state.to_bytes()).config.monthly_cap == 5000
+
+
+def _same_state(a: SomState, b: SomState) -> None:
+    assert a.customers.keys() == b.customers.keys() and a.cells == b.cells
+    assert a.groups.keys() == b.groups.keys()
+    for name in a.customers:
+        assert np.array_equal(a.customers[name], b.customers[name], equal_nan=True), name
+    for key in a.groups:
+        assert np.array_equal(a.groups[key], b.groups[key], equal_nan=True), key
+
+
+def test_extend_leaves_the_state_update_many_leaves(history) -> None:
+    """The bulk load (load-history) and line-by-line updates end in identical states, also when
+    the table is not in time order (extend sorts each customer's lines) and when the state
+    already holds the first part of the history."""
+    df, peers, batch = history
+    by_update = SomState(peers=peers)
+    by_update.update_many(df)
+    bulk = SomState(peers=peers)
+    bulk.extend(df.sort("customer", "date", maintain_order=True))  # customer by customer
+    _same_state(by_update, bulk)
+
+    cut = df["date"][df.height // 2]
+    split = SomState(peers=peers)
+    split.update_many(df.filter(pl.col("date") < cut))
+    split.extend(df.filter(pl.col("date") >= cut))
+    _same_state(by_update, split)
+    # and it goes on scoring as the batch does
+    last = df.row(df.height - 1, named=True)
+    nxt = {**last, "date": last["date"] + dt.timedelta(days=3), "dosage_units": 50_000.0}
+    a, b = split.update(nxt), by_update.update(nxt)
+    assert (a.score, a.flag, a.reasons) == (b.score, b.flag, b.reasons) and a.flag
+
+
+def test_extend_refuses_lines_before_a_known_customers_last_and_adds_nothing(history) -> None:
+    df, peers, _ = history
+    cut = df["date"][df.height // 2]
+    state = SomState(peers=peers)
+    state.update_many(df.filter(pl.col("date") >= cut))
+    before = state.to_bytes()
+    with pytest.raises(SomStateError) as e:
+        state.extend(df.filter(pl.col("date") < cut))
+    assert e.value.code == "som_out_of_order"
+    assert state.to_bytes() == before
