@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from gateway.som.errors import SomError
+from gateway.som.io import native_view
 
 __all__ = ["DiligenceError", "MonthPoint", "Diligence", "diligence_data", "render_html", "diligence_page"]
 
@@ -83,6 +84,8 @@ def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int
     """Collect the figures for one line of a scored history. A LazyFrame (a scan of a large file)
     is read twice with filters: for the line, then for the lines of its family."""
     lf = scored.lazy()
+    if "BUYER_DEA_NO" in lf.collect_schema().names():  # scored ARCOS input keeps its columns
+        lf = native_view(lf)
     schema = lf.collect_schema()
     needed = {"order_id", "line", "customer", "family", "date", "dosage_units"}
     missing = needed - set(schema.names())

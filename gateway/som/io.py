@@ -90,18 +90,45 @@ def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list
         for col in ("DOSAGE_UNIT", "TRANSACTION_DATE"):
             if col not in columns:
                 raise SomInputError("som_missing_column", f"ARCOS input without {col}")
-        names = {k: v for k, v in ARCOS_NAMES.items() if k in columns}
-        names[family] = "family"
+        names = _arcos_renames(columns)
         out = lf.rename(names)
         schema_cols = [names.get(c, c) for c in columns]
-        # MMDDYYYY, possibly read as a number that lost its leading zero.
+        # MMDDYYYY, possibly read as a number that lost its leading zero. TRANSACTION_DATE itself
+        # stays as it was written, for the output (to_input_shape).
         out = out.with_columns(
-            pl.col("date").cast(pl.String).str.zfill(8).str.strptime(pl.Date, "%m%d%Y",
-                                                                     strict=False))
+            pl.col("TRANSACTION_DATE").cast(pl.String).str.zfill(8)
+            .str.strptime(pl.Date, "%m%d%Y", strict=False).alias("date"))
+        schema_cols.append("date")
         if "line" not in schema_cols:
             out = out.with_columns(pl.lit(1, pl.Int32).alias("line"))
             schema_cols.append("line")
     return out, schema_cols
+
+
+def _arcos_renames(columns: list[str]) -> dict[str, str]:
+    """ARCOS column -> native column, for the columns present (TRANSACTION_DATE is parsed into
+    `date` instead, and kept)."""
+    names = {k: v for k, v in ARCOS_NAMES.items() if k in columns and k != "TRANSACTION_DATE"}
+    names["DRUG_NAME" if "DRUG_NAME" in columns else "DRUG_CODE"] = "family"
+    return names
+
+
+def native_view(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """A table in either shape (a scored output included) with the native column names."""
+    return _to_native(lf, lf.collect_schema().names())[0]
+
+
+def to_input_shape(scored: pl.DataFrame, input_columns: list[str]) -> pl.DataFrame:
+    """A scored table in the shape of its input: for ARCOS input, the input's own columns (names,
+    TRANSACTION_DATE as written, no added `line`) in their order, then what scoring added; the
+    native shape is already its own."""
+    if detect_shape(input_columns) != "arcos":
+        return scored
+    back = {native: arcos for arcos, native in _arcos_renames(input_columns).items()}
+    out = scored.rename({k: v for k, v in back.items() if k in scored.columns})
+    added = [c for c in out.columns
+             if c not in input_columns and c != "date" and not (c == "line" and "line" not in input_columns)]
+    return out.select(*input_columns, *added)
 
 
 def _coerce(df: pl.DataFrame) -> pl.DataFrame:

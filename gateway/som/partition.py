@@ -158,7 +158,7 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
     lines = _read_partition(part)
     if not lines.height:
         return None, 0, 0
-    scored = score_orders(lines, SomConfig.from_dict(config), peers)
+    scored = som_io.to_input_shape(score_orders(lines, SomConfig.from_dict(config), peers), lines.columns)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
     scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
     return str(target), scored.height, int(scored["flag"].sum())
@@ -278,8 +278,10 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
         tick("read")
         scored = score_orders(df, config)
         tick("score")
-        casts = som_io.input_type_casts(dict(scored.schema), som_io.source_schema(source))
-        som_io.write_scored(scored.with_columns(casts) if casts else scored, output)
+        schema = som_io.source_schema(source)
+        out = som_io.to_input_shape(scored, list(schema))
+        casts = som_io.input_type_casts(dict(out.schema), schema)
+        som_io.write_scored(out.with_columns(casts) if casts else out, output)
         tick("write")
         return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, engine,
                         time.perf_counter() - started)

@@ -45,6 +45,30 @@ def test_arcos_dates_read_as_numbers_lose_no_leading_zero(tmp_path) -> None:
     assert df["customer"].to_list() == ["AB1234563"] * 2 and df["family"][0] == "OXYCODONE"
 
 
+def test_arcos_input_comes_out_in_its_own_shape(messy, tmp_path) -> None:
+    """Parquet in, Parquet out with the input columns kept: an ARCOS file keeps its names, its
+    order and its TRANSACTION_DATE as written (here a number that lost its leading zero), and
+    the due-diligence page reads the result."""
+    from gateway.som.diligence import diligence_data
+    from gateway.som.score import score_file
+
+    native = messy.drop("controlled")
+    arcos = _to_arcos(native).with_columns(
+        pl.col("TRANSACTION_DATE").cast(pl.Int64), pl.col("DOSAGE_UNIT").cast(pl.Int64))
+    source = tmp_path / "arcos.parquet"
+    arcos.write_parquet(source)
+    flagged = score_file(str(source), str(tmp_path / "out.parquet"))
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out.columns == [*arcos.columns, "score", "flag", "reasons"]
+    assert out.select(arcos.columns).equals(arcos)  # values and types as they came in
+    native_scores = score_orders(native)
+    assert np.array_equal(out["score"].to_numpy(), native_scores["score"].to_numpy())
+    assert int(out["flag"].sum()) == flagged > 0
+    hit = out.filter(pl.col("flag")).row(0, named=True)
+    page = diligence_data(out, hit["TRANSACTION_ID"], 1)
+    assert page.line["customer"] == hit["BUYER_DEA_NO"] and page.line["reasons"] == hit["reasons"]
+
+
 def test_native_parquet_and_csv_round_trip(tmp_path) -> None:
     df = lines(monthly("AB1234563", "oxycodone", 1000, "2024-01", 12)
                + [("AB1234563", "oxycodone", "2025-01-15", 4000)])

@@ -122,8 +122,12 @@ def test_arcos_shape_by_partitions(history, tmp_path) -> None:
     parts = score_file(path, tmp_path / "parts.parquet", partitions=3)
     a = pl.read_parquet(whole.output)
     b = pl.read_parquet(parts.output)
-    assert "customer" in a.columns and a.columns == b.columns
-    j = a.join(b, on="order_id", suffix="_p")
+    # the input's own columns, as written (MMDDYYYY text), then the scores
+    assert a.columns == b.columns == [*arcos.columns, "score", "flag", "reasons"]
+    assert a.select(arcos.columns).equals(pl.read_csv(path, schema_overrides={
+        "TRANSACTION_DATE": pl.String, "NDC_NO": pl.String, "TRANSACTION_ID": pl.String,
+        "BUYER_DEA_NO": pl.String}))
+    j = a.join(b, on="TRANSACTION_ID", suffix="_p")
     assert j.height == arcos.height
     np.testing.assert_allclose(j["score_p"].to_numpy(), j["score"].to_numpy(), rtol=1e-9, atol=1e-9)
     assert (j["flag"] == j["flag_p"]).all() and int(j["flag"].sum()) > 0
