@@ -65,7 +65,10 @@ def log1p_table() -> np.ndarray:
     return kernels.log1p_table(kernels.LOG1P_TABLE)
 
 
-CHUNKS_PER_THREAD = 4  # a thread slowed down by another process leaves the rest to the others
+# Sorted lines are cut into this many runs of whole customers, whatever the number of threads:
+# the peer sums are added run by run, so a fixed cut gives the same bits on every machine (and
+# 16 runs on a few threads let one slowed down by another process leave the rest to the others).
+CHUNKS = 16
 
 
 def _chunks(start: np.ndarray, n: int, parts: int) -> list[tuple[int, int]]:
@@ -165,10 +168,8 @@ def prepare(df: pl.DataFrame) -> Prepared:
     cust_ts, tfirst = kernels.dense_codes(cell_keys)
     cells = list(zip(ctype.gather(tfirst).to_list(), cstate.gather(tfirst).to_list()))
     perm, start, sorted_ = _order(ccode, len(cfirst), fcode, day, units, controlled)
-    t = threads()
     return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
-                    cust_ts.astype(np.int64), cells, perm, sorted_,
-                    _chunks(start, n, t * CHUNKS_PER_THREAD if t > 1 else 1))
+                    cust_ts.astype(np.int64), cells, perm, sorted_, _chunks(start, n, CHUNKS))
 
 
 def _finish(sums: pl.DataFrame) -> pl.DataFrame:
@@ -215,16 +216,31 @@ def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     return _levels(cell)
 
 
+def sum_by(frame: pl.DataFrame, keys: list[str], columns: list[str]) -> pl.DataFrame:
+    """Sums of `columns` per distinct `keys`, added in one fixed order (rows sorted by the keys,
+    ties in their given order): the same rows give the same bits in every run. Polars'
+    group_by adds in an order that varies from run to run, and peer statistics quoted as
+    evidence must be reproducible."""
+    frame = frame.sort(keys, maintain_order=True)
+    if not frame.height:
+        return frame.select(*keys, *columns)
+    runs = frame.select(pl.struct(keys).rle_id()).to_series().to_numpy()
+    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+    return frame.select(keys)[starts].with_columns(
+        pl.Series(c, np.add.reduceat(frame[c].cast(pl.Float64).to_numpy(), starts))
+        for c in columns)
+
+
 def _levels(cell: pl.DataFrame) -> pl.DataFrame:
     """The three levels from the (class of trade, state, family) sums."""
     cell = cell.select("customer_type", "state", "family", *SUM_COLUMNS)
     cells = cell.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
-    by_type = cells.group_by("customer_type").agg(pl.col("cell_customers").sum())
-    everyone = float(cells["cell_customers"].sum()) if cells.height else 0.0
-    agg = [pl.col(c).sum() for c in SUM_COLUMNS if c != "cell_customers"]
-    t = (cell.group_by("customer_type", "family").agg(agg)
+    by_type = sum_by(cells, ["customer_type"], ["cell_customers"])
+    everyone = float(cells["cell_customers"].sum()) if cells.height else 0.0  # whole numbers
+    summed = [c for c in SUM_COLUMNS if c != "cell_customers"]
+    t = (sum_by(cell, ["customer_type", "family"], summed)
          .join(by_type, on="customer_type").with_columns(pl.lit(ALL).alias("state")))
-    f = (cell.group_by("family").agg(agg)
+    f = (sum_by(cell, ["family"], summed)
          .with_columns(pl.lit(ALL).alias("customer_type"), pl.lit(ALL).alias("state"),
                        pl.lit(everyone).alias("cell_customers")))
     cols = ["customer_type", "state", "family", *SUM_COLUMNS]
@@ -254,8 +270,7 @@ def merge_peer_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
             c.select("customer_type", "state", "family"), on=["customer_type", "state", "family"], how="anti")
         zeros = grid.with_columns(*[pl.lit(0.0).alias(k) for k in SUM_COLUMNS if k != "cell_customers"])
         padded.append(pl.concat([c, zeros.select(c.columns).cast(c.schema)], how="vertical"))
-    cell = pl.concat(padded).group_by("customer_type", "state", "family").agg(
-        pl.col(c).sum() for c in SUM_COLUMNS)
+    cell = sum_by(pl.concat(padded), ["customer_type", "state", "family"], list(SUM_COLUMNS))
     return _levels(cell).filter(pl.col("customers") > 0)
 
 

@@ -5,6 +5,7 @@ and families, the log1p table, the Numba rendering of the reasons, and tiny inpu
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import os
 import subprocess
@@ -21,7 +22,13 @@ from gateway.som.config import SomConfig
 from gateway.som.io import SomInputError
 from gateway.som.incremental import SomState, SomStateError
 from gateway.som.peers import peer_reference
-from gateway.som.score import config_vector, reasons_frame, reasons_text, score_orders
+from gateway.som.score import (
+    config_vector,
+    reasons_frame,
+    reasons_text,
+    score_orders,
+    score_prepared,
+)
 
 from .conftest import lines, messy_history, monthly
 
@@ -259,7 +266,7 @@ def test_threads_and_chunks_change_nothing(monkeypatch) -> None:
     one = score_orders(df, peers=peers)
     monkeypatch.setenv("GATEWAY_SOM_THREADS", "3")
     p3 = peers_mod.prepare(df)
-    assert len(p1.chunks) == 1 and len(p3.chunks) > 4
+    assert len(p1.chunks) == len(p3.chunks) == peers_mod.CHUNKS  # the cut ignores the threads
     assert np.array_equal(p1.ccode, p3.ccode) and np.array_equal(p1.fcode, p3.fcode)
     assert p1.families == p3.families and np.array_equal(p1.perm, p3.perm)
     for a, b in zip(p1.sorted, p3.sorted):
@@ -267,6 +274,9 @@ def test_threads_and_chunks_change_nothing(monkeypatch) -> None:
     three = score_orders(df, peers=peers)
     assert np.array_equal(one["score"].to_numpy(), three["score"].to_numpy())
     assert one["reasons"].equals(three["reasons"]) and one["flag"].sum() > 100
+    # and the cut itself changes nothing: all lines in one run
+    whole = score_prepared(dataclasses.replace(p1, chunks=[(0, p1.n)]), peers=peers)
+    assert np.array_equal(whole.score, one["score"].to_numpy())
 
 
 # --- log1p table -----------------------------------------------------------------------------

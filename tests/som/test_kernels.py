@@ -146,3 +146,18 @@ def test_flagged_lines_collected_past_the_first_buffer(messy) -> None:
     assert np.array_equal(ffeat, feats[fpos], equal_nan=True)
     expected = score_orders(messy)
     assert np.array_equal(score, expected["score"].to_numpy())
+
+
+def test_peer_reference_and_scores_are_the_same_bits_whatever_the_threads(monkeypatch) -> None:
+    """Peer sums are added in a fixed order (fixed runs of customers, then sorted keys), so the
+    reference and every score come out bit for bit the same on one thread or several, run after
+    run: a score quoted as evidence can be reproduced."""
+    df = messy_history(customers=3000, days=400, seed=4)
+    assert df.height > 200_000  # past the size at which the lines are cut into runs
+    monkeypatch.setenv("GATEWAY_SOM_THREADS", "1")
+    ref = peer_reference(df)
+    scores = score_orders(df, peers=None)["score"].to_numpy()
+    for threads in ("2", "3", "2"):
+        monkeypatch.setenv("GATEWAY_SOM_THREADS", threads)
+        assert peer_reference(df).equals(ref)
+        assert np.array_equal(score_orders(df)["score"].to_numpy(), scores)
