@@ -41,14 +41,23 @@ def _month(e: pl.Expr) -> pl.Expr:
     return e.dt.year().cast(pl.Int32) * 12 + e.dt.month().cast(pl.Int32) - 1
 
 
+def _series_key() -> pl.Expr:
+    """One exact integer per (customer, family): the two columns' dictionary codes, combined.
+    Sorting, windows and joins over it run several times faster than over two text columns."""
+    def code(name: str) -> pl.Expr:
+        return pl.col(name).cast(pl.String).cast(pl.Categorical).to_physical().cast(pl.UInt64)
+
+    return code("customer") * (1 << 32) + code("family")
+
+
 def _history(df: pl.DataFrame) -> pl.DataFrame:
     """Per line: month to date, day to date, trailing 6-month max month, trailing 12-month
     average month, trailing 6-month max day (all per customer and family)."""
     lines = (df.select("customer", "family", "date", "dosage_units")
              .with_row_index("_row")
-             .with_columns(_month(pl.col("date")).alias("_m"))
-             .sort("customer", "family", "date", "_row"))
-    keys = ["customer", "family"]
+             .with_columns(_month(pl.col("date")).alias("_m"), _series_key().alias("_g"))
+             .sort("_g", "date", "_row"))
+    keys = ["_g"]
     lines = lines.with_columns(
         pl.col("dosage_units").cum_sum().over([*keys, "_m"]).alias("mtd"),
         pl.col("dosage_units").cum_sum().over([*keys, "date"]).alias("dtd"),
@@ -73,7 +82,7 @@ def _history(df: pl.DataFrame) -> pl.DataFrame:
     lines = lines.with_columns(
         pl.when(pl.col("_nhist") > 0).then(pl.col("_sum12").fill_null(0.0) / pl.col("_nhist"))
         .alias("avg12_month"))
-    return lines.sort("_row")
+    return lines.sort("_row").drop("_g")
 
 
 RULE_SETS: dict[str, RuleSet] = {
