@@ -58,11 +58,18 @@ def _history(df: pl.DataFrame) -> pl.DataFrame:
              .with_columns(_month(pl.col("date")).alias("_m"), _series_key().alias("_g"))
              .sort("_g", "date", "_row"))
     keys = ["_g"]
+    # The lines are sorted: each (series, month) and (series, day) is one run of rows, numbered
+    # by where it starts; windows over one run number are cheaper than over two keys.
+    def runs(*by: str) -> pl.Expr:
+        starts = pl.any_horizontal(pl.col(c) != pl.col(c).shift(1) for c in by)
+        return starts.fill_null(True).cum_sum()
+
+    lines = lines.with_columns(runs("_g", "_m").alias("_sm"), runs("_g", "date").alias("_sd"))
     lines = lines.with_columns(
-        pl.col("dosage_units").cum_sum().over([*keys, "_m"]).alias("mtd"),
-        pl.col("dosage_units").cum_sum().over([*keys, "date"]).alias("dtd"),
+        pl.col("dosage_units").cum_sum().over("_sm").alias("mtd"),
+        pl.col("dosage_units").cum_sum().over("_sd").alias("dtd"),
         pl.col("_m").min().over(keys).alias("_first_m"),
-    )
+    ).drop("_sm", "_sd")
     days = lines.group_by([*keys, "_m", "date"]).agg(pl.col("dosage_units").sum().alias("_day"))
     months = (days.group_by([*keys, "_m"])
               .agg(pl.col("_day").sum().alias("_tot"), pl.col("_day").max().alias("_dmax")))
