@@ -77,7 +77,9 @@ def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
 
 # What evaluate reads: labels, the scorer's verdict (the first five), and what the rule sets need.
 EVALUATE_COLUMNS = ("label", "anomaly", "anomaly_detail", "score", "flag", "customer", "family", "date",
-                    "dosage_units")
+                    "dosage_units",
+                    # the same columns in a scored ARCOS file, which keeps its own names
+                    "BUYER_DEA_NO", "DRUG_NAME", "DRUG_CODE", "TRANSACTION_DATE", "DOSAGE_UNIT")
 
 
 @click.group("som")
@@ -202,7 +204,9 @@ def load_history_command(ctx: Context, file: str, config_path: str | None, quiet
     config = _config(ctx, config_path)
     started = time.perf_counter()
     try:
-        history = read_orders(file)
+        # Date order first: a customer's class of trade and state are then those of its
+        # earliest line, for the peer reference and the state alike.
+        history = read_orders(file).sort("date", maintain_order=True)
         state = SomState(config, peer_reference(history))
         # Each customer's lines in time order, same-day lines in file order (as update takes them).
         state.extend(history)

@@ -89,6 +89,8 @@ def verify_xml_tree(
         verified = xmldsig.verify_tree(tree)
     except xmldsig.XmlSignatureError as exc:
         return _failed_report(document_format, started, XML_CHECKS, exc.check, exc.code, exc.message), None
+    except XmlError as exc:  # parsed, yet not canonicalisable (a relative namespace URI)
+        return _failed_report(document_format, started, XML_CHECKS, "format", exc.code, exc.message), None
     when, source = _signing_time(at, verified.tree, started)
     validation = trust.validate_certificate(
         verified.signer, when, usage, extra_certs=verified.other_certificates

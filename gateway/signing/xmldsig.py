@@ -571,9 +571,15 @@ def _detach(element: etree._Element) -> None:
 
 
 def _c14n(node: etree._Element | etree._ElementTree, prefixes: Sequence[str] | None = None) -> bytes:
-    return etree.tostring(
-        node, method="c14n", exclusive=True, with_comments=False, inclusive_ns_prefixes=prefixes
-    )
+    try:
+        return etree.tostring(
+            node, method="c14n", exclusive=True, with_comments=False, inclusive_ns_prefixes=prefixes
+        )
+    except etree.C14NError:
+        # libxml2 refuses e.g. a relative namespace URI (xmlns="relative"), which C14N forbids:
+        # such a document can be neither signed nor verified.
+        raise XmlError("malformed_xml", "the document cannot be canonicalised (exclusive C14N): "
+                       "a relative namespace URI or another construct C14N refuses") from None
 
 __all__ = [
     "DS_NS", "ECDSA_SHA256", "EXC_C14N", "RSA_SHA256", "SHA256",

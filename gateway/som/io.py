@@ -122,7 +122,7 @@ def to_input_shape(scored: pl.DataFrame, input_columns: list[str]) -> pl.DataFra
     """A scored table in the shape of its input: for ARCOS input, the input's own columns (names,
     TRANSACTION_DATE as written, no added `line`) in their order, then what scoring added; the
     native shape is already its own."""
-    if detect_shape(input_columns) != "arcos":
+    if not input_columns or detect_shape(input_columns) != "arcos":
         return scored
     back = {native: arcos for arcos, native in _arcos_renames(input_columns).items()}
     out = scored.rename({k: v for k, v in back.items() if k in scored.columns})
@@ -210,12 +210,9 @@ def read_orders(source: str | Path | pl.DataFrame, *, columns: list[str] | None 
 
 def source_schema(path: str | Path) -> dict[str, pl.DataType]:
     """The column types of an input file as it is (before `read_orders` casts for scoring)."""
-    path = Path(path)
     try:
-        if path.suffix.lower() == ".csv":
-            return dict(pl.scan_csv(path).collect_schema())
-        return dict(pl.read_parquet_schema(path))
-    except (OSError, pl.exceptions.PolarsError):
+        return dict(_scan(Path(path)).collect_schema())  # read as read_orders reads it
+    except (OSError, SomInputError, pl.exceptions.PolarsError):
         return {}
 
 

@@ -437,6 +437,21 @@ def test_hostile_xml_never_reaches_the_verifier(trust):
     assert verify_xml(b"<a>", trust)[0].code == "malformed_xml"
 
 
+def test_relative_namespace_uri_is_unusable_input_not_a_crash(ec_signer, trust):
+    """C14N refuses relative namespace URIs: signing refuses such a document and verification
+    reports it as unusable input, whether it sits in the content or in SignedInfo."""
+    with pytest.raises(xmldsig.XmlError) as info:
+        sign_enveloped(b'<a xmlns="relative"><b>1</b></a>', ec_signer)
+    assert info.value.code == "malformed_xml"
+    signed = sign_enveloped(b"<a><b>1</b></a>", ec_signer)
+    in_content = signed.replace(b"<b>", b'<b xmlns:r="relative" r:x="1">', 1)
+    in_signed_info = signed.replace(b"<ds:SignedInfo>", b'<ds:SignedInfo xmlns:r="relative" r:x="1">', 1)
+    assert in_signed_info != signed
+    for data in (in_content, in_signed_info):
+        report, tree = verify_xml(data, trust)
+        assert report.code == "malformed_xml" and not report.usable_input and tree is None
+
+
 def test_verification_never_raises_on_mangled_input(ec_signer, trust):
     """Bytes flipped, cut or inserted anywhere: always a report, never an exception."""
     import random

@@ -108,6 +108,33 @@ def test_evaluate_table_and_json(workdir, scored_file) -> None:
     assert 0.5 < overall["roc_auc"] <= 1.0
 
 
+def test_arcos_history_scores_in_its_shape_and_evaluates_like_the_native(workdir, synth_file) -> None:
+    """An ARCOS file (tab-separated, as the public releases are) scored by the command keeps its
+    own columns, and `som evaluate` (rule sets included) reads the result."""
+    native = pl.read_parquet(synth_file)
+    arcos = native.select(
+        BUYER_DEA_NO="customer", BUYER_BUS_ACT="customer_type", BUYER_STATE="state",
+        DRUG_NAME="family", NDC_NO="ndc", DOSAGE_UNIT="dosage_units",
+        TRANSACTION_DATE=pl.col("date").dt.strftime("%m%d%Y"), TRANSACTION_ID="order_id",
+        label="label", anomaly="anomaly")
+    source = workdir / "arcos.tsv"
+    arcos.write_csv(source, separator="\t")
+    out = workdir / "arcos_scored.parquet"
+    _run(workdir / "home", "score", str(source), "--out", str(out), "--partitions", "1")
+    scored = pl.read_parquet(out)
+    assert scored.columns == [*arcos.columns, "score", "flag", "reasons"]
+    assert scored["TRANSACTION_DATE"].equals(arcos["TRANSACTION_DATE"])
+    mine = json.loads(_run(workdir / "home", "evaluate", str(out), "--json").output)
+    native_in = workdir / "native_all_controlled.parquet"  # ARCOS lists controlled lines only
+    native.drop("controlled").write_parquet(native_in)
+    native_out = workdir / "native_scored.parquet"
+    _run(workdir / "home", "score", str(native_in), "--out", str(native_out), "--partitions", "1")
+    theirs = json.loads(_run(workdir / "home", "evaluate", str(native_out), "--json").output)
+    assert [r["method"] for r in mine["results"]] == [r["method"] for r in theirs["results"]]
+    assert [(r["method"], r["overall"]) for r in mine["results"]] == [
+        (r["method"], r["overall"]) for r in theirs["results"]]
+
+
 def test_evaluate_without_labels_is_a_coded_error(workdir, scored_file) -> None:
     unlabelled = workdir / "unlabelled.parquet"
     pl.read_parquet(scored_file).drop("label", "anomaly").write_parquet(unlabelled)
@@ -141,6 +168,17 @@ def test_load_history_seeds_the_state(workdir) -> None:
     history = pl.read_csv(small)
     assert len(state.customers) == history["customer"].n_unique()
     assert len(state.groups) == history.select("customer", "family").n_unique()
+
+
+def test_load_history_takes_a_customers_class_from_its_earliest_line(workdir) -> None:
+    """As line-by-line loading in date order does, whatever the order of the file."""
+    home = workdir / "home_cells"
+    history = workdir / "unordered.csv"
+    history.write_text("customer,customer_type,state,family,date,dosage_units\n"
+                       "AB1234563,CHAIN PHARMACY,OH,oxycodone,2024-05-02,100\n"
+                       "AB1234563,RETAIL PHARMACY,WV,oxycodone,2024-04-01,100\n")
+    _run(home, "load-history", str(history), "--quiet")
+    assert SomState.load(home / "som" / "state.bin").cells["AB1234563"] == ("RETAIL PHARMACY", "WV")
 
 
 def test_module_entry_point(workdir, synth_file) -> None:
