@@ -451,10 +451,12 @@ def _b64(text: str | bytes | None, what: str) -> bytes:
         return binascii.a2b_base64(text or b"", strict_mode=True)
     except (binascii.Error, ValueError):
         pass
-    try:
-        return base64.b64decode("".join((text or "").split()), validate=True)
-    except (binascii.Error, ValueError, TypeError):
-        raise XmlSignatureError("signature_malformed", f"{what} is not base64") from None
+    if isinstance(text, str):  # element text may wrap its base64 over lines
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise XmlSignatureError("signature_malformed", f"{what} is not base64")
 
 
 def _certificates(key_info: etree._Element) -> tuple[str, ...]:
