@@ -30,17 +30,13 @@ from gateway.som.peers import (
     log1p_table,
     peer_matrix,
     prepare,
+    run_starts,
     run_threads,
 )
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
 _FORMAT = 1
-
-
-def _first_of_each_run(codes: np.ndarray) -> np.ndarray:
-    """Positions where a sorted array of codes takes a new value (the first is 0)."""
-    return np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
 
 
 class SomStateError(SomError):
@@ -153,7 +149,8 @@ class SomState:
             return
         p = prepare(df)
         s_c, s_f, s_day, s_u, s_ctl, s_lu = p.sorted
-        customers = df["customer"].gather(p.perm[_first_of_each_run(s_c)]).cast(pl.String).to_list()
+        starts = run_starts(s_c)  # where each customer's lines start (codes 0, 1, ... in order)
+        customers = df["customer"].gather(p.perm[starts]).cast(pl.String).to_list()
         # Groups, coded in input order: (customer code, family code) as one key.
         pair = (p.ccode.astype(np.uint64) * np.uint64(max(len(p.families), 1))
                 + p.fcode.astype(np.uint64))
@@ -172,8 +169,7 @@ class SomState:
             cells.append(self.cells[name])
             if known[K.C_NDAYS] > 0:
                 last = known[K.C_DAYS + ((int(known[K.C_NDAYS]) - 1) % K.ND) * K.C_DSLOT]
-                first = s_day[np.searchsorted(s_c, c)]
-                if first < last:
+                if s_day[starts[c]] < last:
                     raise SomStateError("som_out_of_order",
                                         f"lines of {name} dated before its last line in the state")
         gstates = np.empty((len(gfirst), K.G_SIZE))

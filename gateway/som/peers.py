@@ -216,6 +216,12 @@ def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     return _levels(cell)
 
 
+def run_starts(codes: np.ndarray) -> np.ndarray:
+    """Positions where a sorted array takes a new value (the first is 0): where each run of
+    equal values starts."""
+    return np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+
+
 def sum_by(frame: pl.DataFrame, keys: list[str], columns: list[str]) -> pl.DataFrame:
     """Sums of `columns` per distinct `keys`, added in one fixed order (rows sorted by the keys,
     ties in their given order): the same rows give the same bits in every run. Polars'
@@ -224,8 +230,7 @@ def sum_by(frame: pl.DataFrame, keys: list[str], columns: list[str]) -> pl.DataF
     frame = frame.sort(keys, maintain_order=True)
     if not frame.height:
         return frame.select(*keys, *columns)
-    runs = frame.select(pl.struct(keys).rle_id()).to_series().to_numpy()
-    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+    starts = run_starts(frame.select(pl.struct(keys).rle_id()).to_series().to_numpy())
     return frame.select(keys)[starts].with_columns(
         pl.Series(c, np.add.reduceat(frame[c].cast(pl.Float64).to_numpy(), starts))
         for c in columns)
