@@ -223,6 +223,15 @@ def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataT
             if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
 
 
+def write_like_input(scored: pl.DataFrame, source: str | Path, path: str | Path) -> Path:
+    """Write a scored table in its input's shape (to_input_shape) and column types
+    (input_type_casts), all or nothing."""
+    schema = source_schema(source)
+    out = to_input_shape(scored, list(schema))
+    casts = input_type_casts(dict(out.schema), schema)
+    return write_scored(out.with_columns(casts) if casts else out, path)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside `path`; renamed to `path` when the block succeeds, removed

@@ -278,10 +278,7 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
         tick("read")
         scored = score_orders(df, config)
         tick("score")
-        schema = som_io.source_schema(source)
-        out = som_io.to_input_shape(scored, list(schema))
-        casts = som_io.input_type_casts(dict(out.schema), schema)
-        som_io.write_scored(out.with_columns(casts) if casts else out, output)
+        som_io.write_like_input(scored, source, output)
         tick("write")
         return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, engine,
                         time.perf_counter() - started)

@@ -321,13 +321,10 @@ def kinds_of(bits: int) -> tuple[str, ...]:
 
 def score_file(source: str, output: str, config: SomConfig = SomConfig()) -> int:
     """Parquet/CSV in, Parquet/CSV out with the input columns kept; returns flagged lines."""
-    from gateway.som.io import input_type_casts, source_schema, to_input_shape, write_scored
+    from gateway.som.io import write_like_input
 
     scored = score_orders(read_orders(source), config)
-    schema = source_schema(source)
-    out = to_input_shape(scored, list(schema))
-    casts = input_type_casts(dict(out.schema), schema)
-    write_scored(out.with_columns(casts) if casts else out, output)
+    write_like_input(scored, source, output)
     return int(scored["flag"].sum())
 
 
