@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pkcs11
 from cryptography import x509
@@ -174,6 +174,48 @@ _DEVICE_FAILURES: tuple[type[Exception], ...] = (
     pkcs11.exceptions.FunctionFailed,
     pkcs11.exceptions.NoSuchToken,
 )
+
+
+# CK_RV codes the batch path can meet, as the exceptions python-pkcs11 raises for them.
+_ERRORS_BY_RV: dict[int, type[pkcs11.exceptions.PKCS11Error]] = {
+    0x05: pkcs11.exceptions.GeneralError,
+    0x06: pkcs11.exceptions.FunctionFailed,
+    0x20: pkcs11.exceptions.DataInvalid,
+    0x21: pkcs11.exceptions.DataLenRange,
+    0x30: pkcs11.exceptions.DeviceError,
+    0x31: pkcs11.exceptions.DeviceMemory,
+    0x32: pkcs11.exceptions.DeviceRemoved,
+    0x60: pkcs11.exceptions.KeyHandleInvalid,
+    0x63: pkcs11.exceptions.KeyTypeInconsistent,
+    0x70: pkcs11.exceptions.MechanismInvalid,
+    0x82: pkcs11.exceptions.ObjectHandleInvalid,
+    0x90: pkcs11.exceptions.OperationActive,
+    0xB0: pkcs11.exceptions.SessionClosed,
+    0xB3: pkcs11.exceptions.SessionHandleInvalid,
+    0xE0: pkcs11.exceptions.TokenNotPresent,
+    0xE1: pkcs11.exceptions.TokenNotRecognised,
+    0x101: pkcs11.exceptions.UserNotLoggedIn,
+}
+
+
+def _error_of(rv: int) -> pkcs11.exceptions.PKCS11Error:
+    cls = _ERRORS_BY_RV.get(rv)
+    return cls() if cls else pkcs11.exceptions.PKCS11Error(f"CK_RV 0x{rv:x}")
+
+
+_batch_signers: dict[str, Any] = {}
+_batch_signers_lock = threading.Lock()
+
+
+def _batch_signer(module_path: str) -> Any:
+    """The module's `BatchSigner`, imported on first use: one-shot commands never load Numba."""
+    with _batch_signers_lock:
+        signer = _batch_signers.get(module_path)
+        if signer is None:
+            from gateway.signing.pkcs11_batch import BatchSigner
+
+            signer = _batch_signers[module_path] = BatchSigner(module_path)
+        return signer
 
 
 def _is_device_failure(exc: BaseException) -> bool:
@@ -421,38 +463,60 @@ class Hsm:
     def sign_batch(self, jobs: list[tuple[str, bytes]]) -> list[bytes | HsmError]:
         """Sign several (label, data) on one borrowed session; one result or error per job.
 
-        Borrowing once per batch is what lets a busy worker keep up with a fast key (P-256).
+        The signatures are made in one call that holds no GIL (`pkcs11_batch`): this is what
+        lets a busy worker keep up with a fast key (P-256) while the event loop runs.
         """
-        results: list[bytes | HsmError] = []
+        results: list[bytes | HsmError | None] = [None] * len(jobs)
         with self._session() as (conn, pooled):
+            todo: list[tuple[int, str]] = []  # (job, key type) of what goes to the token
+            items: list[tuple[int, int, bytes]] = []  # (key handle, mechanism, message)
             for i, (label, data) in enumerate(jobs):
                 try:
-                    results.append(self._sign_on(conn, pooled, label, data))
+                    key, key_type = self._key_on(pooled, label)
                 except HsmError as exc:
-                    results.append(exc)
-                except pkcs11.exceptions.PKCS11Error as exc:
-                    if not _is_device_failure(exc):
-                        results.append(HsmError(f"HSM refused: {type(exc).__name__}: {exc}"))
-                        continue
+                    results[i] = exc
+                    continue
+                mechanism, message = self._mechanism_for(conn, key_type, data)
+                todo.append((i, key_type))
+                items.append((key.handle, mechanism, message))
+            signed = _batch_signer(self.module).sign(pooled.session.handle, items)
+            for (i, key_type), value in zip(todo, signed):
+                if isinstance(value, bytes):
+                    results[i] = raw_to_der_ecdsa(value) if key_type == "p256" else value
+                    continue
+                exc = _error_of(value)
+                if _is_device_failure(exc):
                     self._mark_broken(conn.generation, exc)
-                    dead = TokenUnavailable(f"HSM failed: {type(exc).__name__}")
-                    results.extend(dead for _ in jobs[i:])
-                    break
-        return results
+                    results[i] = TokenUnavailable(f"HSM failed: {type(exc).__name__}")
+                else:
+                    results[i] = HsmError(f"HSM refused: {type(exc).__name__}: {exc}")
+        return cast(list[bytes | HsmError], results)  # every job has its result by now
 
-    def _sign_on(self, conn: _Connection, pooled: _PooledSession, label: str, data: bytes) -> bytes:
+    def warm_up_batches(self) -> None:
+        """Load the batch-signing loop now (worker start) instead of on the first request."""
+        _batch_signer(self.module).warm_up()
+
+    def _key_on(self, pooled: _PooledSession, label: str) -> tuple[Any, str]:
         entry = pooled.keys.get(label)
         if entry is None:
             entry = self._find_private(pooled.session, label)
             pooled.keys[label] = entry
-        key, key_type = entry
+        return entry
+
+    @staticmethod
+    def _mechanism_for(conn: _Connection, key_type: str, data: bytes) -> tuple[int, bytes]:
+        """The mechanism and the message that make a SHA-256 signature of `data` with this key."""
         if key_type == "rsa2048":
-            return key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+            return Mechanism.SHA256_RSA_PKCS, data
         if conn.has_ecdsa_sha256:
-            raw = key.sign(data, mechanism=Mechanism.ECDSA_SHA256)
-        else:
-            raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
-        return raw_to_der_ecdsa(raw)
+            return Mechanism.ECDSA_SHA256, data
+        return Mechanism.ECDSA, hashlib.sha256(data).digest()
+
+    def _sign_on(self, conn: _Connection, pooled: _PooledSession, label: str, data: bytes) -> bytes:
+        key, key_type = self._key_on(pooled, label)
+        mechanism, message = self._mechanism_for(conn, key_type, data)
+        raw = key.sign(message, mechanism=mechanism)
+        return raw_to_der_ecdsa(raw) if key_type == "p256" else raw
 
     @staticmethod
     def _find_private(session: Any, label: str) -> tuple[Any, str]:

@@ -1,0 +1,85 @@
+"""The GIL-free batch path (`pkcs11_batch`) against the real SoftHSM token."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+from pkcs11 import Mechanism
+
+from gateway.config import Settings
+from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
+from gateway.signing.hsm import Hsm, _batch_signer
+from gateway.signing.pkcs11_batch import BatchSigner
+
+
+def test_the_function_list_gives_the_modules_own_sign_functions(hsm: Hsm) -> None:
+    """C_SignInit and C_Sign are found at their places in CK_FUNCTION_LIST (SoftHSM also exports
+    them by name, which lets this test check the offsets)."""
+    batch = BatchSigner(hsm.module)
+    dll = ctypes.CDLL(hsm.module)
+    assert batch.sign_init_address == ctypes.cast(dll.C_SignInit, ctypes.c_void_p).value
+    assert batch.sign_address == ctypes.cast(dll.C_Sign, ctypes.c_void_p).value
+
+
+def test_a_mixed_batch_gives_each_job_its_own_signature_or_error(hsm: Hsm, rsa_key: str, ec_key: str) -> None:
+    jobs = [(rsa_key, b"first"), (ec_key, b"second"), ("no-such-key", b"third"),
+            (ec_key, b""), (rsa_key, b"x" * 100_000)]
+    results = hsm.sign_batch(jobs)
+    assert len(results) == len(jobs)
+    assert isinstance(results[2], KeyNotFound)
+    for (label, data), signature in zip(jobs, results):
+        if label == "no-such-key":
+            continue
+        assert isinstance(signature, bytes)
+        hsm.signer(label).verify(signature, data)  # raises InvalidSignature when wrong
+    # ECDSA signatures are DER SEQUENCEs of r and s, as the single-call path returns them.
+    assert results[1][0] == 0x30 and len(results[0]) == 256
+    # The same data signed through the single-call path verifies with the same key.
+    hsm.signer(ec_key).verify(hsm.sign(ec_key, b"second"), b"second")
+
+
+def test_refusals_come_back_per_signature_with_their_return_code(hsm: Hsm, rsa_key: str) -> None:
+    """A mechanism the key cannot sign with is refused (CKR_MECHANISM_INVALID) and the next
+    signature on the same session still works: no operation is left active."""
+    batch = _batch_signer(hsm.module)
+    with hsm._session() as (_conn, pooled):
+        key, _key_type = hsm._key_on(pooled, rsa_key)
+        results = batch.sign(pooled.session.handle, [
+            (key.handle, Mechanism.AES_CBC, b"\0" * 32),
+            (key.handle, Mechanism.SHA256_RSA_PKCS, b"after the refusal"),
+            (0xFFFF_FFF0, Mechanism.SHA256_RSA_PKCS, b"no such object"),
+        ])
+    assert results[0] == 0x70
+    assert isinstance(results[1], bytes)
+    hsm.signer(rsa_key).verify(results[1], b"after the refusal")
+    assert results[2] in (0x60, 0x82)  # CKR_KEY_HANDLE_INVALID or CKR_OBJECT_HANDLE_INVALID
+    assert batch.sign(0xFFFF_FFF0, [(1, Mechanism.SHA256_RSA_PKCS, b"x")]) == [0xB3]  # no such session
+    assert batch.sign(1, []) == []
+
+
+def test_a_dead_session_is_token_unavailable_and_the_pool_reconnects(softhsm_settings: Settings,
+                                                                   rsa_key: str) -> None:
+    hsm = Hsm.open(softhsm_settings, sessions=1)
+    try:
+        hsm.reconnect_interval = 0.0
+        assert isinstance(hsm.sign_batch([(rsa_key, b"before")])[0], bytes)
+        assert hsm._conn is not None
+        hsm._conn.sessions[0].session.close()  # its handle is now invalid under the pool
+        results = hsm.sign_batch([(rsa_key, b"during"), (rsa_key, b"during, second")])
+        assert all(isinstance(r, TokenUnavailable) for r in results), results
+        after = hsm.sign_batch([(rsa_key, b"after")])[0]
+        assert isinstance(after, bytes)
+        hsm.signer(rsa_key).verify(after, b"after")
+    finally:
+        hsm.close()
+
+
+def test_a_refused_signature_is_an_hsm_error_for_that_job_only(hsm: Hsm, rsa_key: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A signing key given CKM_AES_CBC: the token refuses that job; the sessions are not marked dead.
+    monkeypatch.setattr(Hsm, "_mechanism_for", staticmethod(lambda conn, key_type, data: (Mechanism.AES_CBC, data)))
+    result = hsm.sign_batch([(rsa_key, b"x")])[0]
+    assert isinstance(result, HsmError) and not isinstance(result, TokenUnavailable)
+    assert "MechanismInvalid" in str(result)
+    assert hsm._conn is not None and hsm._broken_generation != hsm._conn.generation
