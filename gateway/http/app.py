@@ -85,6 +85,8 @@ def _hsm_ctx(given: Any, workers: int | None):
         loop = asyncio.get_running_loop()
         hsm = given if given is not None else await loop.run_in_executor(None, Hsm.open, settings)
         n = workers or settings.hsm.workers or hsm.size
+        # Load the workers' compiled signing loop before the first request can queue behind it.
+        await loop.run_in_executor(None, hsm.warm_up_batches)
         signer = AsyncSigner(hsm, workers=n, nice=settings.hsm.worker_nice)
         # (The queue and pool gauges are read at scrape time, in /metrics, not set per request.)
         admission = Admission(workers=signer.workers, queue_size=settings.server.queue_size,
