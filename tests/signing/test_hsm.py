@@ -170,7 +170,13 @@ HAMMER = textwrap.dedent('''
             s = signers[(n + i) % len(signers)]
             data = b"%d/%d" % (n, i)
             try:
-                s.verify(s.sign(data), data)
+                if n % 2:  # half the threads take the pool's batch path (no GIL for the batch)
+                    t = signers[(n + i + 1) % len(signers)]
+                    a, b = hsm.sign_batch([(s.label, data), (t.label, data)])
+                    s.verify(a, data)
+                    t.verify(b, data)
+                else:
+                    s.verify(s.sign(data), data)
             except Exception as exc:
                 errors.append(repr(exc))
     threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
@@ -183,7 +189,8 @@ HAMMER = textwrap.dedent('''
 
 def test_sixteen_threads_on_separate_sessions_do_not_crash_the_process(
         softhsm_settings: Settings, rsa_key: str, ec_key: str) -> None:
-    """Without OS locking this is the workload that corrupts SoftHSM's heap (domain.md §7).
+    """Without OS locking this is the workload that corrupts SoftHSM's heap (domain.md §7); half
+    the threads sign through python-pkcs11, half through the batch path (`pkcs11_batch`).
 
     It runs in a child process so that a crash fails this test instead of killing the run.
     """
