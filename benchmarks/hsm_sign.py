@@ -75,8 +75,11 @@ def raw_c_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: floa
     counts = [0] * sessions
     stop = time.perf_counter() + seconds
     barrier = threading.Barrier(sessions + 1)
+    # The mechanism the pool's workers use for this key on this token (Hsm._mechanism_for).
     if key_type == "rsa2048":
         mechanism, message = Mechanism.SHA256_RSA_PKCS, b"benchmark payload"
+    elif Mechanism.ECDSA_SHA256 in set(token.slot.get_mechanisms()):
+        mechanism, message = Mechanism.ECDSA_SHA256, b"benchmark payload"
     else:
         mechanism, message = Mechanism.ECDSA, hashlib.sha256(b"benchmark payload").digest()
 

@@ -1,7 +1,8 @@
 """The async face of the HSM: `await signer.sign(label, data)` without ever blocking the loop.
 
-A fixed set of worker threads (one per HSM session) takes jobs from one queue. python-pkcs11
-releases the GIL inside C_Sign, so the workers sign in parallel while the loop keeps serving.
+A fixed set of worker threads (one per HSM session) takes jobs from one queue. A worker signs
+its batch in one call that holds no GIL (`Hsm.sign_batch`, `pkcs11_batch`), so the workers sign
+in parallel while the loop keeps serving.
 Compared with `loop.run_in_executor` this skips the executor's per-call bookkeeping (futures
 wrapped twice, a work item object, a wake-up of an idle thread per call): a busy worker goes from
 one job to the next without sleeping. The number of queued jobs is visible (`pending`) so the

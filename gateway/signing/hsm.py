@@ -173,6 +173,8 @@ _DEVICE_FAILURES: tuple[type[Exception], ...] = (
     pkcs11.exceptions.ObjectHandleInvalid,
     pkcs11.exceptions.FunctionFailed,
     pkcs11.exceptions.NoSuchToken,
+    # An operation left active on a session makes every later call on it fail: reopen them all.
+    pkcs11.exceptions.OperationActive,
 )
 
 
@@ -221,8 +223,10 @@ def _batch_signer(module_path: str) -> Any:
 def _is_device_failure(exc: BaseException) -> bool:
     if isinstance(exc, _DEVICE_FAILURES):
         return True
-    # CKR_CRYPTOKI_NOT_INITIALIZED has no class of its own in python-pkcs11.
-    return isinstance(exc, pkcs11.exceptions.PKCS11Error) and "0x190" in str(exc).lower()
+    # CKR_CRYPTOKI_NOT_INITIALIZED has no class of its own: python-pkcs11 says "(not initialized)",
+    # the batch path "CK_RV 0x190".
+    text = str(exc).lower()
+    return isinstance(exc, pkcs11.exceptions.PKCS11Error) and ("0x190" in text or "not initialized" in text)
 
 
 @dataclass
@@ -476,6 +480,9 @@ class Hsm:
                 except HsmError as exc:
                     results[i] = exc
                     continue
+                except pkcs11.exceptions.PKCS11Error as exc:  # looking the key up failed
+                    results[i] = self._failure(conn, exc)
+                    continue
                 mechanism, message = self._mechanism_for(conn, key_type, data)
                 todo.append((i, key_type))
                 items.append((key.handle, mechanism, message))
@@ -484,13 +491,16 @@ class Hsm:
                 if isinstance(value, bytes):
                     results[i] = raw_to_der_ecdsa(value) if key_type == "p256" else value
                     continue
-                exc = _error_of(value)
-                if _is_device_failure(exc):
-                    self._mark_broken(conn.generation, exc)
-                    results[i] = TokenUnavailable(f"HSM failed: {type(exc).__name__}")
-                else:
-                    results[i] = HsmError(f"HSM refused: {type(exc).__name__}: {exc}")
+                results[i] = self._failure(conn, _error_of(value))
         return cast(list[bytes | HsmError], results)  # every job has its result by now
+
+    def _failure(self, conn: _Connection, exc: pkcs11.exceptions.PKCS11Error) -> HsmError:
+        """The error one job gets: TokenUnavailable (and the pool marked broken) when the token
+        or its sessions are gone, else the token's refusal of that request."""
+        if _is_device_failure(exc):
+            self._mark_broken(conn.generation, exc)
+            return TokenUnavailable(f"HSM failed: {type(exc).__name__}")
+        return HsmError(f"HSM refused: {type(exc).__name__}: {exc}")
 
     def warm_up_batches(self) -> None:
         """Load the batch-signing loop now (worker start) instead of on the first request."""

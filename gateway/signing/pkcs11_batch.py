@@ -28,11 +28,18 @@ _SIGN = ctypes.CFUNCTYPE(CK_ULONG, CK_ULONG, _ADDRESS, CK_ULONG, _ADDRESS, _ADDR
 _C_SIGN_INIT = 42
 _C_SIGN = 43
 
-# Room for any signature up to RSA-8192, so CKR_BUFFER_TOO_SMALL (which would leave the
-# operation active on the session) cannot happen for the keys a token holds.
+# Room for any signature up to RSA-8192. A longer one (CKR_BUFFER_TOO_SMALL leaves the operation
+# active on the session) stops the loop and is finished here with a buffer of the size asked for.
 SIGNATURE_ROOM = 1024
 
 CKR_OK = 0
+CKR_BUFFER_TOO_SMALL = 0x150
+
+# Refusals of one request (bad data, a key or mechanism that cannot sign it): the next job goes on.
+# Any other code (a dead session, device or handle) stops the batch: on a network HSM every further
+# call could wait out a timeout, and what comes after would fail the same way.
+_REFUSALS = (0x20, 0x21, 0x63, 0x68, 0x70, 0x71)  # DATA_INVALID, DATA_LEN_RANGE,
+# KEY_TYPE_INCONSISTENT, KEY_FUNCTION_NOT_PERMITTED, MECHANISM_INVALID, MECHANISM_PARAM_INVALID
 
 
 class _Mechanism(ctypes.Structure):
@@ -40,19 +47,27 @@ class _Mechanism(ctypes.Structure):
 
 
 @njit(nogil=True, cache=True)
-def _sign_all(sign_init, sign, session, jobs, data, out, out_len, rvs):  # pragma: no cover - compiled
-    """jobs[i] = (key handle, CK_MECHANISM address, message length); the messages follow each
-    other in `data`. Signature i goes to out[i], its length to out_len[i], its CK_RV to rvs[i]."""
+def _sign_from(sign_init, sign, session, start, keys, jobs, data, out, out_len, rvs):  # pragma: no cover - compiled
+    """Sign jobs start.. in turn: keys[i] the key handle, jobs[i] = (CK_MECHANISM address, offset
+    of the message in `data`, its length). Signature i goes to out[i], its length to out_len[i],
+    its CK_RV to rvs[i]. Returns the number of jobs done: all of them, or up to and including the
+    first whose CK_RV is not a refusal of that request alone."""
     step = out_len.itemsize
-    offset = 0
-    for i in range(jobs.shape[0]):
-        rv = sign_init(session, jobs[i, 1], jobs[i, 0])
+    for i in range(start, keys.size):
+        rv = sign_init(session, jobs[i, 0], keys[i])
         if rv == 0:
             out_len[i] = out.shape[1]
-            rv = sign(session, data.ctypes.data + offset, jobs[i, 2],
+            rv = sign(session, data.ctypes.data + jobs[i, 1], jobs[i, 2],
                       out.ctypes.data + i * out.shape[1], out_len.ctypes.data + i * step)
         rvs[i] = rv
-        offset += jobs[i, 2]
+        if rv != 0:
+            refused = False
+            for code in _REFUSALS:
+                if rv == code:
+                    refused = True
+            if not refused:
+                return i + 1
+    return keys.size
 
 
 class BatchSigner:
@@ -74,6 +89,8 @@ class BatchSigner:
         self._dll = dll  # keeps the module loaded as long as the function pointers are used
         self._sign_init = _SIGN_INIT(self.sign_init_address)
         self._sign = _SIGN(self.sign_address)
+        # One CK_MECHANISM per type: right only for mechanisms without parameters (all we use);
+        # RSA-PSS or any other with parameters would need its own structure per parameter set.
         self._mechanisms: dict[int, tuple[_Mechanism, int]] = {}  # type -> (struct, its address)
 
     def _mechanism_address(self, mechanism: int) -> int:
@@ -85,17 +102,48 @@ class BatchSigner:
 
     def warm_up(self) -> None:
         """Load (or compile) the loop now rather than on the first signature."""
-        self.sign(0, [])
+        empty = np.zeros(0, dtype=np.uint64)
+        data = np.frombuffer(b"\0", dtype=np.uint8)  # read-only, as in `sign`
+        _sign_from(self._sign_init, self._sign, 0, 0, empty, np.zeros((0, 3), dtype=np.int64), data,
+                   np.empty((0, SIGNATURE_ROOM), dtype=np.uint8), np.zeros(0, dtype=np.dtype(CK_ULONG)), empty)
 
     def sign(self, session: int, items: Sequence[tuple[int, int, bytes]]) -> list[bytes | int]:
-        """Sign each (key handle, mechanism, message) in turn: the signature, or the CK_RV."""
+        """Sign each (key handle, mechanism, message) in turn: the signature, or the CK_RV.
+
+        After a failure that is not a refusal of one request, the jobs not attempted get the
+        same CK_RV as the one that stopped the batch.
+        """
         n = len(items)
         address = self._mechanism_address
-        jobs = np.array([(key, address(mechanism), len(message)) for key, mechanism, message in items],
-                        dtype=np.int64).reshape(n, 3)  # handles and user-space addresses fit
+        keys = np.array([key for key, _m, _d in items], dtype=np.uint64)
+        lengths = np.array([len(message) for _k, _m, message in items], dtype=np.int64)
+        jobs = np.empty((n, 3), dtype=np.int64)  # user-space addresses and offsets fit
+        jobs[:, 0] = [address(mechanism) for _k, mechanism, _d in items]
+        jobs[:, 1] = np.cumsum(lengths) - lengths
+        jobs[:, 2] = lengths
         data = np.frombuffer(b"".join([message for _k, _m, message in items]) or b"\0", dtype=np.uint8)
         out = np.empty((n, SIGNATURE_ROOM), dtype=np.uint8)
         out_len = np.zeros(n, dtype=np.dtype(CK_ULONG))
         rvs = np.zeros(n, dtype=np.uint64)
-        _sign_all(self._sign_init, self._sign, session, jobs, data, out, out_len, rvs)
-        return [out[i, : out_len[i]].tobytes() if rvs[i] == CKR_OK else int(rvs[i]) for i in range(n)]
+        results: dict[int, bytes] = {}
+        done = 0
+        while done < n:
+            done = _sign_from(self._sign_init, self._sign, session, done, keys, jobs, data, out, out_len, rvs)
+            last = done - 1
+            if rvs[last] == CKR_BUFFER_TOO_SMALL:
+                results[last] = self._finish_long(session, data, jobs[last], int(out_len[last]), rvs, last)
+            elif rvs[last] != CKR_OK and done < n:
+                rvs[done:] = rvs[last]  # stopped: the rest is not attempted
+                break
+        return [results.get(i) or (out[i, : out_len[i]].tobytes() if rvs[i] == CKR_OK else int(rvs[i]))
+                for i in range(n)]
+
+    def _finish_long(self, session: int, data: np.ndarray, job: np.ndarray, needed: int,
+                     rvs: np.ndarray, i: int) -> bytes:
+        """C_Sign again, with the room the module asked for: this also ends the operation."""
+        buffer = ctypes.create_string_buffer(max(needed, 1))
+        length = CK_ULONG(len(buffer))
+        rv = self._sign(session, data.ctypes.data + int(job[1]), int(job[2]), ctypes.addressof(buffer),
+                        ctypes.addressof(length))
+        rvs[i] = rv
+        return buffer.raw[: length.value] if rv == CKR_OK else b""
