@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 import polars as pl
 
+from gateway.som import io as som_io
 from gateway.som.errors import SomError
 
 __all__ = ["EvaluationError", "Metrics", "MethodResult", "EvaluationReport", "roc_auc", "metrics",
@@ -238,8 +239,7 @@ def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "fl
 
         names = list(rules.RULE_SETS) if rule_sets is True else list(rule_sets)
         # The rule sets read a customer's units per family and date: nothing else is carried.
-        native = scored.select([c for c in ("customer", "family", "date", "dosage_units", "BUYER_DEA_NO",
-                                            "DRUG_NAME", "DRUG_CODE", "TRANSACTION_DATE", "DOSAGE_UNIT")
+        native = scored.select([c for c in som_io.columns_for("customer", "family", "date", "dosage_units")
                                 if c in scored.columns])
         judged = rules.apply_all(native) if rule_sets is True else {
             name: rules.apply_rule_set(name, native) for name in names}

@@ -105,6 +105,17 @@ def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list
     return out, schema_cols
 
 
+# ARCOS has two columns a family can come from (DRUG_NAME, else DRUG_CODE).
+_ARCOS_SOURCES = {**{native: (arcos,) for arcos, native in ARCOS_NAMES.items()},
+                  "family": ("DRUG_NAME", "DRUG_CODE")}
+
+
+def columns_for(*native: str) -> tuple[str, ...]:
+    """The columns to read, in either shape, for a use of these native columns: each native name
+    and the ARCOS columns it comes from (a projection that serves both shapes)."""
+    return tuple(dict.fromkeys(c for name in native for c in (name, *_ARCOS_SOURCES.get(name, ()))))
+
+
 def _arcos_renames(columns: list[str]) -> dict[str, str]:
     """ARCOS column -> native column, for the columns present (TRANSACTION_DATE is parsed into
     `date` instead, and kept)."""

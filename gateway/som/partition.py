@@ -89,8 +89,7 @@ def _customer_column(lf: pl.LazyFrame) -> str:
 
 
 # What the peer reference reads, in either shape: the first pass reads only these columns.
-PEER_COLUMNS = ("customer", "customer_type", "state", "family", "date", "dosage_units", "BUYER_DEA_NO",
-                "BUYER_BUS_ACT", "BUYER_STATE", "DRUG_NAME", "DRUG_CODE", "DOSAGE_UNIT", "TRANSACTION_DATE")
+PEER_COLUMNS = som_io.columns_for("customer", "customer_type", "state", "family", "date", "dosage_units")
 
 
 def split_input(source: str | Path, work: str | Path, count: int) -> list[str | None]:
