@@ -50,6 +50,19 @@ def _series_key() -> pl.Expr:
     return code("customer") * (1 << 32) + code("family")
 
 
+def _running_total(lines: pl.DataFrame, run: str) -> pl.Series:
+    """Units summed line by line within each run of rows with the same `run` (the rows sorted so
+    that a run is consecutive): what `cum_sum().over(run)` gives, bit for bit. A line alone in
+    its run is its own total; only the longer runs are summed, since a window per run costs
+    about a microsecond a run (most day runs are one line)."""
+    shared = ((pl.col(run) == pl.col(run).shift(1)) | (pl.col(run) == pl.col(run).shift(-1))).fill_null(False)
+    longer = (lines.select(run, "dosage_units").with_row_index("_i").filter(shared)
+              .group_by(run, maintain_order=True)
+              .agg(pl.col("_i"), pl.col("dosage_units").cum_sum())
+              .explode("_i", "dosage_units"))
+    return lines["dosage_units"].clone().scatter(longer["_i"], longer["dosage_units"])
+
+
 def _history(df: pl.DataFrame) -> pl.DataFrame:
     """Per line: month to date, day to date, trailing 6-month max month, trailing 12-month
     average month, trailing 6-month max day (all per customer and family)."""
@@ -59,31 +72,36 @@ def _history(df: pl.DataFrame) -> pl.DataFrame:
              .sort("_g", "date", "_row"))
     keys = ["_g"]
     # The lines are sorted: each (series, month) and (series, day) is one run of rows, numbered
-    # by where it starts; windows over one run number are cheaper than over two keys.
+    # by where it starts, and a series' first month is the month of its first row.
     def runs(*by: str) -> pl.Expr:
         starts = pl.any_horizontal(pl.col(c) != pl.col(c).shift(1) for c in by)
         return starts.fill_null(True).cum_sum()
 
     lines = lines.with_columns(runs("_g", "_m").alias("_sm"), runs("_g", "date").alias("_sd"))
     lines = lines.with_columns(
-        pl.col("dosage_units").cum_sum().over("_sm").alias("mtd"),
-        pl.col("dosage_units").cum_sum().over("_sd").alias("dtd"),
-        pl.col("_m").min().over(keys).alias("_first_m"),
-    ).drop("_sm", "_sd")
-    days = lines.group_by([*keys, "_m", "date"]).agg(pl.col("dosage_units").sum().alias("_day"))
-    months = (days.group_by([*keys, "_m"])
-              .agg(pl.col("_day").sum().alias("_tot"), pl.col("_day").max().alias("_dmax")))
-    # Trailing windows over calendar months by shifted self-joins (months with no orders are 0).
-    trail = months.select(*keys, "_m")
-    parts = []
-    for k in range(1, 13):
-        parts.append(months.with_columns((pl.col("_m") + k).alias("_m"), pl.lit(k).alias("_k")))
-    shifted = pl.concat(parts).join(trail, on=[*keys, "_m"], how="semi")
-    stats = shifted.group_by([*keys, "_m"]).agg(
-        pl.col("_tot").sum().alias("_sum12"),
-        pl.col("_tot").filter(pl.col("_k") <= 6).max().alias("max6_month"),
-        pl.col("_dmax").filter(pl.col("_k") <= 6).max().alias("max6_day"),
+        _running_total(lines, "_sm").alias("mtd"),
+        _running_total(lines, "_sd").alias("dtd"),
+        pl.when((pl.col("_g") != pl.col("_g").shift(1)).fill_null(True)).then(pl.col("_m"))
+        .forward_fill().alias("_first_m"),
     )
+    # A run's last row carries its total: a day's and a month's units are summed line by line
+    # in time order, so the history is the same to the last bit whatever the threads (a
+    # group-by sum adds in an order that varies from run to run).
+    def last_of(run: str) -> pl.Expr:
+        return (pl.col(run) != pl.col(run).shift(-1)).fill_null(True)
+
+    days = lines.filter(last_of("_sd")).select("_sm", pl.col("dtd").alias("_day"))
+    months = (lines.filter(last_of("_sm")).select(*keys, "_m", pl.col("mtd").alias("_tot"))
+              .with_columns(days.group_by("_sm", maintain_order=True).agg(pl.col("_day").max())["_day"]
+                            .alias("_dmax")))
+    lines = lines.drop("_sm", "_sd")
+    # Trailing windows over calendar months (a month with no orders adds nothing): months
+    # m-12 .. m-1 are the window (m-13, m-1], months m-6 .. m-1 the window (m-7, m-1].
+    sum12 = months.rolling(index_column="_m", period="12i", offset="-13i", group_by=keys).agg(
+        pl.col("_tot").sum().alias("_sum12"))
+    max6 = months.rolling(index_column="_m", period="6i", offset="-7i", group_by=keys).agg(
+        pl.col("_tot").max().alias("max6_month"), pl.col("_dmax").max().alias("max6_day"))
+    stats = sum12.join(max6, on=[*keys, "_m"])
     lines = lines.join(stats, on=[*keys, "_m"], how="left").with_columns(
         pl.min_horizontal(pl.lit(12), pl.col("_m") - pl.col("_first_m")).alias("_nhist"))
     lines = lines.with_columns(

@@ -71,3 +71,32 @@ def test_daily_maximum() -> None:
     rows += [("AB1234563", "oxycodone", "2024-04-05", 200), ("AB1234563", "oxycodone", "2024-04-05", 200)]
     out = apply_rule_set("daily_max", lines(rows))
     assert out["flag"].to_list()[-2:] == [False, True]  # 400 that day > the largest day of 300
+
+
+def test_the_windows_end_twelve_and_six_months_back() -> None:
+    """For February 2025 the 12-month window is February 2024 .. January 2025 (January 2024
+    falls out) and the 6-month window August 2024 .. January 2025 (July falls out)."""
+    df = lines([("AB1234563", "oxycodone", "2024-01-10", 10_000),
+                ("AB1234563", "oxycodone", "2024-02-10", 1_200),
+                ("AB1234563", "oxycodone", "2024-07-10", 9_000),
+                ("AB1234563", "oxycodone", "2024-08-10", 600),
+                ("AB1234563", "oxycodone", "2025-02-10", 700),
+                ("AB1234563", "hydrocodone", "2025-02-10", 50)])  # another series, no history
+    h = apply_all(df)
+    assert h["max6"]["score"][4] == pytest.approx(700 / 600)
+    # (1,200 + 9,000 + 600) over min(12, 13 months since the first) months.
+    assert h["avg12x2"]["score"][4] == pytest.approx(700 / (2 * 10_800 / 12))
+    assert h["max6"]["score"][5] == 0.0 and not h["max6"]["flag"][5]
+
+
+def test_rule_sets_give_the_same_bits_on_every_run() -> None:
+    """Day and month totals are summed line by line in time order, not by a group-by whose
+    order of addition varies between runs: fractional units give identical scores each time."""
+    from .conftest import messy_history
+
+    df = messy_history(customers=40, days=400, seed=3).with_columns(pl.col("dosage_units") / 7)
+    first = apply_all(df)
+    for _ in range(3):
+        again = apply_all(df)
+        for name, out in first.items():
+            assert out["score"].equals(again[name]["score"]), name
