@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pty
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,9 +70,31 @@ def ensure_softhsm_token(settings: Settings) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if settings.hsm.token_label in _token_labels(conf):
             return False
-        subprocess.run(
-            ["softhsm2-util", "--init-token", "--free", "--label", settings.hsm.token_label,
-             "--pin", settings.hsm.user_pin, "--so-pin", settings.hsm.so_pin],
-            env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, text=True, check=True,
-        )
+        _init_token(conf, settings.hsm.token_label, settings.hsm.so_pin, settings.hsm.user_pin)
     return True
+
+
+def _init_token(conf: Path, label: str, so_pin: str, user_pin: str) -> None:
+    """`softhsm2-util --init-token`, the PINs typed at its prompts rather than given as arguments
+    (any local user can read a process's arguments). It reads PINs only from a terminal, so it
+    gets a pseudo-terminal; the four answers wait there in order (SO PIN twice, user PIN twice)."""
+    command = ["softhsm2-util", "--init-token", "--free", "--label", label]
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(command, stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True, start_new_session=True)
+        os.close(secondary)
+        secondary = -1
+        os.write(primary, "".join(f"{pin}\n" for pin in (so_pin, so_pin, user_pin, user_pin)).encode())
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, command, out, err)

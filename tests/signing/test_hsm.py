@@ -383,3 +383,35 @@ async def test_async_signer_workers_can_run_below_the_loops_priority(hsm: Hsm, r
     finally:
         signer.close()
     assert os.getpriority(os.PRIO_PROCESS, loop_thread) == before
+
+
+def test_token_set_up_keeps_the_pins_off_the_command_line(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any local user can read a process's arguments: softhsm2-util gets the PINs at its prompts.
+    A wrapper first on the PATH records the arguments the real tool is run with."""
+    from gateway.config import write_default_config
+    from gateway.signing.softhsm import ensure_softhsm_token
+
+    real = shutil.which("softhsm2-util")
+    assert real is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "argv.log"
+    wrapper = bin_dir / "softhsm2-util"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    home = tmp_path / "home"
+    write_default_config(load_settings(home))
+    settings = load_settings(home)
+    assert ensure_softhsm_token(settings) is True
+    calls = log.read_text()
+    assert "--init-token" in calls
+    assert settings.hsm.user_pin not in calls and settings.hsm.so_pin not in calls
+    # The token took the PINs typed at the prompts: the user PIN logs in and signs (in a child
+    # process: this process's module stays initialised for the session's own token).
+    check = ("import sys; from gateway.config import load_settings; from gateway.signing.hsm import Hsm\n"
+             "h = Hsm.open(load_settings(sys.argv[1]), sessions=1); h.generate_keypair('pin-check', 'p256')\n"
+             "h.signer('pin-check').verify(h.sign('pin-check', b'x'), b'x'); h.close(); print('signed')")
+    proc = subprocess.run([sys.executable, "-c", check, str(home)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "signed" in proc.stdout, proc.stderr[-2000:]
