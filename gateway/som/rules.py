@@ -157,9 +157,13 @@ def apply_rule_set(name: str, df: pl.DataFrame, *, history: pl.DataFrame | None 
                            "t": _int(pl.col("_t"))}[key])
         if chunk:
             pieces.append(pl.lit(chunk))
-    judged = judged.with_columns(
-        pl.when(pl.col("flag")).then(pl.concat_str(pieces)).otherwise(pl.lit("")).alias("reasons"))
-    return df.with_columns(judged["score"], judged["flag"], judged["reasons"])
+    # The text is built for the flagged lines only (a few in a hundred), then put in place.
+    flagged = judged.with_row_index("_i").filter(pl.col("flag"))
+    text = flagged.select(pl.concat_str(pieces).alias("reasons"))["reasons"]
+    reasons = pl.Series("reasons", [""], pl.String).new_from_index(0, judged.height)
+    if len(text):
+        reasons = reasons.scatter(flagged["_i"], text)
+    return df.with_columns(judged["score"], judged["flag"], reasons)
 
 
 def apply_all(df: pl.DataFrame) -> dict[str, pl.DataFrame]:
