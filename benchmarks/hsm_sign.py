@@ -21,6 +21,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pkcs11
 from pkcs11 import Mechanism, ObjectClass
@@ -33,8 +35,10 @@ from gateway.signing.pkcs11_batch import BatchSigner
 from gateway.signing.softhsm import ensure_softhsm_token
 
 
-def raw_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float) -> float:
-    """Plain python-pkcs11: one session per thread, no pool, no futures."""
+def _rate_on_sessions(hsm: Hsm, label: str, sessions: int, seconds: float,
+                      sign_until: Callable[[Any, Any, float], int]) -> float:
+    """Signatures per second of N threads, each with its own session and key handle, each
+    running `sign_until(session, key, stop)` (which returns how many it made)."""
     token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
     counts = [0] * sessions
     stop = time.perf_counter() + seconds
@@ -43,18 +47,8 @@ def raw_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float)
     def work(i: int) -> None:
         session = token.open()
         key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
-        data = b"benchmark payload %d" % i
         barrier.wait()
-        n = 0
-        if key_type == "rsa2048":
-            while time.perf_counter() < stop:
-                key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
-                n += 1
-        else:
-            while time.perf_counter() < stop:
-                key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
-                n += 1
-        counts[i] = n
+        counts[i] = sign_until(session, key, stop)
         session.close()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
@@ -65,44 +59,49 @@ def raw_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float)
     for t in threads:
         t.join()
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def _mechanism(hsm: Hsm, key_type: str, data: bytes) -> tuple[Mechanism, bytes]:
+    """The mechanism and message the pool's workers use for this key on this token."""
+    token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
+    if key_type == "rsa2048":
+        return Mechanism.SHA256_RSA_PKCS, data
+    if Mechanism.ECDSA_SHA256 in set(token.slot.get_mechanisms()):
+        return Mechanism.ECDSA_SHA256, data
+    return Mechanism.ECDSA, hashlib.sha256(data).digest()
+
+
+def raw_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float) -> float:
+    """Plain python-pkcs11: `key.sign` in a tight loop (hashing per signature where the pool
+    does), no pool, no futures."""
+    data = b"benchmark payload"
+    mechanism, _message = _mechanism(hsm, key_type, data)
+    prehash = mechanism == Mechanism.ECDSA
+
+    def sign_until(_session: Any, key: Any, stop: float) -> int:
+        n = 0
+        while time.perf_counter() < stop:
+            key.sign(hashlib.sha256(data).digest() if prehash else data, mechanism=mechanism)
+            n += 1
+        return n
+
+    return _rate_on_sessions(hsm, label, sessions, seconds, sign_until)
 
 
 def raw_c_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: float, batch: int = 16) -> float:
-    """C_SignInit + C_Sign without Python in between: `BatchSigner` on one session per thread."""
-    token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
+    """C_SignInit + C_Sign without Python in between: `BatchSigner`, `batch` signatures a call."""
     signer = BatchSigner(hsm.module)
     signer.warm_up()
-    counts = [0] * sessions
-    stop = time.perf_counter() + seconds
-    barrier = threading.Barrier(sessions + 1)
-    # The mechanism the pool's workers use for this key on this token (Hsm._mechanism_for).
-    if key_type == "rsa2048":
-        mechanism, message = Mechanism.SHA256_RSA_PKCS, b"benchmark payload"
-    elif Mechanism.ECDSA_SHA256 in set(token.slot.get_mechanisms()):
-        mechanism, message = Mechanism.ECDSA_SHA256, b"benchmark payload"
-    else:
-        mechanism, message = Mechanism.ECDSA, hashlib.sha256(b"benchmark payload").digest()
+    mechanism, message = _mechanism(hsm, key_type, b"benchmark payload")
 
-    def work(i: int) -> None:
-        session = token.open()
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+    def sign_until(session: Any, key: Any, stop: float) -> int:
         items = [(key.handle, mechanism, message)] * batch
-        barrier.wait()
         n = 0
         while time.perf_counter() < stop:
-            results = signer.sign(session.handle, items)
-            n += sum(isinstance(r, bytes) for r in results)
-        counts[i] = n
-        session.close()
+            n += sum(isinstance(r, bytes) for r in signer.sign(session.handle, items))
+        return n
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    return _rate_on_sessions(hsm, label, sessions, seconds, sign_until)
 
 
 async def _pool_rate(signer: AsyncSigner, label: str, seconds: float, concurrency: int) -> float:
