@@ -481,12 +481,16 @@ class Hsm:
                     results[i] = exc
                     continue
                 except pkcs11.exceptions.PKCS11Error as exc:  # looking the key up failed
-                    results[i] = self._failure(conn, exc)
+                    results[i] = failure = self._failure(conn, exc)
+                    if isinstance(failure, TokenUnavailable):  # the session is dead: sign nothing
+                        results = [failure if r is None else r for r in results]
+                        todo, items = [], []
+                        break
                     continue
                 mechanism, message = self._mechanism_for(conn, key_type, data)
                 todo.append((i, key_type))
                 items.append((key.handle, mechanism, message))
-            signed = _batch_signer(self.module).sign(pooled.session.handle, items)
+            signed = _batch_signer(self.module).sign(pooled.session.handle, items) if items else []
             for (i, key_type), value in zip(todo, signed):
                 if isinstance(value, bytes):
                     results[i] = raw_to_der_ecdsa(value) if key_type == "p256" else value

@@ -35,11 +35,20 @@ SIGNATURE_ROOM = 1024
 CKR_OK = 0
 CKR_BUFFER_TOO_SMALL = 0x150
 
-# Refusals of one request (bad data, a key or mechanism that cannot sign it): the next job goes on.
-# Any other code (a dead session, device or handle) stops the batch: on a network HSM every further
-# call could wait out a timeout, and what comes after would fail the same way.
-_REFUSALS = (0x20, 0x21, 0x63, 0x68, 0x70, 0x71)  # DATA_INVALID, DATA_LEN_RANGE,
-# KEY_TYPE_INCONSISTENT, KEY_FUNCTION_NOT_PERMITTED, MECHANISM_INVALID, MECHANISM_PARAM_INVALID
+# Codes after which the session or the token is gone (the ones `hsm` treats as a dead token):
+# the batch stops there, since on a network HSM every further call could wait out a timeout and
+# would fail the same way; the jobs not attempted get the same code. Any other failure is that
+# job's own, and the next job goes on.
+SESSION_FAILURES = (
+    0x05, 0x06,  # GENERAL_ERROR, FUNCTION_FAILED
+    0x30, 0x31, 0x32,  # DEVICE_ERROR, DEVICE_MEMORY, DEVICE_REMOVED
+    0x60, 0x82,  # KEY_HANDLE_INVALID, OBJECT_HANDLE_INVALID (handles of an older login)
+    0x90,  # OPERATION_ACTIVE
+    0xB0, 0xB3,  # SESSION_CLOSED, SESSION_HANDLE_INVALID
+    0xE0, 0xE1,  # TOKEN_NOT_PRESENT, TOKEN_NOT_RECOGNIZED
+    0x101,  # USER_NOT_LOGGED_IN
+    0x190,  # CRYPTOKI_NOT_INITIALIZED
+)
 
 
 class _Mechanism(ctypes.Structure):
@@ -51,7 +60,7 @@ def _sign_from(sign_init, sign, session, start, keys, jobs, data, out, out_len, 
     """Sign jobs start.. in turn: keys[i] the key handle, jobs[i] = (CK_MECHANISM address, offset
     of the message in `data`, its length). Signature i goes to out[i], its length to out_len[i],
     its CK_RV to rvs[i]. Returns the number of jobs done: all of them, or up to and including the
-    first whose CK_RV is not a refusal of that request alone."""
+    first that ended in one of SESSION_FAILURES or in CKR_BUFFER_TOO_SMALL."""
     step = out_len.itemsize
     for i in range(start, keys.size):
         rv = sign_init(session, jobs[i, 0], keys[i])
@@ -60,12 +69,10 @@ def _sign_from(sign_init, sign, session, start, keys, jobs, data, out, out_len, 
             rv = sign(session, data.ctypes.data + jobs[i, 1], jobs[i, 2],
                       out.ctypes.data + i * out.shape[1], out_len.ctypes.data + i * step)
         rvs[i] = rv
-        if rv != 0:
-            refused = False
-            for code in _REFUSALS:
-                if rv == code:
-                    refused = True
-            if not refused:
+        if rv == CKR_BUFFER_TOO_SMALL:
+            return i + 1
+        for code in SESSION_FAILURES:
+            if rv == code:
                 return i + 1
     return keys.size
 
@@ -110,8 +117,7 @@ class BatchSigner:
     def sign(self, session: int, items: Sequence[tuple[int, int, bytes]]) -> list[bytes | int]:
         """Sign each (key handle, mechanism, message) in turn: the signature, or the CK_RV.
 
-        After a failure that is not a refusal of one request, the jobs not attempted get the
-        same CK_RV as the one that stopped the batch.
+        After one of SESSION_FAILURES, the jobs not attempted get the same CK_RV.
         """
         n = len(items)
         address = self._mechanism_address
@@ -132,7 +138,7 @@ class BatchSigner:
             last = done - 1
             if rvs[last] == CKR_BUFFER_TOO_SMALL:
                 results[last] = self._finish_long(session, data, jobs[last], int(out_len[last]), rvs, last)
-            elif rvs[last] != CKR_OK and done < n:
+            if rvs[last] in SESSION_FAILURES:
                 rvs[done:] = rvs[last]  # stopped: the rest is not attempted
                 break
         return [results.get(i) or (out[i, : out_len[i]].tobytes() if rvs[i] == CKR_OK else int(rvs[i]))

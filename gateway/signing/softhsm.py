@@ -9,8 +9,11 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import select
 import shutil
 import subprocess
+import time
+import tty
 from pathlib import Path
 
 from gateway.config import Settings
@@ -74,27 +77,48 @@ def ensure_softhsm_token(settings: Settings) -> bool:
     return True
 
 
-def _init_token(conf: Path, label: str, so_pin: str, user_pin: str) -> None:
+def _init_token(conf: Path, label: str, so_pin: str, user_pin: str, timeout: float = 30.0) -> None:
     """`softhsm2-util --init-token`, the PINs typed at its prompts rather than given as arguments
     (any local user can read a process's arguments). It reads PINs only from a terminal, so it
-    gets a pseudo-terminal; the four answers wait there in order (SO PIN twice, user PIN twice)."""
+    runs on a pseudo-terminal in raw mode (a PIN passes as written: no line editing, no signal
+    keys), and each answer is typed when its prompt appears (SO PIN twice, then user PIN twice)."""
+    for name, pin in (("SO PIN", so_pin), ("user PIN", user_pin)):
+        if not 4 <= len(pin) <= 255 or any(c in pin for c in "\r\n\0"):
+            raise HsmError(f"the token's {name} must be 4 to 255 characters on one line",
+                           code="hsm_pin_invalid")
     command = ["softhsm2-util", "--init-token", "--free", "--label", label]
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    answers = [so_pin, so_pin, user_pin, user_pin]
     primary, secondary = pty.openpty()
+    tty.setraw(secondary)
     try:
-        proc = subprocess.Popen(command, stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True, start_new_session=True)
+        proc = subprocess.Popen(command, stdin=secondary, stdout=secondary, stderr=subprocess.PIPE,
+                                env={**os.environ, "SOFTHSM2_CONF": str(conf)}, start_new_session=True)
+    except BaseException:
+        os.close(primary)
+        raise
+    finally:
         os.close(secondary)
-        secondary = -1
-        os.write(primary, "".join(f"{pin}\n" for pin in (so_pin, so_pin, user_pin, user_pin)).encode())
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+    shown, typed = b"", 0
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline or shown.count(b"PIN:") > len(answers):
+                proc.kill()  # stuck, or asking again: a PIN was refused
+                break
+            if select.select([primary], [], [], 0.1)[0]:
+                try:
+                    shown += os.read(primary, 4096)
+                except OSError:  # the tool closed the terminal
+                    continue
+            while typed < min(shown.count(b"PIN:"), len(answers)):
+                os.write(primary, answers[typed].encode() + b"\n")
+                typed += 1
     finally:
         os.close(primary)
-        if secondary >= 0:
-            os.close(secondary)
+        proc.wait()
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
     if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, command, out, err)
+        raise HsmError(f"softhsm2-util could not create token '{label}': {err[-300:] or 'no answer'}",
+                       code="hsm_init_failed")

@@ -21,7 +21,8 @@ from cryptography.x509.oid import NameOID
 
 from gateway.config import Settings, load_settings
 from gateway.signing.async_signer import AsyncSigner
-from gateway.signing.errors import CertificateMismatch, HsmLoginError, KeyExists, KeyNotFound, TokenUnavailable
+from gateway.signing.errors import (CertificateMismatch, HsmError, HsmLoginError, KeyExists, KeyNotFound,
+                                   TokenUnavailable)
 from gateway.signing.hsm import Hsm
 from pkcs11 import Attribute, ObjectClass
 
@@ -415,3 +416,27 @@ def test_token_set_up_keeps_the_pins_off_the_command_line(tmp_path: Path,
              "h.signer('pin-check').verify(h.sign('pin-check', b'x'), b'x'); h.close(); print('signed')")
     proc = subprocess.run([sys.executable, "-c", check, str(home)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "signed" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_token_pins_pass_as_written_and_bad_ones_are_refused_at_once(tmp_path: Path,
+                                                                     softhsm_settings: Settings) -> None:
+    """The terminal is raw: DEL, ^U and ^C in a PIN are PIN characters, not line editing or a
+    signal. A PIN softhsm2-util would refuse (and ask again) is refused before it runs."""
+    from gateway.signing.softhsm import _init_token
+
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}/\nobjectstore.backend = file\nlog.level = ERROR\n")
+    user_pin = "ab\x7fcd\x15ef\x03gh"
+    _init_token(conf, "raw-pins", "so\x17-pin\x7f", user_pin)
+    check = ("import sys, pkcs11\n"
+             "token = pkcs11.lib(sys.argv[1]).get_token(token_label='raw-pins')\n"
+             "with token.open(user_pin=sys.argv[2]):\n    print('logged in')")
+    proc = subprocess.run([sys.executable, "-c", check, softhsm_settings.hsm.module, user_pin],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "SOFTHSM2_CONF": str(conf)})
+    assert proc.returncode == 0 and "logged in" in proc.stdout, proc.stderr[-2000:]
+    for so_pin, pin in (("12345678", "123"), ("12345678", "x" * 256), ("1234\n5678", "12345678")):
+        with pytest.raises(HsmError) as e:
+            _init_token(conf, "bad-pins", so_pin, pin)
+        assert e.value.code == "hsm_pin_invalid"

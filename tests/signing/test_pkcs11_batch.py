@@ -67,7 +67,7 @@ def test_refusals_come_back_per_signature_with_their_return_code(hsm: Hsm, rsa_k
     assert batch.sign(1, []) == []
 
 
-def test_a_failure_that_is_not_a_refusal_stops_the_batch(hsm: Hsm, rsa_key: str) -> None:
+def test_a_dead_handle_stops_the_batch(hsm: Hsm, rsa_key: str) -> None:
     """A dead handle ends the batch: what follows is not attempted (on a network HSM each call
     could wait out a timeout) and gets the same return code."""
     batch = _batch_signer(hsm.module)
@@ -146,10 +146,20 @@ def test_a_key_lookup_on_a_finalised_module_is_token_unavailable_and_the_pool_re
         dll = ctypes.CDLL(hsm.module)
         dll.C_Finalize.argtypes = [ctypes.c_void_p]
         assert dll.C_Finalize(None) == 0
-        results = hsm.sign_batch([(ec_key, b"not cached"), (rsa_key, b"cached")])
+        results = hsm.sign_batch([(rsa_key, b"cached"), (ec_key, b"not cached"), (rsa_key, b"cached")])
         assert all(isinstance(r, TokenUnavailable) for r in results), results
         after = hsm.sign_batch([(ec_key, b"after"), (rsa_key, b"after")])
         hsm.signer(ec_key).verify(after[0], b"after")
         hsm.signer(rsa_key).verify(after[1], b"after")
     finally:
         hsm.close()
+
+
+def test_the_codes_that_stop_a_batch_are_the_ones_that_mean_a_dead_token() -> None:
+    from gateway.signing.hsm import _error_of, _is_device_failure
+
+    for code in pkcs11_batch.SESSION_FAILURES:
+        assert _is_device_failure(_error_of(code)), hex(code)
+    for code in (0x02, 0x20, 0x21, 0x50, 0x62, 0x63, 0x68, 0x70, 0x71):  # one request's refusals
+        assert code not in pkcs11_batch.SESSION_FAILURES
+        assert not _is_device_failure(_error_of(code)), hex(code)
