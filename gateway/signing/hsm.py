@@ -1,6 +1,6 @@
 """The process's PKCS#11 module: one token, one login, a pool of sessions, cached key handles.
 
-Facts this module is built around (measured, see docs/engineering.md):
+Facts this module is built around (measured; README, "The HSM"; domain brief §7):
 
 - python-pkcs11 initialises the module with `C_Initialize(NULL)`. SoftHSM then turns its own
   locking off and two threads signing on separate sessions corrupt its heap. We re-initialise
@@ -11,6 +11,8 @@ Facts this module is built around (measured, see docs/engineering.md):
 - Key objects belong to the session that found them: each pooled session caches its own handles.
 - SoftHSM 2.6 has no CKM_ECDSA_SHA256: we hash in Python and sign with CKM_ECDSA when the token
   lacks the combined mechanism, then DER-encode r||s.
+- python-pkcs11 takes the GIL back around each PKCS#11 call: `sign_batch` (the async pool's
+  path) signs through `pkcs11_batch` instead, one call without the GIL for the whole batch.
 
 A failure that means "the token is not there" (removed, module finalised, device error) marks the
 pool broken and raises `TokenUnavailable`; the next call reconnects (at most every
