@@ -88,7 +88,11 @@ def _init_token(conf: Path, label: str, so_pin: str, user_pin: str, timeout: flo
                            code="hsm_pin_invalid")
     command = ["softhsm2-util", "--init-token", "--free", "--label", label]
     answers = [so_pin, so_pin, user_pin, user_pin]
-    primary, secondary = pty.openpty()
+    try:
+        primary, secondary = pty.openpty()
+    except OSError as exc:  # no /dev/ptmx (a bare container): the PINs have no safe way in
+        raise HsmError(f"no pseudo-terminal to type the token PINs into softhsm2-util: {exc}",
+                       code="hsm_init_failed") from exc
     tty.setraw(secondary)
     try:
         proc = subprocess.Popen(command, stdin=secondary, stdout=secondary, stderr=subprocess.PIPE,
