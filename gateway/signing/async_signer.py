@@ -79,10 +79,6 @@ class AsyncSigner:
     def _work(self) -> None:
         if self.nice > 0:
             _lower_priority(self.nice)
-        try:
-            self.hsm.warm_up_batches()  # the first request should not wait for the loop to load
-        except Exception:  # noqa: BLE001 - the first batch meets the same error and reports it
-            pass
         jobs = self._jobs
         while True:
             batch = [jobs.get()]

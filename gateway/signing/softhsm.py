@@ -119,10 +119,7 @@ def _init_token(conf: Path, label: str, so_pin: str, user_pin: str, timeout: flo
                 typed += 1
     finally:
         os.close(primary)
-        proc.wait()
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
+        _out, err = proc.communicate()
     if proc.returncode != 0:
-        raise HsmError(f"softhsm2-util could not create token '{label}': {err[-300:] or 'no answer'}",
-                       code="hsm_init_failed")
+        message = err.decode(errors="replace").strip()[-300:] or "no answer"
+        raise HsmError(f"softhsm2-util could not create token '{label}': {message}", code="hsm_init_failed")
