@@ -75,11 +75,9 @@ def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
     return lf.collect()
 
 
-# What evaluate reads: labels, the scorer's verdict (the first five), and what the rule sets need.
-EVALUATE_COLUMNS = ("label", "anomaly", "anomaly_detail", "score", "flag", "customer", "family", "date",
-                    "dosage_units",
-                    # the same columns in a scored ARCOS file, which keeps its own names
-                    "BUYER_DEA_NO", "DRUG_NAME", "DRUG_CODE", "TRANSACTION_DATE", "DOSAGE_UNIT")
+# What evaluate reads: labels and the scorer's verdict (and evaluate.RULE_SET_COLUMNS for the
+# rule sets).
+EVALUATE_COLUMNS = ("label", "anomaly", "anomaly_detail", "score", "flag")
 
 
 @click.group("som")
@@ -160,10 +158,10 @@ def score_command(ctx: Context, source: str, out: str, config_path: str | None, 
 @click.option("--no-rules", is_flag=True, help="Do not measure the litigation rule sets.")
 def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
     """Precision, recall and ROC AUC of a scored, labelled history, overall and by anomaly kind."""
-    from gateway.som.evaluate import evaluate
+    from gateway.som.evaluate import RULE_SET_COLUMNS, evaluate
 
     try:
-        columns = EVALUATE_COLUMNS[:5] if no_rules else EVALUATE_COLUMNS
+        columns = EVALUATE_COLUMNS if no_rules else EVALUATE_COLUMNS + RULE_SET_COLUMNS
         report = evaluate(_read_table(scored, columns), rule_sets=not no_rules)
     except Exception as exc:  # noqa: BLE001
         _guard(exc)

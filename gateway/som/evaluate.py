@@ -23,6 +23,9 @@ import polars as pl
 from gateway.som import io as som_io
 from gateway.som.errors import SomError
 
+# What the rule sets read, in either shape: a customer's units per family and date.
+RULE_SET_COLUMNS = som_io.columns_for("customer", "family", "date", "dosage_units")
+
 __all__ = ["EvaluationError", "Metrics", "MethodResult", "EvaluationReport", "roc_auc", "metrics",
            "evaluate"]
 
@@ -239,8 +242,7 @@ def evaluate(scored: pl.DataFrame, score_col: str = "score", flag_col: str = "fl
 
         names = list(rules.RULE_SETS) if rule_sets is True else list(rule_sets)
         # The rule sets read a customer's units per family and date: nothing else is carried.
-        native = scored.select([c for c in som_io.columns_for("customer", "family", "date", "dosage_units")
-                                if c in scored.columns])
+        native = scored.select([c for c in RULE_SET_COLUMNS if c in scored.columns])
         judged = rules.apply_all(native) if rule_sets is True else {
             name: rules.apply_rule_set(name, native) for name in names}
         for name in names:
