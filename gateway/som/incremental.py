@@ -36,7 +36,7 @@ from gateway.som.peers import (
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
-_FORMAT = 1
+_FORMAT = 2  # 2: the customer state keeps its trailing 12-month sums (kernels.C_TRAIL)
 
 
 class SomStateError(SomError):

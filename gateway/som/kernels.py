@@ -72,7 +72,9 @@ C_DAYS = C_MONTHS + NM * C_MSLOT  # ND slots of: day, units, controlled units
 C_DSLOT = 3
 C_WIN = C_DAYS + ND * C_DSLOT  # the last 30 days: index of the oldest order day in them,
 # order days, units, controlled units
-C_SIZE = C_WIN + 4
+C_TRAIL = C_WIN + 4  # the month the trailing sums below are for (-1: none), then the customer's
+# units and controlled units in months m-12 .. m-1 (shared by its families: once a month)
+C_SIZE = C_TRAIL + 3
 
 # --- configuration vector (from SomConfig, in this order) ------------------------------------
 
@@ -189,6 +191,7 @@ def new_group_state(g):
 def new_customer_state(c):
     c[:] = 0.0
     c[C_MONTH_HI] = -1e9
+    c[C_TRAIL] = -1.0
     for s in range(NM):
         c[C_MONTHS + s * C_MSLOT] = -1.0
     for s in range(ND):
@@ -208,9 +211,19 @@ def _sev(value, threshold):
     return value / threshold
 
 
-@njit(cache=True, error_model="numpy", _nrt=False)
+@njit(cache=True, error_model="numpy", _nrt=False, forceinline=True)
 def _trailing_months(gs, gi, c, month):
-    """Sums over the months m-12 .. m-1 of the group and of the customer, into g's cache."""
+    """Sums over the months m-12 .. m-1 of the group and of the customer, into g's cache.
+
+    Called once per (group, month), about every third line, so it is written for speed: each
+    ring slot's values are taken or replaced by 0.0 (a select, not a branch: which months a
+    group skipped is unpredictable), and adding 0.0 leaves a sum's bits as they were. The
+    customer's own sums are made once per customer and month (`C_TRAIL`); a family first
+    ordered within the 12 months sums the customer's months since then itself."""
+    lo12 = month - 12.0
+    hi = month - 1.0
+    lo6 = month - 6.0
+    lo_season = month - 11.0
     tot12 = 0.0
     cnt12 = 0.0
     days12 = 0.0
@@ -218,35 +231,45 @@ def _trailing_months(gs, gi, c, month):
     slog2 = 0.0
     max6 = 0.0
     maxm12 = 0.0
-    ctot12 = 0.0
-    cctl12 = 0.0
-    cfam12 = 0.0
     stot = 0.0
     sdays = 0.0
-    fam_lo = max(month - 12.0, gs[gi, G_FIRST_MONTH])
     for s in range(NM):
         b = G_MONTHS + s * G_MSLOT
         mid = gs[gi, b]
-        if mid >= month - 12 and mid <= month - 1:
-            tot12 += gs[gi, b + 1]
-            if gs[gi, b + 1] > maxm12:
-                maxm12 = gs[gi, b + 1]
-            cnt12 += gs[gi, b + 2]
-            days12 += gs[gi, b + 3]
-            slog += gs[gi, b + 5]
-            slog2 += gs[gi, b + 6]
-            if mid >= month - 6 and gs[gi, b + 4] > max6:
-                max6 = gs[gi, b + 4]
-            if mid <= month - 11:
-                stot += gs[gi, b + 1]
-                sdays += gs[gi, b + 3]
-        cb = C_MONTHS + s * C_MSLOT
-        cmid = c[cb]
-        if cmid >= month - 12 and cmid <= month - 1:
-            ctot12 += c[cb + 1]
-            cctl12 += c[cb + 2]
-            if cmid >= fam_lo:
-                cfam12 += c[cb + 1]
+        inside = (mid >= lo12) & (mid <= hi)
+        units = gs[gi, b + 1] if inside else 0.0
+        days = gs[gi, b + 3] if inside else 0.0
+        tot12 += units
+        maxm12 = max(maxm12, units)
+        cnt12 += gs[gi, b + 2] if inside else 0.0
+        days12 += days
+        slog += gs[gi, b + 5] if inside else 0.0
+        slog2 += gs[gi, b + 6] if inside else 0.0
+        max6 = max(max6, gs[gi, b + 4] if inside & (mid >= lo6) else 0.0)
+        season = inside & (mid <= lo_season)
+        stot += units if season else 0.0
+        sdays += days if season else 0.0
+    if c[C_TRAIL] != month:
+        ctot12 = 0.0
+        cctl12 = 0.0
+        for s in range(NM):
+            cb = C_MONTHS + s * C_MSLOT
+            cmid = c[cb]
+            inside = (cmid >= lo12) & (cmid <= hi)
+            ctot12 += c[cb + 1] if inside else 0.0
+            cctl12 += c[cb + 2] if inside else 0.0
+        c[C_TRAIL] = month
+        c[C_TRAIL + 1] = ctot12
+        c[C_TRAIL + 2] = cctl12
+    fam_lo = gs[gi, G_FIRST_MONTH]
+    if fam_lo <= lo12:  # the same months, added in the same order: the same bits
+        cfam12 = c[C_TRAIL + 1]
+    else:
+        cfam12 = 0.0
+        for s in range(NM):
+            cb = C_MONTHS + s * C_MSLOT
+            cmid = c[cb]
+            cfam12 += c[cb + 1] if (cmid >= fam_lo) & (cmid <= hi) else 0.0
     gs[gi, G_CMONTH] = month
     gs[gi, G_CACHE] = tot12
     gs[gi, G_CACHE + 1] = cnt12
@@ -256,8 +279,8 @@ def _trailing_months(gs, gi, c, month):
     gs[gi, G_CACHE + 5] = max6
     gs[gi, G_CACHE + 6] = maxm12
     gs[gi, G_CACHE + 7] = cfam12
-    gs[gi, G_CACHE + 8] = ctot12
-    gs[gi, G_CACHE + 9] = cctl12
+    gs[gi, G_CACHE + 8] = c[C_TRAIL + 1]
+    gs[gi, G_CACHE + 9] = c[C_TRAIL + 2]
     gs[gi, G_CACHE + 10] = stot
     gs[gi, G_CACHE + 11] = sdays
 
@@ -313,9 +336,6 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
         c[C_MONTH] = month
         c[C_MONTH_LO] = month_first_day(month)
         c[C_MONTH_HI] = month_first_day(month + 1)
-    for k in range(NF):
-        feat[k] = np.nan
-    feat[F_UNITS] = units
 
     # ---- customer state ----
     if c[C_NDAYS] == 0.0:
@@ -409,11 +429,15 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
 
     # ---- trailing months (m-12 .. m-1) of the group and the customer ----
     # Past months are complete once a line of month m arrives (time order), so their sums are
-    # computed once per (group, month) and kept in the state.
+    # computed once per (group, month) and kept in the state (at every line, so that the state
+    # does not depend on which lines were scored).
     if gs[gi, G_CMONTH] != month:
         _trailing_months(gs, gi, c, month)
     if not controlled and not full:  # scored 0 below: its features would be seen by nobody
         return 0.0, 0
+    for k in range(NF):
+        feat[k] = np.nan
+    feat[F_UNITS] = units
     tot12 = gs[gi, G_CACHE]
     cnt12 = gs[gi, G_CACHE + 1]
     days12 = gs[gi, G_CACHE + 2]

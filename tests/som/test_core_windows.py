@@ -30,4 +30,4 @@ def test_windows_with_fractional_units_and_long_gaps_agree_with_the_reference() 
         assert not bad.any(), f"{col}: {bad.sum()} lines differ"
     assert batch["flag"].equals(ref["flag"])
     assert (batch["customer_days_30d"] == 1).sum() > 0  # lines after the quiet spell
-    assert K.G_SIZE == K.G_WIN + 3 and K.C_SIZE == K.C_WIN + 4
+    assert K.G_SIZE == K.G_WIN + 3 and K.C_SIZE == K.C_TRAIL + 3 == K.C_WIN + 7
