@@ -48,8 +48,13 @@ G_FIRST_MONTH = 1
 G_NDAYS = 2  # distinct order days ever seen
 G_CMONTH = 3  # the month the cached trailing sums below are for (-1: none)
 G_CACHE = 4  # tot12, cnt12, days12, slog, slog2, max6, maxm12, cfam12, ctot12, cctl12,
-# and units and order days of the same season last year (months m-12 and m-11)
-G_NCACHE = 12
+# and units and order days of the same season last year (months m-12 and m-11); then what the
+# features derive from them alone, the same for every line of the month (divisions and a square
+# root a line saved): mean line, mean and sd of log1p(line), monthly average, usual order days a
+# month, usual interval, family share and its odds, controlled share and its odds, usual order day
+G_NCACHE = 23
+(T_MEAN12, T_MU, T_SD, T_AVG12, T_USUAL, T_USUAL_GAP, T_SHARE12, T_SHARE12_ODDS, T_CTL12,
+ T_CTL12_ODDS, T_USUAL_DAY) = range(12, 23)
 G_MONTHS = G_CACHE + G_NCACHE  # NM slots of: month id, units, lines, order days, max line,
 # sum log, sum log^2
 G_MSLOT = 7
@@ -198,13 +203,13 @@ def new_customer_state(c):
         c[C_DAYS + s * C_DSLOT] = -1e9
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", forceinline=True)
 def _odds(p):
     p = min(max(p, 0.05), 0.95)
     return p / (1.0 - p)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", forceinline=True)
 def _sev(value, threshold):
     if value != value or threshold <= 0.0:
         return 0.0
@@ -283,6 +288,26 @@ def _trailing_months(gs, gi, c, month):
     gs[gi, G_CACHE + 9] = c[C_TRAIL + 2]
     gs[gi, G_CACHE + 10] = stot
     gs[gi, G_CACHE + 11] = sdays
+    # derived values (used only where process_line_lu's conditions hold; NaN or inf otherwise)
+    nhist = min(12.0, month - gs[gi, G_FIRST_MONTH])
+    gs[gi, G_CACHE + T_MEAN12] = tot12 / cnt12
+    gs[gi, G_CACHE + T_MU] = slog / cnt12
+    var = (slog2 - slog * slog / cnt12) / (cnt12 - 1.0) if cnt12 > 1 else 0.0
+    gs[gi, G_CACHE + T_SD] = math.sqrt(max(var, 0.0))
+    gs[gi, G_CACHE + T_AVG12] = tot12 / nhist
+    gs[gi, G_CACHE + T_USUAL] = days12 / nhist
+    gs[gi, G_CACHE + T_USUAL_GAP] = DAYS_PER_MONTH * nhist / days12
+    share12 = tot12 / cfam12
+    gs[gi, G_CACHE + T_SHARE12] = share12
+    gs[gi, G_CACHE + T_SHARE12_ODDS] = _odds(share12)
+    ctl12 = c[C_TRAIL + 2] / c[C_TRAIL + 1]
+    gs[gi, G_CACHE + T_CTL12] = ctl12
+    gs[gi, G_CACHE + T_CTL12_ODDS] = _odds(ctl12)
+    usual_day = tot12 / days12
+    # a full year of history: not below the same season last year (winter peaks)
+    if nhist >= 12 and sdays > 0:
+        usual_day = max(usual_day, stot / sdays)
+    gs[gi, G_CACHE + T_USUAL_DAY] = usual_day
 
 
 LOG1P_TABLE = 1 << 16  # whole numbers below this get log1p from a table (`_log1p`)
@@ -435,23 +460,21 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
         _trailing_months(gs, gi, c, month)
     if not controlled and not full:  # scored 0 below: its features would be seen by nobody
         return 0.0, 0
-    for k in range(NF):
-        feat[k] = np.nan
-    feat[F_UNITS] = units
+    nan = np.nan
+    # Features are locals (registers), written to `feat` only for a line the reasons will quote
+    # (flagged, or `full`): storing some forty numbers per line cost a fifth of the kernel.
+    f_size = f_max6 = f_cz = f_month = f_peer_z = f_peer_mz = f_freq = f_interval = nan
+    f_newfam = f_mix = f_ctrl = f_cap = f_sust = nan
+    f_mean12 = f_max6l = f_avg12 = f_usual_n = f_recent_gap = f_usual_gap = nan
+    f_share30 = f_share12 = f_ctrl30 = f_ctrl12 = f_recent_day = f_usual_day = f_maxm12 = nan
     tot12 = gs[gi, G_CACHE]
     cnt12 = gs[gi, G_CACHE + 1]
     days12 = gs[gi, G_CACHE + 2]
-    slog = gs[gi, G_CACHE + 3]
-    slog2 = gs[gi, G_CACHE + 4]
     max6 = gs[gi, G_CACHE + 5]
     maxm12 = gs[gi, G_CACHE + 6]
     cfam12 = gs[gi, G_CACHE + 7]  # customer units in the trailing months since the family's first
     ctot12 = gs[gi, G_CACHE + 8]
-    cctl12 = gs[gi, G_CACHE + 9]
     nhist = min(12.0, month - gs[gi, G_FIRST_MONTH])
-    feat[F_NHIST] = nhist
-    feat[F_MTD] = mtd
-    feat[F_CAP] = np.nan
 
     # ---- last 30 days (days d-29 .. d, this line included) ----
     n30 = gs[gi, G_WIN + 1]
@@ -459,8 +482,6 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     cn30 = c[C_WIN + 1]
     c30 = c[C_WIN + 2]
     k30 = c[C_WIN + 3]
-    feat[F_N30] = n30
-    feat[F_CN30] = cn30
 
     score = 0.0
     bits = 0
@@ -473,36 +494,32 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
 
     # ---- size against the customer's history ----
     if history and cnt12 >= cfg[K_MIN_LINES] and cnt12 > 0:
-        mean12 = tot12 / cnt12
-        feat[F_MEAN12] = mean12
-        feat[F_SIZE] = units / mean12 if mean12 > 0 else np.nan
-        sev = _sev(feat[F_SIZE], cfg[K_SIZE])
+        f_mean12 = gs[gi, G_CACHE + T_MEAN12]
+        f_size = units / f_mean12 if f_mean12 > 0 else nan
+        sev = _sev(f_size, cfg[K_SIZE])
         if sev >= 1.0:
             bits |= R_SIZE
         score = max(score, sev)
         if max6 > 0:
-            feat[F_MAX6L] = max6
-            feat[F_MAX6] = units / max6
-            sev = _sev(feat[F_MAX6], cfg[K_MAX6])
+            f_max6l = max6
+            f_max6 = units / max6
+            sev = _sev(f_max6, cfg[K_MAX6])
             if sev >= 1.0:
                 bits |= R_MAX6
             score = max(score, sev)
-        mu = slog / cnt12
-        var = (slog2 - slog * slog / cnt12) / (cnt12 - 1.0) if cnt12 > 1 else 0.0
-        sd = math.sqrt(max(var, 0.0))
-        sd = max(sd, cfg[K_SDFLOOR])
-        feat[F_CZ] = (lu - mu) / sd
-        sev = _sev(feat[F_CZ], cfg[K_CZ])
+        mu = gs[gi, G_CACHE + T_MU]
+        sd = max(gs[gi, G_CACHE + T_SD], cfg[K_SDFLOOR])
+        f_cz = (lu - mu) / sd
+        sev = _sev(f_cz, cfg[K_CZ])
         if sev >= 1.0:
             bits |= R_CONTROL
         score = max(score, sev)
     if history and tot12 > 0 and cnt12 >= cfg[K_MIN_LINES] and units * cnt12 >= tot12:
-        avg12 = tot12 / nhist
-        feat[F_AVG12] = avg12
-        feat[F_MONTH] = mtd / avg12
+        f_avg12 = gs[gi, G_CACHE + T_AVG12]
+        f_month = mtd / f_avg12
         # the line must take the month over the limit (later lines of that month are not new)
-        sev = _sev(feat[F_MONTH], cfg[K_MONTH])
-        if (mtd - units) / avg12 >= cfg[K_MONTH]:
+        sev = _sev(f_month, cfg[K_MONTH])
+        if (mtd - units) / f_avg12 >= cfg[K_MONTH]:
             sev = min(sev, 0.999)
         if sev >= 1.0:
             bits |= R_MONTH
@@ -511,52 +528,46 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     # ---- size against the peer group ----
     if has_peer:
         psd = max(peers[pi, P_LINE_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_Z] = (lu - peers[pi, P_LINE_MU]) / psd
-        sev = _sev(feat[F_PEER_Z], cfg[K_PEER_Z])
+        f_peer_z = (lu - peers[pi, P_LINE_MU]) / psd
+        sev = _sev(f_peer_z, cfg[K_PEER_Z])
         if sev >= 1.0:
             bits |= R_PEER
         score = max(score, sev)
         msd = max(peers[pi, P_MONTH_SD], cfg[K_SDFLOOR])
-        feat[F_PEER_MZ] = (_log1p(mtd, table) - peers[pi, P_MONTH_MU]) / msd
-        sev = _sev(feat[F_PEER_MZ], cfg[K_PEER_MZ]) if lu >= peers[pi, P_LINE_MU] else 0.0
+        f_peer_mz = (_log1p(mtd, table) - peers[pi, P_MONTH_MU]) / msd
+        sev = _sev(f_peer_mz, cfg[K_PEER_MZ]) if lu >= peers[pi, P_LINE_MU] else 0.0
         if sev >= 1.0:
             bits |= R_PEER_MONTH
         score = max(score, sev)
 
     # ---- frequency ----
     if history and days12 > 0:
-        usual = days12 / nhist
-        feat[F_USUAL_N] = usual
+        f_usual_n = gs[gi, G_CACHE + T_USUAL]
         r = int(cfg[K_RECENT])
         if nd - 1 >= r:
             back = gs[gi, G_DAYS + ((nd - 1 - r) % ND) * G_DSLOT]
-            recent = (day - back) / r
-            usual_gap = DAYS_PER_MONTH * nhist / days12
-            feat[F_RECENT_GAP] = recent
-            feat[F_USUAL_GAP] = usual_gap
-            feat[F_INTERVAL] = usual_gap / max(recent, 1.0)
-            sev = _sev(feat[F_INTERVAL], cfg[K_INTERVAL])
+            f_recent_gap = (day - back) / r
+            f_usual_gap = gs[gi, G_CACHE + T_USUAL_GAP]
+            f_interval = f_usual_gap / max(f_recent_gap, 1.0)
+            sev = _sev(f_interval, cfg[K_INTERVAL])
             if sev >= 1.0:
                 bits |= R_INTERVAL
             score = max(score, sev)
         if n30 >= cfg[K_MIN30]:
-            feat[F_FREQ] = n30 / max(usual, 1.0)
-            interval = feat[F_INTERVAL]
-            if interval == interval and interval >= cfg[K_FREQ_INT]:
-                sev = _sev(feat[F_FREQ], cfg[K_FREQ])
+            f_freq = n30 / max(f_usual_n, 1.0)
+            if f_interval == f_interval and f_interval >= cfg[K_FREQ_INT]:
+                sev = _sev(f_freq, cfg[K_FREQ])
                 if sev >= 1.0:
                     bits |= R_FREQ
                 score = max(score, sev)
 
     # ---- pattern: new family, family mix, controlled share ----
     tenure = gs[gi, G_FIRST_DAY] - c[C_FIRST_DAY]
-    feat[F_TENURE] = day - c[C_FIRST_DAY]
     if tenure >= cfg[K_TENURE] and day - gs[gi, G_FIRST_DAY] < cfg[K_WINDOW]:
-        share = peers[pi, P_SHARE] if has_peer else 0.0
-        feat[F_NEWFAM] = share
-        sev = cfg[K_PEER_SHARE] / max(share, 0.01)
-        if has_peer and feat[F_PEER_Z] > 0:  # ...the more so at a volume above the peers'
-            sev *= 1.0 + feat[F_PEER_Z] / cfg[K_PEER_Z]
+        f_newfam = peers[pi, P_SHARE] if has_peer else 0.0
+        sev = cfg[K_PEER_SHARE] / max(f_newfam, 0.01)
+        if has_peer and f_peer_z > 0:  # ...the more so at a volume above the peers'
+            sev *= 1.0 + f_peer_z / cfg[K_PEER_Z]
         sev = min(sev, 10.0)
         if sev >= 1.0:
             bits |= R_NEW_FAMILY
@@ -564,23 +575,19 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     cust_history = month - c[C_FIRST_MONTH] >= cfg[K_MIN_MONTHS]
     enough_days = cn30 >= cfg[K_MIX_DAYS]
     if history and cfam12 > 0 and c30 > 0 and enough_days:
-        share30 = u30 / c30
-        share12 = tot12 / cfam12
-        feat[F_SHARE30] = share30
-        feat[F_SHARE12] = share12
+        f_share30 = u30 / c30
+        f_share12 = gs[gi, G_CACHE + T_SHARE12]
         if u30 >= cfg[K_MIN_MIX]:
-            feat[F_MIX] = _odds(share30) / _odds(share12)
-            sev = _sev(feat[F_MIX], cfg[K_MIX])
+            f_mix = _odds(f_share30) / gs[gi, G_CACHE + T_SHARE12_ODDS]
+            sev = _sev(f_mix, cfg[K_MIX])
             if sev >= 1.0:
                 bits |= R_MIX
             score = max(score, sev)
     if cust_history and controlled and ctot12 > 0 and c30 > 0 and enough_days:
-        ctl30 = k30 / c30
-        ctl12 = cctl12 / ctot12
-        feat[F_CTRL30] = ctl30
-        feat[F_CTRL12] = ctl12
-        feat[F_CTRL] = _odds(ctl30) / _odds(ctl12)
-        sev = _sev(feat[F_CTRL], cfg[K_CTRL])
+        f_ctrl30 = k30 / c30
+        f_ctrl12 = gs[gi, G_CACHE + T_CTL12]
+        f_ctrl = _odds(f_ctrl30) / gs[gi, G_CACHE + T_CTL12_ODDS]
+        sev = _sev(f_ctrl, cfg[K_CTRL])
         if sev >= 1.0:
             bits |= R_CONTROLLED
         score = max(score, sev)
@@ -596,18 +603,12 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
             total += v
             if v > largest:
                 largest = v
-        recent_units = (total - largest) / (ns - 1)
+        f_recent_day = (total - largest) / (ns - 1)
         today_units = gs[gi, dbase + 1]
-        usual_day = tot12 / days12
-        # a full year of history: not below the same season last year (winter peaks)
-        sdays = gs[gi, G_CACHE + 11]
-        if nhist >= 12 and sdays > 0:
-            usual_day = max(usual_day, gs[gi, G_CACHE + 10] / sdays)
-        feat[F_RECENT_DAY] = recent_units
-        feat[F_USUAL_DAY] = usual_day
-        feat[F_SUST] = recent_units / usual_day
-        sev = _sev(feat[F_SUST], cfg[K_SUST])
-        if today_units < cfg[K_TODAY] * usual_day:  # the rise is over (no echo)
+        f_usual_day = gs[gi, G_CACHE + T_USUAL_DAY]
+        f_sust = f_recent_day / f_usual_day
+        sev = _sev(f_sust, cfg[K_SUST])
+        if today_units < cfg[K_TODAY] * f_usual_day:  # the rise is over (no echo)
             sev = min(sev, 0.999)
         if sev >= 1.0:
             bits |= R_SUSTAINED
@@ -615,10 +616,10 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
 
     # ---- monthly cap (for customers whose usual month is under it) ----
     if history:
-        feat[F_MAXM12] = maxm12
+        f_maxm12 = maxm12
     if cfg[K_CAP] > 0 and history and mtd >= cfg[K_CAP_USUAL] * maxm12:
-        feat[F_CAP] = mtd / cfg[K_CAP]
-        sev = feat[F_CAP]
+        f_cap = mtd / cfg[K_CAP]
+        sev = f_cap
         if mtd - units > cfg[K_CAP]:  # the month was already over the cap before this line
             sev = min(sev, 1.0)
         if sev > 1.0:
@@ -627,14 +628,48 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     if not controlled:  # non-controlled lines only inform the controlled share
         score = 0.0
         bits = 0
-    if bits != 0 or full:  # numbers quoted by the reasons only
-        if feat[F_CZ] == feat[F_CZ]:
-            feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd)
+    if bits != 0 or full:
+        feat[F_SIZE] = f_size
+        feat[F_MAX6] = f_max6
+        feat[F_CZ] = f_cz
+        feat[F_MONTH] = f_month
+        feat[F_PEER_Z] = f_peer_z
+        feat[F_PEER_MZ] = f_peer_mz
+        feat[F_FREQ] = f_freq
+        feat[F_INTERVAL] = f_interval
+        feat[F_NEWFAM] = f_newfam
+        feat[F_MIX] = f_mix
+        feat[F_CTRL] = f_ctrl
+        feat[F_CAP] = f_cap
+        feat[F_SUST] = f_sust
+        feat[F_UNITS] = units
+        feat[F_MEAN12] = f_mean12
+        feat[F_MAX6L] = f_max6l
+        # numbers quoted by the reasons only
+        feat[F_CLIMIT] = math.expm1(mu + cfg[K_CZ] * sd) if f_cz == f_cz else nan
+        feat[F_MTD] = mtd
+        feat[F_AVG12] = f_avg12
         if has_peer:
             feat[F_PEER_TYP] = math.expm1(peers[pi, P_LINE_MU])
             feat[F_PEER_LIM] = math.expm1(peers[pi, P_LINE_MU] + cfg[K_PEER_Z] * psd)
             feat[F_PEER_MTYP] = math.expm1(peers[pi, P_MONTH_MU])
             feat[F_PEER_MLIM] = math.expm1(peers[pi, P_MONTH_MU] + cfg[K_PEER_MZ] * msd)
+        else:
+            feat[F_PEER_TYP] = feat[F_PEER_LIM] = feat[F_PEER_MTYP] = feat[F_PEER_MLIM] = nan
+        feat[F_N30] = n30
+        feat[F_USUAL_N] = f_usual_n
+        feat[F_RECENT_GAP] = f_recent_gap
+        feat[F_USUAL_GAP] = f_usual_gap
+        feat[F_TENURE] = day - c[C_FIRST_DAY]
+        feat[F_SHARE30] = f_share30
+        feat[F_SHARE12] = f_share12
+        feat[F_CTRL30] = f_ctrl30
+        feat[F_CTRL12] = f_ctrl12
+        feat[F_NHIST] = nhist
+        feat[F_RECENT_DAY] = f_recent_day
+        feat[F_USUAL_DAY] = f_usual_day
+        feat[F_MAXM12] = f_maxm12
+        feat[F_CN30] = cn30
     return score, bits
 
 
