@@ -273,7 +273,7 @@ f AS (
     CASE WHEN cust_hist AND controlled AND ctot12 > 0 AND c30 > 0 AND cn30 >= {c.min_mix_days}
          THEN {_odds('k30 / c30')} / {_odds('cctl12 / ctot12')} END AS controlled_odds_ratio,
     CASE WHEN history AND mtd >= {c.cap_over_usual} * tot_max12 THEN mtd / {c.monthly_cap} END AS cap_ratio,
-    CASE WHEN history AND ndays12 > 0 AND nd >= {s} THEN recent_day / usual_day END AS sustained_ratio,
+    CASE WHEN history AND ndays12 > 0 AND nd >= {s} AND usual_day > 0 THEN recent_day / usual_day END AS sustained_ratio,
     u AS units,
     CASE WHEN size_ok THEN mean12 END AS mean_line_12m,
     CASE WHEN size_ok AND maxl6 > 0 THEN maxl6 END AS max_line_6m,
@@ -294,8 +294,8 @@ f AS (
     CASE WHEN cust_hist AND controlled AND ctot12 > 0 AND c30 > 0 AND cn30 >= {c.min_mix_days} THEN k30 / c30 END AS controlled_30d,
     CASE WHEN cust_hist AND controlled AND ctot12 > 0 AND c30 > 0 AND cn30 >= {c.min_mix_days} THEN cctl12 / ctot12 END AS controlled_12m,
     nhist AS months_history,
-    CASE WHEN history AND ndays12 > 0 AND nd >= {s} THEN recent_day END AS recent_day_units,
-    CASE WHEN history AND ndays12 > 0 AND nd >= {s} THEN usual_day END AS usual_day_units,
+    CASE WHEN history AND ndays12 > 0 AND nd >= {s} AND usual_day > 0 THEN recent_day END AS recent_day_units,
+    CASE WHEN history AND ndays12 > 0 AND nd >= {s} AND usual_day > 0 THEN usual_day END AS usual_day_units,
     CASE WHEN history THEN tot_max12 END AS max_month_12m,
     CAST(cn30 AS DOUBLE) AS customer_days_30d
   FROM k),

@@ -36,7 +36,7 @@ from gateway.som.peers import (
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
-_FORMAT = 2  # 2: the customer state keeps its trailing 12-month sums (kernels.C_TRAIL)
+_FORMAT = 3  # 3: the states keep their trailing 12-month sums and what derives from them
 
 
 class SomStateError(SomError):
@@ -204,6 +204,8 @@ class SomState:
         groups = list(self.groups)
         meta = {
             "format": _FORMAT,
+            "customer_size": K.C_SIZE,
+            "group_size": K.G_SIZE,
             "config": self.config.as_dict(),
             "customers": customers,
             "cells": [list(self.cells[c]) for c in customers],
@@ -229,6 +231,15 @@ class SomState:
             meta = json.loads(z["meta"].tobytes().decode())
             if meta.get("format") != _FORMAT:
                 raise SomStateError("som_state_version", f"state format {meta.get('format')}")
+            # The kernel reads and writes these rows unchecked: a row of another layout or a
+            # missing row must stop here, not corrupt scores and memory later.
+            if (meta.get("customer_size"), meta.get("group_size")) != (K.C_SIZE, K.G_SIZE):
+                raise SomStateError("som_state_version", "state vectors of another layout")
+            shapes = (z["customers"].shape, z["groups"].shape, len(meta["cells"]))
+            if shapes != ((len(meta["customers"]), K.C_SIZE), (len(meta["groups"]), K.G_SIZE),
+                          len(meta["customers"])):
+                raise SomStateError("som_state_unreadable",
+                                    "state arrays do not match the names they are saved with")
             peers_raw = z["peers"].tobytes()
             peers = pl.read_ipc(io.BytesIO(peers_raw)) if peers_raw else None
             state = cls(SomConfig.from_dict(meta["config"]), peers)

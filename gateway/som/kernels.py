@@ -594,7 +594,8 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
 
     # ---- sustained: the last order days against the usual order day ----
     ns = int(cfg[K_SUST_N])
-    if history and days12 > 0 and nd >= ns:
+    usual_day = gs[gi, G_CACHE + T_USUAL_DAY]
+    if history and days12 > 0 and nd >= ns and usual_day > 0:  # order days of 0 units: no usual
         # mean of the last ns order days without the largest (one restock is not a rise)
         total = 0.0
         largest = 0.0
@@ -605,7 +606,7 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
                 largest = v
         f_recent_day = (total - largest) / (ns - 1)
         today_units = gs[gi, dbase + 1]
-        f_usual_day = gs[gi, G_CACHE + T_USUAL_DAY]
+        f_usual_day = usual_day
         f_sust = f_recent_day / f_usual_day
         sev = _sev(f_sust, cfg[K_SUST])
         if today_units < cfg[K_TODAY] * f_usual_day:  # the rise is over (no echo)

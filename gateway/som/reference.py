@@ -224,11 +224,12 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
     share12 = pl.col("tot12") / pl.col("cfam12")
     ctl30 = pl.col("k30") / pl.col("c30")
     ctl12 = pl.col("cctl12") / pl.col("ctot12")
-    sust_ok = history & (pl.col("ndays12") > 0) & (pl.col("nd") >= cfg.sustained_orders)
     usual_day = pl.col("tot12") / pl.col("ndays12")
     usual_day = pl.when((pl.col("nhist") >= 12) & (pl.col("ndays_season") > 0)).then(
         pl.max_horizontal(usual_day, pl.col("tot_season") / pl.col("ndays_season"))
     ).otherwise(usual_day)
+    sust_ok = (history & (pl.col("ndays12") > 0) & (pl.col("nd") >= cfg.sustained_orders)
+               & (usual_day > 0))
     f = {
         "size_ratio": pl.when(size_ok & (mean12 > 0)).then(pl.col("u") / mean12),
         "max6_ratio": pl.when(size_ok & (pl.col("maxl6") > 0)).then(pl.col("u") / pl.col("maxl6")),

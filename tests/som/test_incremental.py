@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from gateway.som import kernels as K
+from gateway.som import kernels as K, reference
 from gateway.som.config import SomConfig
 from gateway.som.incremental import SomState, SomStateError
 from gateway.som.peers import peer_reference
@@ -152,3 +152,65 @@ def test_extend_refuses_lines_before_a_known_customers_last_and_adds_nothing(his
         state.extend(df.filter(pl.col("date") < cut))
     assert e.value.code == "som_out_of_order"
     assert state.to_bytes() == before
+
+
+def _rewritten(data: bytes, **change) -> bytes:
+    """A saved state with some of its meta or arrays replaced (as an older or damaged file)."""
+    import io
+    import json
+
+    z = np.load(io.BytesIO(data), allow_pickle=False)
+    parts = {k: z[k] for k in z.files}
+    meta = json.loads(parts["meta"].tobytes().decode())
+    meta.update(change.pop("meta", {}))
+    parts.update(change)
+    parts["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **parts)
+    return buf.getvalue()
+
+
+def test_a_state_of_another_format_or_layout_is_refused_not_misread(history) -> None:
+    """The kernel reads state rows without bounds checks: rows of an older layout, or arrays
+    that do not match their names, must be refused at load."""
+    df, peers, _ = history
+    state = SomState(peers=peers)
+    state.update_many(df[:2000])
+    data = state.to_bytes()
+    meta_ok = SomState.from_bytes(data)
+    assert set(meta_ok.groups) == set(state.groups)
+
+    with pytest.raises(SomStateError) as e:  # an older format number
+        SomState.from_bytes(_rewritten(data, meta={"format": 2}))
+    assert e.value.code == "som_state_version"
+    with pytest.raises(SomStateError) as e:  # the same number, rows of another width
+        z = np.load(__import__("io").BytesIO(data))
+        SomState.from_bytes(_rewritten(data, groups=z["groups"][:, :-11],
+                                       meta={"group_size": K.G_SIZE - 11}))
+    assert e.value.code == "som_state_version"
+    with pytest.raises(SomStateError) as e:  # narrower rows than the meta says
+        SomState.from_bytes(_rewritten(data, customers=z["customers"][:, :-3]))
+    assert e.value.code == "som_state_unreadable"
+    with pytest.raises(SomStateError) as e:  # fewer group rows than named groups
+        SomState.from_bytes(_rewritten(data, groups=z["groups"][:-1]))
+    assert e.value.code == "som_state_unreadable"
+
+
+def test_order_days_of_zero_units_give_no_usual_day_and_no_infinite_score() -> None:
+    """A family whose trailing order days all had 0 units has no usual order day: the
+    sustained-rise check is not judged (it divided by 0 and scored inf)."""
+    start = dt.date(2023, 1, 2)
+    rows = [{"customer": "AB1234563", "customer_type": "retail", "state": "OH",
+             "family": "oxycodone", "date": start + dt.timedelta(days=7 * k),
+             "dosage_units": 0.0} for k in range(60)]
+    rows += [{**rows[-1], "date": rows[-1]["date"] + dt.timedelta(days=d), "dosage_units": 100.0}
+             for d in (1, 2, 3, 4)]
+    df = pl.DataFrame(rows)
+    out = score_orders(df, keep_features=True)
+    assert np.isfinite(out["score"].to_numpy()).all()
+    assert out["sustained_ratio"].is_nan().all() and out["usual_day_units"].is_nan().all()
+    ref = reference.features(df)  # the plain Polars implementation agrees
+    assert ref["sustained_ratio"].is_nan().all() and ref["usual_day_units"].is_nan().all()
+    state = SomState(peers=peer_reference(df))
+    got = state.update_many(df)
+    assert [g.score for g in got] == out["score"].to_list()
