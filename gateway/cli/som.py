@@ -8,12 +8,15 @@ litigation rule sets beside), diligence (a due-diligence page for one flagged li
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import signal
 import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
@@ -34,6 +37,35 @@ def _guard(exc: Exception) -> NoReturn:
     if isinstance(code, str):
         _fail(code, str(exc))
     raise exc
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While a command runs, SIGTERM raises SystemExit(143) (128 + 15, as a shell reports a
+    SIGTERM) so that the `finally` blocks remove temporary outputs and scratch directories; another
+    SIGTERM during that cleanup is ignored. The previous handler is put back after."""
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _terminable(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that cleans up after itself on SIGTERM (see _sigterm_exits)."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _sigterm_exits():
+            return command(*args, **kwargs)
+    return run
 
 
 def state_path(ctx: Context) -> Path:
@@ -67,12 +99,28 @@ def _scan_table(path: str) -> Any:
 
 
 def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
-    """A scored table (Parquet or CSV); `columns`: read only those of them that exist."""
-    lf = _scan_table(path)
-    if columns is not None:
-        names = lf.collect_schema().names()
-        lf = lf.select([c for c in names if c in columns])
-    return lf.collect()
+    """A scored table (Parquet or CSV); `columns`: read only those of them that exist.
+    SomInputError som_empty_input for a file without lines, som_unreadable for one that is not
+    Parquet/CSV or is damaged."""
+    import polars as pl
+
+    from gateway.som.io import SomInputError
+
+    try:
+        if Path(path).stat().st_size == 0:
+            raise SomInputError("som_empty_input", f"{path}: an empty file, no lines")
+        lf = _scan_table(path)
+        if columns is not None:
+            names = lf.collect_schema().names()
+            lf = lf.select([c for c in names if c in columns])
+        table = lf.collect()
+    except pl.exceptions.NoDataError:
+        raise SomInputError("som_empty_input", f"{path}: no lines") from None
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        raise SomInputError("som_unreadable", f"{path}: cannot be read ({exc})") from None
+    if not table.height:
+        raise SomInputError("som_empty_input", f"{path}: no lines")
+    return table
 
 
 # What evaluate reads: labels and the scorer's verdict (and evaluate.RULE_SET_COLUMNS for the
@@ -93,15 +141,25 @@ def som_group() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--start", type=click.DateTime(formats=["%Y-%m-%d"]), default="2024-01-01", show_default=True,
               help="First day of the history.")
+@_terminable
 def synth_command(out: str, customers: int, days: int, seed: int, start: Any) -> None:
     """Write a synthetic order history with labelled anomalies (label, anomaly columns)."""
+    from gateway.som.output import check_output, output_directory
     from gateway.som.synth import synthesize, write_synthetic
 
     if not out.lower().endswith((".parquet", ".pq", ".csv")):
         _fail("som_unknown_format", f"{out}: expected .parquet or .csv")
+    try:
+        check_output(out)  # before the work, not after
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
     started = time.perf_counter()
     frame = synthesize(customers=customers, days=days, seed=seed, start=start.date())
-    write_synthetic(frame, out)
+    try:
+        with output_directory(out):  # made if missing, removed again if the write fails
+            write_synthetic(frame, out)
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
     kinds = frame.filter("label")["anomaly"].value_counts(sort=True)
     summary = ", ".join(f"{k} {n:,}" for k, n in kinds.iter_rows())
     click.echo(f"{frame.height:,} lines, {customers:,} customers, {days} days -> {out} "
@@ -123,29 +181,36 @@ def synth_command(out: str, customers: int, days: int, seed: int, start: Any) ->
 @click.option("--scheduler", default=None, help="Dask scheduler address (engine dask); default: a LocalCluster.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @pass_context
+@_terminable
 def score_command(ctx: Context, source: str, out: str, config_path: str | None, workers: int,
                   engine: str, partitions: int | None, scheduler: str | None, quiet: bool) -> None:
     """Score SOURCE (Parquet or CSV, native or ARCOS shape) into --out."""
     from tqdm import tqdm
 
+    from gateway.som.output import check_output
     from gateway.som.partition import default_partitions, score_file, steps
 
     config = _config(ctx, config_path)
-    count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
-    bar = tqdm(total=steps(count, workers, engine), unit="step", disable=quiet, file=sys.stderr,
-               desc="score")
+    bar = None
 
     def tick(stage: str) -> None:
         bar.set_description(stage)
         bar.update(1)
 
     try:
+        check_output(out, source)  # before anything is read
+        count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
+        bar = tqdm(total=steps(count, workers, engine), unit="step", disable=quiet, file=sys.stderr,
+                   desc="score")
         run = score_file(source, out, config, partitions=count, workers=workers, engine=engine,
                          scheduler=scheduler, progress=tick)
     except Exception as exc:  # noqa: BLE001 - coded errors become exit 2, others propagate
-        bar.close()
+        if bar is not None:
+            bar.close()
         _guard(exc)
-    bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
     rate = run.lines / run.seconds if run.seconds else 0.0
     click.echo(f"{run.lines:,} lines scored, {run.flagged:,} flagged -> {run.output} "
                f"({run.partitions} partition{'s' if run.partitions > 1 else ''}, {run.workers} "
@@ -156,6 +221,7 @@ def score_command(ctx: Context, source: str, out: str, config_path: str | None, 
 @click.argument("scored", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-rules", is_flag=True, help="Do not measure the litigation rule sets.")
+@_terminable
 def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
     """Precision, recall and ROC AUC of a scored, labelled history, overall and by anomaly kind."""
     from gateway.som.evaluate import RULE_SET_COLUMNS, evaluate
@@ -173,17 +239,23 @@ def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
 @click.option("--order", "order_id", required=True, help="Order id of the line.")
 @click.option("--line", "line", required=True, type=int, help="Line number in the order.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="HTML page to write.")
+@_terminable
 def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
     """Write a self-contained due-diligence page for one line of a scored history."""
     from gateway.som.diligence import diligence_page
+    from gateway.som.io import atomic_output
+    from gateway.som.output import OutputError, check_output
 
     try:
+        check_output(out, scored)  # the page must never replace the scored history
         page = diligence_page(_scan_table(scored), order_id, line)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        _guard(OutputError("som_output_unwritable", f"{out}: {exc.strerror or exc}"))
     except Exception as exc:  # noqa: BLE001
         _guard(exc)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
     click.echo(f"due-diligence page for order {order_id} line {line} -> {out}")
 
 
@@ -193,6 +265,7 @@ def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
               help="Thresholds (TOML); default: the home's gateway.toml [som] table.")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @pass_context
+@_terminable
 def load_history_command(ctx: Context, file: str, config_path: str | None, quiet: bool) -> None:
     """Seed the live SOM state from a history file (replaces the home's state)."""
     from gateway.som.incremental import SomState

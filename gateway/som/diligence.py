@@ -92,7 +92,9 @@ def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int
     if missing:
         raise DiligenceError("som_missing_column", f"missing columns: {', '.join(sorted(missing))}")
     if schema["date"] == pl.String:
-        lf = lf.with_columns(pl.col("date").str.to_date(strict=False))
+        # scored CSV output: dates as read_orders takes them, YYYY-MM-DD (io.parse_dates)
+        lf = lf.with_columns(pl.col("date").str.slice(0, 10).str.strptime(pl.Date, "%Y-%m-%d",
+                                                                          strict=False))
     lf = lf.with_row_index("_row")
     hit = lf.filter((pl.col("order_id").cast(pl.String) == str(order_id)) & (pl.col("line") == line)).collect()
     if hit.height == 0:

@@ -182,8 +182,23 @@ class _Groups:
     benign: tuple[tuple[str, np.ndarray], ...]  # (benign event, its unlabelled lines)
 
 
+def _yes_no(s: pl.Series) -> pl.Series:
+    """A yes/no column (label, flag) as Boolean: as io.flag_values reads one (true/false, 1/0,
+    yes/no... in text), all nulls, or numbers 1.0/0.0; EvaluationError som_invalid_value else."""
+    if s.dtype == pl.Null:
+        return s.cast(pl.Boolean)
+    if s.dtype.is_float():
+        odd = s.filter(s.is_not_null() & ~s.is_in([0.0, 1.0])).unique(maintain_order=True)
+        if len(odd):
+            shown = ", ".join(str(v) for v in odd.head(5).to_list())
+            raise EvaluationError("som_invalid_value",
+                                  f"{s.name}: {len(odd)} values that are not true/false ({shown})")
+        return s.cast(pl.Boolean)
+    return som_io.flag_values(s, "som_invalid_value")
+
+
 def _groups(scored: pl.DataFrame, label_col: str, anomaly_col: str) -> _Groups:
-    label_s = scored[label_col].cast(pl.Boolean).fill_null(False)
+    label_s = _yes_no(scored[label_col]).fill_null(False)
     label = label_s.to_numpy()
     if anomaly_col in scored.columns:
         anomaly = scored[anomaly_col].cast(pl.String).fill_null("")
@@ -222,8 +237,15 @@ def _arrays(scored: pl.DataFrame, score_col: str, flag_col: str) -> tuple[np.nda
     for col in (score_col, flag_col):
         if col not in scored.columns:
             raise EvaluationError("som_not_scored", f"no {col!r} column: score the history first")
-    score = scored[score_col].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    flag = scored[flag_col].cast(pl.Boolean).fill_null(False).to_numpy()
+    column = scored[score_col]
+    if not (column.dtype.is_numeric() or column.dtype == pl.Null):
+        try:  # numbers written as text
+            column = column.cast(pl.Float64)
+        except pl.exceptions.PolarsError:
+            raise EvaluationError("som_invalid_value", f"{score_col}: a column of type {column.dtype} with "
+                                                       "values that are not numbers") from None
+    score = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    flag = _yes_no(scored[flag_col]).fill_null(False).to_numpy()
     return score, flag
 
 

@@ -23,7 +23,7 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
-from gateway.som.io import MAX_DOSAGE_UNITS, read_orders
+from gateway.som.io import DATE_RANGE, FALSE_WORDS, MAX_DOSAGE_UNITS, TRUE_WORDS, read_orders
 from gateway.som.peers import (
     ALL,
     dense_codes,
@@ -36,6 +36,18 @@ from gateway.som.peers import (
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
+
+
+def _controlled(value: Any) -> bool:
+    """A line's `controlled` as read_orders reads the column (io.flag_values): absent is True;
+    "false" or "N" is False (bool("false") would be True)."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return True if value is None else bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise SomStateError("som_invalid_line", f"controlled {value!r} is not true/false")
 _FORMAT = 3  # 3: the states keep their trailing 12-month sums and what derives from them
 
 
@@ -90,20 +102,26 @@ class SomState:
             units = float(order["dosage_units"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SomStateError("som_invalid_line", f"line without a usable {exc}") from None
-        if isinstance(date, str):
-            date = dt.date.fromisoformat(date)
+        if isinstance(date, str):  # YYYY-MM-DD, as read_orders takes text dates
+            try:
+                date = dt.datetime.fromisoformat(date.strip()).date()
+            except ValueError:
+                raise SomStateError("som_invalid_line",
+                                    f"date {date!r} is not a date written YYYY-MM-DD") from None
         if isinstance(date, dt.datetime):
             date = date.date()
         if not isinstance(date, dt.date):
             raise SomStateError("som_invalid_line", "date must be a date")
+        if not DATE_RANGE[0] <= date <= DATE_RANGE[1]:
+            raise SomStateError("som_invalid_line",
+                                f"date {date} outside {DATE_RANGE[0]} .. {DATE_RANGE[1]}")
         if not 0 <= units <= MAX_DOSAGE_UNITS:  # as read_orders: NaN, inf and absurd lines too
             raise SomStateError(
                 "som_invalid_line",
                 f"dosage_units must be a number from 0 to {MAX_DOSAGE_UNITS:,.0f}",
             )
         day = (date - _EPOCH).days
-        controlled = order.get("controlled")
-        controlled = True if controlled is None else bool(controlled)
+        controlled = _controlled(order.get("controlled"))
 
         c = self.customers.get(customer)
         if c is None:

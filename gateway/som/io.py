@@ -2,13 +2,21 @@
 
 Native columns: order_id, line, customer, customer_type, state, family, ndc, date, dosage_units,
 controlled (customer_type, state, ndc, controlled optional). ARCOS (the public DEA transaction
-data as released by the Washington Post) is recognised by BUYER_DEA_NO and renamed to the native
-names; columns neither shape knows are kept as they are.
+data as released by the Washington Post) is recognised by BUYER_DEA_NO (when the native columns
+are not all there) and renamed to the native names; columns neither shape knows are kept as they
+are. A CSV file is read as text, and only the columns scoring uses are parsed: dates as
+YYYY-MM-DD (a day/month date is refused, never guessed), units as numbers, yes/no flags as
+spelled in TRUE_WORDS/FALSE_WORDS; the output gives them back as text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime as dt
+import os
+import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,14 +53,15 @@ class SomInputError(SomError):
 def detect_shape(columns: list[str]) -> str:
     """'native' or 'arcos' from the column names."""
     cols = set(columns)
+    if set(REQUIRED) <= cols:  # a native file may carry ARCOS columns of its own
+        return "native"
     if "BUYER_DEA_NO" in cols:
         return "arcos"
-    if {"customer", "family", "date", "dosage_units"} <= cols:
-        return "native"
+    found = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
     raise SomInputError("som_unknown_format",
                         "neither the native SOM columns (customer, family, date, dosage_units) "
                         "nor the ARCOS columns (BUYER_DEA_NO, DRUG_NAME, TRANSACTION_DATE, "
-                        "DOSAGE_UNIT) are present")
+                        f"DOSAGE_UNIT) are present; found: {found or 'no columns'}")
 
 
 def _scan(path: Path) -> pl.LazyFrame:
@@ -63,14 +72,46 @@ def _scan(path: Path) -> pl.LazyFrame:
         return pl.scan_parquet(path)
     if suffix in (".csv", ".txt", ".tsv"):
         sep = "\t" if suffix in (".tsv", ".txt") and _looks_tab(path) else ","
-        # ARCOS dates (MMDDYYYY) and identifiers must stay text: no inference for those columns.
-        overrides = {"TRANSACTION_DATE": pl.String, "NDC_NO": pl.String,
-                     "TRANSACTION_ID": pl.String, "order_id": pl.String, "ndc": pl.String,
-                     "customer": pl.String, "BUYER_DEA_NO": pl.String}
-        head = pl.read_csv(path, separator=sep, n_rows=0)
-        return pl.scan_csv(path, separator=sep,
-                           schema_overrides={k: v for k, v in overrides.items() if k in head.columns})
+        _check_csv_header(path, sep)
+        # Every column as text: a type guessed from the first rows refuses a valid file (2.5
+        # units on line 1,500) or changes values it does not use (ZIP 02134 -> 2134). The
+        # columns the scorer uses are parsed by _coerce, with an error that names the values.
+        return pl.scan_csv(path, separator=sep, infer_schema=False)
     raise SomInputError("som_unknown_format", f"{path}: expected .parquet or .csv")
+
+
+def _check_csv_header(path: Path, sep: str) -> None:
+    """A CSV file must have a header line of distinct names (Polars would rename a second
+    `dosage_units` to `dosage_units_duplicated_0` and carry on)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        header = next(csv.reader(fh, delimiter=sep), None)
+    if not header or header == [""]:
+        raise SomInputError("som_empty_input", f"{path}: no header line")
+    _check_distinct(header)
+
+
+def _check_distinct(names: list[str]) -> None:
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:
+        raise SomInputError("som_duplicate_column", f"columns named twice: {', '.join(twice)}")
+
+
+def _scan_schema(path: Path) -> tuple[pl.LazyFrame, list[str]]:
+    """The scan of an input file and its column names, with a code for a file that is not
+    what its name says (a truncated or foreign Parquet file, a CSV without data)."""
+    lf = _scan(path)
+    try:
+        names = lf.collect_schema().names()
+    except pl.exceptions.DuplicateError as exc:
+        raise SomInputError("som_duplicate_column", str(exc)) from None
+    except pl.exceptions.NoDataError:
+        raise SomInputError("som_empty_input", f"{path}: no data") from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise SomInputError("som_unreadable", f"{path}: {exc}") from None
+    if path.suffix.lower() in (".parquet", ".pq"):
+        _check_distinct(names)
+    return lf, names
 
 
 def _looks_tab(path: Path) -> bool:
@@ -91,6 +132,10 @@ def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list
             if col not in columns:
                 raise SomInputError("som_missing_column", f"ARCOS input without {col}")
         names = _arcos_renames(columns)
+        taken = sorted({*names.values(), "date"} & set(columns))
+        if taken:  # renaming would overwrite (or clash with) a column of the file
+            raise SomInputError("som_column_conflict",
+                                f"ARCOS input that also has the native columns {', '.join(taken)}")
         out = lf.rename(names)
         schema_cols = [names.get(c, c) for c in columns]
         # MMDDYYYY, possibly read as a number that lost its leading zero. TRANSACTION_DATE itself
@@ -142,27 +187,106 @@ def to_input_shape(scored: pl.DataFrame, input_columns: list[str]) -> pl.DataFra
     return out.select(*input_columns, *added)
 
 
+DATE_RANGE = (dt.date(1970, 1, 1), dt.date(2099, 12, 31))
+"""Order dates read_orders takes. A line dated in year 1 or 9999 is a data error; scored, it
+would also change the verdicts on the customer's real lines (its tenure, its trailing months)."""
+
+_ISO_DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([T ].*)?")
+_DAY_MONTH = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")
+
+
+def parse_dates(s: pl.Series) -> pl.Series:
+    """Text dates as Dates: ISO 8601 only (YYYY-MM-DD, possibly followed by a time, which is
+    dropped). 01/05/2024 is 5 January to one writer and 1 May to another, and a guess would
+    move orders by months without a word, so such dates are refused (som_ambiguous_date), as is
+    any other text (som_invalid_date); both errors quote a value."""
+    text = s.str.strip_chars()
+    head = pl.DataFrame({"t": text}).select(
+        pl.when(pl.col("t").str.len_chars().eq(10) | pl.col("t").str.slice(10, 1).is_in(["T", " "]))
+        .then(pl.col("t").str.slice(0, 10))
+        .str.strptime(pl.Date, "%Y-%m-%d", strict=False).alias(s.name)).to_series()
+    bad = head.is_null() & s.is_not_null()
+    if bad.any():
+        count = int(bad.sum())
+        sample = str(s.filter(bad)[0])
+        if _DAY_MONTH.fullmatch(sample.strip()):
+            raise SomInputError("som_ambiguous_date",
+                                f"{count} lines with dates such as {sample!r}, where day and "
+                                f"month could be either way round: write dates as YYYY-MM-DD")
+        raise SomInputError("som_invalid_date",
+                            f"{count} lines without a valid date (such as {sample!r}); dates "
+                            f"are written YYYY-MM-DD")
+    return head
+
+
+def _parse_units(s: pl.Series) -> pl.Series:
+    """Dosage units written as text, as numbers; text that is not a number is refused with a
+    sample (empty cells stay null, refused later as lines without units)."""
+    units = s.str.strip_chars().cast(pl.Float64, strict=False)
+    bad = units.is_null() & s.is_not_null() & (s.str.strip_chars() != "")
+    if bad.any():
+        raise SomInputError("som_invalid_units",
+                            f"{int(bad.sum())} lines whose dosage_units is not a number (such as "
+                            f"{s.filter(bad)[0]!r})")
+    return units
+
+
+TRUE_WORDS = ("true", "t", "yes", "y", "1")
+FALSE_WORDS = ("false", "f", "no", "n", "0")
+
+
+def flag_values(s: pl.Series, code: str = "som_invalid_value") -> pl.Series:
+    """A yes/no column as Boolean: Boolean as it is, whole numbers 1/0, or text spelled as in
+    TRUE_WORDS/FALSE_WORDS (any case, surrounding spaces ignored); nulls stay null. Anything
+    else raises SomInputError(`code`) naming some of the values it did not recognise."""
+    if s.dtype == pl.Boolean:
+        return s
+    if s.dtype.is_integer():
+        text = s.cast(pl.String)
+    elif s.dtype == pl.String or isinstance(s.dtype, (pl.Categorical, pl.Enum)):
+        text = s.cast(pl.String).str.strip_chars().str.to_lowercase()
+    else:
+        raise SomInputError(code, f"{s.name}: a column of type {s.dtype}, expected true/false")
+    frame = pl.DataFrame({"t": text})
+    out = frame.select(pl.when(pl.col("t").is_in(TRUE_WORDS)).then(True)
+                       .when(pl.col("t").is_in(FALSE_WORDS)).then(False)
+                       .otherwise(None).alias(s.name)).to_series()
+    unknown = s.filter(out.is_null() & s.is_not_null()).unique(maintain_order=True)
+    if len(unknown):
+        shown = ", ".join(repr(v) for v in unknown.head(5).cast(pl.String).to_list())
+        raise SomInputError(code, f"{s.name}: {len(unknown)} values that are not true/false "
+                                  f"({shown}); expected one of {TRUE_WORDS + FALSE_WORDS}")
+    return out
+
+
 def _coerce(df: pl.DataFrame) -> pl.DataFrame:
     """Check and cast the native columns; raise SomInputError with a code on bad input."""
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise SomInputError("som_missing_column", f"missing columns: {', '.join(missing)}")
     exprs = []
-    dt = df.schema["date"]
-    if dt == pl.String:
-        exprs.append(pl.col("date").str.to_date(strict=False))
-    elif dt == pl.Datetime or isinstance(dt, pl.Datetime):
+    dtype = df.schema["date"]
+    if dtype == pl.String:
+        df = df.with_columns(parse_dates(df["date"]))
+    elif isinstance(dtype, pl.Datetime):
         exprs.append(pl.col("date").dt.date())
-    elif dt != pl.Date:
-        raise SomInputError("som_invalid_date", f"date column of type {dt}, expected a date")
-    if df.schema["dosage_units"] != pl.Float64:
+    elif dtype != pl.Date:
+        raise SomInputError("som_invalid_date", f"date column of type {dtype}, expected a date")
+    if df.schema["dosage_units"] == pl.String:
+        df = df.with_columns(_parse_units(df["dosage_units"]))
+    elif df.schema["dosage_units"] != pl.Float64:
         exprs.append(pl.col("dosage_units").cast(pl.Float64, strict=False))
+    if "line" in df.columns and df.schema["line"] == pl.String:
+        line = df["line"].str.strip_chars().cast(pl.Int64, strict=False)
+        if (line.is_null() & df["line"].is_not_null()).any():
+            raise SomInputError("som_invalid_value", "line: values that are not whole numbers")
+        df = df.with_columns(line)
     for col in ("customer", "family"):
         if df.schema[col] not in (pl.String, pl.Categorical) and not isinstance(
                 df.schema[col], (pl.Categorical, pl.Enum)):
             exprs.append(pl.col(col).cast(pl.String))
     if "controlled" in df.columns and df.schema["controlled"] != pl.Boolean:
-        exprs.append(pl.col("controlled").cast(pl.Boolean, strict=False))
+        df = df.with_columns(flag_values(df["controlled"]))
     if exprs:
         try:
             df = df.with_columns(exprs)
@@ -180,7 +304,13 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
         pl.col("family").null_count().alias("family"),
     ).row(0, named=True)
     if bad["date"]:
-        raise SomInputError("som_invalid_date", f"{bad['date']} lines without a valid date")
+        raise SomInputError("som_invalid_date", f"{bad['date']} lines without a date")
+    lo, hi = DATE_RANGE
+    outside = df.filter((pl.col("date") < lo) | (pl.col("date") > hi))["date"]
+    if len(outside):
+        raise SomInputError("som_invalid_date",
+                            f"{len(outside)} lines dated outside {lo} .. {hi} (such as "
+                            f"{outside[0]}): a date error, not an order")
     if bad["units_null"] or bad["units_nan"]:
         raise SomInputError("som_invalid_units", "lines without a number of dosage units")
     if bad["units_negative"]:
@@ -206,8 +336,7 @@ def read_orders(source: str | Path | pl.DataFrame, *, columns: list[str] | None 
         lf = source.lazy()
         names = source.columns
     else:
-        lf = _scan(Path(source))
-        names = lf.collect_schema().names()
+        lf, names = _scan_schema(Path(source))
     lf, native_names = _to_native(lf, names)
     if columns is not None:
         keep = [c for c in native_names if c in set(columns) | set(REQUIRED)]
@@ -216,22 +345,41 @@ def read_orders(source: str | Path | pl.DataFrame, *, columns: list[str] | None 
         df = lf.collect()
     except pl.exceptions.PolarsError as exc:
         raise SomInputError("som_unreadable", str(exc)) from None
+    if df.height == 0 and not isinstance(source, pl.DataFrame):
+        raise SomInputError("som_empty_input", f"{source}: no order lines")
     return _coerce(df)
 
 
 def source_schema(path: str | Path) -> dict[str, pl.DataType]:
     """The column types of an input file as it is (before `read_orders` casts for scoring)."""
     try:
-        return dict(_scan(Path(path)).collect_schema())  # read as read_orders reads it
+        return dict(_scan_schema(Path(path))[0].collect_schema())  # read as read_orders reads it
     except (OSError, SomInputError, pl.exceptions.PolarsError):
         return {}
 
 
 def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataType]) -> list[pl.Expr]:
-    """Casts that give the output back the input's whole-number columns (`dosage_units` is
-    scored as Float64): "the input columns kept" means their types too."""
-    return [pl.col(name).cast(dtype, strict=False) for name, dtype in schema.items()
-            if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
+    """Casts that give the output back the input's column types: "the input columns kept" means
+    their types too. Whole-number columns scored as Float64 (`dosage_units`) go back to whole
+    numbers; columns read as text (every CSV column) that scoring parsed go back to text, whole
+    numbers without a decimal point and dates as YYYY-MM-DD."""
+    casts = []
+    for name, dtype in schema.items():
+        have = columns.get(name)
+        if have is None or have == dtype:
+            continue
+        if dtype.is_integer() and have.is_float():
+            casts.append(pl.col(name).cast(dtype, strict=False))
+        elif dtype == pl.String and have.is_float():
+            c = pl.col(name)
+            casts.append(pl.when(c.is_finite() & (c == c.round(0)) & (c.abs() < 2**53))
+                         .then(c.cast(pl.Int64).cast(pl.String)).otherwise(c.cast(pl.String))
+                         .alias(name))
+        elif dtype == pl.String and have == pl.Date:
+            casts.append(pl.col(name).dt.to_string("%Y-%m-%d"))
+        elif dtype == pl.String:
+            casts.append(pl.col(name).cast(pl.String))
+    return casts
 
 
 def write_like_input(scored: pl.DataFrame, source: str | Path, path: str | Path) -> Path:
@@ -243,12 +391,25 @@ def write_like_input(scored: pl.DataFrame, source: str | Path, path: str | Path)
     return write_scored(out.with_columns(casts) if casts else out, path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; renamed to `path` when the block succeeds, removed
-    when it fails, so that a failure leaves nothing half-written."""
+    """Yield a temporary name beside `path`, of this run alone; renamed to `path` when the block
+    succeeds, removed when it fails, so that a failure leaves nothing half-written and two runs
+    writing the same output each leave a whole file (the last one renamed wins)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
     try:
         yield tmp
         tmp.replace(path)

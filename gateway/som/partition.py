@@ -41,17 +41,20 @@ import polars as pl
 from gateway.som import io as som_io
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
+from gateway.som.output import (OutputError, check_output, check_output_columns, output_directory,
+                                 write_failure, writing)
 from gateway.som.peers import merge_peer_references, peer_reference
 from gateway.som.score import score_orders
 
-__all__ = ["ENGINES", "PartitionError", "ScoreRun", "score_file", "default_partitions", "split_input",
-           "partition_reference", "merge_references", "steps"]
+__all__ = ["ENGINES", "PartitionError", "ScoreRun", "score_file", "default_partitions",
+           "inspect_input", "split_input", "partition_reference", "merge_references", "steps"]
 
 ENGINES = ("local", "dask")
 # Lines per partition when the caller does not say: scoring holds about 250 bytes a line, so about
 # 1 GB per worker, and few enough partitions that their overheads stay small.
 TARGET_PARTITION_LINES = 4_000_000
 CSV_BYTES_PER_LINE = 90  # to estimate a CSV's lines from its size without reading it
+DASK_CONNECT_TIMEOUT = 5.0  # seconds to reach a Dask scheduler before giving up
 
 Progress = Callable[[str], None]
 
@@ -73,14 +76,70 @@ class ScoreRun:
     seconds: float
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def _parquet_lines(path: Path) -> int:
+    """The line count of a Parquet file, from its footer."""
+    _require_bytes(path)
+    try:
+        return pl.scan_parquet(path).select(pl.len()).collect().item()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise som_io.SomInputError("som_unreadable", f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _require_bytes(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise som_io.SomInputError("som_file_not_found", f"{path}: no such file") from None
+    except OSError as exc:
+        raise som_io.SomInputError("som_unreadable", f"{path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise som_io.SomInputError("som_empty_input", f"{path}: an empty file, no order lines")
+
+
 def default_partitions(path: str | Path, workers: int = 1) -> int:
     """Enough partitions to keep each under TARGET_PARTITION_LINES, at least one a worker."""
     path = Path(path)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        lines = pl.scan_parquet(path).select(pl.len()).collect().item()  # from the footer
+    if _is_parquet(path):
+        lines = _parquet_lines(path)
     else:
+        _require_bytes(path)
         lines = path.stat().st_size // CSV_BYTES_PER_LINE
     return max(workers, math.ceil(lines / TARGET_PARTITION_LINES), 1)
+
+
+def inspect_input(path: str | Path) -> dict[str, pl.DataType]:
+    """The input's column types, read as read_orders reads them (footer, header and first line
+    only); SomInputError som_empty_input for a file without any line, som_unreadable for one that
+    is not Parquet/CSV or is damaged (som_file_not_found, som_unknown_format as read_orders)."""
+    path = Path(path)
+    _require_bytes(path)
+    try:
+        lf = som_io._scan(path)
+        schema = dict(lf.collect_schema())
+        if _is_parquet(path):
+            empty = _parquet_lines(path) == 0
+        else:
+            empty = lf.head(1).collect().height == 0
+    except pl.exceptions.NoDataError:
+        raise som_io.SomInputError("som_empty_input", f"{path}: no order lines") from None
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        raise som_io.SomInputError("som_unreadable", f"{path}: cannot be read ({exc})") from None
+    if empty:
+        raise som_io.SomInputError("som_empty_input", f"{path}: no order lines")
+    return schema
+
+
+def _check_shape(schema: dict[str, pl.DataType]) -> None:
+    """read_orders' checks of the columns (names, shape, types) on the schema alone."""
+    try:
+        som_io.read_orders(pl.DataFrame(schema=schema))
+    except som_io.SomInputError as exc:
+        if exc.code != "som_empty_input":  # the frame is empty on purpose: its lines are not read
+            raise
 
 
 def _customer_column(lf: pl.LazyFrame) -> str:
@@ -96,15 +155,29 @@ def split_input(source: str | Path, work: str | Path, count: int) -> list[str | 
     """Write the lines of each partition of customers under `work` (one streaming pass); the
     directory of each partition, None for one no customer hashed to."""
     lf = som_io._scan(Path(source))
+    names = lf.collect_schema().names()
+    name = _key_name(names)
     key = (pl.col(_customer_column(lf)).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
     try:
-        lf.with_columns(key.alias("_part")).sink_parquet(
-            pl.PartitionBy(Path(work), key="_part", include_key=False), mkdir=True,
+        lf.with_columns(key.alias(name)).sink_parquet(
+            pl.PartitionBy(Path(work), key=name, include_key=False), mkdir=True,
             compression="uncompressed", statistics=False)  # scratch files: fast to write and read
-    except pl.exceptions.PolarsError as exc:
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        if write_failure(exc):
+            raise OutputError("som_output_unwritable",
+                              f"{work}: cannot write the partitions beside the output ({exc})") from None
         raise som_io.SomInputError("som_unreadable", str(exc)) from None
-    dirs = [Path(work) / f"_part={i}" for i in range(count)]
+    dirs = [Path(work) / f"{name}={i}" for i in range(count)]
     return [str(d) if d.is_dir() and any(d.glob("*.parquet")) else None for d in dirs]
+
+
+def _key_name(columns: Iterable[str]) -> str:
+    """The partition key's column: a name no input column has (the key is not kept)."""
+    taken = set(columns)
+    name = "_part"
+    while name in taken:
+        name = "_" + name
+    return name
 
 
 def _read_partition(part: str, columns: Iterable[str] | None = None) -> pl.DataFrame:
@@ -159,7 +232,8 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
         return None, 0, 0
     scored = som_io.to_input_shape(score_orders(lines, SomConfig.from_dict(config), peers), lines.columns)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
-    scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
+    with writing(target, "cannot write a scored partition beside the output: "):
+        scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
     return str(target), scored.height, int(scored["flag"].sum())
 
 
@@ -186,19 +260,30 @@ class _Runner:
             except ImportError:  # pragma: no cover - dask is an optional dependency
                 raise PartitionError("som_engine_unavailable",
                                      "engine 'dask' needs dask[distributed] installed") from None
-            if self.scheduler:
-                self._client = Client(self.scheduler)
-            else:
-                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                             processes=True, dashboard_address=None)
-                self._client = Client(self._cluster)
+            try:
+                if self.scheduler:
+                    self._client = Client(self.scheduler, timeout=DASK_CONNECT_TIMEOUT)
+                else:
+                    self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
+                                                 processes=True, dashboard_address=None)
+                    self._client = Client(self._cluster)
+            except (OSError, ValueError, TypeError) as exc:  # TimeoutError is an OSError
+                self.__exit__(None, None, None)
+                where = (f"the Dask scheduler {self.scheduler}" if self.scheduler
+                         else "a local Dask cluster")
+                raise PartitionError("som_engine_unavailable", f"cannot reach {where}: {exc}") from None
         elif self.workers > 1:
             # Spawned, not forked: the parent may hold Polars' and Numba's threads.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
+            if exc_type is not None:
+                # Failed or interrupted (SIGTERM): the running tasks' results are not wanted, so
+                # their workers are stopped rather than waited for.
+                for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                    proc.terminate()
             self._pool.shutdown(cancel_futures=True)
         if self._client is not None:
             self._client.close()
@@ -225,9 +310,14 @@ class _Runner:
             for i, args in enumerate(tasks):
                 results[i] = fn(*args)
                 on_done()
-        for r in results:
-            if isinstance(r, _Failure):
-                raise PartitionError(r.code, r.message)
+        failed = [r for r in results if isinstance(r, _Failure)]
+        if failed:
+            first = failed[0]
+            if len(tasks) > 1:
+                # Each partition counts its own lines: the figures are not the file's.
+                raise PartitionError(first.code, f"{first.message} (in the first failing partition; "
+                                                 f"{len(failed)} of {len(tasks)} partitions failed)")
+            raise PartitionError(first.code, first.message)
         return results
 
 
@@ -238,7 +328,7 @@ def _concat_parts(parts: Iterable[str], output: Path, schema: dict[str, pl.DataT
     casts = som_io.input_type_casts(dict(lazy.collect_schema()), schema or {})
     if casts:
         lazy = lazy.with_columns(casts)
-    with som_io.atomic_output(output) as tmp:
+    with writing(output), som_io.atomic_output(output) as tmp:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
         else:
@@ -267,23 +357,42 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
         raise som_io.SomInputError("som_file_not_found", f"{source}: no such file")
     if scheduler and engine != "dask":
         raise PartitionError("som_bad_engine_options", "a scheduler address needs engine 'dask'")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    # Everything that can be known before reading the lines: the output is not the input and can
+    # be written, the input is readable, not empty, of a known shape, and fits the output format.
+    check_output(output, source)
+    schema = inspect_input(source)
+    _check_shape(schema)
+    check_output_columns(output, schema)
     tick = progress or (lambda stage: None)
     started = time.perf_counter()
-    count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
+    with output_directory(output):  # made only now; removed again if this run fails
+        count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
+        if count == 1 and workers == 1 and engine == "local":
+            return _score_whole(source, output, config, tick, started)
+        return _score_partitions(source, output, config, count, workers, engine, scheduler, tick, started)
 
-    if count == 1 and workers == 1 and engine == "local":
-        df = som_io.read_orders(source)
-        tick("read")
-        scored = score_orders(df, config)
-        tick("score")
+
+def _score_whole(source: Path, output: Path, config: SomConfig, tick: Progress, started: float) -> ScoreRun:
+    """The plain path: the whole file in memory."""
+    df = som_io.read_orders(source)
+    if not df.height:
+        raise som_io.SomInputError("som_empty_input", f"{source}: no order lines")
+    tick("read")
+    scored = score_orders(df, config)
+    tick("score")
+    with writing(output):
         som_io.write_like_input(scored, source, output)
-        tick("write")
-        return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, engine,
-                        time.perf_counter() - started)
+    tick("write")
+    return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, "local",
+                    time.perf_counter() - started)
 
-    som_io.read_orders(pl.DataFrame(schema=_native_probe(source)))  # fails fast on a foreign shape
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent or Path(".")))
+
+def _score_partitions(source: Path, output: Path, config: SomConfig, count: int, workers: int, engine: str,
+                      scheduler: str | None, tick: Progress, started: float) -> ScoreRun:
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
+    except OSError as exc:
+        raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
     try:
         if count > 1:
             parts = [p for p in split_input(source, work / "input", count) if p is not None]
@@ -319,10 +428,4 @@ def steps(partitions: int, workers: int = 1, engine: str = "local") -> int:
     if partitions == 1 and workers == 1 and engine == "local":
         return 3
     return 2 * partitions + 3
-
-
-def _native_probe(source: Path) -> dict[str, pl.DataType]:
-    """The input's schema (no rows read)."""
-    return dict(som_io._scan(source).collect_schema())
-
 

@@ -38,6 +38,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
+from gateway.som import io as som_io
+from gateway.som.errors import SomError
+
 __all__ = [
     "ANOMALY_KINDS",
     "CLASSES",
@@ -508,11 +511,17 @@ def synthesize(
 
 
 def write_synthetic(frame: pl.DataFrame, path: str) -> None:
-    """Write Parquet or CSV, chosen by the file's extension (.parquet/.pq or .csv)."""
+    """Write Parquet or CSV, chosen by the file's extension (.parquet/.pq or .csv), all or nothing
+    (a failed write leaves a previous file as it was). The directory must exist; a write the OS
+    refuses raises SomError som_output_unwritable with its message."""
     lower = str(path).lower()
-    if lower.endswith((".parquet", ".pq")):
-        frame.write_parquet(path, statistics=True)
-    elif lower.endswith(".csv"):
-        frame.write_csv(path)
-    else:
+    if not lower.endswith((".parquet", ".pq", ".csv")):
         raise ValueError(f"unknown output format for {path!r}: use .parquet or .csv")
+    try:
+        with som_io.atomic_output(path) as tmp:
+            if lower.endswith(".csv"):
+                frame.write_csv(tmp)
+            else:
+                frame.write_parquet(tmp, statistics=True)
+    except (OSError, pl.exceptions.PolarsError) as exc:  # the frame is ours: only the OS fails here
+        raise SomError("som_output_unwritable", f"{path}: {exc}") from None

@@ -214,3 +214,23 @@ def test_order_days_of_zero_units_give_no_usual_day_and_no_infinite_score() -> N
     state = SomState(peers=peer_reference(df))
     got = state.update_many(df)
     assert [g.score for g in got] == out["score"].to_list()
+
+
+def test_a_live_line_is_read_as_the_batch_reads_its_columns() -> None:
+    """Text dates are YYYY-MM-DD or refused with a code (they raised a bare ValueError);
+    "false" in `controlled` is false (bool("false") is True), as io.flag_values reads it."""
+    state = SomState()
+    base = {"customer": "AB1234563", "family": "oxycodone", "dosage_units": 10}
+    for bad in ("03/02/2024", "yesterday", "0001-01-01", "2100-01-01"):
+        with pytest.raises(SomStateError) as e:
+            state.update({**base, "date": bad})
+        assert e.value.code == "som_invalid_line"
+    with pytest.raises(SomStateError) as e:
+        state.update({**base, "date": "2024-03-02", "controlled": "maybe"})
+    assert e.value.code == "som_invalid_line"
+    state.update({**base, "date": "2024-03-02", "controlled": "false"})
+    state.update({**base, "date": "2024-03-03T10:00:00", "controlled": "N"})
+    c = state.customers["AB1234563"]
+    # two order days (slots of: day, units, controlled units), neither counted as controlled
+    assert [c[K.C_DAYS + k * K.C_DSLOT + 1] for k in (0, 1)] == [10.0, 10.0]
+    assert [c[K.C_DAYS + k * K.C_DSLOT + 2] for k in (0, 1)] == [0.0, 0.0]
