@@ -87,15 +87,25 @@ def _config(ctx: Context, path: str | None) -> Any:
         _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
 
 
+# Numeric columns of a scored table that the commands reading one (evaluate, diligence) use; a
+# scored CSV, or the Parquet output of a CSV input, holds them as the text they were written.
+_NUMERIC = {"score": "Float64", "dosage_units": "Float64", "DOSAGE_UNIT": "Float64", "line": "Int64"}
+
+
 def _scan_table(path: str) -> Any:
-    """A lazy scan of a scored table (Parquet or CSV)."""
+    """A lazy scan of a scored table (Parquet or CSV), its numeric columns as numbers (text
+    read as such, never typed from the first rows: `2000` above a later `2.5` is a number)."""
     import polars as pl
 
     if path.lower().endswith(".csv"):
-        return pl.scan_csv(path, try_parse_dates=True, schema_overrides={"order_id": pl.String,
-                                                                          "customer": pl.String,
-                                                                          "ndc": pl.String})
-    return pl.scan_parquet(path)
+        lf = pl.scan_csv(path, infer_schema=False)
+    else:
+        lf = pl.scan_parquet(path)
+    schema = lf.collect_schema()
+    return lf.with_columns(
+        pl.col(name).str.strip_chars().cast(pl.Float64, strict=False).cast(getattr(pl, kind),
+                                                                          strict=False)
+        for name, kind in _NUMERIC.items() if schema.get(name) == pl.String)
 
 
 def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
@@ -242,15 +252,21 @@ def evaluate_command(scored: str, as_json: bool, no_rules: bool) -> None:
 @_terminable
 def diligence_command(scored: str, order_id: str, line: int, out: str) -> None:
     """Write a self-contained due-diligence page for one line of a scored history."""
+    import polars as pl
+
     from gateway.som.diligence import diligence_page
-    from gateway.som.io import atomic_output
-    from gateway.som.output import OutputError, check_output
+    from gateway.som.io import SomInputError, atomic_output
+    from gateway.som.output import OutputError, check_output, output_directory
 
     try:
         check_output(out, scored)  # the page must never replace the scored history
         page = diligence_page(_scan_table(scored), order_id, line)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(out) as tmp:
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        _guard(SomInputError("som_unreadable", f"{scored}: cannot be read ({exc})"))
+    except Exception as exc:  # noqa: BLE001
+        _guard(exc)
+    try:
+        with output_directory(out), atomic_output(out) as tmp:
             tmp.write_text(page, encoding="utf-8")
     except OSError as exc:
         _guard(OutputError("som_output_unwritable", f"{out}: {exc.strerror or exc}"))

@@ -12,6 +12,7 @@ of 13 calendar months and one of the last 32 order days), whatever the length of
 from __future__ import annotations
 
 import datetime as dt
+import re
 import io
 import json
 from pathlib import Path
@@ -23,7 +24,8 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
-from gateway.som.io import DATE_RANGE, FALSE_WORDS, MAX_DOSAGE_UNITS, TRUE_WORDS, read_orders
+from gateway.som.io import (DATE_RANGE, FALSE_WORDS, MAX_DOSAGE_UNITS, TRUE_WORDS, atomic_output,
+                            read_orders)
 from gateway.som.peers import (
     ALL,
     dense_codes,
@@ -36,6 +38,7 @@ from gateway.som.peers import (
 from gateway.som.score import LineScore, config_vector, findings_of, reasons_text
 
 _EPOCH = dt.date(1970, 1, 1)
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}([T ].*)?")
 
 
 def _controlled(value: Any) -> bool:
@@ -102,9 +105,12 @@ class SomState:
             units = float(order["dosage_units"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SomStateError("som_invalid_line", f"line without a usable {exc}") from None
-        if isinstance(date, str):  # YYYY-MM-DD, as read_orders takes text dates
+        if isinstance(date, str):  # YYYY-MM-DD, as read_orders takes text dates (io.parse_dates)
             try:
-                date = dt.datetime.fromisoformat(date.strip()).date()
+                text = date.strip()
+                if not _ISO_DAY.fullmatch(text):  # fromisoformat also takes 20240105, 2024-W01-5
+                    raise ValueError(text)
+                date = dt.date.fromisoformat(text[:10])
             except ValueError:
                 raise SomStateError("som_invalid_line",
                                     f"date {date!r} is not a date written YYYY-MM-DD") from None
@@ -273,10 +279,8 @@ class SomState:
         return state
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
+        with atomic_output(path) as tmp:  # all or nothing, a temporary file of this run's own
+            tmp.write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "SomState":

@@ -92,7 +92,8 @@ def _check_csv_header(path: Path, sep: str) -> None:
 
 def _check_distinct(names: list[str]) -> None:
     seen: set[str] = set()
-    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    # unnamed columns (a spreadsheet's trailing commas) are not names a user gave twice
+    twice = sorted({n for n in names if n.strip() and (n in seen or seen.add(n))})
     if twice:
         raise SomInputError("som_duplicate_column", f"columns named twice: {', '.join(twice)}")
 
@@ -191,7 +192,6 @@ DATE_RANGE = (dt.date(1970, 1, 1), dt.date(2099, 12, 31))
 """Order dates read_orders takes. A line dated in year 1 or 9999 is a data error; scored, it
 would also change the verdicts on the customer's real lines (its tenure, its trailing months)."""
 
-_ISO_DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([T ].*)?")
 _DAY_MONTH = re.compile(r"\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}")
 
 
@@ -211,8 +211,8 @@ def parse_dates(s: pl.Series) -> pl.Series:
         sample = str(s.filter(bad)[0])
         if _DAY_MONTH.fullmatch(sample.strip()):
             raise SomInputError("som_ambiguous_date",
-                                f"{count} lines with dates such as {sample!r}, where day and "
-                                f"month could be either way round: write dates as YYYY-MM-DD")
+                                f"{count} lines with dates such as {sample!r}: the order of day "
+                                f"and month is never guessed; write dates as YYYY-MM-DD")
         raise SomInputError("som_invalid_date",
                             f"{count} lines without a valid date (such as {sample!r}); dates "
                             f"are written YYYY-MM-DD")
@@ -243,6 +243,10 @@ def flag_values(s: pl.Series, code: str = "som_invalid_value") -> pl.Series:
         return s
     if s.dtype.is_integer():
         text = s.cast(pl.String)
+    elif s.dtype.is_float():  # 1.0 / 0.0, as a spreadsheet or pandas writes a flag
+        text = pl.DataFrame({"v": s}).select(
+            pl.when(pl.col("v") == 1.0).then(pl.lit("1")).when(pl.col("v") == 0.0).then(pl.lit("0"))
+            .otherwise(pl.col("v").cast(pl.String))).to_series()
     elif s.dtype == pl.String or isinstance(s.dtype, (pl.Categorical, pl.Enum)):
         text = s.cast(pl.String).str.strip_chars().str.to_lowercase()
     else:
@@ -277,10 +281,13 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
     elif df.schema["dosage_units"] != pl.Float64:
         exprs.append(pl.col("dosage_units").cast(pl.Float64, strict=False))
     if "line" in df.columns and df.schema["line"] == pl.String:
-        line = df["line"].str.strip_chars().cast(pl.Int64, strict=False)
-        if (line.is_null() & df["line"].is_not_null()).any():
-            raise SomInputError("som_invalid_value", "line: values that are not whole numbers")
-        df = df.with_columns(line)
+        value = df["line"].str.strip_chars().cast(pl.Float64, strict=False)  # "1.0" is line 1
+        bad = df["line"].is_not_null() & (value.is_null() | (value != value.floor()).fill_null(True))
+        if bad.any():
+            raise SomInputError("som_invalid_value",
+                                f"line: {int(bad.sum())} values that are not whole numbers (such "
+                                f"as {df['line'].filter(bad)[0]!r})")
+        df = df.with_columns(value.cast(pl.Int64).alias("line"))
     for col in ("customer", "family"):
         if df.schema[col] not in (pl.String, pl.Categorical) and not isinstance(
                 df.schema[col], (pl.Categorical, pl.Enum)):
@@ -359,36 +366,39 @@ def source_schema(path: str | Path) -> dict[str, pl.DataType]:
 
 
 def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataType]) -> list[pl.Expr]:
-    """Casts that give the output back the input's column types: "the input columns kept" means
-    their types too. Whole-number columns scored as Float64 (`dosage_units`) go back to whole
-    numbers; columns read as text (every CSV column) that scoring parsed go back to text, whole
-    numbers without a decimal point and dates as YYYY-MM-DD."""
-    casts = []
-    for name, dtype in schema.items():
-        have = columns.get(name)
-        if have is None or have == dtype:
-            continue
-        if dtype.is_integer() and have.is_float():
-            casts.append(pl.col(name).cast(dtype, strict=False))
-        elif dtype == pl.String and have.is_float():
-            c = pl.col(name)
-            casts.append(pl.when(c.is_finite() & (c == c.round(0)) & (c.abs() < 2**53))
-                         .then(c.cast(pl.Int64).cast(pl.String)).otherwise(c.cast(pl.String))
-                         .alias(name))
-        elif dtype == pl.String and have == pl.Date:
-            casts.append(pl.col(name).dt.to_string("%Y-%m-%d"))
-        elif dtype == pl.String:
-            casts.append(pl.col(name).cast(pl.String))
-    return casts
+    """Casts that give the output back the input's whole-number columns (`dosage_units` is
+    scored as Float64), for a scored table whose input columns were not put back as read
+    (`with_input_columns`)."""
+    return [pl.col(name).cast(dtype, strict=False) for name, dtype in schema.items()
+            if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
 
 
-def write_like_input(scored: pl.DataFrame, source: str | Path, path: str | Path) -> Path:
-    """Write a scored table in its input's shape (to_input_shape) and column types
-    (input_type_casts), all or nothing."""
-    schema = source_schema(source)
-    out = to_input_shape(scored, list(schema))
-    casts = input_type_casts(dict(out.schema), schema)
-    return write_scored(out.with_columns(casts) if casts else out, path)
+def read_table(path: str | Path) -> pl.DataFrame:
+    """An input file as it is (a CSV as text), before any parsing for scoring; the same codes as
+    read_orders for a file it cannot use. `read_orders(read_table(p))` is `read_orders(p)`."""
+    path = Path(path)
+    lf, _ = _scan_schema(path)
+    try:
+        df = lf.collect()
+    except pl.exceptions.PolarsError as exc:
+        raise SomInputError("som_unreadable", str(exc)) from None
+    if df.height == 0:
+        raise SomInputError("som_empty_input", f"{path}: no order lines")
+    return df
+
+
+def with_input_columns(scored: pl.DataFrame, raw: pl.DataFrame) -> pl.DataFrame:
+    """A scored table in its input's shape with every input column exactly as read (`raw`, in
+    the same row order): cells a CSV wrote as `01`, `2000.0` or `Y`, and a timestamp's time of
+    day, come back as they were, not as the parsed values scoring used."""
+    out = to_input_shape(scored, raw.columns)
+    return out.with_columns(raw.get_columns())
+
+
+def write_like_input(scored: pl.DataFrame, raw: pl.DataFrame, path: str | Path) -> Path:
+    """Write a scored table with its input's columns as read (`with_input_columns`; `raw` is
+    the input as `read_table` gave it), all or nothing."""
+    return write_scored(with_input_columns(scored, raw), path)
 
 
 def _umask() -> int:

@@ -230,7 +230,7 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
     lines = _read_partition(part)
     if not lines.height:
         return None, 0, 0
-    scored = som_io.to_input_shape(score_orders(lines, SomConfig.from_dict(config), peers), lines.columns)
+    scored = som_io.with_input_columns(score_orders(lines, SomConfig.from_dict(config), peers), lines)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
     with writing(target, "cannot write a scored partition beside the output: "):
         scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
@@ -374,14 +374,12 @@ def score_file(source: str | Path, output: str | Path, config: SomConfig = SomCo
 
 def _score_whole(source: Path, output: Path, config: SomConfig, tick: Progress, started: float) -> ScoreRun:
     """The plain path: the whole file in memory."""
-    df = som_io.read_orders(source)
-    if not df.height:
-        raise som_io.SomInputError("som_empty_input", f"{source}: no order lines")
+    raw = som_io.read_table(source)
     tick("read")
-    scored = score_orders(df, config)
+    scored = score_orders(raw, config)
     tick("score")
     with writing(output):
-        som_io.write_like_input(scored, source, output)
+        som_io.write_like_input(scored, raw, output)
     tick("write")
     return ScoreRun(output, scored.height, int(scored["flag"].sum()), 1, 1, "local",
                     time.perf_counter() - started)

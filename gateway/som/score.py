@@ -321,10 +321,11 @@ def kinds_of(bits: int) -> tuple[str, ...]:
 
 def score_file(source: str, output: str, config: SomConfig = SomConfig()) -> int:
     """Parquet/CSV in, Parquet/CSV out with the input columns kept; returns flagged lines."""
-    from gateway.som.io import write_like_input
+    from gateway.som.io import read_table, write_like_input
 
-    scored = score_orders(read_orders(source), config)
-    write_like_input(scored, source, output)
+    raw = read_table(source)
+    scored = score_orders(raw, config)
+    write_like_input(scored, raw, output)
     return int(scored["flag"].sum())
 
 

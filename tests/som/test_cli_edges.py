@@ -406,3 +406,37 @@ def test_diligence_page_never_replaces_the_scored_history(tmp_path, source) -> N
     assert _som(home, *args, "--out", str(page)).exit_code == 0
     assert page.read_text().startswith("<!DOCTYPE html>")
     assert _listing(page.parent) == ["line.html"]
+
+
+def test_a_csv_comes_back_cell_for_cell_and_its_outputs_read_back(tmp_path, history) -> None:
+    """Cells written `01`, `2000.0`, ` 150 `, `Y` or with a time of day came back reformatted
+    (`1`, `2000`, `150`, `true`, the date alone); and the reformatted output, typed again from
+    its first rows, could not be read by evaluate or diligence."""
+    home = tmp_path / "home"
+    n = history.height
+    text = history.with_columns(
+        pl.col("line").cast(pl.String).str.zfill(2),
+        pl.col("date").dt.strftime("%Y-%m-%d") + pl.when(pl.int_range(n) % 3 == 0)
+        .then(pl.lit(" 10:30:00")).otherwise(pl.lit("")),
+        pl.when(pl.int_range(n) == n - 7).then(pl.lit(" 2.5 "))
+        .otherwise(pl.col("dosage_units").cast(pl.Float64).cast(pl.String)).alias("dosage_units"),
+        pl.when(pl.col("controlled")).then(pl.lit("Y")).otherwise(pl.lit("N")).alias("controlled"),
+    )
+    source = tmp_path / "in.csv"
+    text.write_csv(source)
+    written = pl.read_csv(source, infer_schema=False)
+    for out in (tmp_path / "out.csv", tmp_path / "out.parquet"):
+        for how in ("plain", "partitions"):
+            assert _som(home, "score", str(source), "--out", str(out), *PATHS[how]).exit_code == 0
+            got = (pl.read_csv(out, infer_schema=False) if out.suffix == ".csv"
+                   else pl.read_parquet(out))
+            key = ["order_id", "line"]
+            assert got.select(written.columns).sort(key).equals(written.sort(key)), (out, how)
+        assert _som(home, "evaluate", str(out)).exit_code == 0
+        hit = pl.read_parquet(out) if out.suffix == ".parquet" else pl.read_csv(
+            out, infer_schema=False)
+        hit = hit.filter(pl.col("flag").cast(pl.String) == "true").row(0, named=True)
+        page = tmp_path / f"{out.suffix[1:]}.html"
+        result = _som(home, "diligence", str(out), "--order", hit["order_id"], "--line",
+                      str(int(hit["line"])), "--out", str(page))
+        assert result.exit_code == 0, result.output

@@ -234,3 +234,20 @@ def test_a_live_line_is_read_as_the_batch_reads_its_columns() -> None:
     # two order days (slots of: day, units, controlled units), neither counted as controlled
     assert [c[K.C_DAYS + k * K.C_DSLOT + 1] for k in (0, 1)] == [10.0, 10.0]
     assert [c[K.C_DAYS + k * K.C_DSLOT + 2] for k in (0, 1)] == [0.0, 0.0]
+
+
+def test_live_dates_are_the_batch_s_dates_and_the_state_file_is_written_whole(tmp_path) -> None:
+    """fromisoformat also takes 20240105 and 2024-W01-5, which read_orders refuses; and a state
+    saved over an old one goes through a temporary file of its own, removed on failure."""
+    state = SomState()
+    base = {"customer": "AB1234563", "family": "oxycodone", "dosage_units": 10}
+    for bad in ("20240105", "2024-W01-5", "2024-1-5"):
+        with pytest.raises(SomStateError) as e:
+            state.update({**base, "date": bad})
+        assert e.value.code == "som_invalid_line"
+    state.update({**base, "date": "2024-01-05"})
+    target = tmp_path / "som.state"
+    target.write_bytes(b"old")
+    state.save(target)
+    assert SomState.load(target).customers.keys() == state.customers.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["som.state"]

@@ -165,3 +165,20 @@ def test_outputs_get_the_usual_file_mode(tmp_path) -> None:
         os.umask(old)
     from gateway.som import io as som_io
     assert stat.S_IMODE((tmp_path / "o.txt").stat().st_mode) == 0o666 & ~som_io._UMASK
+
+
+def test_spreadsheet_spellings_that_are_valid(tmp_path) -> None:
+    """A line number written 1.0, flags written 1.0/0.0, trailing commas in every row (unnamed
+    columns): valid files, not refused."""
+    df = _history()
+    got = read_orders(df.with_columns(pl.col("line").cast(pl.Float64).cast(pl.String)))
+    assert got["line"].dtype == pl.Int64 and got["line"].to_list() == df["line"].to_list()
+    with pytest.raises(SomInputError) as e:
+        read_orders(df.with_columns(pl.lit("1.5").alias("line")))
+    assert e.value.code == "som_invalid_value" and "1.5" in str(e.value)
+    flags = read_orders(df.with_columns(
+        (pl.int_range(pl.len()) % 2).cast(pl.Float64).alias("controlled")))["controlled"]
+    assert flags.to_list() == [k % 2 == 1 for k in range(df.height)]
+    text = df.write_csv()
+    (tmp_path / "commas.csv").write_text("\n".join(r + ",," for r in text.splitlines()) + "\n")
+    assert read_orders(tmp_path / "commas.csv").height == df.height
