@@ -339,7 +339,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     score_file(args[0], args[1])
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
