@@ -269,6 +269,9 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
     if missing:
         raise SomInputError("som_missing_column", f"missing columns: {', '.join(missing)}")
     exprs = []
+    coded = [c for c in ("date", "dosage_units") if isinstance(df.schema[c], (pl.Categorical, pl.Enum))]
+    if coded:  # a dictionary-encoded column: its text, parsed as text is
+        df = df.with_columns(pl.col(c).cast(pl.String) for c in coded)
     dtype = df.schema["date"]
     if dtype == pl.String:
         df = df.with_columns(parse_dates(df["date"]))

@@ -182,3 +182,13 @@ def test_spreadsheet_spellings_that_are_valid(tmp_path) -> None:
     text = df.write_csv()
     (tmp_path / "commas.csv").write_text("\n".join(r + ",," for r in text.splitlines()) + "\n")
     assert read_orders(tmp_path / "commas.csv").height == df.height
+
+
+def test_dictionary_encoded_dates_and_units_are_read_as_their_text() -> None:
+    df = _history()
+    coded = df.with_columns(pl.col("date").dt.strftime("%Y-%m-%d").cast(pl.Categorical),
+                            pl.col("dosage_units").cast(pl.String).cast(pl.Categorical))
+    got = read_orders(coded)
+    assert got["date"].equals(df["date"]) and got["dosage_units"].to_list() == df["dosage_units"].to_list()
+    bad = coded.with_columns(pl.lit("lots").cast(pl.Categorical).alias("dosage_units"))
+    assert _code(bad) == "som_invalid_units"
