@@ -184,15 +184,8 @@ class _Groups:
 
 def _yes_no(s: pl.Series) -> pl.Series:
     """A yes/no column (label, flag) as Boolean: as io.flag_values reads one (true/false, 1/0,
-    yes/no... in text), all nulls, or numbers 1.0/0.0; EvaluationError som_invalid_value else."""
+    1.0/0.0, yes/no... in text), or all nulls; som_invalid_value else."""
     if s.dtype == pl.Null:
-        return s.cast(pl.Boolean)
-    if s.dtype.is_float():
-        odd = s.filter(s.is_not_null() & ~s.is_in([0.0, 1.0])).unique(maintain_order=True)
-        if len(odd):
-            shown = ", ".join(str(v) for v in odd.head(5).to_list())
-            raise EvaluationError("som_invalid_value",
-                                  f"{s.name}: {len(odd)} values that are not true/false ({shown})")
         return s.cast(pl.Boolean)
     return som_io.flag_values(s, "som_invalid_value")
 

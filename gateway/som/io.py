@@ -98,12 +98,12 @@ def _check_distinct(names: list[str]) -> None:
         raise SomInputError("som_duplicate_column", f"columns named twice: {', '.join(twice)}")
 
 
-def _scan_schema(path: Path) -> tuple[pl.LazyFrame, list[str]]:
-    """The scan of an input file and its column names, with a code for a file that is not
+def scan_schema(path: Path) -> tuple[pl.LazyFrame, dict[str, pl.DataType]]:
+    """The scan of an input file and its column types, with a code for a file that is not
     what its name says (a truncated or foreign Parquet file, a CSV without data)."""
     lf = _scan(path)
     try:
-        names = lf.collect_schema().names()
+        schema = dict(lf.collect_schema())
     except pl.exceptions.DuplicateError as exc:
         raise SomInputError("som_duplicate_column", str(exc)) from None
     except pl.exceptions.NoDataError:
@@ -111,8 +111,8 @@ def _scan_schema(path: Path) -> tuple[pl.LazyFrame, list[str]]:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise SomInputError("som_unreadable", f"{path}: {exc}") from None
     if path.suffix.lower() in (".parquet", ".pq"):
-        _check_distinct(names)
-    return lf, names
+        _check_distinct(list(schema))
+    return lf, schema
 
 
 def _looks_tab(path: Path) -> bool:
@@ -346,48 +346,31 @@ def read_orders(source: str | Path | pl.DataFrame, *, columns: list[str] | None 
         lf = source.lazy()
         names = source.columns
     else:
-        lf, names = _scan_schema(Path(source))
+        lf, schema = scan_schema(Path(source))
+        names = list(schema)
     lf, native_names = _to_native(lf, names)
     if columns is not None:
         keep = [c for c in native_names if c in set(columns) | set(REQUIRED)]
         lf = lf.select(keep)
+    return _coerce(_collect(lf, source))
+
+
+def _collect(lf: pl.LazyFrame, source: str | Path | pl.DataFrame) -> pl.DataFrame:
+    """The lines of an input: som_unreadable if they cannot be read, and for a file,
+    som_empty_input if there are none (a DataFrame may be empty: its columns are still checked)."""
     try:
         df = lf.collect()
     except pl.exceptions.PolarsError as exc:
         raise SomInputError("som_unreadable", str(exc)) from None
     if df.height == 0 and not isinstance(source, pl.DataFrame):
         raise SomInputError("som_empty_input", f"{source}: no order lines")
-    return _coerce(df)
-
-
-def source_schema(path: str | Path) -> dict[str, pl.DataType]:
-    """The column types of an input file as it is (before `read_orders` casts for scoring)."""
-    try:
-        return dict(_scan_schema(Path(path))[0].collect_schema())  # read as read_orders reads it
-    except (OSError, SomInputError, pl.exceptions.PolarsError):
-        return {}
-
-
-def input_type_casts(columns: dict[str, pl.DataType], schema: dict[str, pl.DataType]) -> list[pl.Expr]:
-    """Casts that give the output back the input's whole-number columns (`dosage_units` is
-    scored as Float64), for a scored table whose input columns were not put back as read
-    (`with_input_columns`)."""
-    return [pl.col(name).cast(dtype, strict=False) for name, dtype in schema.items()
-            if name in columns and columns[name] != dtype and dtype.is_integer() and columns[name].is_float()]
+    return df
 
 
 def read_table(path: str | Path) -> pl.DataFrame:
     """An input file as it is (a CSV as text), before any parsing for scoring; the same codes as
     read_orders for a file it cannot use. `read_orders(read_table(p))` is `read_orders(p)`."""
-    path = Path(path)
-    lf, _ = _scan_schema(path)
-    try:
-        df = lf.collect()
-    except pl.exceptions.PolarsError as exc:
-        raise SomInputError("som_unreadable", str(exc)) from None
-    if df.height == 0:
-        raise SomInputError("som_empty_input", f"{path}: no order lines")
-    return df
+    return _collect(scan_schema(Path(path))[0], path)
 
 
 def with_input_columns(scored: pl.DataFrame, raw: pl.DataFrame) -> pl.DataFrame:

@@ -203,13 +203,13 @@ def new_customer_state(c):
         c[C_DAYS + s * C_DSLOT] = -1e9
 
 
-@njit(cache=True, error_model="numpy", forceinline=True)
+@njit(cache=True, error_model="numpy")
 def _odds(p):
     p = min(max(p, 0.05), 0.95)
     return p / (1.0 - p)
 
 
-@njit(cache=True, error_model="numpy", forceinline=True)
+@njit(cache=True, error_model="numpy")
 def _sev(value, threshold):
     if value != value or threshold <= 0.0:
         return 0.0

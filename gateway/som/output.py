@@ -6,6 +6,7 @@ coded errors. The house rule: bad input or a bad output path gets a code and los
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -24,7 +25,6 @@ class OutputError(SomError):
     """The output cannot be written as asked: som_output_is_input (it would replace the input),
     som_output_unwritable (its directory cannot be made or written, or the write failed: the OS
     message says why), som_output_unsupported (the format cannot hold some input columns)."""
-
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -125,7 +125,7 @@ def output_directory(output: str | Path) -> Iterator[Path]:
 
 # The OS errors that put the output side at fault (permission, file too large, no space,
 # read-only file system, quota), when a read and a write share one call.
-_WRITE_ERRNOS = {13, 27, 28, 30, 122}
+_WRITE_ERRNOS = {errno.EACCES, errno.EFBIG, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 def _os_errno(exc: BaseException) -> int | None:

@@ -117,9 +117,8 @@ def inspect_input(path: str | Path) -> dict[str, pl.DataType]:
     is not Parquet/CSV or is damaged (som_file_not_found, som_unknown_format as read_orders)."""
     path = Path(path)
     _require_bytes(path)
+    lf, schema = som_io.scan_schema(path)  # the codes read_orders gives for the file's schema
     try:
-        lf = som_io._scan(path)
-        schema = dict(lf.collect_schema())
         if _is_parquet(path):
             empty = _parquet_lines(path) == 0
         else:
@@ -321,13 +320,10 @@ class _Runner:
         return results
 
 
-def _concat_parts(parts: Iterable[str], output: Path, schema: dict[str, pl.DataType] | None = None) -> None:
-    """Stream the parts into the output (written under a temporary name, then renamed), with the
-    input's column types (`schema`) restored."""
+def _concat_parts(parts: Iterable[str], output: Path) -> None:
+    """Stream the parts (each with its input columns as read: io.with_input_columns) into the
+    output, written under a temporary name, then renamed."""
     lazy = pl.concat([pl.scan_parquet(p) for p in parts], how="vertical")
-    casts = som_io.input_type_casts(dict(lazy.collect_schema()), schema or {})
-    if casts:
-        lazy = lazy.with_columns(casts)
     with writing(output), som_io.atomic_output(output) as tmp:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
@@ -413,7 +409,7 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
                               lambda: tick("score"))
             for _ in range(skipped):
                 tick("score")
-        _concat_parts([d[0] for d in done if d[0] is not None], output, som_io.source_schema(source))
+        _concat_parts([d[0] for d in done if d[0] is not None], output)
         tick("write")
     finally:
         shutil.rmtree(work, ignore_errors=True)
