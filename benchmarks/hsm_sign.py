@@ -41,23 +41,33 @@ def _rate_on_sessions(hsm: Hsm, label: str, sessions: int, seconds: float,
     running `sign_until(session, key, stop)` (which returns how many it made)."""
     token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
     counts = [0] * sessions
+    errors: list[BaseException] = []
     stop = time.perf_counter() + seconds
     barrier = threading.Barrier(sessions + 1)
 
     def work(i: int) -> None:
-        session = token.open()
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
-        barrier.wait()
-        counts[i] = sign_until(session, key, stop)
-        session.close()
+        try:
+            session = token.open()
+            key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+            barrier.wait()
+            counts[i] = sign_until(session, key, stop)
+            session.close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the measuring thread
+            errors.append(exc)
+            barrier.abort()  # the others (and the measuring thread) stop waiting
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
     t0 = time.perf_counter()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"a signing thread failed: {errors[0]!r}") from errors[0]
     return sum(counts) / (time.perf_counter() - t0)
 
 
