@@ -16,9 +16,13 @@ only, no network of its own); this module supplies the anchors, the CRLs and cac
   certificates, usage, CRL state) and reuses one while `at` lies inside the window in which every
   certificate of the path and every CRL is valid: nothing that decided the outcome can differ.
 
-Revocation policy: a certificate on the CA's current CRL fails, whatever the signing time. The
-signing time is asserted by the signer (a CMS attribute, or the caller), so a key revoked for
-compromise could otherwise sign "in the past"; the regulation asks for a CRL check on receipt.
+Revocation policy (`_revocation_on_receipt`): every certificate of the path below the anchor needs
+a CRL of its issuer, signed by the issuer's key and current *now* (not at the signing time), and a
+certificate on that CRL fails whatever the signing time. The signing time is asserted by the
+signer (a CMS attribute, or the document), so a key revoked for compromise could otherwise sign
+"in the past" against a CRL that was current then; the regulation asks for a CRL check on
+receipt. A certificate without a distribution point is no exception: its issuer's CRL comes from
+the CRL directories or the issuer's own distribution point.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ CHECK_KEY_USAGE = "key_usage"
 CHECKS = (CHECK_CHAIN, CHECK_VALIDITY, CHECK_REVOCATION, CHECK_KEY_USAGE)
 
 MAX_CRL_BYTES = 10 * 1024 * 1024
+CLOCK_SKEW = dt.timedelta(minutes=5)  # a CRL issued this little "in the future" is usable
 _COVERED_LIMIT = 10_000
 _RESULT_CACHE_SIZE = 4096
 
@@ -163,6 +168,9 @@ class CrlCache:
         # Which certificates' distribution points may be fetched: a trust store allows only those
         # its CAs verifiably issued, so that a stranger's certificate cannot make us fetch a URL.
         self.fetch_filter: Callable[[x509.Certificate], bool] | None = None
+        # Which fetched CRLs may be kept: a trust store keeps only those one of its CAs signed, so
+        # that one forged response can neither decide nor block anything until its nextUpdate.
+        self.crl_filter: Callable[[x509.CertificateRevocationList], bool] | None = None
         self._refetch_at: dt.datetime | None = None  # earliest nextUpdate of a fetched CRL
 
     # -- sources
@@ -216,13 +224,19 @@ class CrlCache:
                 return None
             if len(data) > MAX_CRL_BYTES:
                 raise ValueError("too large")
-            return _load_crl(data)
+            entry = _load_crl(data)
+            if self.crl_filter is not None and not self.crl_filter(entry.crl):
+                raise ValueError("not signed by a configured CA")
+            return entry
         except (OSError, ValueError) as exc:
             log.warning("CRL %s could not be fetched: %s", url, exc)
             return None
 
     def _fetch_for(self, certs: Sequence[x509.Certificate], now: dt.datetime) -> bool:
-        """Fetch the distribution-point CRLs of certificates whose issuer has no current CRL."""
+        """Fetch the distribution-point CRLs of certificates that have no current CRL of their
+        issuer's key: one from a directory with the same issuer and authority key identifier, or
+        one fetched from that very URL. A CRL of the same issuer name is not enough: after a CA
+        key change both keys' CRLs carry the same name."""
         if not self.fetch_urls:
             return False
         changed = False
@@ -231,9 +245,16 @@ class CrlCache:
                 continue
             if self.fetch_filter is not None and not self.fetch_filter(cert):
                 continue
-            if any(e.crl.issuer == cert.issuer and _current(e, now) for e in self._all_entries()):
+            key_id = _authority_key_id(cert)
+            if key_id is not None and any(
+                e.crl.issuer == cert.issuer and _authority_key_id(e.crl) == key_id and _current(e, now)
+                for e in self._files.values()
+            ):
                 continue
             for url in _distribution_points(cert):
+                held = self._urls.get(url)
+                if held is not None and _current(held, now):
+                    break
                 if not self._may_try(url, now):
                     continue
                 entry = self._fetch(url)
@@ -324,6 +345,13 @@ def _current(entry: _CrlEntry, now: dt.datetime) -> bool:
     return entry.next_update is None or entry.next_update > now
 
 
+def _authority_key_id(item: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+    try:
+        return item.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
 def _distribution_points(cert: x509.Certificate) -> list[str]:
     try:
         points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
@@ -350,8 +378,9 @@ def _split_bundle(certs: Iterable[x509.Certificate]) -> tuple[list[x509.Certific
 
 @dataclass
 class _CachedSuccess:
-    not_before: dt.datetime
+    not_before: dt.datetime  # the window of `at` in which the outcome holds
     not_after: dt.datetime
+    fresh_until: dt.datetime  # and of the clock: the earliest nextUpdate of the CRLs it used
     path: tuple[x509.Certificate, ...]
 
 
@@ -364,7 +393,7 @@ class TrustStore:
         intermediates: Sequence[x509.Certificate] = (),
         crls: CrlCache | None = None,
         *,
-        revocation_mode: str = "hard-fail",
+        revocation_mode: str = "require",
         usage: Iterable[str] = (DIGITAL_SIGNATURE,),
     ) -> None:
         if not anchors:
@@ -379,6 +408,9 @@ class TrustStore:
         _check_usage(self.usage)
         self.crls.track(self.intermediates)
         self.crls.fetch_filter = self._issued_by_ours
+        self.crls.crl_filter = self._crl_of_ours
+        self._crl_signed: dict[tuple[bytes, bytes], bool] = {}  # (CRL, issuer) DER digests
+        self._clock = self.crls._clock
         self._issued_cache: dict[x509.Certificate, bool] = {}
         self._asn1_anchors = [_asn1(c) for c in self.anchors]
         self._asn1_intermediates = [_asn1(c) for c in self.intermediates]
@@ -405,6 +437,24 @@ class TrustStore:
             if len(self._issued_cache) > _COVERED_LIMIT:
                 self._issued_cache.clear()
             self._issued_cache[cert] = known
+        return known
+
+    def _crl_of_ours(self, crl: x509.CertificateRevocationList) -> bool:
+        """Signed by an anchor or a configured intermediate of the CRL's issuer name."""
+        return any(self._crl_signed_by(crl, ca) for ca in (*self.anchors, *self.intermediates)
+                   if ca.subject == crl.issuer)
+
+    def _crl_signed_by(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+        key = (hashlib.sha256(crl.public_bytes(Encoding.DER)).digest(), hashlib.sha256(_der(issuer)).digest())
+        known = self._crl_signed.get(key)
+        if known is None:
+            try:
+                known = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            except (TypeError, ValueError, UnsupportedAlgorithm):
+                known = False  # a key type that cannot have signed it
+            if len(self._crl_signed) > _COVERED_LIMIT:
+                self._crl_signed.clear()
+            self._crl_signed[key] = known
         return known
 
     def chain_for(self, cert: x509.Certificate) -> tuple[x509.Certificate, ...]:
@@ -437,15 +487,16 @@ class TrustStore:
         _check_usage(wanted)
         generation, entries = self.crls.current((cert, *extra_certs))
         key = (cert, frozenset(extra_certs), wanted, generation)
+        now = self._clock()
         hit = self._results.get(key)
-        if hit is not None and hit.not_before <= at <= hit.not_after:
+        if hit is not None and hit.not_before <= at <= hit.not_after and now < hit.fresh_until:
             return CertificateValidation(at=at, path=hit.path, cached=True)
 
-        result, window = self._validate(cert, at, wanted, extra_certs, entries)
+        result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
         if result.valid and window is not None:
             if len(self._results) >= _RESULT_CACHE_SIZE:
                 self._results.clear()
-            self._results[key] = _CachedSuccess(window[0], window[1], result.path)
+            self._results[key] = _CachedSuccess(*window, result.path)
         return result
 
     def _validate(
@@ -455,7 +506,8 @@ class TrustStore:
         usage: frozenset[str],
         extra_certs: Sequence[x509.Certificate],
         entries: tuple[_CrlEntry, ...],
-    ) -> tuple[CertificateValidation, tuple[dt.datetime, dt.datetime] | None]:
+        now: dt.datetime,
+    ) -> tuple[CertificateValidation, tuple[dt.datetime, dt.datetime, dt.datetime] | None]:
         context = ValidationContext(
             trust_roots=self._asn1_anchors,
             other_certs=[*self._asn1_intermediates, *(_asn1(c) for c in extra_certs)],
@@ -483,7 +535,9 @@ class TrustStore:
             return _failed(at, CHECK_VALIDITY, "certificate_not_yet_valid", exc), None
         except cv_errors.DisallowedAlgorithmError as exc:
             return _failed(at, CHECK_CHAIN, "algorithm_not_allowed", exc), None
-        except cv_errors.InvalidCertificateError as exc:  # key usage
+        except cv_errors.InvalidCertificateError as exc:  # key usage, or no path from a self-signed one
+            if "self-signed" in str(exc):
+                return _failed(at, CHECK_CHAIN, "certificate_untrusted", exc), None
             return _failed(at, CHECK_KEY_USAGE, "certificate_key_usage", exc), None
         except (cv_errors.PathValidationError, cv_errors.ValidationError) as exc:
             return _failed(at, CHECK_CHAIN, "certificate_chain_invalid", exc), None
@@ -492,18 +546,55 @@ class TrustStore:
             # (an exotic extension or key): not a chain we can trust.
             return _failed(at, CHECK_CHAIN, "certificate_chain_invalid",
                            f"{type(exc).__name__}: {exc}"), None
+        except Exception as exc:  # noqa: BLE001 - e.g. an AssertionError of the path checks on
+            # an issuer key of the wrong type: a crafted chain must not crash the verifier
+            return _failed(at, CHECK_CHAIN, "certificate_chain_invalid",
+                           f"{type(exc).__name__}: {exc}"), None
 
         chain = tuple(_from_asn1(c) for c in reversed(list(path)))  # signer first
-        revoked = _on_current_crl(chain, entries)
-        if revoked is not None:
-            return _failed(at, CHECK_REVOCATION, "certificate_revoked", revoked, chain), None
+        refusal, used = self._revocation_on_receipt(chain, entries, at, now)
+        if refusal is not None:
+            return _failed(at, CHECK_REVOCATION, refusal[0], refusal[1], chain), None
         # Window in which this outcome holds: every certificate valid, every CRL current.
         lo = max(c.not_valid_before_utc for c in chain)
         hi = min(c.not_valid_after_utc for c in chain)
+        fresh = min((e.next_update for e in used if e.next_update is not None), default=hi)
         for entry in entries:
             if entry.next_update is not None:
                 hi = min(hi, entry.next_update)
-        return CertificateValidation(at=at, path=chain), (lo, hi) if lo <= at <= hi else None
+        return CertificateValidation(at=at, path=chain), (lo, hi, fresh) if lo <= at <= hi else None
+
+    def _revocation_on_receipt(
+        self, chain: Sequence[x509.Certificate], entries: Sequence[_CrlEntry], at: dt.datetime,
+        now: dt.datetime,
+    ) -> tuple[tuple[str, str] | None, list[_CrlEntry]]:
+        """21 CFR 1311.55(c)(2)/1305.22(c): each certificate of the path below the anchor is
+        checked against a CRL of its issuer that the issuer's key signed and that is current
+        now. Returns ((code, detail) or None, the CRLs relied on)."""
+        used: list[_CrlEntry] = []
+        for cert, issuer in zip(chain, chain[1:]):
+            own = [e for e in entries if e.crl.issuer == cert.issuer and self._crl_signed_by(e.crl, issuer)]
+            for entry in own:
+                revoked = entry.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if revoked is not None:
+                    when = revoked.revocation_date_utc
+                    return ("certificate_revoked",
+                            f"certificate serial {cert.serial_number:X} ({cert.subject.rfc4514_string()}) "
+                            f"is on the CRL of {cert.issuer.rfc4514_string()}, revoked at "
+                            f"{when.isoformat()} ({'before' if when <= at else 'after'} the signing time)"
+                            ), used
+            current = [e for e in own if _current(e, now) and e.crl.last_update_utc <= now + CLOCK_SKEW]
+            if not current:
+                newest = max((e.next_update for e in own if e.next_update is not None), default=None)
+                if newest is None:
+                    return ("revocation_unavailable",
+                            f"no CRL of {cert.issuer.rfc4514_string()} is available to check "
+                            f"{cert.subject.rfc4514_string()}"), used
+                return ("revocation_out_of_bounds",
+                        f"the newest CRL of {cert.issuer.rfc4514_string()} expired at "
+                        f"{newest.isoformat()}; a CRL current on receipt is needed"), used
+            used.extend(current)
+        return None, used
 
 
 def _issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -527,25 +618,6 @@ def _failed(
 ) -> CertificateValidation:
     detail = str(exc) if isinstance(exc, str) else (str(exc) or type(exc).__name__)
     return CertificateValidation(at=at, failed_check=check, code=code, detail=detail, path=path)
-
-
-def _on_current_crl(chain: Sequence[x509.Certificate], entries: Sequence[_CrlEntry]) -> str | None:
-    """A certificate of the path listed on its issuer's CRL (any revocation date) -> detail."""
-    for cert, issuer in zip(chain, chain[1:]):
-        for entry in entries:
-            if entry.crl.issuer != cert.issuer:
-                continue
-            revoked = entry.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if revoked is None:
-                continue
-            if not entry.crl.is_signature_valid(issuer.public_key()):
-                continue  # not the issuer's CRL: it decides nothing
-            return (
-                f"certificate serial {cert.serial_number:X} ({cert.subject.rfc4514_string()}) is on "
-                f"the CRL of {cert.issuer.rfc4514_string()}, revoked at "
-                f"{revoked.revocation_date_utc.isoformat()} (after the signing time)"
-            )
-    return None
 
 
 _asn1_cache: dict[bytes, asn1_x509.Certificate] = {}

@@ -114,8 +114,8 @@ def verify_cms(
 
     The certificate is judged at the signed signing-time attribute when present (never later
     than now: a signature cannot have been made in the future, and a claimed future time must not
-    reach a certificate's validity that has not begun); `at` (the caller's time) is used only when
-    the signature carries none, else now.
+    reach a certificate's validity that has not begun); `at` (the caller's time, also never later than
+    now) is used only when the signature carries none, else now.
     """
     started = utcnow()
     try:
@@ -125,7 +125,7 @@ def verify_cms(
     if verified.signing_time is not None:
         when, source = min(verified.signing_time, started), "signed-attribute"
     elif at is not None:
-        when, source = as_utc(at), "caller"
+        when, source = min(as_utc(at), started), "caller"
     else:
         when, source = started, "verification-time"
     validation = trust.validate_certificate(
@@ -169,7 +169,9 @@ def _signing_time(
         if found is None:
             return started, "verification-time"
         return min(as_utc(found), started), "document"
-    return as_utc(at), "caller"
+    # Never later than now, as for the other sources: a future time must not reach the validity
+    # of a certificate that has not begun.
+    return min(as_utc(at), started), "caller"
 
 
 def _looks_like_xml(data: bytes) -> bool:

@@ -132,7 +132,13 @@ def test_stale_crl(scratch_pki, ec_public):
     result = scratch_pki.trust(fetch_urls=False).validate_certificate(cert)
     assert result.code in ("revocation_out_of_bounds", "revocation_unavailable")
     assert result.failed_check == "revocation"
-    # At a time the CRL covered, the same CRL is good.
+    # Not even at a time the CRL covered: the signing time is the signer's claim, and a backdated
+    # one must not let a stale CRL stand in for the check on receipt.
+    past = scratch_pki.trust(fetch_urls=False).validate_certificate(cert, now() - dt.timedelta(days=15))
+    assert past.code == "revocation_out_of_bounds", past
+    assert "current on receipt" in past.detail
+    # A CRL current now makes the same signing time good.
+    pki.issue_crl(scratch_pki.directory)
     assert scratch_pki.trust(fetch_urls=False).validate_certificate(cert, now() - dt.timedelta(days=15)).valid
 
 
