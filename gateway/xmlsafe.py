@@ -21,6 +21,12 @@ from lxml import etree
 DEFAULT_MAX_BYTES = 1_048_576
 DEFAULT_MAX_DEPTH = 64
 DEFAULT_MAX_ELEMENTS = 50_000
+# Exclusive C14N looks up each prefixed attribute among the namespaces in scope: thousands of
+# both on one element cost seconds of CPU (29,000 of each in 841 KB: 4.3 s). Real documents
+# carry a handful.
+MAX_ATTRIBUTES_PER_ELEMENT = 256
+MAX_NAMESPACES_IN_SCOPE = 64
+_SMALL_DOCUMENT = 32_768  # below this, even the worst shape canonicalises in milliseconds
 
 # Markers of a document type declaration in the encodings a prolog can use (UTF-8 / ASCII
 # supersets, UTF-16 either byte order). A plain substring search is cheap and runs in C.
@@ -118,6 +124,13 @@ def _check_shape(root: etree._Element, data: bytes, max_depth: int, max_elements
     # An element at depth max_depth + 1 exists iff this location path selects something.
     if len(data) > 7 * max_depth and _too_deep(max_depth)(root):
         raise XmlError("xml_too_deep", f"elements nest deeper than {max_depth}")
+    if len(data) > _SMALL_DOCUMENT and _too_wide(root):
+        raise XmlError("xml_too_large", f"an element has more than {MAX_ATTRIBUTES_PER_ELEMENT} attributes "
+                       f"or more than {MAX_NAMESPACES_IN_SCOPE} namespaces in scope")
+
+
+_too_wide = etree.XPath(f"boolean(//*[count(@*) > {MAX_ATTRIBUTES_PER_ELEMENT} or "
+                        f"count(namespace::*) > {MAX_NAMESPACES_IN_SCOPE}])")
 
 
 @functools.lru_cache(maxsize=16)

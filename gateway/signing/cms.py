@@ -31,6 +31,9 @@ from gateway.signing.errors import SignatureRefused, SigningError
 from gateway.signing.validation import load_certificate
 
 MAX_SIGNATURE_BYTES = 1_048_576
+ID_DATA = "1.2.840.113549.1.7.1"  # RFC 5652 §4: the content is plain bytes
+_SIGNED_ONLY = {"1.2.840.113549.1.9.3": "content-type", "1.2.840.113549.1.9.4": "message-digest",
+                "1.2.840.113549.1.9.5": "signing-time"}
 MIN_RSA_BITS = 2048
 
 # signatureAlgorithm values we accept in a SignerInfo, by key kind.
@@ -145,6 +148,10 @@ def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
     signed_data = info["content"]
     encap = signed_data["encap_content_info"]
     content_type = encap["content_type"].dotted
+    if content_type != ID_DATA:
+        # A signature made for another CMS content type (a timestamp token, a receipt) is not a
+        # signature over document bytes.
+        raise CmsError("signature_malformed", f"content type {content_type}, not id-data")
     embedded = encap["content"]
     if isinstance(embedded, core.Void) or embedded.native is None:
         if content is None:
@@ -183,6 +190,12 @@ def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
     if len(times) > 1 or (times and len(times[0]) != 1):
         raise CmsError("signature_malformed", "more than one signing-time attribute")
     signing_time = times[0][0].native if times else None
+    unsigned = signer_info["unsigned_attrs"]
+    if not isinstance(unsigned, core.Void):
+        for attribute in unsigned:
+            if attribute["type"].dotted in _SIGNED_ONLY:
+                raise CmsError("signature_malformed", f"{_SIGNED_ONLY[attribute['type'].dotted]} "
+                               "must be a signed attribute (RFC 5652 §11), it is unsigned")
     if signing_time is not None and signing_time.tzinfo is None:
         signing_time = signing_time.replace(tzinfo=dt.timezone.utc)
 

@@ -103,7 +103,10 @@ def load_certificate(der: bytes) -> x509.Certificate:
         cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018 - parsed on access
         list(cert.extensions)
         cert.public_key()
-    except (UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DuplicateExtension, UnsupportedGeneralNameType,
+        # UnsupportedAlgorithm, InvalidVersion, a TypeError of an odd name type...: all unreadable
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
     return cert
 

@@ -487,13 +487,17 @@ def _certificates(key_info: etree._Element) -> tuple[str, ...]:
 def _signer_certificate(
     encoded: tuple[str, ...],
 ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
-    """The signer is the certificate that issued none of the others (the leaf of the chain).
-    Certificates repeat across documents (one signer, many orders): each set is worked out once."""
-    certificates = [_load_certificate(b64) for b64 in encoded]
+    """The signer is the certificate that issued none of the others (the leaf of the chain); when
+    unrelated CA certificates come along (a whole bundle, as xmlsec1 accepts), the one leaf that is
+    not a CA. Certificates repeat across documents (one signer, many orders): each set is worked
+    out once."""
+    certificates = list({c: None for c in (_load_certificate(b64) for b64 in encoded)})  # once each
     if len(certificates) == 1:
         return certificates[0], ()
     subjects_issuing = {c.issuer for c in certificates if c.issuer != c.subject}
     leaves = [c for c in certificates if c.subject not in subjects_issuing]
+    if len(leaves) > 1:
+        leaves = [c for c in leaves if not _is_ca(c)]
     if len(leaves) != 1:
         raise XmlSignatureError(
             "certificate_missing",
@@ -502,6 +506,13 @@ def _signer_certificate(
         )
     signer = leaves[0]
     return signer, tuple(c for c in certificates if c is not signer)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _load_certificate(b64: str) -> x509.Certificate:

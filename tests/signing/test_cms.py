@@ -209,3 +209,67 @@ def test_verification_never_raises_on_mangled_input(ec_signer, trust):
         report = verify_cms(bytes(data), CONTENT, trust)
         assert report.code is None or isinstance(report.code, str)
         report.to_dict()
+
+
+def _resigned(der: bytes, signer, *, attrs=None, content_type: str | None = None, unsigned=None) -> bytes:
+    """`der` with its signed attributes replaced by `attrs(old)` and signed again by the HSM key."""
+    info = cms.ContentInfo.load(der)
+    sd = info["content"]
+    si = sd["signer_infos"][0]
+    new_attrs = [cms.CMSAttribute.load(a.dump()) for a in si["signed_attrs"]]
+    if attrs is not None:
+        new_attrs = attrs(new_attrs)
+    signed = cms.CMSAttributes(sorted(new_attrs, key=lambda a: a.dump()))
+    fields = {"version": "v1", "sid": si["sid"], "digest_algorithm": si["digest_algorithm"],
+              "signed_attrs": signed, "signature_algorithm": si["signature_algorithm"],
+              "signature": signer.sign(signed.dump())}
+    if unsigned is not None:
+        fields["unsigned_attrs"] = cms.CMSAttributes(unsigned)
+    encap = {"content_type": content_type} if content_type else sd["encap_content_info"]
+    return cms.ContentInfo({"content_type": "signed_data", "content": cms.SignedData({
+        "version": "v1", "digest_algorithms": sd["digest_algorithms"], "encap_content_info": encap,
+        "certificates": sd["certificates"], "signer_infos": [cms.SignerInfo(fields)]})}).dump()
+
+
+def test_another_content_type_is_not_a_signature_over_bytes(rsa_signer, trust):
+    """A SignedData for a timestamp token (id-ct-TSTInfo), consistent in itself and signed by the
+    HSM key, is not accepted as a signature over the document bytes (openssl would take it)."""
+    tst = "1.2.840.113549.1.9.16.1.4"
+
+    def retype(attrs):
+        return [a for a in attrs if a["type"].native != "content_type"] + [
+            cms.CMSAttribute({"type": "content_type", "values": [tst]})]
+
+    der = _resigned(sign_detached(CONTENT, rsa_signer), rsa_signer, attrs=retype, content_type=tst)
+    report = verify_cms(der, CONTENT, trust)
+    assert report.code == "signature_malformed"
+    assert "not id-data" in report.message
+    assert verify_cms(_resigned(sign_detached(CONTENT, rsa_signer), rsa_signer), CONTENT, trust).valid
+
+
+def test_signing_time_as_an_unsigned_attribute_is_refused(rsa_signer, trust):
+    """RFC 5652 §11.3: signing-time is a signed attribute; openssl refuses it unsigned too."""
+    late = cms.CMSAttribute({"type": "signing_time",
+                             "values": [cms.Time({"utc_time": dt.datetime(2049, 1, 1, tzinfo=UTC)})]})
+    der = _resigned(sign_detached(CONTENT, rsa_signer), rsa_signer, unsigned=[late])
+    report = verify_cms(der, CONTENT, trust)
+    assert report.code == "signature_malformed"
+    assert "signing-time must be a signed attribute" in report.message
+
+
+def test_a_certificate_with_a_duplicated_extension_is_a_report_not_a_crash(rsa_signer, trust):
+    """cryptography raises DuplicateExtension (not a ValueError) when the extensions are read."""
+    from asn1crypto import x509 as asn1_x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert = asn1_x509.Certificate.load(rsa_signer.certificate.public_bytes(Encoding.DER))
+    tbs = asn1_x509.TbsCertificate.load(cert["tbs_certificate"].dump())
+    extensions = list(cert["tbs_certificate"]["extensions"])
+    tbs["extensions"] = asn1_x509.Extensions([*extensions, asn1_x509.Extension.load(extensions[0].dump())])
+    doubled = asn1_x509.Certificate({"tbs_certificate": tbs, "signature_algorithm": cert["signature_algorithm"],
+                                     "signature_value": cert["signature_value"]})
+    info = cms.ContentInfo.load(sign_detached(CONTENT, rsa_signer))
+    info["content"]["certificates"] = [doubled]
+    report = verify_cms(info.dump(force=True), CONTENT, trust)
+    assert report.code == "certificate_malformed"
+    assert "DuplicateExtension" in report.message

@@ -18,6 +18,7 @@ from pkihelp import (  # noqa: F401 - fixtures
     signer,
     signing_pki,
     trust,
+    xmlsec1_verify,
 )
 
 from gateway.signing import xmldsig
@@ -562,3 +563,47 @@ def test_signing_time_read_from_the_signed_content(hsm, ec_key, signing_pki):
     signed = sign_enveloped(b'<Order xmlns="urn:csos-gateway:order:1"/>', expired)
     report, _ = verify_xml(signed, trust, at=signed_date)
     assert report.code == "certificate_expired" and report.signing_time_source == "verification-time"
+
+
+def test_unreadable_certificates_are_a_report_not_a_crash(rsa_signer, trust):
+    """cryptography raises DuplicateExtension, UnsupportedGeneralNameType or TypeError (not
+    ValueError) for some certificates it loads lazily: each is certificate_malformed."""
+    from asn1crypto import x509 as asn1_x509
+
+    cert = asn1_x509.Certificate.load(rsa_signer.certificate.public_bytes(Encoding.DER))
+    extensions = list(cert["tbs_certificate"]["extensions"])
+    doubled = asn1_x509.TbsCertificate.load(cert["tbs_certificate"].dump())
+    doubled["extensions"] = asn1_x509.Extensions([*extensions, asn1_x509.Extension.load(extensions[0].dump())])
+    x400 = asn1_x509.TbsCertificate.load(cert["tbs_certificate"].dump())
+    others = [e for e in extensions if e["extn_id"].native != "subject_alt_name"]
+    x400["extensions"] = asn1_x509.Extensions([*others, asn1_x509.Extension({
+        "extn_id": "subject_alt_name",  # SEQUENCE { [3] x400Address { SEQUENCE {} } }
+        "extn_value": asn1_x509.GeneralNames.load(bytes.fromhex("3004a3023000"))})])
+    for tbs, error in ((doubled, "DuplicateExtension"), (x400, "UnsupportedGeneralNameType")):
+        bad = asn1_x509.Certificate({"tbs_certificate": tbs, "signature_algorithm": cert["signature_algorithm"],
+                                     "signature_value": cert["signature_value"]})
+        tree = tree_of(sign_enveloped(ORDER, rsa_signer))
+        tree.find(".//ds:X509Certificate", NS).text = base64.b64encode(bad.dump()).decode()
+        report, _ = verify_xml(serialize(tree), trust)
+        assert report.code == "certificate_malformed", report.to_dict()
+        assert error in report.message
+
+
+def test_signer_found_among_a_whole_bundle_of_ca_certificates(rsa_signer, signing_pki, trust, tmp_path):
+    """X509Data carrying the signer twice, its CA, the root and an unrelated CA (the EPCS CA):
+    the signer is the one leaf that is not a CA, as xmlsec1 also finds it."""
+    from gateway.signing import pki
+
+    tree = tree_of(sign_enveloped(ORDER, rsa_signer))
+    x509_data = tree.find(".//ds:X509Data", NS)
+    leaf = x509_data.find("ds:X509Certificate", NS)
+    for cert in (signing_pki.cert(pki.ROOT), signing_pki.cert(pki.EPCS_CA)):
+        etree.SubElement(x509_data, f"{{{DS_NS}}}X509Certificate").text = base64.b64encode(
+            cert.public_bytes(Encoding.DER)).decode()
+    etree.SubElement(x509_data, f"{{{DS_NS}}}X509Certificate").text = leaf.text
+    data = serialize(tree)
+    report, _ = verify_xml(data, trust)
+    assert report.valid, report.to_dict()
+    assert report.signer_certificate == rsa_signer.certificate
+    (tmp_path / "bundle.xml").write_bytes(data)
+    assert xmlsec1_verify(tmp_path / "bundle.xml", signing_pki).returncode == 0
