@@ -37,7 +37,7 @@ import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,25 @@ class _CrlEntry:
     asn1: asn1_crl.CertificateList
     next_update: dt.datetime | None
     stamp: tuple[int, int] = (0, 0)  # (mtime_ns, size) for files
+    signed_by: dict[bytes, bool] = field(default_factory=dict)  # issuer DER -> signature checks
+
+    def is_signed_by(self, issuer: x509.Certificate) -> bool:
+        """The CRL's signature verifies with `issuer`'s key (worked out once per issuer)."""
+        der = _der(issuer)
+        known = self.signed_by.get(der)
+        if known is None:
+            known = _crl_signed_by(self.crl, issuer)
+            self.signed_by[der] = known
+        return known
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    if crl.issuer != issuer.subject or not _strong_hash(crl):
+        return False
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False  # a key type that cannot have signed it
 
 
 def _load_crl(data: bytes) -> _CrlEntry:
@@ -348,6 +367,15 @@ def _current(entry: _CrlEntry, now: dt.datetime) -> bool:
     return entry.next_update is None or entry.next_update > now
 
 
+def _strong_hash(crl: x509.CertificateRevocationList) -> bool:
+    """Not signed over SHA-1 or MD5, which certificates are refused for too."""
+    try:
+        algorithm = crl.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return False
+    return algorithm is None or algorithm.name not in ("sha1", "md5")  # None: Ed25519/Ed448
+
+
 def _authority_key_id(item: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
     try:
         return item.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
@@ -412,7 +440,6 @@ class TrustStore:
         self.crls.track(self.intermediates)
         self.crls.fetch_filter = self._issued_by_ours
         self.crls.crl_filter = self._crl_of_ours
-        self._crl_signed: dict[tuple[bytes, bytes], bool] = {}  # (CRL, issuer) DER digests
         self._clock = self.crls._clock
         self._issued_cache: dict[x509.Certificate, bool] = {}
         self._asn1_anchors = [_asn1(c) for c in self.anchors]
@@ -443,22 +470,8 @@ class TrustStore:
         return known
 
     def _crl_of_ours(self, crl: x509.CertificateRevocationList) -> bool:
-        """Signed by an anchor or a configured intermediate of the CRL's issuer name."""
-        return any(self._crl_signed_by(crl, ca) for ca in (*self.anchors, *self.intermediates)
-                   if ca.subject == crl.issuer)
-
-    def _crl_signed_by(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-        key = (hashlib.sha256(crl.public_bytes(Encoding.DER)).digest(), hashlib.sha256(_der(issuer)).digest())
-        known = self._crl_signed.get(key)
-        if known is None:
-            try:
-                known = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-            except (TypeError, ValueError, UnsupportedAlgorithm):
-                known = False  # a key type that cannot have signed it
-            if len(self._crl_signed) > _COVERED_LIMIT:
-                self._crl_signed.clear()
-            self._crl_signed[key] = known
-        return known
+        """Signed by an anchor or a configured intermediate (a fetched CRL, checked once)."""
+        return any(_crl_signed_by(crl, ca) for ca in (*self.anchors, *self.intermediates))
 
     def chain_for(self, cert: x509.Certificate) -> tuple[x509.Certificate, ...]:
         """The known intermediates above `cert`, nearest first, up to (not including) an anchor:
@@ -495,6 +508,10 @@ class TrustStore:
         if hit is not None and hit.not_before <= at <= hit.not_after and now < hit.fresh_until:
             return CertificateValidation(at=at, path=hit.path, cached=True)
 
+        # Only CRLs a CA we know of signed reach the path checks: a forged one decides nothing
+        # (and one signed with a key of another type made them raise).
+        cas = (*self.anchors, *self.intermediates, *extra_certs)
+        entries = tuple(e for e in entries if any(e.is_signed_by(ca) for ca in cas))
         result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
         if result.valid and window is not None:
             if len(self._results) >= _RESULT_CACHE_SIZE:
@@ -576,7 +593,7 @@ class TrustStore:
         now. Returns ((code, detail) or None, the CRLs relied on)."""
         used: list[_CrlEntry] = []
         for cert, issuer in zip(chain, chain[1:]):
-            own = [e for e in entries if e.crl.issuer == cert.issuer and self._crl_signed_by(e.crl, issuer)]
+            own = [e for e in entries if e.is_signed_by(issuer)]
             for entry in own:
                 revoked = entry.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
                 if revoked is not None:
@@ -589,6 +606,11 @@ class TrustStore:
             current = [e for e in own if _current(e, now) and e.crl.last_update_utc <= now + CLOCK_SKEW]
             if not current:
                 newest = max((e.next_update for e in own if e.next_update is not None), default=None)
+                early = [e for e in own if _current(e, now)]  # current but issued "in the future"
+                if early:
+                    return ("revocation_out_of_bounds",
+                            f"the CRL of {cert.issuer.rfc4514_string()} is dated "
+                            f"{early[0].crl.last_update_utc.isoformat()}, later than now"), used
                 if newest is None:
                     return ("revocation_unavailable",
                             f"no CRL of {cert.issuer.rfc4514_string()} is available to check "

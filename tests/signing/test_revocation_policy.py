@@ -150,3 +150,14 @@ def test_a_revocation_after_the_signing_time_still_refuses_and_says_so(scratch_p
     result = scratch_pki.trust(fetch_urls=False).validate_certificate(cert, now() - dt.timedelta(minutes=2))
     assert result.code == "certificate_revoked"
     assert "(after the signing time)" in result.detail
+
+
+def test_a_forged_crl_beside_the_genuine_one_decides_nothing(scratch_pki, ec_public):
+    """A CRL in the CA's name signed by another key (here of another type, which made the path
+    checks raise) is set aside; the genuine CRL decides."""
+    csos, key = ca_of(scratch_pki)
+    cert = make_cert(csos, key, ec_public, "Beside A Forgery")
+    write(scratch_pki.crl_dir / "forged.crl",
+          make_crl(csos, key, [cert.serial_number], signing_key=ec.generate_private_key(ec.SECP256R1())))
+    result = scratch_pki.trust(fetch_urls=False).validate_certificate(cert)
+    assert result.valid, result
