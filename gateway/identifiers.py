@@ -106,7 +106,8 @@ def parse_dea_number(value: str) -> DeaNumber:
     """
     if not isinstance(value, str):
         raise DeaNumberError("DEA number must be text", "dea_number_format")
-    text = value.strip().upper()
+    # ASCII before case folding: "ı".upper() is "I" and "ﬀ".upper() is "FF", second spellings.
+    text = value.strip().upper() if value.isascii() else ""
     match = _DEA_RE.fullmatch(text)
     if match is None:
         raise DeaNumberError(
@@ -154,6 +155,8 @@ def is_valid_dea_number(value: str) -> bool:
 def dea_registration(value: str) -> str:
     """The nine-character registration of a DEA number, without suffix. Does not check the
     check digit: used where a number is compared, not accepted (e.g. against a certificate)."""
+    if not value.isascii():  # see parse_dea_number: no second spelling through case folding
+        return ""
     text = value.strip().upper()
     return text.split("-", 1)[0]
 

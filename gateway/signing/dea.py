@@ -116,6 +116,8 @@ _SCHEDULE_ALIASES = {
 def normalize_schedule(name: str) -> str:
     """The canonical name (one of SCHEDULES) of "II", "C-II", "CII", "2", "2N", "IIN"...;
     raises DeaExtensionError(code="unknown_schedule")."""
+    if not str(name).isascii():  # "ıı".upper() is "II": no second spelling of a schedule
+        raise DeaExtensionError(f"unknown schedule {name!r}", code="unknown_schedule")
     text = str(name).strip().upper().replace(" ", "")
     if text.startswith("C-"):
         text = text[2:]
@@ -185,6 +187,10 @@ def dea_info_for(
 def dea_extensions(info: DeaCertificateInfo) -> list[x509.UnrecognizedExtension]:
     """DER-encoded extensions for `info`; absent fields produce no extension (the schedules
     extension is always present when a DEA number hash is, possibly with no bit set)."""
+    for label, value in (("CSOS version", info.csos_version), ("registrant name", info.registrant_name),
+                         ("business activity", info.business_activity), *(("address", a) for a in info.address)):
+        if value is not None and not _utf8_encodable(value):
+            raise DeaExtensionError(f"{label} is not valid text (it cannot be encoded as UTF-8)")
     out: list[x509.UnrecognizedExtension] = []
     if info.csos_version is not None:
         out.append(x509.UnrecognizedExtension(
@@ -211,6 +217,14 @@ def dea_extensions(info: DeaCertificateInfo) -> list[x509.UnrecognizedExtension]
     return out
 
 
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. an undecodable byte of a command line
+        return False
+    return True
+
+
 def add_dea_extensions(builder: x509.CertificateBuilder, info: DeaCertificateInfo) -> x509.CertificateBuilder:
     for ext in dea_extensions(info):
         builder = builder.add_extension(ext, critical=False)
@@ -223,8 +237,10 @@ def _load(spec: type[core.Asn1Value], der: bytes, what: str) -> core.Asn1Value:
     try:
         value = spec.load(der, strict=True)
         value.native  # parse the contents now, so that errors surface here
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise DeaExtensionError(f"{what}: malformed DER ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - asn1crypto raises IndexError, ValueError, TypeError...
+        raise DeaExtensionError(f"{what}: malformed DER ({type(exc).__name__}: {exc})") from exc
+    # BER forms (a schedules bit string that keeps trailing zero bits, long-form lengths) are read
+    # as their value: the CA signed them, and strict DER would refuse encoders seen in practice.
     return value
 
 
@@ -233,7 +249,11 @@ def read_dea_info(cert: x509.Certificate) -> DeaCertificateInfo | None:
 
     Raises DeaExtensionError when one is present but malformed."""
     raw: dict[x509.ObjectIdentifier, bytes] = {}
-    for ext in cert.extensions:
+    try:
+        extensions = list(cert.extensions)
+    except Exception as exc:  # noqa: BLE001 - DuplicateExtension and other unreadable ones
+        raise DeaExtensionError(f"the certificate's extensions cannot be read ({type(exc).__name__}: {exc})") from exc
+    for ext in extensions:
         if ext.oid in DEA_OIDS and isinstance(ext.value, x509.UnrecognizedExtension):
             raw[ext.oid] = ext.value.value
     if not raw:
@@ -257,6 +277,8 @@ def read_dea_info(cert: x509.Certificate) -> DeaCertificateInfo | None:
     address: tuple[str, ...] = ()
     if OID_POSTAL_ADDRESS in raw:
         address = tuple(_load(_AddressLines, raw[OID_POSTAL_ADDRESS], "postal address").native)
+        if not 1 <= len(address) <= 6:  # SIZE (1..6), as dea_extensions writes it
+            raise DeaExtensionError(f"postal address: {len(address)} lines, 1 to 6 expected")
     return DeaCertificateInfo(
         registrant_name=text(OID_REGISTRANT_NAME, "registrant name"),
         hashed_dea_number=hashed,
@@ -276,6 +298,8 @@ def dea_number_matches(cert: x509.Certificate, dea_number: str) -> bool:
     except DeaExtensionError:
         return False
     if info is None or info.hashed_dea_number is None or not isinstance(dea_number, str):
+        return False
+    if not dea_number.isascii():  # "Aı1234563" must not fold into AI1234563
         return False
     try:
         expected = hashed_dea_number(dea_number, subject_serial_number(cert))

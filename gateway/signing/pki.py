@@ -37,6 +37,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -58,6 +59,7 @@ EPCS_CA = "epcs-ca"
 CA_NAMES = (ROOT, CSOS_CA, EPCS_CA)
 
 CRL_VALIDITY = dt.timedelta(days=7)
+_PRINTABLE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]+")  # X.520 PrintableString
 # A CRL closer than this to its nextUpdate is reissued by ensure_test_pki.
 CRL_REFRESH_MARGIN = dt.timedelta(days=1)
 DEFAULT_VALIDITY_DAYS = 365
@@ -707,7 +709,11 @@ def issue_certificate(
     if end <= start:
         raise PkiError("not_after must be later than not_before", "invalid_validity")
 
-    serial_text = (subject_serial_number or secrets.token_hex(8)).strip().upper()
+    # The salt of the hashed DEA number: a blank one would leave the hash unsalted.
+    serial_text = (subject_serial_number or "").strip().upper() or secrets.token_hex(8).upper()
+    if not serial_text.isascii() or not _PRINTABLE.fullmatch(serial_text):
+        raise PkiError(f"subject serial number {subject_serial_number!r} is not PrintableString text",
+                       "subject_invalid")
     subject = _subject(csr=csr, common_name=common_name, organization=organization,
                        organizational_unit=organizational_unit or (spec.organizational_unit if common_name else None),
                        country=country, state=state, locality=locality, serial_number=serial_text)

@@ -209,3 +209,30 @@ def test_openssl_parses_the_certificate(key, tmp_path):
     parsed = subprocess.run(["openssl", "asn1parse", "-inform", "DER", "-in", str(der)],
                             capture_output=True, text=True, check=True).stdout
     assert "2.16.840.1.101.3.5.4" in parsed
+
+
+def test_an_empty_schedules_bit_string_is_malformed_not_a_crash(key):
+    """`03 00` made asn1crypto raise IndexError, which escaped read_dea_info."""
+    info = _info()
+    hashed = [e for e in dea_extensions(info) if e.oid == OID_HASHED_DEA_NUMBER]
+    cert = _cert(key, raw=[*hashed, x509.UnrecognizedExtension(OID_SCHEDULES, b"\x03\x00")])
+    with pytest.raises(DeaExtensionError) as error:
+        read_dea_info(cert)
+    assert error.value.code == "dea_extension_malformed"
+    assert not dea_number_matches(cert, DEA)
+
+
+def test_a_number_spelled_with_letters_that_fold_into_ascii_does_not_match(key):
+    cert = _cert(key, info=_info(dea_number="AI1234563"))
+    assert dea_number_matches(cert, "AI1234563")
+    assert not dea_number_matches(cert, "A\u01311234563")  # dotless i upper-cases to I
+    with pytest.raises(DeaExtensionError) as error:
+        normalize_schedule("\u0131\u0131")
+    assert error.value.code == "unknown_schedule"
+
+
+@pytest.mark.parametrize("field", ["registrant_name", "business_activity"])
+def test_text_that_cannot_be_utf8_is_refused_when_writing(field):
+    with pytest.raises(DeaExtensionError) as error:
+        dea_extensions(_info(**{field: "Pharm\udcff"}))  # an undecodable byte of a command line
+    assert error.value.code == "dea_extension_malformed"

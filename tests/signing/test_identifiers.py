@@ -45,7 +45,9 @@ def test_every_other_check_digit_is_refused(wrong_last):
                                    "APX836727", "AP5836727-", "AP5836727-TOOLONGSUFFIX", "A-5836727",
                                    # other scripts' digits are digits to `\\d`, not to DEA
                                    "AP583672\u0667", "AP\u0665\u0668\u0663\u0666\u0667\u0662\u0667",
-                                   "AP58367\uff12\uff17"])
+                                   "AP58367\uff12\uff17",
+                                   # letters that case-fold into ASCII ones: "ı" -> "I", "ﬀ" -> "FF"
+                                   "A\u01311234563", "A\u017f1234563", "\ufb001234563"])
 def test_malformed_numbers(value):
     with pytest.raises(DeaNumberError) as info:
         parse_dea_number(value)

@@ -202,6 +202,8 @@ def test_index_records_issued_certificates(pki_dir, subject_key):
          "invalid_validity"),
         ({"not_before": dt.datetime(2030, 1, 1)}, "invalid_validity"),
         ({"common_name": ""}, "subject_required"),
+        ({"subject_serial_number": "\u00e9123"}, "subject_invalid"),  # salt of the DEA hash
+        ({"subject_serial_number": "ab_cd@x"}, "subject_invalid"),
     ],
 )
 def test_refusals(pki_dir, subject_key, kwargs, code):
@@ -372,3 +374,14 @@ def test_pyhanko_certvalidator_uses_the_crls(pki_dir, subject_key):
     assert len(path) == 3
     with pytest.raises(RevokedError):
         asyncio.run(validator(bad).async_validate_usage({"digital_signature"}))
+
+
+def test_a_blank_subject_serial_number_is_replaced_by_a_random_salt(pki_dir, subject_key):
+    """A blank serialNumber would leave the hashed DEA number unsalted (SHA-1 of the number)."""
+    from gateway.signing.dea import hashed_dea_number, read_dea_info, subject_serial_number
+
+    cert = _issue(pki_dir, subject_key, subject_serial_number="   ").certificate
+    salt = subject_serial_number(cert)
+    assert salt and salt.strip() == salt
+    assert read_dea_info(cert).hashed_dea_number == hashed_dea_number("AP5836727", salt)
+    assert read_dea_info(cert).hashed_dea_number != hashed_dea_number("AP5836727", "")
