@@ -270,7 +270,11 @@ class Hsm:
         self._last_attempt = 0.0
         self._last_error: str | None = None
         self._closed = False
-        self._pubkeys: dict[str, tuple[str, PublicKey]] = {}
+        self._pubkeys: dict[str, tuple[str, PublicKey, float]] = {}  # label -> (type, key, when)
+        # Labels found (key, certificate) on this connection. A software token whose files went
+        # away answers lookups with "not found", not with a device error: a label it knew that
+        # now misses is taken for the token gone, and the pool reconnects before believing it.
+        self._seen: set[tuple[str, str]] = set()  # (what, label)
         # label -> (certificate, when read): re-read after CERT_CACHE_SECONDS, so a certificate
         # renewed by another process (`gateway keys import-cert`) is used without a restart.
         self._certs: dict[str, tuple[x509.Certificate | None, float]] = {}
@@ -327,6 +331,7 @@ class Hsm:
             admin = token.open(rw=True)  # inherits the application's login
             opened.append(admin)
             mechanisms = set(token.slot.get_mechanisms())
+            had_keys = bool(list(admin.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})))
             pool: queue.SimpleQueue[_PooledSession] = queue.LifoQueue()
             sessions = []
             for _ in range(self.size):
@@ -350,6 +355,7 @@ class Hsm:
                 raise TokenUnavailable(f"HSM module {self.module} unusable: {self._last_error}") from exc
             raise
         self._generation += 1
+        self._keys_seen_generation = self._generation if had_keys else -1
         self._conn = _Connection(self._generation, epoch, token, admin, pool, sessions,
                                  Mechanism.ECDSA_SHA256 in mechanisms)
         self._last_error = None
@@ -421,6 +427,7 @@ class Hsm:
             self._disconnect_locked()
             self._pubkeys.clear()
             self._certs.clear()
+            self._seen.clear()
             self._connect_locked(force=not healthy)
             assert self._conn is not None
             return self._conn
@@ -515,9 +522,33 @@ class Hsm:
     def _key_on(self, pooled: _PooledSession, label: str) -> tuple[Any, str]:
         entry = pooled.keys.get(label)
         if entry is None:
-            entry = self._find_private(pooled.session, label)
+            try:
+                entry = self._find_private(pooled.session, label)
+            except KeyNotFound:
+                self._missing(pooled.generation, "key", label, pooled.session)
+                raise
             pooled.keys[label] = entry
+            self._seen.add(("key", label))
         return entry
+
+    _keys_seen_generation = -1  # the connection whose token held private keys
+
+    def _missing(self, generation: int, what: str, label: str, session: Any) -> None:
+        """A lookup of `label` found nothing. If this connection found it before, or the token
+        held keys when connected and shows none now, the token is taken for gone (TokenUnavailable, pool marked
+        broken): SoftHSM keeps answering "nothing" from its view of a token whose files went away,
+        even once they are back, until the module is initialised again. The lookup after the
+        reconnect says whether the object was really deleted."""
+        if (what, label) in self._seen:
+            reason = f"the {what} '{label}' no longer answers on the token"
+        elif (self._keys_seen_generation == generation
+              and not list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))):
+            reason = "the token held keys when connected and now shows none"
+        else:
+            return
+        exc = TokenUnavailable(f"{reason}: reconnecting")
+        self._mark_broken(generation, exc)
+        raise exc
 
     @staticmethod
     def _mechanism_for(conn: _Connection, key_type: str, data: bytes) -> tuple[int, bytes]:
@@ -581,31 +612,38 @@ class Hsm:
 
         self._admin(op)
         self._pubkeys.pop(label, None)
+        self._certs.pop(label, None)
+        if self._conn is not None:
+            self._keys_seen_generation = self._conn.generation
         return self.public_key(label)
 
     def public_key(self, label: str) -> PublicKey:
         return self._public(label)[1]
 
     def _public(self, label: str) -> tuple[str, PublicKey]:
+        # Kept as long as a certificate: a key deleted and generated again under its label (by
+        # another process) is seen within that time.
         cached = self._pubkeys.get(label)
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[2] < CERT_CACHE_SECONDS:
+            return cached[0], cached[1]
 
-        def op(session: Any, _conn: _Connection) -> tuple[str, PublicKey]:
+        def op(session: Any, conn: _Connection) -> tuple[str, PublicKey]:
             try:
                 pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=label)
             except pkcs11.exceptions.NoSuchKey as exc:
+                self._missing(conn.generation, "public key", label, session)
                 raise KeyNotFound(f"no key labelled '{label}' on the token") from exc
             except pkcs11.exceptions.MultipleObjectsReturned as exc:
                 raise HsmError(f"several public keys labelled '{label}'", code="key_ambiguous") from exc
             return _key_type_of(pub), _to_cryptography(pub)
 
-        result = self._admin(op)
-        self._pubkeys[label] = result
-        return result
+        key_type, public = self._admin(op)
+        self._pubkeys[label] = (key_type, public, time.monotonic())
+        self._seen.add(("public key", label))
+        return key_type, public
 
     def list_keys(self) -> list[KeyInfo]:
-        def op(session: Any, _conn: _Connection) -> list[KeyInfo]:
+        def op(session: Any, conn: _Connection) -> list[KeyInfo]:
             certs = {}
             for obj in session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE}):
                 certs[obj[Attribute.LABEL]] = x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE]))
@@ -618,6 +656,9 @@ class Hsm:
                     has_certificate=cert is not None,
                     subject=cert.subject.rfc4514_string() if cert else None,
                     not_after=cert.not_valid_after_utc.isoformat() if cert else None))
+            if not infos:  # an empty token that had keys on this connection: gone, not empty
+                for what, label in list(self._seen):
+                    self._missing(conn.generation, what, label, session)
             return sorted(infos, key=lambda k: k.label)
 
         return self._admin(op)
@@ -667,20 +708,24 @@ class Hsm:
 
         self._admin(op)
         self._certs[label] = (cert, time.monotonic())
+        self._seen.add(("certificate", label))
 
     def certificate(self, label: str) -> x509.Certificate | None:
         cached = self._certs.get(label)
         if cached is not None and time.monotonic() - cached[1] < CERT_CACHE_SECONDS:
             return cached[0]
 
-        def op(session: Any, _conn: _Connection) -> x509.Certificate | None:
+        def op(session: Any, conn: _Connection) -> x509.Certificate | None:
             found = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.LABEL: label}))
             if not found:
+                self._missing(conn.generation, "certificate", label, session)
                 return None
             return x509.load_der_x509_certificate(bytes(found[0][Attribute.VALUE]))
 
         cert = self._admin(op)
         self._certs[label] = (cert, time.monotonic())
+        if cert is not None:
+            self._seen.add(("certificate", label))
         return cert
 
     # ----------------------------------------------------------------- health

@@ -280,6 +280,59 @@ def test_removed_token_gives_clean_error_and_pool_recovers(softhsm_settings: Set
     assert log["after"] == 256 and log["available"] is True
 
 
+LOOKUP_RECOVERY = textwrap.dedent('''
+    import os, sys, time, json
+    from gateway.config import load_settings
+    from gateway.signing.hsm import Hsm
+    from gateway.signing.errors import SigningError
+    settings = load_settings(sys.argv[1])
+    label = sys.argv[2]
+    hsm = Hsm.open(settings, sessions=2)  # nothing looked up yet on this connection
+    hsm.reconnect_interval = 0.05
+    def request():  # what /v1/sign does: the signer and its certificate, then the signature
+        try:
+            signer = hsm.signer(label)
+            return len(signer.sign(b"doc"))
+        except SigningError as exc:
+            return exc.code
+    store = settings.token_dir
+    os.rename(store, str(store) + ".removed")
+    log = {"while_removed": [request()]}
+    os.rename(str(store) + ".removed", store)
+    time.sleep(0.06)
+    log["after"] = [request() for _ in range(2)]
+    try:
+        hsm.signer("no-such-label")
+    except SigningError as exc:
+        log["unknown_after"] = exc.code
+    log["still_available"] = hsm.available and len(hsm.sign(label, b"e"))
+    hsm.close()
+    print(json.dumps(log))
+''')
+
+
+def test_a_token_gone_when_first_looked_up_is_unavailable_and_recovers(softhsm_settings: Settings, rsa_key: str,
+                                                                      tmp_path: Path) -> None:
+    """A software token whose files go away answers lookups with "nothing found", and keeps doing
+    so after they are back until the module is initialised again: that must read as a missing
+    token (hsm_unavailable, then recovery), never as key_not_found for good."""
+    import json
+
+    home = tmp_path / "home"
+    shutil.copytree(softhsm_settings.home, home, ignore=shutil.ignore_patterns("*.sqlite3*"))
+    settings = load_settings(home)
+    from gateway.signing.softhsm import write_softhsm_conf
+    write_softhsm_conf(settings)
+    proc = subprocess.run([sys.executable, "-c", LOOKUP_RECOVERY, str(home), rsa_key], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "SOFTHSM2_CONF": str(settings.softhsm_conf)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert log["while_removed"][0] == "hsm_unavailable"
+    assert log["after"] == [256, 256]
+    assert log["unknown_after"] == "key_not_found"  # a token with keys: an unknown label is just that
+    assert log["still_available"] == 256
+
+
 RACE = textwrap.dedent('''
     import sys, threading, time, json
     from gateway.config import load_settings
