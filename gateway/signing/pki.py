@@ -258,7 +258,10 @@ def _cdp(url: str) -> x509.CRLDistributionPoints:
 def _read_index(layout: PkiLayout) -> dict[str, Any]:
     if not layout.index.exists():
         return {"version": 1, "crl_numbers": {}, "certificates": []}
-    return json.loads(layout.index.read_text())
+    try:
+        return json.loads(layout.index.read_text())
+    except (ValueError, OSError) as exc:  # a truncated or unreadable index: say so, change nothing
+        raise PkiError(f"the PKI index {layout.index} cannot be read: {exc}", "pki_damaged") from None
 
 
 def _write_index(layout: PkiLayout, data: dict[str, Any]) -> None:
@@ -514,12 +517,19 @@ def _reason(name: str) -> x509.ReasonFlags:
 
 
 def _issue_crl_locked(layout: PkiLayout, ca: str, *, this_update: dt.datetime | None = None,
-                      next_update: dt.datetime | None = None) -> Path:
-    index = _read_index(layout)
+                      next_update: dt.datetime | None = None, index: dict[str, Any] | None = None) -> Path:
+    """The CRL is made (CA key loaded, signed) before anything is written; then the index, with
+    the CRL number it uses (and the caller's changes to `index`), then the CRL files. A failure
+    before the index write leaves everything as it was; after it, the number is spent, never
+    issued twice (RFC 5280 5.2.3), and `gateway pki crl` writes the CRL again."""
+    index = _read_index(layout) if index is None else index
     number = int(index["crl_numbers"].get(ca, 0)) + 1
     index["crl_numbers"][ca] = number
-    ca_cert = _load_cert(layout.cert_path(ca))
-    ca_key = _load_key(layout.key_path(ca))
+    try:
+        ca_cert = _load_cert(layout.cert_path(ca))
+        ca_key = _load_key(layout.key_path(ca))
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"the key or certificate of {ca} cannot be read: {exc}", "pki_damaged") from None
     this_update = this_update or _now()
     next_update = next_update or this_update + CRL_VALIDITY
     builder = (
@@ -545,9 +555,16 @@ def _issue_crl_locked(layout: PkiLayout, ca: str, *, this_update: dt.datetime | 
             revoked = revoked.add_extension(x509.CRLReason(reason), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
     crl = builder.sign(ca_key, hashes.SHA256())
-    _atomic_write(layout.crl_path(ca), crl.public_bytes(serialization.Encoding.DER))
-    _atomic_write(layout.crl_path(ca, pem=True), crl.public_bytes(serialization.Encoding.PEM))
-    _write_index(layout, index)
+    try:
+        _write_index(layout, index)
+    except OSError as exc:
+        raise PkiError(f"the PKI index cannot be written: {exc}", "pki_unwritable") from None
+    try:
+        _atomic_write(layout.crl_path(ca), crl.public_bytes(serialization.Encoding.DER))
+        _atomic_write(layout.crl_path(ca, pem=True), crl.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise PkiError(f"the CRL of {ca} cannot be written ({exc}); the index is updated, "
+                       "`gateway pki crl` writes the CRL again", "pki_unwritable") from None
     return layout.crl_path(ca)
 
 
@@ -598,9 +615,13 @@ def revoke(
             raise PkiError(f"certificate {serial} was revoked at {raw['revoked_at']}", "already_revoked")
         raw["revoked_at"] = _iso(revoked_at or _now())
         raw["reason"] = flag.name
-        _write_index(layout, index)
         if reissue_crl:
-            _issue_crl_locked(layout, raw["issuer_ca"])
+            # The revocation is recorded with the CRL that lists it, or not at all: a CA key that
+            # cannot be read used to leave it in the index, off the CRL, and refused as
+            # already_revoked when tried again.
+            _issue_crl_locked(layout, raw["issuer_ca"], index=index)
+        else:
+            _write_index(layout, index)
         return _entry(raw)
 
 

@@ -385,3 +385,48 @@ def test_a_blank_subject_serial_number_is_replaced_by_a_random_salt(pki_dir, sub
     assert salt and salt.strip() == salt
     assert read_dea_info(cert).hashed_dea_number == hashed_dea_number("AP5836727", salt)
     assert read_dea_info(cert).hashed_dea_number != hashed_dea_number("AP5836727", "")
+
+
+def test_a_revocation_is_recorded_with_its_crl_or_not_at_all(tmp_path, subject_key):
+    """A CA key that cannot be read used to leave the revocation in the index, off the CRL, and
+    refused as already_revoked when tried again; a CRL file that cannot be written used to leave
+    its CRL number unspent, so the next CRL carried the same number."""
+    directory = tmp_path / "pki"
+    pki.ensure_test_pki(directory)
+    layout = pki.PkiLayout(directory)
+    one = _issue(directory, subject_key).certificate
+    two = _issue(directory, subject_key).certificate
+    key_path = layout.key_path(pki.CSOS_CA)
+    saved = key_path.read_bytes()
+    key_path.write_bytes(b"garbage")
+    with pytest.raises(pki.PkiError) as info:
+        pki.revoke(directory, one.serial_number)
+    assert info.value.code == "pki_damaged"
+    assert not [e for e in pki.load_index(directory) if e.revoked_at]
+    key_path.write_bytes(saved)
+    pki.revoke(directory, one.serial_number)
+    crl = x509.load_der_x509_crl(layout.crl_path(pki.CSOS_CA).read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(one.serial_number) is not None
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+    pem = layout.crl_path(pki.CSOS_CA, pem=True)
+    pem.unlink()
+    pem.mkdir()  # the PEM copy cannot be written
+    with pytest.raises(pki.PkiError) as info:
+        pki.revoke(directory, two.serial_number)
+    assert info.value.code == "pki_unwritable"
+    pem.rmdir()
+    pki.issue_crl(directory, cas=[pki.CSOS_CA])
+    again = x509.load_der_x509_crl(layout.crl_path(pki.CSOS_CA).read_bytes())
+    assert again.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == number + 2
+    assert again.get_revoked_certificate_by_serial_number(two.serial_number) is not None
+
+
+def test_a_truncated_index_is_a_coded_error(tmp_path):
+    directory = tmp_path / "pki"
+    pki.ensure_test_pki(directory)
+    index = pki.PkiLayout(directory).index
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(pki.PkiError) as info:
+        pki.revoke(directory, 1)
+    assert info.value.code == "pki_damaged"
