@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from gateway.config import Settings
 from gateway.signing.dea import dea_number_matches, read_dea_info
 from gateway.signing.errors import CertificateMismatch, KeyNotFound, SigningError
-from gateway.signing.hsm import Hsm
+from gateway.signing.hsm import Hsm, valid_label
 from gateway.signing.pki import (
     PROFILES,
     PkiError,
@@ -53,7 +53,7 @@ class EnrolError(SigningError):
 
 def certificate_path(settings: Settings, label: str) -> Path:
     """Where the certificate of HSM key `label` is kept as a file."""
-    if not label or "/" in label or label.startswith("."):
+    if not label or "/" in label or label.startswith(".") or not valid_label(label):
         raise EnrolError(f"label {label!r} cannot name a file", code="label_invalid")
     return settings.keys_dir / f"{label}.pem"
 
@@ -66,10 +66,34 @@ def load_certificate_bytes(data: bytes) -> x509.Certificate:
     """A certificate from PEM or DER bytes; EnrolError(code="certificate_unreadable") otherwise."""
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
+            found = x509.load_pem_x509_certificates(data)
+            if len(found) != 1:  # which one is meant is a guess: the first was taken silently
+                raise ValueError(f"{len(found)} certificates in one file; give the key's own alone")
+            return found[0]
         return x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise EnrolError(f"not an X.509 certificate: {exc}", code="certificate_unreadable") from exc
+
+
+def _unusable(cert: x509.Certificate) -> str | None:
+    """Why `cert` cannot serve a signing key now, or None."""
+    now = dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc <= now:
+        return f"it expired at {cert.not_valid_after_utc.isoformat()}"
+    if cert.not_valid_before_utc > now:
+        return f"it is valid only from {cert.not_valid_before_utc.isoformat()}"
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "it is a CA certificate"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not (usage.digital_signature or usage.content_commitment):
+            return "its key usage allows no signature (digitalSignature or nonRepudiation)"
+    except x509.ExtensionNotFound:
+        pass
+    return None
 
 
 def install_certificate(settings: Settings, hsm: Hsm, label: str, cert: x509.Certificate) -> Path:
@@ -80,6 +104,9 @@ def install_certificate(settings: Settings, hsm: Hsm, label: str, cert: x509.Cer
     public = hsm.public_key(label)
     if _spki(cert.public_key()) != _spki(public):
         raise CertificateMismatch(f"the certificate does not carry the public key of HSM key '{label}'")
+    why = _unusable(cert)
+    if why is not None:  # it would replace the key's good certificate with one nothing verifies
+        raise EnrolError(f"the certificate cannot be used for signing: {why}", code="certificate_unusable")
     path = certificate_path(settings, label)
     settings.keys_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -56,6 +56,7 @@ from gateway.signing.softhsm import point_environment_at
 T = TypeVar("T")
 
 CKF_OS_LOCKING_OK = 0x00000002
+MAX_LABEL = 64  # a certificate's CN may default to it (ub-common-name 64), a file is named after it
 CERT_CACHE_SECONDS = 60.0
 CKR_OK = 0
 CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
@@ -587,10 +588,15 @@ class Hsm:
         """Generate a key pair inside the token: private half sensitive and never extractable."""
         if key_type not in ("rsa2048", "p256"):
             raise HsmError(f"unsupported key type {key_type!r}", code="key_type_unsupported")
+        if not valid_label(label):
+            raise HsmError(f"label {label!r} is not 1 to {MAX_LABEL} printable ASCII characters "
+                           "(no '/', no leading '.')", code="label_invalid")
 
         def op(session: Any, _conn: _Connection) -> None:
-            if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
-                raise KeyExists(f"a key labelled '{label}' already exists")
+            # Any object of that label, not only a private key: a public key or certificate left
+            # behind would pair with the new key (two public keys: the label unusable for good).
+            if list(session.get_objects({Attribute.LABEL: label})):
+                raise KeyExists(f"a key or certificate labelled '{label}' already exists")
             key_id = hashlib.sha1(os.urandom(16) + label.encode()).digest()
             # A signing key signs and does nothing else: python-pkcs11's defaults would also let
             # an RSA key decrypt and unwrap, and an EC key derive (key separation, and the
@@ -734,6 +740,12 @@ class Hsm:
         signer = self.signer(label)
         payload = b"readiness probe " + os.urandom(8)
         signer.verify(self.sign(label, payload), payload)
+
+
+def valid_label(label: str) -> bool:
+    """A key label: 1 to MAX_LABEL printable ASCII characters, no '/' and no leading '.'."""
+    return (0 < len(label) <= MAX_LABEL and label.isascii() and label.isprintable()
+            and "/" not in label and not label.startswith("."))
 
 
 def _key_type_of(key: Any) -> str:

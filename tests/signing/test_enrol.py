@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import subprocess
 import uuid
 
@@ -11,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+from pkcs11 import Attribute, ObjectClass
 
 from gateway.identifiers import is_valid_dea_number
 from gateway.signing import pki
@@ -23,9 +25,10 @@ from gateway.signing.enrol import (
     certificate_path,
     install_certificate,
     issue_demo_identities,
+    load_certificate_bytes,
     parse_subject,
 )
-from gateway.signing.errors import CertificateMismatch, KeyNotFound
+from gateway.signing.errors import CertificateMismatch, KeyNotFound, SigningError
 
 ROLES = {"purchaser", "supplier", "prescriber", "pharmacy"}
 
@@ -164,7 +167,71 @@ def test_parse_subject():
 
 
 def test_labels_must_name_files(softhsm_settings):
-    for bad in ("", "../x", ".hidden", "a/b"):
+    for bad in ("", "../x", ".hidden", "a/b", "L" * 65, "tab\there", "caf\u00e9"):
         with pytest.raises(EnrolError) as info:
             certificate_path(softhsm_settings, bad)
         assert info.value.code == "label_invalid"
+
+
+def test_a_label_too_long_for_a_file_or_a_common_name_is_refused_before_a_key_is_made(hsm):
+    """A 260-character label made a key that broke `keys list` for the whole token."""
+    before = len(hsm.list_keys())
+    with pytest.raises(SigningError) as info:
+        hsm.generate_keypair("L" * 260, "p256")
+    assert info.value.code == "label_invalid"
+    assert len(hsm.list_keys()) == before
+
+
+def test_unusable_or_ambiguous_certificates_are_not_installed(softhsm_settings, hsm):
+    """An expired, not yet valid or CA certificate would replace the key's good one with one that
+    nothing verifies; a file of several certificates was cut to its first."""
+    pki.ensure_test_pki(softhsm_settings.pki_dir)
+    label = f"enrol-unusable-{uuid.uuid4().hex[:8]}"
+    public = hsm.generate_keypair(label, "p256")
+    good = pki.issue_certificate(softhsm_settings.pki_dir, public, "csos-purchaser", common_name="Usable",
+                                 dea_number="FD1234563").certificate
+    install_certificate(softhsm_settings, hsm, label, good)
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = pki.issue_certificate(softhsm_settings.pki_dir, public, "csos-purchaser", common_name="Expired",
+                                    dea_number="FD1234563", not_before=now - dt.timedelta(days=30),
+                                    not_after=now - dt.timedelta(days=1)).certificate
+    future = pki.issue_certificate(softhsm_settings.pki_dir, public, "csos-purchaser", common_name="Future",
+                                   dea_number="FD1234563", not_before=now + dt.timedelta(days=1)).certificate
+    ca_key = serialization.load_pem_private_key(
+        pki.PkiLayout(softhsm_settings.pki_dir).key_path(pki.CSOS_CA).read_bytes(), None)
+    as_ca = (x509.CertificateBuilder().subject_name(good.subject).issuer_name(good.issuer)
+             .public_key(public).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+             .sign(ca_key, hashes.SHA256()))
+    for cert in (expired, future, as_ca):
+        with pytest.raises(EnrolError) as info:
+            install_certificate(softhsm_settings, hsm, label, cert)
+        assert info.value.code == "certificate_unusable"
+    assert hsm.certificate(label) == good
+    assert x509.load_pem_x509_certificate(certificate_path(softhsm_settings, label).read_bytes()) == good
+    two = good.public_bytes(serialization.Encoding.PEM) + expired.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(EnrolError) as info:
+        load_certificate_bytes(two)
+    assert info.value.code == "certificate_unreadable"
+    assert load_certificate_bytes(good.public_bytes(serialization.Encoding.PEM)) == good
+
+
+def test_a_label_with_a_certificate_left_behind_is_not_generated_again(softhsm_settings, hsm):
+    """A certificate left on the token under a label would pair with a new key of that label."""
+    label = f"enrol-leftover-{uuid.uuid4().hex[:8]}"
+    hsm.generate_keypair(label, "p256")
+
+    def drop_keys(session, _conn):
+        for obj in session.get_objects({Attribute.LABEL: label}):
+            if obj[Attribute.CLASS] != ObjectClass.CERTIFICATE:
+                obj.destroy()
+
+    pki.ensure_test_pki(softhsm_settings.pki_dir)
+    cert = pki.issue_certificate(softhsm_settings.pki_dir, hsm.public_key(label), "csos-purchaser",
+                                 common_name="Leftover", dea_number="FD1234563").certificate
+    hsm.store_certificate(label, cert)
+    hsm._admin(drop_keys)  # a key deleted by another tool, its certificate kept
+    with pytest.raises(SigningError) as info:
+        hsm.generate_keypair(label, "p256")
+    assert info.value.code == "key_exists"
