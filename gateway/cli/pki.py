@@ -57,6 +57,13 @@ def _refusals() -> Iterator[None]:
         raise CommandError(getattr(exc, "code", "error"), str(exc)) from exc
 
 
+def _write_out(out: str, data: bytes) -> None:
+    try:
+        Path(out).write_bytes(data)
+    except OSError as exc:
+        raise CommandError("output_unwritable", f"cannot write {out}: {exc.strerror or exc}") from None
+
+
 def _record(settings: Settings, event_type: str, outcome: str, subject: str, details: dict) -> None:
     """Append one audit event for a key or PKI change (21 CFR 1311.150: changes are auditable)."""
     import asyncio
@@ -154,7 +161,7 @@ def ca_bundle_cmd(ctx: Context, out: str | None) -> None:
         else:
             text = pki.ca_bundle(settings.pki_dir)
     if out:
-        Path(out).write_text(text)
+        _write_out(out, text.encode())
     else:
         click.echo(text, nl=False)
 
@@ -277,7 +284,7 @@ def csr_cmd(ctx: Context, label: str, subject: str, out: str | None) -> None:
         csr = build_csr(hsm, label, subject)
     pem = csr.public_bytes(serialization.Encoding.PEM)
     if out:
-        Path(out).write_bytes(pem)
+        _write_out(out, pem)
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(pem.decode(), nl=False)

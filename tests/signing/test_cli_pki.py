@@ -198,3 +198,10 @@ def test_revoke_and_crl(run, home):
 
     listed = json.loads(run("pki", "list").stdout)
     assert next(e for e in listed if e["serial"] == str(serial))["revoked_at"]
+
+
+def test_an_output_that_cannot_be_written_is_a_coded_error(home, tmp_path):
+    result = CliRunner().invoke(cli, ["--home", str(home), "pki", "ca-bundle", "--out",
+                                      str(tmp_path / "no-such-dir" / "bundle.pem")])
+    assert result.exit_code == 1
+    assert "[output_unwritable]" in result.stderr
