@@ -156,7 +156,7 @@ def dea_registration(value: str) -> str:
     """The nine-character registration of a DEA number, without suffix. Does not check the
     check digit: used where a number is compared, not accepted (e.g. against a certificate)."""
     if not value.isascii():  # see parse_dea_number: no second spelling through case folding
-        return ""
+        raise DeaNumberError(f"DEA number {value!r} is not ASCII", "dea_number_format")
     text = value.strip().upper()
     return text.split("-", 1)[0]
 

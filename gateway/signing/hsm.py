@@ -542,8 +542,7 @@ class Hsm:
         reconnect says whether the object was really deleted."""
         if (what, label) in self._seen:
             reason = f"the {what} '{label}' no longer answers on the token"
-        elif (self._keys_seen_generation == generation
-              and not list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))):
+        elif self._keys_seen_generation == generation and not _any_private_key(session):
             reason = "the token held keys when connected and now shows none"
         else:
             return
@@ -740,6 +739,15 @@ class Hsm:
         signer = self.signer(label)
         payload = b"readiness probe " + os.urandom(8)
         signer.verify(self.sign(label, payload), payload)
+
+
+def _any_private_key(session: Any) -> bool:
+    """Whether the token shows a private key: the first one found ends the search."""
+    search = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+    try:
+        return next(search, None) is not None
+    finally:
+        search.close()  # C_FindObjectsFinal now, so the session can search again
 
 
 def valid_label(label: str) -> bool:

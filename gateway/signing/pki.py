@@ -731,10 +731,12 @@ def issue_certificate(
         raise PkiError("not_after must be later than not_before", "invalid_validity")
 
     # The salt of the hashed DEA number: a blank one would leave the hash unsalted.
-    serial_text = (subject_serial_number or "").strip().upper() or secrets.token_hex(8).upper()
-    if not serial_text.isascii() or not _PRINTABLE.fullmatch(serial_text):
+    serial_text = (subject_serial_number or "").strip()
+    # Checked before upper-casing, which would turn "ß" into "SS": no second spelling of a salt.
+    if serial_text and not (serial_text.isascii() and _PRINTABLE.fullmatch(serial_text)):
         raise PkiError(f"subject serial number {subject_serial_number!r} is not PrintableString text",
                        "subject_invalid")
+    serial_text = serial_text.upper() or secrets.token_hex(8).upper()
     subject = _subject(csr=csr, common_name=common_name, organization=organization,
                        organizational_unit=organizational_unit or (spec.organizational_unit if common_name else None),
                        country=country, state=state, locality=locality, serial_number=serial_text)

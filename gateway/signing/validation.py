@@ -440,6 +440,7 @@ class TrustStore:
         self.crls.track(self.intermediates)
         self.crls.fetch_filter = self._issued_by_ours
         self.crls.crl_filter = self._crl_of_ours
+        self._cas = (*self.anchors, *self.intermediates)
         self._clock = self.crls._clock
         self._issued_cache: dict[x509.Certificate, bool] = {}
         self._asn1_anchors = [_asn1(c) for c in self.anchors]
@@ -510,8 +511,9 @@ class TrustStore:
 
         # Only CRLs a CA we know of signed reach the path checks: a forged one decides nothing
         # (and one signed with a key of another type made them raise).
-        cas = (*self.anchors, *self.intermediates, *extra_certs)
-        entries = tuple(e for e in entries if any(e.is_signed_by(ca) for ca in cas))
+        # Only the configured CAs: the certificates a signature carries are the sender's choice,
+        # and each would be remembered on every CRL (a bounded set keeps memory bounded).
+        entries = tuple(e for e in entries if any(e.is_signed_by(ca) for ca in self._cas))
         result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
         if result.valid and window is not None:
             if len(self._results) >= _RESULT_CACHE_SIZE:

@@ -226,6 +226,8 @@ def test_a_number_spelled_with_letters_that_fold_into_ascii_does_not_match(key):
     cert = _cert(key, info=_info(dea_number="AI1234563"))
     assert dea_number_matches(cert, "AI1234563")
     assert not dea_number_matches(cert, "A\u01311234563")  # dotless i upper-cases to I
+    with pytest.raises(ValueError):  # never hashed as an empty registration
+        hashed_dea_number("A\u01311234563", SERIAL)
     with pytest.raises(DeaExtensionError) as error:
         normalize_schedule("\u0131\u0131")
     assert error.value.code == "unknown_schedule"

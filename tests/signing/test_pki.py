@@ -204,6 +204,7 @@ def test_index_records_issued_certificates(pki_dir, subject_key):
         ({"common_name": ""}, "subject_required"),
         ({"subject_serial_number": "\u00e9123"}, "subject_invalid"),  # salt of the DEA hash
         ({"subject_serial_number": "ab_cd@x"}, "subject_invalid"),
+        ({"subject_serial_number": "\u00df\u01311"}, "subject_invalid"),  # would upper-case to "SSI1"
     ],
 )
 def test_refusals(pki_dir, subject_key, kwargs, code):

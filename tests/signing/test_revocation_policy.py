@@ -161,3 +161,20 @@ def test_a_forged_crl_beside_the_genuine_one_decides_nothing(scratch_pki, ec_pub
           make_crl(csos, key, [cert.serial_number], signing_key=ec.generate_private_key(ec.SECP256R1())))
     result = scratch_pki.trust(fetch_urls=False).validate_certificate(cert)
     assert result.valid, result
+
+
+def test_certificates_a_signature_carries_are_not_remembered_on_crls(scratch_pki, ec_public):
+    """A CRL no configured CA signed was checked against every certificate a signature carried,
+    and each was remembered on it: memory grew with what senders chose to send."""
+    csos, key = ca_of(scratch_pki)
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    stranger = make_cert(csos, stranger_key, stranger_key.public_key(), "Stranger CA", ca=True)
+    write(scratch_pki.crl_dir / "stranger.crl", make_crl(stranger, stranger_key))
+    trust = scratch_pki.trust(fetch_urls=False)
+    cert = make_cert(csos, key, ec_public, "Carrying Extras")
+    for _ in range(5):
+        extras = [make_cert(csos, key, ec.generate_private_key(ec.SECP256R1()).public_key(), "Extra")
+                  for _ in range(4)]
+        assert trust.validate_certificate(cert, extra_certs=extras).valid
+    _, entries = trust.crls.current()
+    assert max(len(e.signed_by) for e in entries) <= len(trust.anchors) + len(trust.intermediates)
