@@ -51,6 +51,9 @@ class ServerSettings:
     queue_deadline_ms: int = 250
     retry_after_s: int = 1
     drain_timeout_s: float = 10.0
+    # A body not fully received within this time is refused (408): a client that trickles its
+    # upload must not hold a connection and its buffers for as long as it likes.
+    body_timeout_s: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.http import keys
+from gateway.http.bodies import read_body, read_parts
 from gateway.http.errors import ApiError
 from gateway.http.middleware import refuse
 from gateway.http.pool import WorkPool
@@ -80,9 +81,11 @@ def _parse_at(request: web.Request) -> datetime | None:
         return None
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError("invalid_parameter", "at must be an ISO 8601 time", details={"parameter": "at"}) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+        # In UTC here, where it can still fail: 0001-01-01T00:00+23:59 lies before year 1.
+        return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ApiError("invalid_parameter", "at must be an ISO 8601 time from year 1 to 9999",
+                       details={"parameter": "at"}) from None
 
 
 def _xml_error(exc: XmlError) -> ApiError:
@@ -119,14 +122,16 @@ async def sign(request: web.Request) -> web.Response:
         raise ApiError("unsupported_media_type", "XML-DSig signs application/xml bodies",
                        details={"accepted": list(XML_TYPES)})
     pool = request.app[keys.POOL]
-    # Refused before the body is read under overload; counted as open until answered.
+    # Refused before the body is read under overload; counted as open once the body is in, so a
+    # client that uploads slowly does not hold a place in the queue while it does.
+    pool.admission.check()
+    body = await read_body(request)
     with pool.admission.request():
-        return await _sign_admitted(request, pool, client, label, fmt, media)
+        return await _sign_admitted(request, pool, client, label, fmt, media, body)
 
 
 async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, label: str, fmt: str,
-                         media: str) -> web.Response:
-    body = await request.read()
+                         media: str, body: bytes) -> web.Response:
     if not body:
         raise ApiError("bad_request", "the body is empty")
     signer = _signer(request, label)
@@ -176,33 +181,19 @@ async def verify_document(request: web.Request) -> web.Response:
         raise ApiError("trust_unavailable", "no trust bundle is configured", status=503,
                        retry_after_s=request.app[keys.SETTINGS].server.retry_after_s)
     pool = request.app[keys.POOL]
-    with pool.admission.request():
-        if request.content_type.lower() == "multipart/form-data":
-            parts = await _read_parts(request)
-            if "signature" not in parts or "content" not in parts:
-                raise ApiError("missing_parameter", "multipart body needs 'signature' and 'content' parts",
-                               details={"parts": sorted(parts)})
+    pool.admission.check()  # as for signing: refused before the body is read, counted after
+    if request.content_type.lower() == "multipart/form-data":
+        parts = await read_parts(request)
+        if "signature" not in parts or "content" not in parts:
+            raise ApiError("missing_parameter", "multipart body needs 'signature' and 'content' parts",
+                           details={"parts": sorted(parts)})
+        with pool.admission.request():
             report = await pool.run(_verify_cms, parts["signature"], parts["content"], trust, at)
-        else:
-            body = await request.read()
+    else:
+        body = await read_body(request)
+        with pool.admission.request():
             report = await pool.run(_verify_xml, body, trust, at)
     return _report_response(report)
-
-
-async def _read_parts(request: web.Request) -> dict[str, bytes]:
-    limit = request.app[keys.SETTINGS].server.max_body_bytes
-    reader = await request.multipart()
-    parts: dict[str, bytes] = {}
-    total = 0
-    async for part in reader:
-        if part.name is None:
-            continue
-        data = await part.read(decode=True)
-        total += len(data)
-        if total > limit:
-            raise ApiError("body_too_large", details={"limit": limit})
-        parts[part.name] = bytes(data)
-    return parts
 
 
 async def get_document(request: web.Request) -> web.Response:
@@ -235,7 +226,7 @@ ROUTES: list[Route] = [
                            "headers": ("X-Document-Id",)}},
           errors=("missing_parameter", "invalid_parameter", "key_not_allowed", "key_not_found",
                   "malformed_xml", "xml_dtd_forbidden", "xml_too_deep", "xml_too_large",
-                  "duplicate_document", "queue_full", "queue_deadline", "hsm_unavailable",
+                  "duplicate_document", "request_timeout", "queue_full", "queue_deadline", "hsm_unavailable",
                   "database_unavailable"),
           tags=("documents",), admitted=True),
     Route("POST", "/v1/verify", "verify", verify_document,
@@ -246,7 +237,8 @@ ROUTES: list[Route] = [
           params=(Param("at", "query", "judge the certificate at this ISO 8601 time"),),
           responses={200: {"description": "verification report (valid)", "schema": {"$ref": "#/components/schemas/VerificationReport"}}},
           errors=("signature_invalid", "certificate_untrusted", "certificate_expired", "certificate_revoked",
-                  "malformed_xml", "signature_missing", "missing_parameter", "queue_full", "queue_deadline"),
+                  "malformed_xml", "signature_missing", "missing_parameter", "invalid_parameter", "bad_request",
+                  "request_timeout", "queue_full", "queue_deadline"),
           tags=("documents",), admitted=True),
     Route("GET", "/v1/documents/{id}", "get_document", get_document,
           "The archived signed document, byte for byte. Only for the client that signed it (404 for others).",

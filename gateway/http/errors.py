@@ -26,6 +26,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such resource"),
     "key_not_found": (404, "no such key on the HSM"),
     "method_not_allowed": (405, "method not allowed"),
+    "request_timeout": (408, "the request body did not arrive in time"),
     "duplicate_document": (409, "this document was already accepted"),
     "body_too_large": (413, "the request body is too large"),
     "unsupported_media_type": (415, "unsupported content type"),

@@ -19,6 +19,7 @@ from gateway.clients import parse_token_id
 from gateway.http import keys
 from gateway.http.admission import Overloaded
 from gateway.http.auth import refusal_event
+from gateway.http.bodies import PAYLOAD_ERRORS
 from gateway.http.errors import ERROR_CODES, ApiError
 from gateway.http.logs import request_id_var
 from gateway.http.pool import queued_s_var
@@ -81,6 +82,8 @@ def as_api_error(exc: BaseException, request: web.Request) -> ApiError:
     if isinstance(exc, StorageError):
         return ApiError(exc.code, exc.message, status=409 if exc.code.startswith("duplicate") else 400,
                         details={k: v for k, v in exc.details.items() if v is not None})
+    if isinstance(exc, PAYLOAD_ERRORS):  # a broken chunked or compressed body
+        return ApiError("bad_request", f"the body cannot be decoded: {exc}")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError("body_too_large", details={"limit": request.app[keys.SETTINGS].server.max_body_bytes})
     if isinstance(exc, web.HTTPException):
@@ -129,7 +132,16 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
             if err.status == 429:
                 metrics.rejected.labels(err.code).inc()
             resp = error_response(err)
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                resp.headers["Allow"] = exc.headers["Allow"]  # RFC 9110 §15.5.6: a 405 names them
         resp.headers[REQUEST_ID_HEADER] = rid
+        if error_code == "request_timeout":
+            # The rest of the body is not coming: answer and close, instead of aiohttp's default
+            # of lingering up to 10 s to read what the client still sends.
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
         return resp
     finally:
         elapsed = time.perf_counter() - started
@@ -204,6 +216,10 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise await _refuse(request, "auth.refused", "anonymous", "missing_token")
+        if not (token.isascii() and token.isprintable()):
+            # Our tokens are printable ASCII; other bytes cannot be one (and cannot be hashed as
+            # text: aiohttp hands undecodable header bytes over as surrogates).
+            raise await _refuse(request, "auth.refused", "anonymous", "invalid_token", token_id=None)
         client = await request.app[keys.CLIENTS].client(token)
         if client is None:
             # Only the token's public id goes into the audit trail, never the presented secret.
