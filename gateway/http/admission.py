@@ -10,8 +10,10 @@ queue in front of them, bounded here. A request is judged once, on arrival:
   next job without any round trip through the event loop, so a busy loop never starves the HSM.
 
 The bound counts a request from admission until its response is ready (`Admission.request`), not
-only while its job is at the pool: body reads, the trip back through the loop and the archive
-commit take time too, and under overload they would otherwise pile up unbounded behind the pool.
+only while its job is at the pool: the trip back through the loop and the archive commit take time
+too, and under overload they would otherwise pile up unbounded behind the pool. Handlers check
+(`Admission.check`) before reading the body and are admitted once it is in: the body read is the
+one step whose length the client decides, so a slow upload must not hold a place in the queue.
 
 A job still waiting when its deadline passes is withdrawn (429 `queue_deadline`); one that has
 started runs to the end. Refusing early keeps the latency of admitted requests bounded instead
@@ -61,8 +63,8 @@ class Admission:
         self.deadline_s = deadline_s
         self.retry_after_s = retry_after_s
         self.in_flight = 0  # admitted jobs not finished: running or waiting at the pool
-        # Admitted requests not yet answered: besides their job, they read bodies, wait for the
-        # loop and for their commit. Bounding them bounds the latency of admitted requests even
+        # Admitted requests not yet answered: besides their job, they wait for the loop and for
+        # their commit. Bounding them bounds the latency of admitted requests even
         # when the time goes outside the pool (Little's law: latency = open / throughput).
         self.open_requests = 0
         self.service_s = 0.0  # moving average of one job's run time on a worker
