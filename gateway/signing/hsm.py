@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import hmac
 import os
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pkcs11
@@ -252,6 +254,22 @@ class _Connection:
     has_ecdsa_sha256: bool
 
 
+@contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive lock between processes (none without a path, or where it cannot be made)."""
+    fd = None
+    if path is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 class Hsm:
     """One PKCS#11 token for the whole process, safe to use from many threads at once."""
 
@@ -279,6 +297,9 @@ class Hsm:
         # label -> (certificate, when read): re-read after CERT_CACHE_SECONDS, so a certificate
         # renewed by another process (`gateway keys import-cert`) is used without a restart.
         self._certs: dict[str, tuple[x509.Certificate | None, float]] = {}
+        # Held while a key is generated, so that processes of one home never both pass the
+        # "label free" check (set by `open`: a file in the home).
+        self.lock_path: Path | None = None
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -287,6 +308,7 @@ class Hsm:
         point_environment_at(settings)
         hsm = cls(settings.hsm.module, settings.hsm.token_label, settings.hsm.user_pin,
                   sessions=settings.hsm.sessions if sessions is None else sessions)
+        hsm.lock_path = settings.home / ".keys.lock"
         with hsm._lock:
             hsm._connect_locked()
         return hsm
@@ -615,7 +637,10 @@ class Hsm:
                 params.generate_keypair(label=label, id=key_id, store=True, capabilities=usage,
                                         public_template=public, private_template=private)
 
-        self._admin(op)
+        # Two commands on one home: one generates, the other finds the label taken. (Processes on
+        # other hosts sharing a network HSM are not covered: enrolment there is one operator's.)
+        with _file_lock(self.lock_path):
+            self._admin(op)
         self._pubkeys.pop(label, None)
         self._certs.pop(label, None)
         if self._conn is not None:

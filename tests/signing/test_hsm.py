@@ -422,6 +422,43 @@ def test_concurrent_token_set_up_makes_one_token(tmp_path: Path) -> None:
     assert _token_labels(settings.softhsm_conf).count(settings.hsm.token_label) == 1
 
 
+GENERATE_AT = textwrap.dedent('''
+    import sys, time
+    from gateway.config import load_settings
+    from gateway.signing.errors import KeyExists
+    from gateway.signing.hsm import Hsm
+    hsm = Hsm.open(load_settings(sys.argv[1]))
+    hsm.list_keys()  # connected and logged in before the start line
+    start = float(sys.argv[3])
+    while time.time() < start:
+        time.sleep(0.0005)
+    try:
+        hsm.generate_keypair(sys.argv[2], "p256")
+        print("generated")
+    except KeyExists:
+        print("key_exists")
+''')
+
+
+def test_two_processes_generating_one_label_at_once_make_one_key(softhsm_settings: Settings, hsm: Hsm) -> None:
+    """Both passed the "label free" check before either generated, so the label ended up with two
+    key pairs and was unusable. The home's key lock makes one generate and the other refused."""
+    import time
+
+    for attempt in range(3):
+        label = f"race-{os.getpid()}-{attempt}"
+        start = str(time.time() + 2.0)
+        procs = [subprocess.Popen([sys.executable, "-c", GENERATE_AT, str(softhsm_settings.home), label, start],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "SOFTHSM2_CONF": str(softhsm_settings.softhsm_conf)})
+                 for _ in range(2)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        assert sorted(out.strip() for out, _ in outputs) == ["generated", "key_exists"]
+        assert [k.label for k in hsm.list_keys()].count(label) == 1
+        hsm.signer(label).sign(b"usable")
+
+
 async def test_async_signer_workers_can_run_below_the_loops_priority(hsm: Hsm, rsa_key: str) -> None:
     """`[hsm] worker_nice`: the workers (and the signing they do on their own CPU time) yield the
     cores to the event loop when both want them; the loop's own thread keeps its priority."""
