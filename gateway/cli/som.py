@@ -83,8 +83,11 @@ def _config(ctx: Context, path: str | None) -> Any:
                 data = tomllib.load(fh)
             return SomConfig.from_dict(data.get("som", data))
         return SomConfig.from_dict(ctx.settings.section("som"))
-    except (tomllib.TOMLDecodeError, SomConfigError) as exc:
+    except (tomllib.TOMLDecodeError, SomConfigError, UnicodeDecodeError) as exc:
+        # UnicodeDecodeError: TOML is UTF-8, and the file is not
         _fail("som_config_invalid", f"{path or ctx.settings.config_path}: {exc}")
+    except OSError as exc:
+        _fail("som_config_invalid", f"{path}: cannot be read ({exc.strerror or exc})")
 
 
 # Numeric columns of a scored table that the commands reading one (evaluate, diligence) use; a
@@ -122,7 +125,9 @@ def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
         lf = _scan_table(path)
         if columns is not None:
             names = lf.collect_schema().names()
-            lf = lf.select([c for c in names if c in columns])
+            # At least one column, so that the table keeps the file's lines: a file with none of
+            # `columns` is judged on what it lacks (som_no_labels...), not taken for empty.
+            lf = lf.select([c for c in names if c in columns] or names[:1])
         table = lf.collect()
     except pl.exceptions.NoDataError:
         raise SomInputError("som_empty_input", f"{path}: no lines") from None
@@ -286,22 +291,25 @@ def load_history_command(ctx: Context, file: str, config_path: str | None, quiet
     """Seed the live SOM state from a history file (replaces the home's state)."""
     from gateway.som.incremental import SomState
     from gateway.som.io import read_orders
+    from gateway.som.output import check_output, output_directory, writing
     from gateway.som.peers import peer_reference
 
     config = _config(ctx, config_path)
     started = time.perf_counter()
+    target = state_path(ctx)
     try:
+        check_output(target, file)  # before the work, not after
         # Date order first: a customer's class of trade and state are then those of its
         # earliest line, for the peer reference and the state alike.
         history = read_orders(file).sort("date", maintain_order=True)
         state = SomState(config, peer_reference(history))
         # Each customer's lines in time order, same-day lines in file order (as update takes them).
         state.extend(history)
+        # All or nothing: the previous state stays when the new one cannot be written.
+        with output_directory(target), writing(target, "cannot write the state: "):
+            state.save(target)
     except Exception as exc:  # noqa: BLE001
         _guard(exc)
-    target = state_path(ctx)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    state.save(target)
     if quiet:
         return
     click.echo(f"{history.height:,} lines, {len(state.customers):,} customers, "

@@ -7,7 +7,9 @@ value divided by its threshold) reaches 1; the score is the largest severity.
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,26 @@ class SomConfigError(ValueError):
     """A configuration value is unknown or out of range."""
 
     code = "som_config_invalid"
+
+
+def _setting(name: str, value: Any, whole: bool) -> int | float:
+    """A setting's value as a number (text such as "2.5" too): finite, and for a whole-number
+    setting whole (2.5 would otherwise be cut to 2 without a word)."""
+    if isinstance(value, bool):  # int(True) is 1
+        raise SomConfigError(f"{name}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise SomConfigError(f"{name}: must be a finite number, got {value!r}") from None
+    except (TypeError, ValueError):
+        raise SomConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SomConfigError(f"{name}: must be a finite number, got {value!r}")
+    if not whole:
+        return number
+    if not number.is_integer():
+        raise SomConfigError(f"{name}: must be a whole number, got {value!r}")
+    return value if isinstance(value, int) else int(number)
 
 
 @dataclass(frozen=True)
@@ -69,26 +91,29 @@ class SomConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SomConfigError(f"{f.name}: expected a number, got {value!r}")
+            if not math.isfinite(value):  # NaN never compares, inf never flags: no threshold
+                raise SomConfigError(f"{f.name}: must be a finite number, got {value!r}")
             if value < 0:
                 raise SomConfigError(f"{f.name}: must not be negative, got {value!r}")
+            if isinstance(getattr(type(self), f.name), int) and value != int(value):
+                raise SomConfigError(f"{f.name}: must be a whole number, got {value!r}")
         if not 1 <= self.recent_intervals <= 30:
             raise SomConfigError("recent_intervals: must be between 1 and 30")
         if not 2 <= self.sustained_orders <= 30:
             raise SomConfigError("sustained_orders: must be between 2 and 30")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SomConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> "SomConfig":
+        """Settings by name (numbers, or numbers written as text); whole-number settings take
+        only whole numbers (2.5 is refused, not cut to 2). SomConfigError for anything else."""
+        if not isinstance(data, Mapping):
+            raise SomConfigError(f"expected a table of SOM settings, got {data!r}")
         known = {f.name: f for f in fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
-            raise SomConfigError(f"unknown SOM settings {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        for name, value in data.items():
-            default = getattr(cls, name)
-            try:
-                values[name] = int(value) if isinstance(default, int) else float(value)
-            except (TypeError, ValueError):
-                raise SomConfigError(f"{name}: expected a number, got {value!r}") from None
+            raise SomConfigError(f"unknown SOM settings {sorted(unknown, key=str)}")
+        values = {name: _setting(name, value, isinstance(getattr(cls, name), int))
+                  for name, value in data.items()}
         return cls(**values)
 
     @classmethod

@@ -43,11 +43,11 @@ _ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}([T ].*)?")
 
 def _controlled(value: Any) -> bool:
     """A line's `controlled` as read_orders reads the column (io.flag_values): absent is True;
-    "false" or "N" is False (bool("false") would be True)."""
+    "false" or "N" is False (bool("false") would be True); 1/0 and 1.0/0.0 are True/False."""
     if value is None or isinstance(value, (bool, np.bool_)):
         return True if value is None else bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
+    if isinstance(value, (int, np.integer, float, np.floating)) and value in (0, 1):
+        return bool(value)  # 1.0 / 0.0 too, as a spreadsheet or pandas writes a flag
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
     raise SomStateError("som_invalid_line", f"controlled {value!r} is not true/false")
@@ -99,12 +99,15 @@ class SomState:
         """Add one line (a mapping with the native columns: customer, family, date, dosage_units;
         optionally customer_type, state, controlled) and return its score."""
         try:
-            customer = str(order["customer"])
-            family = str(order["family"])
+            customer = order["customer"]
+            family = order["family"]
             date = order["date"]
             units = float(order["dosage_units"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SomStateError("som_invalid_line", f"line without a usable {exc}") from None
+        if customer is None or family is None:  # as read_orders refuses a null: not "None"
+            raise SomStateError("som_missing_value", "a line without a customer or a family")
+        customer, family = str(customer), str(family)
         if isinstance(date, str):  # YYYY-MM-DD, as read_orders takes text dates (io.parse_dates)
             try:
                 text = date.strip()
@@ -166,8 +169,9 @@ class SomState:
         """Add the lines of a table without scoring them (seeding the live state from a history):
         the state `update_many` would leave, a thousand times faster. Each customer's lines are
         taken in (date, table) order, as the batch scorer takes them; a new customer's class of
-        trade and state are those of its first line in the table. A customer the state knows
-        must have no line dated before its last one, else nothing is added (som_out_of_order)."""
+        trade and state are those of its earliest line (as `update` takes them). A customer the
+        state knows must have no line dated before its last one, else nothing is added
+        (som_out_of_order)."""
         df = read_orders(df)
         if not df.height:
             return

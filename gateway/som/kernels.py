@@ -843,12 +843,37 @@ def sort_days(start, c_lo, c_hi, perm, s_f, s_day, s_u, s_ctl, s_lu):
         s_lu[a:b] = s_lu[order]
 
 
+# Peer sums in fixed point: each log1p term (and its square) is rounded to a multiple of
+# 2**-PEER_FRAC_BITS and added as an integer, so a sum is exact and the same whatever the order of
+# its terms: one process, threads, or partitions merged afterwards give the same bits. The
+# rounding (< 5e-13 a term) is far below any threshold's precision.
+PEER_FRAC_BITS = 40
+PEER_SCALE = float(1 << PEER_FRAC_BITS)
+PEER_FRAC_MASK = (1 << PEER_FRAC_BITS) - 1
+# peer_sums' accumulator: customers, lines, months (counts), then the four sums (log1p of line
+# units and its square, log1p of monthly units and its square) as their fractions (units of
+# 2**-PEER_FRAC_BITS, each below 2**PEER_FRAC_BITS when returned) and whole parts.
+PS_CUSTOMERS, PS_LINES, PS_MONTHS, PS_FRAC, PS_WHOLE = 0, 1, 2, 3, 7
+PS_SIZE = 11
+_PS_CARRY = 1 << 62  # a fraction is carried into the whole part before it could overflow
+
+
+@njit(cache=True, error_model="numpy", _nrt=False, forceinline=True)
+def _add_fixed(acc, ts, f, k, x):
+    """Add x (>= 0, at most about 5e5: log1p of a float, squared) to sum k of acc[ts, f]."""
+    i = PS_FRAC + k
+    acc[ts, f, i] += np.int64(math.floor(x * PEER_SCALE + 0.5))
+    if acc[ts, f, i] >= _PS_CARRY:
+        acc[ts, f, PS_WHOLE + k] += acc[ts, f, i] >> PEER_FRAC_BITS
+        acc[ts, f, i] &= PEER_FRAC_MASK
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def peer_sums(s_c, s_f, s_day, s_u, s_lu, lo, hi, nfam, cust_ts, nts, table):
     """First pass over sorted lines lo..hi (whole customers): per (class-of-trade/state cell,
     family) sums for the peer reference table: customers, lines, sum and sum of squares of
-    log1p(line units) and of log1p(monthly units)."""
-    acc = np.zeros((nts, nfam, 7))  # customers, lines, s, s2, months, ms, ms2
+    log1p(line units) and of log1p(monthly units), as int64 (layout PS_*: exact fixed point)."""
+    acc = np.zeros((nts, nfam, PS_SIZE), np.int64)
     cur_month = np.full(nfam, -1, np.int64)
     cur_tot = np.zeros(nfam)
     touched = np.empty(nfam, np.int64)
@@ -864,9 +889,9 @@ def peer_sums(s_c, s_f, s_day, s_u, s_lu, lo, hi, nfam, cust_ts, nts, table):
             for t in range(ntouched):
                 f = touched[t]
                 lm = _log1p(cur_tot[f], table)
-                acc[ts, f, 4] += 1.0
-                acc[ts, f, 5] += lm
-                acc[ts, f, 6] += lm * lm
+                acc[ts, f, PS_MONTHS] += 1
+                _add_fixed(acc, ts, f, 2, lm)
+                _add_fixed(acc, ts, f, 3, lm * lm)
                 cur_month[f] = -1
                 cur_tot[f] = 0.0
             ntouched = 0
@@ -884,19 +909,24 @@ def peer_sums(s_c, s_f, s_day, s_u, s_lu, lo, hi, nfam, cust_ts, nts, table):
         if cur_month[f] < 0:
             touched[ntouched] = f
             ntouched += 1
-            acc[ts, f, 0] += 1.0
+            acc[ts, f, PS_CUSTOMERS] += 1
         elif cur_month[f] != m:
             lm = _log1p(cur_tot[f], table)
-            acc[ts, f, 4] += 1.0
-            acc[ts, f, 5] += lm
-            acc[ts, f, 6] += lm * lm
+            acc[ts, f, PS_MONTHS] += 1
+            _add_fixed(acc, ts, f, 2, lm)
+            _add_fixed(acc, ts, f, 3, lm * lm)
             cur_tot[f] = 0.0
         cur_month[f] = m
         cur_tot[f] += u
         lu = s_lu[k]
-        acc[ts, f, 1] += 1.0
-        acc[ts, f, 2] += lu
-        acc[ts, f, 3] += lu * lu
+        acc[ts, f, PS_LINES] += 1
+        _add_fixed(acc, ts, f, 0, lu)
+        _add_fixed(acc, ts, f, 1, lu * lu)
+    for ts in range(nts):  # fractions below 2**PEER_FRAC_BITS: parts add without overflow
+        for f in range(nfam):
+            for j in range(4):
+                acc[ts, f, PS_WHOLE + j] += acc[ts, f, PS_FRAC + j] >> PEER_FRAC_BITS
+                acc[ts, f, PS_FRAC + j] &= PEER_FRAC_MASK
     return acc
 
 

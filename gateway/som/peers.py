@@ -23,6 +23,12 @@ from gateway.som import kernels
 ALL = "*"
 SUM_COLUMNS = ("customers", "cell_customers", "lines", "line_log_sum", "line_log_sumsq", "months",
                "month_log_sum", "month_log_sumsq")
+COUNT_COLUMNS = ("customers", "cell_customers", "lines", "months")
+# The four sums of logs, also kept exact (kernels.peer_sums' fixed point) as a whole part and a
+# fraction in units of 2**-kernels.PEER_FRAC_BITS: merging and the coarser levels add these, so
+# the result does not depend on the order of the terms (nor on how customers were partitioned).
+LOG_SUMS = ("line_log_sum", "line_log_sumsq", "month_log_sum", "month_log_sumsq")
+EXACT_COLUMNS = tuple(f"{c}_{part}" for c in LOG_SUMS for part in ("whole", "frac"))
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,9 @@ def log1p_table() -> np.ndarray:
     return kernels.log1p_table(kernels.LOG1P_TABLE)
 
 
-# Sorted lines are cut into this many runs of whole customers, whatever the number of threads:
-# the peer sums are added run by run, so a fixed cut gives the same bits on every machine (and
-# 16 runs on a few threads let one slowed down by another process leave the rest to the others).
+# Sorted lines are cut into this many runs of whole customers, whatever the number of threads
+# (16 runs on a few threads let one slowed down by another process leave the rest to the others).
+# The peer sums of the runs are exact (kernels.peer_sums), so the cut does not change their bits.
 CHUNKS = 16
 
 
@@ -158,8 +164,11 @@ def prepare(df: pl.DataFrame) -> Prepared:
         controlled = df["controlled"].fill_null(True).to_numpy()
     else:
         controlled = np.ones(n, np.bool_)
-    # Class of trade and state are the customer's: take them from its first line.
-    idx = pl.Series(cfirst)
+    perm, start, sorted_ = _order(ccode, len(cfirst), fcode, day, units, controlled)
+    # Class of trade and state are the customer's: those of its earliest line (same-day lines in
+    # input order), as SomState.update sees a customer first. Its first line in the file would
+    # make the peer cell, so the scores, depend on the order of the rows.
+    idx = pl.Series(perm[start[:-1]])
     ctype = (df["customer_type"].gather(idx).cast(pl.String).fill_null("")
              if "customer_type" in df.columns else pl.Series([""] * len(cfirst)))
     cstate = (df["state"].gather(idx).cast(pl.String).fill_null("")
@@ -167,7 +176,6 @@ def prepare(df: pl.DataFrame) -> Prepared:
     cell_keys = ctype.hash(seed=0).to_numpy() * np.uint64(1000003) ^ cstate.hash(seed=1).to_numpy()
     cust_ts, tfirst = kernels.dense_codes(cell_keys)
     cells = list(zip(ctype.gather(tfirst).to_list(), cstate.gather(tfirst).to_list()))
-    perm, start, sorted_ = _order(ccode, len(cfirst), fcode, day, units, controlled)
     return Prepared(n, ccode, len(cfirst), fcode, families, day, units, controlled,
                     cust_ts.astype(np.int64), cells, perm, sorted_, _chunks(start, n, CHUNKS))
 
@@ -197,22 +205,25 @@ def peer_reference_prepared(p: Prepared) -> pl.DataFrame:
     parts = run_threads(kernels.peer_sums, [(s_c, s_f, s_day, s_u, s_lu, lo, hi, max(nfam, 1),
                                              p.cust_ts, max(nts, 1), log1p_table())
                                             for lo, hi in p.chunks])
-    acc = np.sum(parts, axis=0) if len(parts) > 1 else parts[0]
+    acc = np.sum(parts, axis=0) if len(parts) > 1 else parts[0]  # integers: any order, same sum
     cell_customers = np.bincount(p.cust_ts, minlength=nts).astype(np.float64)
-    ts_idx, f_idx = np.nonzero(acc[:, :, 0] > 0)
-    cell = pl.DataFrame({
+    ts_idx, f_idx = np.nonzero(acc[:, :, kernels.PS_CUSTOMERS] > 0)
+    sums = acc[ts_idx, f_idx]
+    columns = {
         "customer_type": [p.cells[t][0] for t in ts_idx],
         "state": [p.cells[t][1] for t in ts_idx],
         "family": [p.families[f] for f in f_idx],
-        "customers": acc[ts_idx, f_idx, 0],
+        "customers": sums[:, kernels.PS_CUSTOMERS].astype(np.float64),
         "cell_customers": cell_customers[ts_idx],
-        "lines": acc[ts_idx, f_idx, 1],
-        "line_log_sum": acc[ts_idx, f_idx, 2],
-        "line_log_sumsq": acc[ts_idx, f_idx, 3],
-        "months": acc[ts_idx, f_idx, 4],
-        "month_log_sum": acc[ts_idx, f_idx, 5],
-        "month_log_sumsq": acc[ts_idx, f_idx, 6],
-    }, schema_overrides={"customer_type": pl.String, "state": pl.String, "family": pl.String})
+        "lines": sums[:, kernels.PS_LINES].astype(np.float64),
+        "months": sums[:, kernels.PS_MONTHS].astype(np.float64),
+    }
+    for k, name in enumerate(LOG_SUMS):
+        columns[f"{name}_whole"] = sums[:, kernels.PS_WHOLE + k]
+        columns[f"{name}_frac"] = sums[:, kernels.PS_FRAC + k]
+    cell = pl.DataFrame(columns, schema_overrides={
+        "customer_type": pl.String, "state": pl.String, "family": pl.String,
+        **{c: pl.Int64 for c in EXACT_COLUMNS}})
     return _levels(cell)
 
 
@@ -232,28 +243,54 @@ def sum_by(frame: pl.DataFrame, keys: list[str], columns: list[str]) -> pl.DataF
         return frame.select(*keys, *columns)
     starts = run_starts(frame.select(pl.struct(keys).rle_id()).to_series().to_numpy())
     return frame.select(keys)[starts].with_columns(
-        pl.Series(c, np.add.reduceat(frame[c].cast(pl.Float64).to_numpy(), starts))
+        pl.Series(c, np.add.reduceat(frame[c].to_numpy() if frame[c].dtype == pl.Int64
+                                     else frame[c].cast(pl.Float64).to_numpy(), starts))
         for c in columns)
 
 
+def _carry(frame: pl.DataFrame) -> pl.DataFrame:
+    """Exact sums with each fraction back below 2**PEER_FRAC_BITS (the excess in the whole part),
+    and the float sums they make: whole + fraction is rounded once, so equal exact sums give
+    equal floats."""
+    one = 1 << kernels.PEER_FRAC_BITS
+    frame = frame.with_columns(
+        e for c in LOG_SUMS for e in (
+            (pl.col(f"{c}_whole") + pl.col(f"{c}_frac") // one).alias(f"{c}_whole"),
+            (pl.col(f"{c}_frac") % one).alias(f"{c}_frac")))
+    return frame.with_columns(
+        (pl.col(f"{c}_whole").cast(pl.Float64)
+         + pl.col(f"{c}_frac").cast(pl.Float64) / kernels.PEER_SCALE).alias(c) for c in LOG_SUMS)
+
+
+def exact_from_float(frame: pl.DataFrame) -> pl.DataFrame:
+    """EXACT_COLUMNS for float sums of logs (>= 0) computed some other way (reference.py): each
+    rounded to the nearest multiple of 2**-PEER_FRAC_BITS."""
+    return frame.with_columns(
+        e for c in LOG_SUMS for e in (
+            pl.col(c).floor().cast(pl.Int64).alias(f"{c}_whole"),
+            ((pl.col(c) - pl.col(c).floor()) * kernels.PEER_SCALE).round().cast(pl.Int64)
+            .alias(f"{c}_frac")))
+
+
 def _levels(cell: pl.DataFrame) -> pl.DataFrame:
-    """The three levels from the (class of trade, state, family) sums."""
-    cell = cell.select("customer_type", "state", "family", *SUM_COLUMNS)
+    """The three levels from the (class of trade, state, family) counts and exact sums."""
+    cell = _carry(cell.select("customer_type", "state", "family", *COUNT_COLUMNS, *EXACT_COLUMNS))
     cells = cell.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
     by_type = sum_by(cells, ["customer_type"], ["cell_customers"])
     everyone = float(cells["cell_customers"].sum()) if cells.height else 0.0  # whole numbers
-    summed = [c for c in SUM_COLUMNS if c != "cell_customers"]
-    t = (sum_by(cell, ["customer_type", "family"], summed)
-         .join(by_type, on="customer_type").with_columns(pl.lit(ALL).alias("state")))
-    f = (sum_by(cell, ["family"], summed)
-         .with_columns(pl.lit(ALL).alias("customer_type"), pl.lit(ALL).alias("state"),
-                       pl.lit(everyone).alias("cell_customers")))
-    cols = ["customer_type", "state", "family", *SUM_COLUMNS]
+    summed = [c for c in COUNT_COLUMNS if c != "cell_customers"] + list(EXACT_COLUMNS)
+    t = _carry(sum_by(cell, ["customer_type", "family"], summed)
+               .join(by_type, on="customer_type").with_columns(pl.lit(ALL).alias("state")))
+    f = _carry(sum_by(cell, ["family"], summed)
+               .with_columns(pl.lit(ALL).alias("customer_type"), pl.lit(ALL).alias("state"),
+                             pl.lit(everyone).alias("cell_customers")))
+    cols = ["customer_type", "state", "family", *SUM_COLUMNS, *EXACT_COLUMNS]
     out = pl.concat([
         cell.select(cols).with_columns(pl.lit("type_state").alias("level")),
         t.select(cols).with_columns(pl.lit("type").alias("level")),
         f.select(cols).with_columns(pl.lit("family").alias("level")),
-    ]).with_columns(pl.col(c).cast(pl.Float64) for c in SUM_COLUMNS)
+    ]).with_columns(*(pl.col(c).cast(pl.Float64) for c in SUM_COLUMNS),
+                    *(pl.col(c).cast(pl.Int64) for c in EXACT_COLUMNS))
     return _finish(out)
 
 
@@ -265,7 +302,8 @@ def merge_peer_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
     family. So each table's cells are first given a row for every family (zero sums, the
     table's cell count); rows nobody orders are dropped after the merge.
     """
-    keep = ["customer_type", "state", "family", *SUM_COLUMNS]
+    summed = [*COUNT_COLUMNS, *EXACT_COLUMNS]  # exact: the merge adds in any order alike
+    keep = ["customer_type", "state", "family", *summed]
     cells = [t.filter(pl.col("level") == "type_state").select(keep) for t in tables]
     families = pl.concat([c.select("family") for c in cells]).unique()
     padded = []
@@ -273,9 +311,9 @@ def merge_peer_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
         counts = c.group_by("customer_type", "state").agg(pl.col("cell_customers").first())
         grid = counts.join(families, how="cross").join(
             c.select("customer_type", "state", "family"), on=["customer_type", "state", "family"], how="anti")
-        zeros = grid.with_columns(*[pl.lit(0.0).alias(k) for k in SUM_COLUMNS if k != "cell_customers"])
+        zeros = grid.with_columns(*[pl.lit(0).alias(k) for k in summed if k != "cell_customers"])
         padded.append(pl.concat([c, zeros.select(c.columns).cast(c.schema)], how="vertical"))
-    cell = sum_by(pl.concat(padded), ["customer_type", "state", "family"], list(SUM_COLUMNS))
+    cell = sum_by(pl.concat(padded), ["customer_type", "state", "family"], summed)
     return _levels(cell).filter(pl.col("customers") > 0)
 
 
@@ -283,7 +321,8 @@ def peer_reference(df: pl.DataFrame) -> pl.DataFrame:
     """Peer statistics per (customer_type, state, family) and the two coarser levels: customers,
     lines, line_log_mean/sd (log1p of line units), month_log_mean/sd (log1p of a customer's
     monthly units in the family), share (fraction of the cell's customers ordering the family),
-    typical_line, typical_month, and the raw sums (so that references of partitions merge)."""
+    typical_line, typical_month, and the raw sums, also exact (EXACT_COLUMNS: so that
+    references of partitions merge into the very reference of the whole)."""
     from gateway.som.io import read_orders
 
     return peer_reference_prepared(prepare(read_orders(df)))

@@ -12,7 +12,7 @@ import polars as pl
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.io import read_orders
-from gateway.som.peers import ALL, SUM_COLUMNS, _levels
+from gateway.som.peers import ALL, SUM_COLUMNS, _levels, exact_from_float
 
 GROUP = ["customer", "family"]
 _NAN = float("nan")
@@ -33,10 +33,11 @@ def _lines(df: pl.DataFrame) -> pl.DataFrame:
     lines = df.select(cols).with_row_index("_row").with_columns(
         pl.col("date").cast(pl.Int32).alias("day"), _month(pl.col("date")).alias("m"),
         pl.col("u").log1p().alias("lu"))
-    # Class of trade and state of a customer: those of its first line in the input.
-    lines = lines.with_columns(pl.col("customer_type").first().over("customer"),
-                               pl.col("state").first().over("customer"))
-    return lines.sort("customer", "day", "_row")
+    # Class of trade and state of a customer: those of its earliest line (same-day lines in
+    # input order).
+    lines = lines.sort("customer", "day", "_row")
+    return lines.with_columns(pl.col("customer_type").first().over("customer"),
+                              pl.col("state").first().over("customer"))
 
 
 def peer_reference_polars(df: pl.DataFrame) -> pl.DataFrame:
@@ -54,7 +55,7 @@ def peer_reference_polars(df: pl.DataFrame) -> pl.DataFrame:
     cells = lines.group_by(cell).agg(pl.col("customer").n_unique().alias("cell_customers"))
     c = line_stats.join(month_stats, on=[*cell, "family"]).join(cells, on=cell)
 
-    return _levels(c.with_columns(pl.col(x).cast(pl.Float64) for x in SUM_COLUMNS))
+    return _levels(exact_from_float(c.with_columns(pl.col(x).cast(pl.Float64) for x in SUM_COLUMNS)))
 
 
 def _trailing(monthly: pl.DataFrame, keys: list[str], targets: pl.DataFrame, cols: list[str],

@@ -86,6 +86,27 @@ def messy_history(customers: int = 150, days: int = 500, seed: int = 0) -> pl.Da
     return df[order]
 
 
+def movers(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` with customers whose cell changes halfway through the history: every third moves to
+    another state, the next in every three changes class of trade (rows stay where they are)."""
+    cut = df["date"].min() + (df["date"].max() - df["date"].min()) / 2
+    number = pl.col("customer").str.slice(1).cast(pl.Int64)
+    later = pl.col("date") >= cut
+    return df.with_columns(
+        pl.when(later & (number % 3 == 0)).then(pl.lit("PA")).otherwise("state").alias("state"),
+        pl.when(later & (number % 3 == 1)).then(pl.lit("HOSP/CLINIC")).otherwise("customer_type")
+        .alias("customer_type"))
+
+
+def same_day_kept(rows: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """The rows (with a `_row` column) in a random order, except that each customer's lines of
+    one day keep their relative order (the one order scoring depends on)."""
+    shuffled = rows.sample(fraction=1.0, shuffle=True, seed=seed).with_row_index("_pos")
+    slots = shuffled.select("customer", "date", "_pos").sort("customer", "date", "_pos")
+    return (rows.sort("customer", "date", "_row").with_columns(slots["_pos"]).sort("_pos")
+            .drop("_pos"))
+
+
 @pytest.fixture(scope="session")
 def messy() -> pl.DataFrame:
     return messy_history()

@@ -440,3 +440,74 @@ def test_a_csv_comes_back_cell_for_cell_and_its_outputs_read_back(tmp_path, hist
         result = _som(home, "diligence", str(out), "--order", hit["order_id"], "--line",
                       str(int(hit["line"])), "--out", str(page))
         assert result.exit_code == 0, result.output
+
+
+# --config files that are not thresholds ----------------------------------------------------------
+
+BAD_CONFIGS = {
+    "not_a_table.toml": b"som = 5\n",
+    "a_list.toml": b"som = [1, 2]\n",
+    "infinite.toml": b"[som]\nsize_ratio = inf\n",
+    "nan.toml": b"[som]\npeer_z = nan\n",
+    "infinite_whole.toml": b"[som]\nmin_history_months = inf\n",  # int(inf): OverflowError
+    "fraction.toml": b"[som]\nsustained_orders = 2.5\n",  # was cut to 2 without a word
+    "latin1.toml": "[som]\n# r\u00e9glage\nsize_ratio = 3\n".encode("latin-1"),  # TOML is UTF-8
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+@pytest.mark.parametrize("command", ["score", "load-history"])
+def test_a_bad_config_file_is_a_coded_error(tmp_path, source, name, command) -> None:
+    config = tmp_path / name
+    config.write_bytes(BAD_CONFIGS[name])
+    home = tmp_path / "home"
+    out = tmp_path / "scored.parquet"
+    args = ["--out", str(out), "--quiet"] if command == "score" else ["--quiet"]
+    result = _som(home, command, str(source), "--config", str(config), *args)
+    assert _code(result) == "som_config_invalid", result.stderr
+    assert str(config) in result.stderr
+    assert not out.exists() and not (home / "som").exists()
+
+
+# load-history's state and evaluate's labels -------------------------------------------------------
+
+def test_load_history_into_a_home_it_cannot_write_is_a_coded_error(tmp_path, source) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "som").write_text("x")  # where the state's directory should be
+    result = _som(home, "load-history", str(source), "--quiet")
+    assert _code(result) == "som_output_unwritable"
+    assert (home / "som").read_text() == "x"
+    (home / "som").unlink()
+    (home / "som" / "state.bin").mkdir(parents=True)  # the state file's name taken by a directory
+    assert _code(_som(home, "load-history", str(source), "--quiet")) == "som_output_unwritable"
+    assert list((home / "som" / "state.bin").iterdir()) == []
+
+
+def test_load_history_on_a_full_disk_keeps_the_previous_state(tmp_path, source) -> None:
+    home = tmp_path / "home"
+    state = home / "som" / "state.bin"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"previous")
+    # A first run without the limit, so that Numba's cache of the kernels is written (a compiled
+    # kernel it could not save would fail the run on its own).
+    warm = _gateway("--home", str(tmp_path / "warm"), "som", "load-history", str(source), "--quiet")
+    assert warm.wait(timeout=300) == 0
+    proc = _gateway("--home", str(home), "som", "load-history", str(source), "--quiet",
+                    preexec_fn=_small_disk(16_000))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    error = json.loads(err.strip().splitlines()[-1])["error"]
+    assert error["code"] == "som_output_unwritable" and "cannot write the state" in error["message"]
+    assert state.read_bytes() == b"previous"
+    assert sorted(p.name for p in state.parent.iterdir()) == ["state.bin"]
+
+
+@pytest.mark.parametrize("rules", [[], ["--no-rules"]])
+def test_evaluate_of_a_history_without_labels_says_so(tmp_path, history, rules) -> None:
+    """A file with none of the columns evaluate reads (no label, no score) has lines all the
+    same: it is refused for its missing labels, not as an empty file."""
+    unlabelled = tmp_path / "unlabelled.parquet"
+    history.select("order_id", "line", "ndc").write_parquet(unlabelled)
+    result = _som(tmp_path / "home", "evaluate", str(unlabelled), *rules)
+    assert _code(result) == "som_no_labels", result.stderr

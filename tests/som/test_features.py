@@ -264,6 +264,31 @@ def test_thresholds_are_configuration() -> None:
         SomConfig(size_ratio=-1)
 
 
+def test_config_takes_only_finite_numbers_and_whole_numbers_where_whole() -> None:
+    """NaN never compares and inf never flags: neither is a threshold; a whole-number setting
+    given 2.5 is refused, not cut to 2; anything but a table of settings is refused."""
+    refused = [{"size_ratio": float("inf")}, {"size_ratio": float("nan")}, {"peer_z": "inf"},
+               {"min_history_months": float("inf")},  # int(inf) raised OverflowError
+               {"min_history_months": 10**400},  # beyond any float
+               {"sustained_orders": 2.5}, {"sustained_orders": "3.5"}, {"recent_intervals": True},
+               {"size_ratio": "4x"}, {"size_ratio": None}]
+    for data in refused:
+        with pytest.raises(SomConfigError) as e:
+            SomConfig.from_dict(data)
+        assert e.value.code == "som_config_invalid", data
+    for data in (5, [1, 2], "size_ratio = 2", None):
+        with pytest.raises(SomConfigError):
+            SomConfig.from_dict(data)
+    for changes in ({"size_ratio": float("nan")}, {"monthly_cap": float("inf")},
+                    {"sustained_orders": 2.5}):
+        with pytest.raises(SomConfigError):
+            SomConfig(**changes)
+    cfg = SomConfig.from_dict({"sustained_orders": 4.0, "min_history_months": "6",
+                               "size_ratio": "2.5"})
+    assert (cfg.sustained_orders, cfg.min_history_months, cfg.size_ratio) == (4, 6, 2.5)
+    assert type(cfg.sustained_orders) is int
+
+
 def test_config_from_toml(tmp_path) -> None:
     p = tmp_path / "gateway.toml"
     p.write_text("[som]\nmonthly_cap = 12000\nmin_history_months = 4\n")

@@ -15,7 +15,7 @@ from gateway.som.incremental import SomState, SomStateError
 from gateway.som.peers import peer_reference
 from gateway.som.score import score_orders
 
-from .conftest import lines, messy_history, monthly
+from .conftest import lines, messy_history, monthly, movers
 
 
 def _time_order(df: pl.DataFrame) -> pl.DataFrame:
@@ -142,6 +142,30 @@ def test_extend_leaves_the_state_update_many_leaves(history) -> None:
     assert (a.score, a.flag, a.reasons) == (b.score, b.flag, b.reasons) and a.flag
 
 
+def test_customers_that_change_cell_score_alike_in_batch_bulk_and_line_by_line() -> None:
+    """A customer whose class of trade or state changes takes the cell of its earliest line in
+    every path: batch scoring and the peer reference of the file in any row order, the bulk load
+    (extend) and line-by-line updates."""
+    rows = movers(messy_history(customers=80, days=500, seed=3)).with_row_index("_row")
+    timed = _time_order(rows)
+    peers = peer_reference(rows)
+    assert peers.equals(peer_reference(timed))
+    batch = score_orders(rows, peers=peers).sort("_row")
+    by_update = SomState(peers=peers)
+    got = dict(zip(timed["_row"].to_list(), by_update.update_many(timed)))
+    live = [got[i] for i in range(rows.height)]
+    assert np.allclose([g.score for g in live], batch["score"].to_numpy(), rtol=1e-12, atol=0)
+    assert [g.flag for g in live] == batch["flag"].to_list()
+    assert [g.reasons for g in live] == batch["reasons"].to_list()
+    assert batch["flag"].sum() > 5
+    bulk = SomState(peers=peers)
+    bulk.extend(rows)  # the file's own order
+    _same_state(by_update, bulk)
+    first = timed.group_by("customer", maintain_order=True).first()
+    assert bulk.cells == {c: (t, s) for c, t, s in first.select(
+        "customer", "customer_type", "state").iter_rows()}
+
+
 def test_extend_refuses_lines_before_a_known_customers_last_and_adds_nothing(history) -> None:
     df, peers, _ = history
     cut = df["date"][df.height // 2]
@@ -234,6 +258,48 @@ def test_a_live_line_is_read_as_the_batch_reads_its_columns() -> None:
     # two order days (slots of: day, units, controlled units), neither counted as controlled
     assert [c[K.C_DAYS + k * K.C_DSLOT + 1] for k in (0, 1)] == [10.0, 10.0]
     assert [c[K.C_DAYS + k * K.C_DSLOT + 2] for k in (0, 1)] == [0.0, 0.0]
+
+
+def test_a_live_line_without_customer_or_family_is_refused_as_the_batch_refuses_it() -> None:
+    """None is a missing value (read_orders: som_missing_value), not a customer named "None"."""
+    from gateway.som.io import SomInputError, read_orders
+
+    state = SomState()
+    base = {"customer": "AB1234563", "family": "oxycodone", "date": "2024-03-02",
+            "dosage_units": 10}
+    for key in ("customer", "family"):
+        with pytest.raises(SomStateError) as e:
+            state.update({**base, key: None})
+        assert e.value.code == "som_missing_value"
+        with pytest.raises(SomInputError) as b:
+            read_orders(pl.DataFrame([{**base, key: None}], schema_overrides={key: pl.String}))
+        assert b.value.code == e.value.code
+    assert state.customers == {} and state.groups == {}
+
+
+def test_a_live_controlled_flag_of_1_0_or_0_0_is_read_as_the_batch_reads_it() -> None:
+    """A flag written 1.0/0.0 (a spreadsheet, pandas) is true/false in batch (io.flag_values):
+    the live path takes it alike, and scores the line as the batch does."""
+    rows = [(f"2024-{m:02d}-05", 1.0) for m in range(1, 13)] + [("2025-01-06", 0.0),
+                                                                ("2025-01-07", np.float64(1.0))]
+    table = pl.DataFrame({"customer": "AB1234563", "family": "oxycodone",
+                          "date": [dt.date.fromisoformat(d) for d, _ in rows],
+                          "dosage_units": 100.0, "controlled": [float(c) for _, c in rows]})
+    batch = score_orders(table)
+    state = SomState(peers=peer_reference(table))
+    got = [state.update({"customer": "AB1234563", "family": "oxycodone", "date": d,
+                         "dosage_units": 100.0, "controlled": c}) for d, c in rows]
+    assert [g.score for g in got] == batch["score"].to_list()
+    c = state.customers["AB1234563"]
+    controlled = {c[K.C_DAYS + k * K.C_DSLOT]: c[K.C_DAYS + k * K.C_DSLOT + 2]
+                  for k in range(int(c[K.C_NDAYS]))}
+    day = (dt.date(2025, 1, 6) - dt.date(1970, 1, 1)).days
+    assert (controlled[day], controlled[day + 1]) == (0.0, 100.0)
+    for bad in (0.5, 2.0, float("nan")):
+        with pytest.raises(SomStateError) as e:
+            state.update({"customer": "AB1234563", "family": "oxycodone", "date": "2025-01-08",
+                          "dosage_units": 1.0, "controlled": bad})
+        assert e.value.code == "som_invalid_line"
 
 
 def test_live_dates_are_the_batch_s_dates_and_the_state_file_is_written_whole(tmp_path) -> None:
