@@ -120,7 +120,7 @@ src0 AS (
          {cstate} AS cstate0
   FROM {source}),
 cust AS (
-  SELECT customer, arg_min(ctype0, _row) AS ctype, arg_min(cstate0, _row) AS cstate,
+  SELECT customer, arg_min(ctype0, (day, _row)) AS ctype, arg_min(cstate0, (day, _row)) AS cstate,
          min(day) AS cfirst, min(m) AS cfirst_m
   FROM src0 GROUP BY customer),
 x AS (
