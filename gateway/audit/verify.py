@@ -4,7 +4,7 @@ modification and deletion; the trail is analysed daily).
 `verify_trail` walks the chain from seq 1 and stops at the first problem:
 
 * a record whose stored hash is not SHA-256 over its canonical encoding: it was edited
-  (`hash_mismatch`);
+  (`hash_mismatch`); one whose stored row cannot even be decoded (`record_undecodable`);
 * a gap in seq: a record was deleted (`missing_record`);
 * a record whose prev_hash is not the hash of the record before: records were reordered or a
   record was replaced together with its hash (`chain_broken`);
@@ -12,14 +12,23 @@ modification and deletion; the trail is analysed daily).
   the trail (`checkpoint_mismatch`, `missing_record`);
 * a checkpoint whose signature does not verify with the audit public key
   (`checkpoint_signature_invalid`);
+* an `audit_checkpoint` record whose checkpoint row is gone or says otherwise
+  (`checkpoint_missing`, `checkpoint_mismatch`): deleting the checkpoints that pin a stretch of
+  the trail, then rewriting it, is caught by the records that name them;
+* an archived document whose content no longer has the SHA-256 the audit event of its unit
+  carries, or that is gone (`document_modified`, `document_missing`, naming the document), and
+  a document that no audit event carries (`document_unchained`);
 * the head row disagreeing with the last record: the tail was cut off (`head_mismatch`).
 
 A rewrite of the whole chain after an edit (every hash recomputed) is caught by any signed
-checkpoint after the edit: the attacker cannot sign without the HSM audit key.
+checkpoint after the edit: the attacker cannot sign without the HSM audit key. Checkpoints are
+read page by page along the records, and documents are hashed by the database one at a time, so
+memory stays flat however long the trail.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -27,7 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from gateway.storage.base import GENESIS_HASH, Checkpoint, Storage
+from gateway.storage.base import ARCHIVED_KEY, GENESIS_HASH, AuditRecord, Checkpoint, Storage
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -36,17 +45,23 @@ _CATCH_UP_ROUNDS = 1000
 
 PROBLEMS = {
     "hash_mismatch": "the record's content does not match its hash (edited)",
+    "record_undecodable": "the stored record or checkpoint cannot be read (edited in the database)",
     "missing_record": "a record is missing (deleted)",
     "chain_broken": "the record does not follow the one before it (reordered or replaced)",
     "checkpoint_mismatch": "a signed checkpoint does not match the record at its seq",
     "checkpoint_signature_invalid": "a checkpoint's signature does not verify with the audit key",
+    "checkpoint_missing": "the checkpoint this record names is missing (deleted)",
+    "document_modified": "an archived document does not match the hash the trail recorded (edited)",
+    "document_missing": "an archived document the trail records is missing (deleted)",
+    "document_unchained": "an archived document is not in the audit trail (inserted)",
     "head_mismatch": "the chain head does not match the last record (records cut off)",
 }
 
 
 @dataclass(frozen=True)
 class AuditVerifyResult:
-    """The outcome of `verify_trail`; when not ok, `first_bad_seq` names the first bad record."""
+    """The outcome of `verify_trail`; when not ok, `first_bad_seq` names the first bad record
+    (None for a document no record carries) and `document_id` the document, if one is at fault."""
 
     ok: bool
     records_checked: int
@@ -56,6 +71,8 @@ class AuditVerifyResult:
     message: str = ""
     last_seq: int = 0  # seq of the last record checked
     checkpoints_unverified: int = 0  # checkpoints whose signature was not checked (no key given)
+    documents_checked: int = 0
+    document_id: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -63,6 +80,7 @@ class AuditVerifyResult:
             "checkpoints_checked": self.checkpoints_checked, "first_bad_seq": self.first_bad_seq,
             "problem": self.problem, "message": self.message, "last_seq": self.last_seq,
             "checkpoints_unverified": self.checkpoints_unverified,
+            "documents_checked": self.documents_checked, "document_id": self.document_id,
         }
 
 
@@ -90,95 +108,281 @@ def checkpoint_signature_ok(checkpoint: Checkpoint, public_key: PublicKey) -> bo
     return True
 
 
-def _fail(problem: str, seq: int, records: int, checkpoints: int, last_seq: int,
-          detail: str = "") -> AuditVerifyResult:
-    message = f"audit record {seq}: {PROBLEMS[problem]}" + (f" ({detail})" if detail else "")
-    return AuditVerifyResult(False, records, checkpoints, seq, problem, message, last_seq)
+@dataclass(frozen=True)
+class _Problem:
+    problem: str
+    seq: int | None
+    detail: str = ""
+    document_id: str | None = None
+
+
+def _hash_of(rec: AuditRecord) -> str | None:
+    """The record's expected hash; None when its content cannot even be encoded."""
+    try:
+        return rec.expected_hash()
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return None
+
+
+class _CheckpointPages:
+    """The checkpoints by (seq, id), read a page at a time as the walk reaches their seq."""
+
+    def __init__(self, storage: Storage, page: int) -> None:
+        self.storage = storage
+        self.page = page
+        self.buffer: deque[Checkpoint] = deque()
+        self.after: tuple[int, int] | None = None
+        self.exhausted = False
+        self.seen_damaged: set[int] = set()
+
+    async def upto(self, seq: int | None) -> list[Checkpoint]:
+        """The checkpoints not handed out yet with seq <= `seq` (None: all of them)."""
+        out: list[Checkpoint] = []
+        while True:
+            while self.buffer and (seq is None or self.buffer[0].seq <= seq):
+                out.append(self.buffer.popleft())
+            if self.buffer or self.exhausted:
+                return out
+            got = await self.storage.checkpoints(after=self.after, limit=self.page)
+            self.exhausted = len(got) < self.page
+            progressed = False
+            for cp in got:
+                if cp.damaged and "seq" in cp.damaged:
+                    # A seq edited into text (SQLite keeps it) sorts after every number in the
+                    # database but decodes as -1: handed out first, once, and never used to page.
+                    if cp.id not in self.seen_damaged:
+                        self.seen_damaged.add(cp.id)
+                        self.buffer.appendleft(cp)
+                        progressed = True
+                elif self.after is None or (cp.seq, cp.id) > self.after:
+                    self.buffer.append(cp)
+                    self.after = (cp.seq, cp.id)
+                    progressed = True
+            if not progressed:
+                self.exhausted = True
+
+
+class _Walk:
+    """One pass along the chain; the state `verify_trail` reports from."""
+
+    def __init__(self, storage: Storage, key: PublicKey | None, page: int) -> None:
+        self.storage = storage
+        self.key = key
+        self.page = page
+        self.checkpoints = _CheckpointPages(storage, page)
+        self.expected_seq = 1
+        self.prev_hash = GENESIS_HASH
+        self.records = 0
+        self.checked_cps = 0
+        self.verified_cps = 0
+        self.unverified = 0
+        self.documents = 0
+        # checkpoints met at their seq whose `audit_checkpoint` record is still to come
+        self.pending: dict[int, Checkpoint] = {}
+
+    def _signature_problem(self, cp: Checkpoint) -> _Problem | None:
+        if cp.damaged:
+            return _Problem("record_undecodable", max(cp.seq, 1),
+                            f"checkpoint {cp.id}: {cp.damaged}")
+        if self.key is None:
+            self.unverified += 1
+        elif not checkpoint_signature_ok(cp, self.key):
+            return _Problem("checkpoint_signature_invalid", cp.seq, f"checkpoint {cp.id}")
+        else:
+            self.verified_cps += 1
+        return None
+
+    async def _match(self, cp: Checkpoint, rec: AuditRecord | None) -> _Problem | None:
+        """A checkpoint against the record at its seq: `rec` (the record being checked), or,
+        for a checkpoint stored behind the walk (a live gateway checkpointing meanwhile), the
+        record at its seq, checked already and read again."""
+        target = rec
+        if rec is None or cp.seq != rec.seq:
+            found = (await self.storage.audit_records(after_seq=cp.seq - 1, limit=1)
+                     if 0 < cp.seq < self.expected_seq else [])
+            if not found or found[0].seq != cp.seq:
+                return _Problem("checkpoint_mismatch", max(cp.seq, 1) if rec is None else rec.seq,
+                                f"checkpoint {cp.id} names seq {cp.seq}")
+            target = found[0]
+        if cp.hash != target.hash:
+            return _Problem("checkpoint_mismatch", cp.seq, f"checkpoint {cp.id}")
+        self.checked_cps += 1
+        self.pending[cp.id] = cp
+        return None
+
+    async def _checkpoint_record(self, rec: AuditRecord) -> _Problem | None:
+        """An `audit_checkpoint` record names its checkpoint (details checkpoint_id and hash,
+        subject the seq it covers): the row must still be there and say the same."""
+        cid = rec.details.get("checkpoint_id")
+        if not isinstance(cid, int) or cid not in self.pending:
+            # made while this walk ran, after its page of checkpoints was read: read on
+            self.checkpoints.exhausted = False
+            for cp in await self.checkpoints.upto(rec.seq):
+                problem = self._signature_problem(cp) or await self._match(cp, rec)
+                if problem is not None:
+                    return problem
+        cp = self.pending.pop(cid, None) if isinstance(cid, int) else None
+        if cp is None:
+            return _Problem("checkpoint_missing", rec.seq, f"checkpoint {cid!r}")
+        if rec.subject != str(cp.seq) or rec.details.get("hash") != cp.hash:
+            return _Problem("checkpoint_mismatch", rec.seq,
+                            f"checkpoint {cid} covers seq {cp.seq}, the record says {rec.subject}")
+        return None
+
+    def _document_problem(self, rec: AuditRecord, digests: dict[str, str]) -> _Problem | None:
+        archived = rec.details.get(ARCHIVED_KEY)
+        if not isinstance(archived, dict):
+            return _Problem("document_modified", rec.seq, "its document hashes are not readable")
+        for doc_id in sorted(archived):
+            self.documents += 1
+            actual = digests.get(doc_id)
+            if actual is None:
+                return _Problem("document_missing", rec.seq, f"document {doc_id}", doc_id)
+            if actual != archived[doc_id]:
+                return _Problem("document_modified", rec.seq, f"document {doc_id}", doc_id)
+        return None
+
+    async def _record(self, rec: AuditRecord, digests: dict[str, str]) -> _Problem | None:
+        # Signatures first: a forged checkpoint at or before this record is the problem to name.
+        cps = await self.checkpoints.upto(rec.seq)
+        bad_sig = next((p for p in map(self._signature_problem, cps) if p is not None), None)
+        problem: _Problem | None = None
+        if rec.seq != self.expected_seq:
+            # a gap: the first missing seq is the bad one
+            problem = _Problem("missing_record", self.expected_seq,
+                               f"next record present is {rec.seq}")
+        elif rec.damaged:
+            problem = _Problem("record_undecodable", rec.seq, rec.damaged)
+        elif _hash_of(rec) != rec.hash:
+            problem = _Problem("hash_mismatch", rec.seq)
+        elif rec.prev_hash != self.prev_hash:
+            problem = _Problem("chain_broken", rec.seq)
+        if bad_sig is not None and (problem is None or (bad_sig.seq or 0) <= (problem.seq or 0)):
+            return bad_sig
+        if problem is not None:
+            return problem
+        self.records += 1
+        for cp in cps:
+            problem = await self._match(cp, rec)
+            if problem is not None:
+                return problem
+        if rec.event_type == "audit_checkpoint":
+            problem = await self._checkpoint_record(rec)
+        if problem is None and ARCHIVED_KEY in rec.details:
+            problem = self._document_problem(rec, digests)
+        if problem is not None:
+            return problem
+        self.prev_hash = rec.hash
+        self.expected_seq = rec.seq + 1
+        return None
+
+    async def page_of_records(self, after: int) -> tuple[list[AuditRecord], _Problem | None]:
+        batch = await self.storage.audit_records(after_seq=after, limit=self.page)
+        # the documents this page's records carry, hashed by the database in one round
+        wanted = [doc_id for rec in batch if not rec.damaged
+                  and isinstance(archived := rec.details.get(ARCHIVED_KEY), dict)
+                  for doc_id in archived]
+        digests = await self.storage.document_digests(wanted) if wanted else {}
+        for rec in batch:
+            problem = await self._record(rec, digests)
+            if problem is not None:
+                return batch, problem
+        return batch, None
+
+    async def after_the_walk(self) -> _Problem | None:
+        """The checkpoints not met along the walk: those stored behind it meanwhile are matched
+        with their records; those past the last record mean records cut off (a bad signature
+        among them is named first)."""
+        self.checkpoints.exhausted = False
+        first: Checkpoint | None = None
+        for cp in await self.checkpoints.upto(None):
+            problem = self._signature_problem(cp)
+            if problem is None and cp.seq < self.expected_seq:
+                problem = await self._match(cp, None)
+            elif problem is None:
+                first = first or cp
+            if problem is not None:
+                return problem
+        if first is not None:
+            return _Problem("missing_record", self.expected_seq,
+                            f"checkpoint {first.id} covers seq {first.seq}")
+        return None
+
+
+async def _first_unchained(storage: Storage, page: int) -> str | None:
+    """The first archived document (by id) that no audit record carries. Only run when the
+    counts say there is one, so the set of chained ids is built on failure only."""
+    chained: set[str] = set()
+    after = 0
+    while batch := await storage.audit_records(after_seq=after, limit=page):
+        for rec in batch:
+            archived = rec.details.get(ARCHIVED_KEY)
+            if isinstance(archived, dict):
+                chained.update(archived)
+        after = batch[-1].seq
+    last = ""
+    while ids := await storage.document_ids(after=last, limit=page):
+        for doc_id in ids:
+            if doc_id not in chained:
+                return doc_id
+        last = ids[-1]
+    return None
+
+
+def _result(walk: _Walk, problem: _Problem | None, last_seq: int) -> AuditVerifyResult:
+    if problem is None:
+        return AuditVerifyResult(True, walk.records, walk.checked_cps, None, None,
+                                 f"{walk.records} audit records intact, {walk.verified_cps} "
+                                 f"checkpoints verified, {walk.documents} archived documents "
+                                 "match", last_seq, walk.unverified, walk.documents)
+    where = (f"audit record {problem.seq}" if problem.seq is not None
+             else f"document {problem.document_id}")
+    message = f"{where}: {PROBLEMS[problem.problem]}" + (f" ({problem.detail})"
+                                                          if problem.detail else "")
+    return AuditVerifyResult(False, walk.records, walk.checked_cps, problem.seq, problem.problem,
+                             message, last_seq, walk.unverified, walk.documents,
+                             problem.document_id)
 
 
 async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificate | None,
                        *, page: int = 5000) -> AuditVerifyResult:
-    """Check every record and checkpoint; report the first problem by seq.
+    """Check every record, checkpoint and archived document; report the first problem by seq.
 
     `public_key`: the audit key (or its certificate) checkpoints are verified with. None checks
     the chain only and counts the checkpoints as unverified.
     """
-    key = _public_key(public_key)
-    checkpoints = await storage.checkpoints()
-    by_seq: dict[int, list[Checkpoint]] = {}
-    for cp in checkpoints:
-        by_seq.setdefault(cp.seq, []).append(cp)
-
-    # Signatures first: a forged checkpoint is a problem wherever it points.
-    unverified = 0
-    signature_bad: list[Checkpoint] = []
-    for cp in checkpoints:
-        if key is None:
-            unverified += 1
-        elif not checkpoint_signature_ok(cp, key):
-            signature_bad.append(cp)
-
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
-    records = 0
-    checked_cps = 0
+    walk = _Walk(storage, _public_key(public_key), page)
+    # Counted before the walk: every document counted now was committed with its audit event,
+    # which the walk (which reads up to a head read later) therefore meets.
+    documents_before = await storage.count_documents()
+    problem: _Problem | None = None
     after = 0
-    first_bad: AuditVerifyResult | None = None
     head_seq, head_hash = 0, GENESIS_HASH
     for _ in range(_CATCH_UP_ROUNDS):
-        read_from = expected_seq
-        while first_bad is None:
-            batch = await storage.audit_records(after_seq=after, limit=page)
+        read_from = walk.expected_seq
+        while problem is None:
+            batch, problem = await walk.page_of_records(after)
             if not batch:
                 break
-            for rec in batch:
-                if rec.seq != expected_seq:
-                    # a gap: the first missing seq is the bad one
-                    first_bad = _fail("missing_record", expected_seq, records, checked_cps,
-                                      expected_seq - 1, f"next record present is {rec.seq}")
-                    break
-                if rec.expected_hash() != rec.hash:
-                    first_bad = _fail("hash_mismatch", rec.seq, records, checked_cps, rec.seq)
-                    break
-                if rec.prev_hash != prev_hash:
-                    first_bad = _fail("chain_broken", rec.seq, records, checked_cps, rec.seq)
-                    break
-                records += 1
-                for cp in by_seq.get(rec.seq, ()):
-                    if cp.hash != rec.hash:
-                        first_bad = _fail("checkpoint_mismatch", rec.seq, records, checked_cps,
-                                          rec.seq, f"checkpoint {cp.id}")
-                        break
-                    checked_cps += 1
-                if first_bad is not None:
-                    break
-                prev_hash = rec.hash
-                expected_seq = rec.seq + 1
             after = batch[-1].seq
         # The head is read after the records: on a live gateway, records appended meanwhile
         # move it past what was read. They are not "cut off": read on and check them too. A head
         # past records that are not there (this round found none) is a cut tail.
         head_seq, head_hash = await storage.audit_head()
-        if first_bad is not None or head_seq <= expected_seq - 1 or expected_seq == read_from:
+        if (problem is not None or head_seq <= walk.expected_seq - 1
+                or walk.expected_seq == read_from):
             break
+        walk.checkpoints.exhausted = False
 
-    last_seq = expected_seq - 1
-    bad_sig = min(signature_bad, key=lambda c: c.seq, default=None)
-    if bad_sig is not None and (first_bad is None or bad_sig.seq <= (first_bad.first_bad_seq or 0)):
-        return _fail("checkpoint_signature_invalid", bad_sig.seq, records, checked_cps, last_seq,
-                     f"checkpoint {bad_sig.id}")
-    if first_bad is not None:
-        return first_bad
-
-    beyond = [cp for cp in checkpoints if cp.seq > last_seq]
-    if beyond:
-        return _fail("missing_record", last_seq + 1, records, checked_cps, last_seq,
-                     f"checkpoint {beyond[0].id} covers seq {beyond[0].seq}")
-    if head_seq != last_seq or (head_seq and head_hash != prev_hash):
-        return _fail("head_mismatch", min(head_seq, last_seq) + 1 if head_seq != last_seq
-                     else head_seq, records, checked_cps, last_seq,
-                     f"head says seq {head_seq}")
-    return AuditVerifyResult(True, records, checked_cps, None, None,
-                             f"{records} audit records intact, "
-                             f"{len(checkpoints) - unverified} checkpoints verified",
-                             last_seq, unverified)
+    last_seq = walk.expected_seq - 1
+    if problem is None:
+        problem = await walk.after_the_walk()
+    if problem is None and (head_seq != last_seq or (head_seq and head_hash != walk.prev_hash)):
+        problem = _Problem("head_mismatch",
+                           min(head_seq, last_seq) + 1 if head_seq != last_seq else head_seq,
+                           f"head says seq {head_seq}")
+    if problem is None and documents_before > walk.documents:
+        doc_id = await _first_unchained(storage, page)
+        problem = _Problem("document_unchained", None,
+                           f"{documents_before} archived, {walk.documents} in the trail", doc_id)
+    return _result(walk, problem, last_seq)

@@ -22,17 +22,28 @@ EXIT_BROKEN = 1
 EXIT_UNUSABLE = 2
 
 
-def _run(ctx: Context, fn: Callable[[Storage], Awaitable[T]]) -> T:
-    """Open the home's storage, run fn, close; storage errors become clean CLI errors."""
+class _StorageFailed(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _run(ctx: Context, fn: Callable[[Storage], Awaitable[T]], *, read_only: bool = False,
+         exit_code: int = 1) -> T:
+    """Open the home's storage, run fn, close; storage errors become clean CLI errors.
+
+    `read_only`: a command that only reads never creates the database (a missing one is
+    `database_unavailable`) and does not wait for the migration lock when the schema is current.
+    """
 
     async def main() -> T:
-        async with open_storage(ctx.settings) as storage:
+        async with open_storage(ctx.settings, read_only=read_only) as storage:
             return await fn(storage)
 
     try:
         return asyncio.run(main())
     except StorageError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+        raise _StorageFailed(f"{exc.code}: {exc.message}", exit_code) from exc
 
 
 def _fmt_time(value: Any) -> str:
@@ -67,7 +78,7 @@ def clients_add(ctx: Context, name: str, role: str, keys: str) -> None:
 @pass_context
 def clients_list(ctx: Context, as_json: bool) -> None:
     """List clients, revoked ones included (tokens are never shown)."""
-    clients = _run(ctx, lambda s: s.list_clients())
+    clients = _run(ctx, lambda s: s.list_clients(), read_only=True)
     if as_json:
         click.echo(json.dumps([{
             "name": c.name, "role": c.role, "keys": sorted(c.key_labels), "token_id": c.token_id,
@@ -144,8 +155,9 @@ def _audit_key_from_hsm(ctx: Context, label: str) -> tuple[Any, str | None]:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
 def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json: bool) -> None:
-    """Check the audit trail end to end; exit 0 intact, 1 broken (names the first bad record),
-    2 when checkpoint signatures could not be checked."""
+    """Check the audit trail and the archive end to end; exit 0 intact, 1 broken (names the first
+    bad record, and the document at fault), 2 when it could not be checked (checkpoint
+    signatures, or the database unavailable)."""
     from gateway.audit import verify_trail
 
     key_problem = None
@@ -156,7 +168,7 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
             raise click.ClickException(f"cannot read {public_key_path}: {exc}") from exc
     else:
         key, key_problem = _audit_key_from_hsm(ctx, label)
-    result = _run(ctx, lambda s: verify_trail(s, key))
+    result = _run(ctx, lambda s: verify_trail(s, key), read_only=True, exit_code=EXIT_UNUSABLE)
     if as_json:
         out = result.as_dict()
         if key_problem:
@@ -165,6 +177,8 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
     elif result.ok:
         click.echo(f"audit trail intact: {result.records_checked} records, "
                    f"{result.checkpoints_checked} checkpoints matched")
+    elif result.first_bad_seq is None:  # a document no record carries
+        click.echo(f"audit trail BROKEN: {result.problem}: {result.message}")
     else:
         click.echo(f"audit trail BROKEN at record {result.first_bad_seq}: {result.problem}: "
                    f"{result.message}")
@@ -200,23 +214,28 @@ def audit_list(ctx: Context, since: Any, outcome: str | None, event_type: str | 
         after = 0
         while batch := await storage.audit_records(after_seq=after, limit=5000):
             for rec in batch:
-                if ((since_utc is None or rec.time >= since_utc)
-                        and (outcome is None or rec.outcome == outcome)
-                        and (event_type is None or rec.event_type == event_type)):
+                if rec.damaged or ((since_utc is None or rec.time >= since_utc)
+                                   and (outcome is None or rec.outcome == outcome)
+                                   and (event_type is None or rec.event_type == event_type)):
                     kept.append(rec)
             after = batch[-1].seq
         return list(kept)
 
-    for rec in _run(ctx, collect):
+    for rec in _run(ctx, collect, read_only=True):
+        # A row edited in the database so that it no longer decodes is shown, marked, with what
+        # could be read: the review is where it should be seen (`audit verify` names it too).
         if as_json:
-            click.echo(json.dumps({
-                "seq": rec.seq, "time": rec.time.isoformat(), "event_type": rec.event_type,
-                "actor": rec.actor, "outcome": rec.outcome, "subject": rec.subject,
-                "details": rec.details, "request_id": rec.request_id}, sort_keys=True))
+            out = {"seq": rec.seq, "time": rec.time.isoformat(), "event_type": rec.event_type,
+                   "actor": rec.actor, "outcome": rec.outcome, "subject": rec.subject,
+                   "details": rec.details, "request_id": rec.request_id}
+            if rec.damaged:
+                out["damaged"] = rec.damaged
+            click.echo(json.dumps(out, sort_keys=True))
         else:
             click.echo(f"{rec.seq:>8}  {_fmt_time(rec.time)}  {rec.outcome:<8} {rec.event_type:<24} "
                        f"{rec.actor:<20} {rec.subject or '-'}"
-                       + (f"  {json.dumps(rec.details, sort_keys=True)}" if rec.details else ""))
+                       + (f"  {json.dumps(rec.details, sort_keys=True)}" if rec.details else "")
+                       + (f"  DAMAGED: {rec.damaged}" if rec.damaged else ""))
 
 
 @audit_group.command("checkpoint")

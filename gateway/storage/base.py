@@ -25,6 +25,7 @@ records are numbered by `seq` (1, 2, ...) along the chain.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import uuid
@@ -42,6 +43,19 @@ GENESIS_HASH = "0" * 64  # prev_hash of audit record 1
 RETENTION_SLACK = timedelta(days=1)
 
 Outcome = Literal["success", "failure", "refused"]
+
+# Key columns sit in B-tree indexes, whose entries PostgreSQL caps at about 2,700 bytes: longer
+# values are refused up front (UTF-8 bytes), never half-way through a shared commit.
+MAX_KIND_BYTES = 128
+MAX_NATURAL_KEY_BYTES = 1024
+MAX_NAME_BYTES = 256  # client names, key labels, content types, ids
+# The key in the details of the audit event of a unit that archives documents: document id ->
+# SHA-256 of the archived content, so the chain pins the archive (`gateway audit verify`).
+ARCHIVED_KEY = "archived_sha256"
+# The event a unit that archives documents without an audit event of its own gets.
+ARCHIVED_EVENT = "document.archived"
+# The time of a stored record whose time cannot be read (it was edited in the database).
+UNREADABLE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def utcnow() -> datetime:
@@ -65,6 +79,26 @@ def format_time(t: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def clean_text(value: str | None) -> str | None:
+    """NUL, which PostgreSQL text cannot hold, as U+FFFD: the same on both engines, so an event
+    or document naming a NUL-carrying input is still written rather than refused."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _clean_fields(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        cleaned = clean_text(value)
+        if cleaned is not value:
+            object.__setattr__(obj, name, cleaned)
+
+
+def _too_long(value: str | None, limit: int) -> bool:
+    return isinstance(value, str) and len(value) > limit // 4 and len(value.encode("utf-8")) > limit
 
 
 def canonical_json(value: Any) -> str:
@@ -177,9 +211,16 @@ class NewDocument:
             raise InvalidRecord("document content must be bytes")
         if self.retain_until is not None and self.retain_until.tzinfo is None:
             raise InvalidRecord("retain_until must be timezone-aware")
+        _clean_fields(self, "kind", "content_type", "client", "key_label", "natural_key")
+        for name, limit in (("kind", MAX_KIND_BYTES), ("natural_key", MAX_NATURAL_KEY_BYTES),
+                            ("client", MAX_NAME_BYTES), ("key_label", MAX_NAME_BYTES),
+                            ("content_type", MAX_NAME_BYTES), ("id", MAX_NAME_BYTES)):
+            if _too_long(getattr(self, name), limit):
+                raise InvalidRecord(f"document {name} is longer than {limit} bytes", field=name)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        # computed once: the archive row and the unit's audit event both carry it
         return hashlib.sha256(bytes(self.content)).hexdigest()
 
 
@@ -208,6 +249,12 @@ class NewLink:
     kind: str
     payload: Mapping[str, Any]
     client: str | None = None
+
+    def __post_init__(self) -> None:
+        _clean_fields(self, "document_id", "kind", "client")
+        for name in ("document_id", "kind", "client"):
+            if _too_long(getattr(self, name), MAX_NAME_BYTES):
+                raise InvalidRecord(f"link {name} is longer than {MAX_NAME_BYTES} bytes", field=name)
 
 
 @dataclass(frozen=True)
@@ -243,6 +290,8 @@ class AuditEvent:
             raise InvalidRecord("audit event_type and actor are required")
         if self.time.tzinfo is None:
             raise InvalidRecord("audit time must be timezone-aware")
+        # A refusal naming a NUL-carrying input (a key label, a document id) is still audited.
+        _clean_fields(self, "event_type", "actor", "subject", "request_id")
 
 
 @dataclass(frozen=True)
@@ -259,6 +308,8 @@ class AuditRecord:
     request_id: str | None
     prev_hash: str
     hash: str
+    # Set when the stored row could not be decoded (edited in the database): what was wrong.
+    damaged: str | None = None
 
     def canonical_bytes(self) -> bytes:
         return audit_canonical(self.seq, self.time, self.event_type, self.actor, self.outcome,
@@ -277,6 +328,88 @@ def audit_canonical(seq: int, time: datetime, event_type: str, actor: str, outco
         "outcome": outcome, "subject": subject, "details": dict(details),
         "request_id": request_id, "prev_hash": prev_hash,
     }).encode("utf-8")
+
+
+def _not_json(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def decode_audit_row(row: Sequence[Any], time_of: Any) -> AuditRecord:
+    """An audit record from a stored row (the columns of `AuditRecord` in order, details as JSON
+    text); `time_of` turns the stored time into a datetime. A row edited in the database so that
+    it no longer decodes gives a record with `damaged` set, never an exception: `audit verify`
+    reports it at its seq and `audit list` shows it."""
+    problems: list[str] = []
+    seq = row[0]
+    try:
+        time = time_of(row[1])
+        if not isinstance(time, datetime) or time.tzinfo is None:
+            raise ValueError(time)
+    except Exception:  # noqa: BLE001 - any garbage in the column is a damaged record
+        time = UNREADABLE_TIME
+        problems.append("time")
+    texts: list[Any] = []
+    for index, name, optional in ((2, "event_type", False), (3, "actor", False),
+                                  (4, "outcome", False), (5, "subject", True),
+                                  (7, "request_id", True), (8, "prev_hash", False),
+                                  (9, "hash", False)):
+        value = row[index]
+        if not (isinstance(value, str) or (optional and value is None)):
+            problems.append(name)
+            value = None if optional else "?"
+        texts.append(value)
+    try:
+        # NaN and numbers past float range load but cannot be hashed (canonical_json refuses
+        # them): refused here, so that verification never meets them
+        details = json.loads(row[6], parse_constant=_not_json, parse_float=_finite)
+        if not isinstance(details, dict):
+            raise ValueError("not an object")
+    except Exception:  # noqa: BLE001 - not JSON, not text, or nested past the parser's depth
+        details = {}
+        problems.append("details")
+    event_type, actor, outcome, subject, request_id, prev_hash, digest = texts
+    return AuditRecord(seq, time, event_type, actor, outcome, subject, details, request_id,
+                       prev_hash, digest,
+                       damaged=f"unreadable {', '.join(problems)}" if problems else None)
+
+
+def decode_checkpoint_row(row: Sequence[Any], time_of: Any) -> Checkpoint:
+    """A checkpoint from a stored row (id, seq, hash, time, key_label, algorithm, signature); one
+    that no longer decodes gets `damaged` set, like `decode_audit_row`."""
+    problems: list[str] = []
+    try:
+        time = time_of(row[3])
+        if not isinstance(time, datetime) or time.tzinfo is None:
+            raise ValueError(time)
+    except Exception:  # noqa: BLE001
+        time = UNREADABLE_TIME
+        problems.append("time")
+    texts: list[str] = []
+    for index, name in ((2, "hash"), (4, "key_label"), (5, "algorithm")):
+        value = row[index]
+        if not isinstance(value, str):
+            problems.append(name)
+            value = "?"
+        texts.append(value)
+    signature = row[6]
+    if isinstance(signature, bytes | bytearray | memoryview):
+        signature = bytes(signature)
+    else:
+        problems.append("signature")
+        signature = b""
+    seq = row[1]
+    if not isinstance(seq, int):
+        problems.append("seq")
+        seq = -1
+    return Checkpoint(row[0], seq, texts[0], time, texts[1], texts[2], signature,
+                      damaged=f"unreadable {', '.join(problems)}" if problems else None)
 
 
 def checkpoint_payload(seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
@@ -299,6 +432,7 @@ class Checkpoint:
     key_label: str
     algorithm: str  # "rsa-sha256" | "ecdsa-sha256"
     signature: bytes
+    damaged: str | None = None  # as for AuditRecord
 
     def payload(self) -> bytes:
         return checkpoint_payload(self.seq, self.hash, self.time, self.key_label, self.algorithm)
@@ -341,6 +475,8 @@ class NewClient:
                                 role=self.role)
         if not self.name:
             raise InvalidRecord("client name is empty")
+        if _too_long(self.name, MAX_NAME_BYTES) or _too_long(self.token_id, MAX_NAME_BYTES):
+            raise InvalidRecord(f"client name is longer than {MAX_NAME_BYTES} bytes")
 
 
 @dataclass(frozen=True)
@@ -404,8 +540,11 @@ class Storage(abc.ABC):
         """Write documents, then links, then audit events atomically; return once durable.
 
         Either everything of the unit is committed or nothing is. Raises DuplicateDocument
-        (natural key taken), DocumentNotFound (a link to an unknown document), InvalidRecord,
-        StorageUnavailable. Concurrent calls share commits (group commit).
+        (natural key taken), DocumentNotFound (a link to an unknown document), InvalidRecord
+        (anything else the unit's own records break), StorageUnavailable (the database; only
+        this fails the other units of a shared commit). Concurrent calls share commits (group
+        commit). The first audit event carries the SHA-256 of each document in its details
+        (`archived_sha256`); documents without an event get a `document.archived` one.
         """
 
     async def append_audit(self, *events: AuditEvent) -> tuple[AuditRecord, ...]:
@@ -432,6 +571,20 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def links(self, document_id: str, kind: str | None = None) -> list[LinkedRecord]:
         """Records linked to a document, in the order they were written."""
+
+    @abc.abstractmethod
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
+        """SHA-256 (hex) of the stored content of each of these documents that exists, computed
+        now over the stored bytes (not the stored `sha256` column): what `audit verify` checks
+        against the hashes the audit chain carries."""
+
+    @abc.abstractmethod
+    async def count_documents(self) -> int:
+        """How many documents are archived."""
+
+    @abc.abstractmethod
+    async def document_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Ids of archived documents greater than `after`, ascending."""
 
     # -- clients -------------------------------------------------------------------------------
 
@@ -477,8 +630,14 @@ class Storage(abc.ABC):
         """Store a signed checkpoint (see gateway.audit.checkpoint, which makes them)."""
 
     @abc.abstractmethod
-    async def checkpoints(self) -> list[Checkpoint]:
-        """All checkpoints by seq."""
+    async def checkpoints(self, after: tuple[int, int] | None = None,
+                          limit: int | None = None) -> list[Checkpoint]:
+        """Checkpoints by (seq, id): all of them, or a page of at most `limit` after the
+        (seq, id) `after`."""
+
+    @abc.abstractmethod
+    async def last_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint with the highest seq (the latest of those), or None."""
 
     # -- operations ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,9 +21,9 @@ from datetime import datetime
 from typing import Any
 
 from gateway.storage.base import (
-    AuditEvent, AuditRecord, Checkpoint, Client, CommitResult, InvalidRecord, NewClient,
-    NewDocument, NewLink, Storage, StorageError, StorageUnavailable, audit_canonical,
-    canonical_json,
+    ARCHIVED_EVENT, ARCHIVED_KEY, AuditEvent, AuditRecord, Checkpoint, Client, CommitResult,
+    InvalidRecord, NewClient, NewDocument, NewLink, Storage, StorageError, StorageUnavailable,
+    audit_canonical, canonical_json,
 )
 
 
@@ -70,6 +71,29 @@ def dump_json(value: Any, what: str) -> str:
         return canonical_json(value)
     except (TypeError, ValueError) as exc:
         raise InvalidRecord(f"{what} is not JSON-serialisable: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRecord(f"{what} is nested too deeply to store") from exc
+
+
+def unit_events(unit: Unit) -> list[AuditEvent]:
+    """The audit events a unit writes: its own, the first of them carrying the SHA-256 of every
+    document the unit archives (details `archived_sha256`: id -> hex); a unit that archives
+    documents without an event of its own gets a `document.archived` event. The chain thus pins
+    the content of every archived document (21 CFR 1311.150: records protected from
+    modification and deletion), which `gateway audit verify` recomputes."""
+    events = list(unit.audit)
+    if not unit.documents:
+        return events
+    archived = {doc.id: doc.sha256 for doc in unit.documents}
+    if not events:
+        first = unit.documents[0]
+        return [AuditEvent(ARCHIVED_EVENT, first.client or "system", "success", subject=first.id,
+                           details={ARCHIVED_KEY: archived})]
+    details = dict(events[0].details)
+    if ARCHIVED_KEY in details:
+        raise InvalidRecord(f"audit details key {ARCHIVED_KEY!r} is kept for the storage")
+    events[0] = dataclasses.replace(events[0], details={**details, ARCHIVED_KEY: archived})
+    return events
 
 
 def chain(events: Sequence[AuditEvent], head_seq: int, head_hash: str) -> list[AuditRecord]:

@@ -24,11 +24,12 @@ from gateway.storage.base import (
     GENESIS_HASH, RETENTION_SLACK, AuditRecord, Checkpoint, Client, ClientExists,
     ClientNotFound, CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument,
     InvalidRecord, LinkedRecord, MigrationError, NewDocument,
-    StorageError, StorageUnavailable, minimum_retention, utcnow,
+    StorageError, StorageUnavailable, decode_audit_row, decode_checkpoint_row, minimum_retention,
+    utcnow,
 )
 from gateway.storage.group_commit import (
     ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
-    dump_json,
+    dump_json, unit_events,
 )
 
 _DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
@@ -38,17 +39,26 @@ _CLIENT_COLUMNS = "id, name, role, key_labels, created_at, revoked_at, token_id"
 _CHECKPOINT_COLUMNS = "id, seq, hash, time, key_label, algorithm, signature"
 
 _INSERT_DOC = (f"INSERT INTO documents ({_DOC_COLUMNS}) "
-               "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)")
+               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 _INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_at) "
                 "VALUES ($1, $2, $3::jsonb, $4, $5) RETURNING id")
 _INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
                  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
 
-# errors that belong to one unit (a rule it breaks), not to the database as a whole
-_UNIT_ERRORS = (StorageError, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError,
-                asyncpg.RaiseError, TypeError, ValueError)
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                       asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+# Errors of the database as a whole (connection, resources, shutdown, a transaction that must be
+# retried, a schema or privilege that is not what the gateway expects): they fail the batch.
+# Anything else raised while one unit is written (a constraint, a value PostgreSQL refuses, an
+# index row too large, details nested too deep) fails that unit alone.
+_BATCH_ERRORS = (*_CONNECTION_ERRORS, StorageUnavailable, MemoryError,
+                 asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError,
+                 asyncpg.PostgresSystemError, asyncpg.TransactionRollbackError,
+                 asyncpg.InvalidTransactionStateError, asyncpg.SyntaxOrAccessError)
+
+
+def _unit_level(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, _BATCH_ERRORS)
 
 
 class _UnitFailed(Exception):
@@ -64,10 +74,12 @@ def _document(row: Mapping[str, Any]) -> DocumentRecord:
         created_at=row["created_at"], retain_until=row["retain_until"])
 
 
-def _audit(row: Mapping[str, Any]) -> AuditRecord:
-    return AuditRecord(row["seq"], row["time"], row["event_type"], row["actor"], row["outcome"],
-                       row["subject"], json.loads(row["details"]), row["request_id"],
-                       row["prev_hash"], row["hash"])
+def _same(value: Any) -> Any:
+    return value
+
+
+def _audit(row: Sequence[Any]) -> AuditRecord:
+    return decode_audit_row(tuple(row), _same)
 
 
 def _client(row: Mapping[str, Any]) -> Client:
@@ -77,9 +89,8 @@ def _client(row: Mapping[str, Any]) -> Client:
                   token_id=row["token_id"])
 
 
-def _checkpoint(row: Mapping[str, Any]) -> Checkpoint:
-    return Checkpoint(row["id"], row["seq"], row["hash"], row["time"], row["key_label"],
-                      row["algorithm"], bytes(row["signature"]))
+def _checkpoint(row: Sequence[Any]) -> Checkpoint:
+    return decode_checkpoint_row(tuple(row), _same)
 
 
 class PostgresStorage(GroupCommitStorage):
@@ -87,8 +98,13 @@ class PostgresStorage(GroupCommitStorage):
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
                  server_settings: Mapping[str, str] | None = None, max_batch: int = 256,
-                 window_s: float = 0.001, connect_timeout_s: float = 10.0) -> None:
+                 window_s: float = 0.001, connect_timeout_s: float = 10.0,
+                 read_only: bool = False) -> None:
+        """`read_only`: for commands that only read: a schema without the gateway's tables is
+        refused (StorageUnavailable), never created, and a current schema is used without
+        taking the migration lock."""
         self.url = url
+        self.read_only = read_only
         self._min_size = min_size
         self._max_size = max_size
         self._server_settings = dict(server_settings or {})
@@ -105,13 +121,18 @@ class PostgresStorage(GroupCommitStorage):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._min_size, max_size=self._max_size,
                 server_settings=self._server_settings or None, timeout=self._connect_timeout_s)
-        except _CONNECTION_ERRORS as exc:
-            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+            # an unknown database or role, a refused password, a malformed URL: no traceback
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         try:
             await self.migrate()
-        except BaseException:
+        except BaseException as exc:
             await self._pool.close()
             self._pool = None
+            if isinstance(exc, (*_CONNECTION_ERRORS, asyncpg.PostgresError)):
+                raise StorageUnavailable(f"cannot open the database: "
+                                         f"{type(exc).__name__}: {exc}") from exc
             raise
         if self.committer.closed:  # reopened after close()
             self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
@@ -129,19 +150,28 @@ class PostgresStorage(GroupCommitStorage):
             raise StorageUnavailable("storage is not open")
         return self._pool
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, sql: str, *args: Any, lookup: bool = False) -> list[asyncpg.Record]:
+        """Rows of a query. `lookup`: the arguments are keys someone supplied; a key PostgreSQL
+        cannot even compare (a NUL, which its text cannot hold) names nothing, so it finds
+        nothing instead of failing the request."""
         try:
             return await self._require_pool().fetch(sql, *args)
         except _CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"database read failed: {exc}") from exc
+        except asyncpg.DataError:
+            if lookup:
+                return []
+            raise
 
-    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        rows = await self._fetch(sql, *args)
+    async def _fetchrow(self, sql: str, *args: Any, lookup: bool = False) -> asyncpg.Record | None:
+        rows = await self._fetch(sql, *args, lookup=lookup)
         return rows[0] if rows else None
 
     # -- migrations ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
+        if self.read_only and await self._schema_current():
+            return []
         applied: list[int] = []
         async with self._require_pool().acquire() as conn, conn.transaction():
             # one migrator per schema at a time, across processes and nodes
@@ -168,6 +198,14 @@ class PostgresStorage(GroupCommitStorage):
                 applied.append(m.version)
         return applied
 
+    async def _schema_current(self) -> bool:
+        """Whether every migration is applied, read without the migration lock."""
+        try:
+            rows = await self._require_pool().fetch("SELECT version FROM schema_migrations")
+        except asyncpg.UndefinedTableError as exc:
+            raise StorageUnavailable("the database holds no gateway schema") from exc
+        return {r[0] for r in rows} == {m.version for m in migrations.load("postgresql")}
+
     async def schema_versions(self) -> list[int]:
         return [r[0] for r in await self._fetch(
             "SELECT version FROM schema_migrations ORDER BY version")]
@@ -192,7 +230,7 @@ class PostgresStorage(GroupCommitStorage):
 
     @staticmethod
     async def _lock_head(conn: asyncpg.Connection, batch: list[Unit]) -> tuple[int, str] | None:
-        if not any(u.audit for u in batch):
+        if not any(u.audit or u.documents for u in batch):  # documents get an event too
             return None
         row = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         return int(row["seq"]), row["hash"]
@@ -239,7 +277,7 @@ class PostgresStorage(GroupCommitStorage):
             if head is not None:
                 seq, digest = head
                 for unit in batch:
-                    chained = chain(unit.audit, seq, digest)
+                    chained = chain(unit_events(unit), seq, digest)
                     records.append(chained)
                     if chained:
                         seq, digest = chained[-1].seq, chained[-1].hash
@@ -249,7 +287,9 @@ class PostgresStorage(GroupCommitStorage):
                                    seq, digest)
             else:
                 records = [[] for _ in batch]
-        except _UNIT_ERRORS as exc:
+        except Exception as exc:
+            if not _unit_level(exc):
+                raise
             raise _UnitFailed() from exc
         return [UnitResult(CommitResult(tuple(d.id for d in u.documents), tuple(ids), tuple(rs)),
                            client, checkpoint)
@@ -266,7 +306,9 @@ class PostgresStorage(GroupCommitStorage):
             try:
                 async with conn.transaction():  # a savepoint
                     result, seq, digest = await self._apply(conn, unit, seq, digest)
-            except _UNIT_ERRORS as exc:
+            except Exception as exc:
+                if not _unit_level(exc):
+                    raise
                 results.append(await self._unit_error(conn, unit, exc))
                 continue
             results.append(result)
@@ -286,7 +328,7 @@ class PostgresStorage(GroupCommitStorage):
                                         dump_json(dict(link.payload), "link payload"),
                                         link.client, now)
                     for link in unit.links]
-        records = chain(unit.audit, seq, digest)
+        records = chain(unit_events(unit), seq, digest)
         if records:
             await conn.executemany(_INSERT_AUDIT, self._audit_rows(records))
             seq, digest = records[-1].seq, records[-1].hash
@@ -298,8 +340,8 @@ class PostgresStorage(GroupCommitStorage):
                           exc: BaseException) -> BaseException:
         if isinstance(exc, StorageError):
             return exc
-        if isinstance(exc, TypeError | ValueError):
-            return InvalidRecord(f"record cannot be stored: {exc}")
+        if not isinstance(exc, asyncpg.PostgresError):
+            return InvalidRecord(f"record cannot be stored: {type(exc).__name__}: {exc}")
         if isinstance(exc, asyncpg.UniqueViolationError):
             constraint = exc.constraint_name or ""
             if constraint == "documents_kind_natural_key_key":
@@ -363,13 +405,13 @@ class PostgresStorage(GroupCommitStorage):
 
     async def get_document(self, document_id: str) -> DocumentRecord | None:
         row = await self._fetchrow(f"SELECT {_DOC_COLUMNS} FROM documents WHERE id = $1",
-                                   document_id)
+                                   document_id, lookup=True)
         return _document(row) if row else None
 
     async def find_document(self, kind: str, natural_key: str) -> DocumentRecord | None:
         row = await self._fetchrow(
             f"SELECT {_DOC_COLUMNS} FROM documents WHERE kind = $1 AND natural_key = $2",
-            kind, natural_key)
+            kind, natural_key, lookup=True)
         return _document(row) if row else None
 
     async def list_documents(self, *, kind: str | None = None, client: str | None = None,
@@ -387,7 +429,7 @@ class PostgresStorage(GroupCommitStorage):
         sql = (f"SELECT {_DOC_COLUMNS} FROM documents"
                + (" WHERE " + " AND ".join(where) if where else "")
                + f" ORDER BY created_at, rowno LIMIT ${len(args)}")
-        return [_document(r) for r in await self._fetch(sql, *args)]
+        return [_document(r) for r in await self._fetch(sql, *args, lookup=True)]
 
     async def links(self, document_id: str, kind: str | None = None) -> list[LinkedRecord]:
         sql = "SELECT id, document_id, kind, payload, client, created_at FROM links WHERE document_id = $1"
@@ -395,19 +437,39 @@ class PostgresStorage(GroupCommitStorage):
         if kind is not None:
             sql += " AND kind = $2"
             args.append(kind)
-        rows = await self._fetch(sql + " ORDER BY id", *args)
+        rows = await self._fetch(sql + " ORDER BY id", *args, lookup=True)
         return [LinkedRecord(r["id"], r["document_id"], r["kind"], json.loads(r["payload"]),
                              r["client"], r["created_at"]) for r in rows]
+
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(document_ids))
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            # pg_catalog named: a function of that name in the search path cannot stand in
+            rows = await self._fetch(
+                "SELECT id, encode(pg_catalog.sha256(content), 'hex') AS digest FROM documents "
+                "WHERE id = ANY($1::text[])", ids[start:start + 500], lookup=True)
+            found.update((r["id"], r["digest"]) for r in rows)
+        return found
+
+    async def count_documents(self) -> int:
+        return int((await self._fetchrow("SELECT count(*) FROM documents"))[0])
+
+    async def document_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        return [r["id"] for r in await self._fetch(
+            "SELECT id FROM documents WHERE id > $1 ORDER BY id LIMIT $2", after, limit)]
 
     # -- clients -------------------------------------------------------------------------------
 
     async def get_client(self, name: str) -> Client | None:
-        row = await self._fetchrow(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = $1", name)
+        row = await self._fetchrow(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE name = $1", name,
+                                   lookup=True)
         return _client(row) if row else None
 
     async def client_by_token_id(self, token_id: str) -> tuple[Client, bytes] | None:
         row = await self._fetchrow(
-            f"SELECT {_CLIENT_COLUMNS}, token_hash FROM clients WHERE token_id = $1", token_id)
+            f"SELECT {_CLIENT_COLUMNS}, token_hash FROM clients WHERE token_id = $1", token_id,
+            lookup=True)
         return (_client(row), bytes(row["token_hash"])) if row else None
 
     async def list_clients(self) -> list[Client]:
@@ -426,9 +488,23 @@ class PostgresStorage(GroupCommitStorage):
             after_seq, limit)
         return [_audit(r) for r in rows]
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        return [_checkpoint(r) for r in await self._fetch(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq, id")]
+    async def checkpoints(self, after: tuple[int, int] | None = None,
+                          limit: int | None = None) -> list[Checkpoint]:
+        sql = f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints"
+        args: list[Any] = []
+        if after is not None:
+            args += list(after)
+            sql += " WHERE (seq, id) > ($1, $2)"
+        sql += " ORDER BY seq, id"
+        if limit is not None:
+            args.append(limit)
+            sql += f" LIMIT ${len(args)}"
+        return [_checkpoint(r) for r in await self._fetch(sql, *args)]
+
+    async def last_checkpoint(self) -> Checkpoint | None:
+        row = await self._fetchrow(f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints "
+                                   "ORDER BY seq DESC, id DESC LIMIT 1")
+        return _checkpoint(row) if row else None
 
     async def health_check(self) -> None:
         try:

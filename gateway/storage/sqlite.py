@@ -10,6 +10,7 @@ chain one chain when two gateway processes share the file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
@@ -20,17 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.request import pathname2url
 
 from gateway.storage import migrations
 from gateway.storage.base import (
     GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
     CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord,
     LinkedRecord, MigrationError, StorageError,
-    StorageUnavailable, RETENTION_SLACK, format_time, minimum_retention, parse_time, utcnow,
+    StorageUnavailable, RETENTION_SLACK, decode_audit_row, decode_checkpoint_row, format_time,
+    minimum_retention, parse_time, utcnow,
 )
 from gateway.storage.group_commit import (
     ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
-    dump_json,
+    dump_json, unit_events,
 )
 
 T = TypeVar("T")
@@ -55,8 +58,7 @@ def _document(row: Sequence[Any]) -> DocumentRecord:
 
 
 def _audit(row: Sequence[Any]) -> AuditRecord:
-    return AuditRecord(row[0], parse_time(row[1]), row[2], row[3], row[4], row[5],
-                       json.loads(row[6]), row[7], row[8], row[9])
+    return decode_audit_row(row, parse_time)
 
 
 def _client(row: Sequence[Any]) -> Client:
@@ -65,15 +67,39 @@ def _client(row: Sequence[Any]) -> Client:
 
 
 def _checkpoint(row: Sequence[Any]) -> Checkpoint:
-    return Checkpoint(row[0], row[1], row[2], parse_time(row[3]), row[4], row[5], bytes(row[6]))
+    return decode_checkpoint_row(row, parse_time)
+
+
+def _sha256_hex(content: bytes | str | None) -> str | None:
+    if content is None:
+        return None
+    return hashlib.sha256(content.encode("utf-8") if isinstance(content, str)
+                          else bytes(content)).hexdigest()
+
+
+def _unit_level(exc: BaseException) -> bool:
+    """Whether an error belongs to one unit (a record the database or the encoder refuses: a
+    constraint, a value it cannot bind, details nested too deep) rather than to the database
+    (locked, full, I/O, corrupt), which fails the whole batch."""
+    if isinstance(exc, StorageUnavailable | MemoryError) or not isinstance(exc, Exception):
+        return False
+    if isinstance(exc, sqlite3.Error):
+        return isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError
+                          | sqlite3.ProgrammingError)
+    return True
 
 
 class SqliteStorage(GroupCommitStorage):
     engine = "sqlite"
 
     def __init__(self, path: str | Path, *, readers: int = 2, max_batch: int = 256,
-                 window_s: float = 0.001, busy_timeout_s: float = 30.0) -> None:
+                 window_s: float = 0.001, busy_timeout_s: float = 30.0,
+                 read_only: bool = False) -> None:
+        """`read_only`: for commands that only read (`audit verify`, `audit list`): a missing
+        database is refused (StorageUnavailable), never created, and a current schema is used
+        without taking the migration write lock."""
         self.path = Path(path)
+        self.read_only = read_only
         self._busy_timeout_s = busy_timeout_s
         self._readers = readers
         self._writer: ThreadPoolExecutor | None = None
@@ -87,18 +113,35 @@ class SqliteStorage(GroupCommitStorage):
     # -- connections ---------------------------------------------------------------------------
 
     def _connect(self, *, reader: bool) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA foreign_keys = ON")
-        # INSERT OR REPLACE deletes the row it replaces WITHOUT firing delete triggers unless
-        # recursive triggers are on: without this, one REPLACE would rewrite an audit record or
-        # move the chain head back past every append-only trigger.
-        conn.execute("PRAGMA recursive_triggers = ON")
-        conn.execute("PRAGMA busy_timeout = %d" % int(self._busy_timeout_s * 1000))
-        if reader:
-            conn.execute("PRAGMA query_only = ON")
-        else:
-            conn.execute("PRAGMA synchronous = FULL")
+        try:
+            if self.read_only:
+                # mode=rw: a database that is not there is refused, not created
+                conn = sqlite3.connect(f"file:{pathname2url(str(self.path.absolute()))}?mode=rw",
+                                       uri=True, timeout=self._busy_timeout_s,
+                                       isolation_level=None, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
+                                       isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot open the database {self.path}: {exc}",
+                                     path=str(self.path)) from exc
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            # INSERT OR REPLACE deletes the row it replaces WITHOUT firing delete triggers unless
+            # recursive triggers are on: without this, one REPLACE would rewrite an audit record
+            # or move the chain head back past every append-only trigger.
+            conn.execute("PRAGMA recursive_triggers = ON")
+            conn.execute("PRAGMA busy_timeout = %d" % int(self._busy_timeout_s * 1000))
+            if reader:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                conn.execute("PRAGMA synchronous = FULL")
+            # `audit verify` hashes archived documents inside the reader thread, one at a time
+            conn.create_function("gateway_sha256", 1, _sha256_hex, deterministic=True)
+        except sqlite3.Error as exc:  # not a database, unreadable...
+            conn.close()
+            raise StorageUnavailable(f"cannot open the database {self.path}: {exc}",
+                                     path=str(self.path)) from exc
         with self._lock:
             self._connections.append(conn)
         return conn
@@ -134,17 +177,30 @@ class SqliteStorage(GroupCommitStorage):
     async def open(self) -> None:
         if self._opened:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The archive holds prescriptions (patient data) and the client token hashes: owner
-        # only. SQLite gives its -wal and -shm files the database file's mode.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            if self.read_only:
+                if not self.path.is_file():
+                    raise StorageUnavailable(f"no database at {self.path} (`gateway init` "
+                                             "creates it)", path=str(self.path))
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # The archive holds prescriptions (patient data) and the client token hashes:
+                # owner only. SQLite gives its -wal and -shm files the database file's mode.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot open the database {self.path}: {exc}",
+                                     path=str(self.path)) from exc
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
-            await self._on_writer(self._enable_wal)
+            if not self.read_only:  # a reader uses the journal mode the database has
+                await self._on_writer(self._enable_wal)
             await self.migrate()
-        except BaseException:
+        except BaseException as exc:
             await self._shutdown()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageUnavailable(f"cannot open the database {self.path}: {exc}",
+                                         path=str(self.path)) from exc
             raise
         if self.committer.closed:  # reopened after close()
             self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
@@ -187,14 +243,35 @@ class SqliteStorage(GroupCommitStorage):
     # -- migrations ----------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
+        if self.read_only and await self._on_writer(self._schema_current):
+            return []
         return await self._on_writer(self._migrate_sync)
+
+    def _schema_current(self, conn: sqlite3.Connection) -> bool:
+        """Whether every migration is applied, read without a lock (a reader under WAL is not
+        blocked by a writer: `audit list` does not wait for a busy gateway)."""
+        try:
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                raise StorageUnavailable(f"{self.path} holds no gateway database",
+                                         path=str(self.path)) from exc
+            raise StorageUnavailable(f"cannot read the database {self.path}: {exc}",
+                                     path=str(self.path)) from exc
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot read the database {self.path}: {exc}",
+                                     path=str(self.path)) from exc
+        return done == {m.version for m in migrations.load("sqlite")}
 
     @staticmethod
     def _migrate_sync(conn: sqlite3.Connection) -> list[int]:
         applied_now: list[int] = []
         # BEGIN IMMEDIATE takes the write lock: a second process starting at once waits, then
         # sees the versions already recorded.
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # locked past the busy timeout, read-only file...
+            raise StorageUnavailable(f"cannot lock the database to migrate it: {exc}") from exc
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                          "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
@@ -213,7 +290,11 @@ class SqliteStorage(GroupCommitStorage):
                 applied_now.append(m.version)
             conn.execute("COMMIT")
         except BaseException as exc:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc)
+                                                              or "readonly" in str(exc)):
+                raise StorageUnavailable(f"cannot migrate the database: {exc}") from exc
             if isinstance(exc, sqlite3.Error):
                 raise MigrationError(f"migration failed: {exc}") from exc
             raise
@@ -242,7 +323,9 @@ class SqliteStorage(GroupCommitStorage):
                 conn.execute("SAVEPOINT unit")
                 try:
                     result, head_seq, head_hash = self._apply(conn, unit, head_seq, head_hash)
-                except (StorageError, sqlite3.IntegrityError, TypeError, ValueError) as exc:
+                except Exception as exc:
+                    if not _unit_level(exc):
+                        raise
                     conn.execute("ROLLBACK TO unit")
                     conn.execute("RELEASE unit")
                     results.append(self._unit_error(conn, unit, exc))
@@ -265,8 +348,8 @@ class SqliteStorage(GroupCommitStorage):
     def _unit_error(conn: sqlite3.Connection, unit: Unit, exc: BaseException) -> BaseException:
         if isinstance(exc, StorageError):
             return exc
-        if isinstance(exc, TypeError | ValueError):
-            return InvalidRecord(f"record cannot be stored: {exc}")
+        if not isinstance(exc, sqlite3.IntegrityError):
+            return InvalidRecord(f"record cannot be stored: {type(exc).__name__}: {exc}")
         text = str(exc)
         if "documents.kind, documents.natural_key" in text:
             for doc in unit.documents:
@@ -310,7 +393,7 @@ class SqliteStorage(GroupCommitStorage):
                 (link.document_id, link.kind, dump_json(dict(link.payload), "link payload"),
                  link.client, format_time(now)))
             link_ids.append(int(cur.lastrowid or 0))
-        records = chain(unit.audit, head_seq, head_hash)
+        records = chain(unit_events(unit), head_seq, head_hash)
         if records:
             conn.executemany(
                 f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -403,6 +486,28 @@ class SqliteStorage(GroupCommitStorage):
         return [LinkedRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
                 for r in rows]
 
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(document_ids))
+
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                found.update(conn.execute(
+                    "SELECT id, gateway_sha256(content) FROM documents WHERE id IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall())
+            return found
+
+        return await self._read(read)
+
+    async def count_documents(self) -> int:
+        return int((await self._read(lambda c: c.execute(
+            "SELECT count(*) FROM documents").fetchone()))[0])
+
+    async def document_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        return [r[0] for r in await self._read(lambda c: c.execute(
+            "SELECT id FROM documents WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall())]
+
     # -- clients -------------------------------------------------------------------------------
 
     async def get_client(self, name: str) -> Client | None:
@@ -434,10 +539,25 @@ class SqliteStorage(GroupCommitStorage):
             (after_seq, limit)).fetchall())
         return [_audit(r) for r in rows]
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        rows = await self._read(lambda c: c.execute(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq, id").fetchall())
+    async def checkpoints(self, after: tuple[int, int] | None = None,
+                          limit: int | None = None) -> list[Checkpoint]:
+        sql = f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints"
+        args: tuple[Any, ...] = ()
+        if after is not None:
+            sql += " WHERE (seq, id) > (?, ?)"
+            args = tuple(after)
+        sql += " ORDER BY seq, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args += (limit,)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         return [_checkpoint(r) for r in rows]
+
+    async def last_checkpoint(self) -> Checkpoint | None:
+        row = await self._read(lambda c: c.execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC, id DESC "
+            "LIMIT 1").fetchone())
+        return _checkpoint(row) if row else None
 
     async def health_check(self) -> None:
         def write(conn: sqlite3.Connection) -> None:

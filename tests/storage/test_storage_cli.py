@@ -153,3 +153,90 @@ def test_audit_list_for_daily_review(gw) -> None:  # noqa: ANN001
     assert [(r["seq"], r["subject"]) for r in records] == [(2, "b"), (3, "c")]
     assert gw("audit", "list", "--since", "2999-01-01").output == ""
     assert gw("audit", "list", "--outcome", "refused").output == ""
+
+
+def _run_on(url: str, softhsm_settings: Settings, monkeypatch: pytest.MonkeyPatch, *args: str):  # noqa: ANN202
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", url)
+    return CliRunner().invoke(_cli(), ["--home", str(softhsm_settings.home), *args],
+                              catch_exceptions=False)
+
+
+def test_read_only_commands_refuse_a_missing_database(tmp_path, softhsm_settings: Settings,  # noqa: ANN001
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      audit_label: str) -> None:
+    """`audit verify` on a database that is not there used to create it and call it intact."""
+    path = tmp_path / "nowhere" / "gateway.sqlite3"
+    url = f"sqlite:///{path}"
+    verify = _run_on(url, softhsm_settings, monkeypatch, "audit", "verify")
+    assert verify.exit_code == 2 and "database_unavailable" in verify.output, verify.output
+    assert "intact" not in verify.output
+    for args in (("audit", "list"), ("clients", "list")):
+        result = _run_on(url, softhsm_settings, monkeypatch, *args)
+        assert result.exit_code == 1 and "database_unavailable" in result.output, result.output
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_audit_list_and_verify_on_a_busy_sqlite_database(tmp_path, softhsm_settings: Settings,  # noqa: ANN001
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway holding the write lock does not keep the daily review waiting 30 s."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "gateway.sqlite3"
+    url = f"sqlite:///{path}"
+    assert _run_on(url, softhsm_settings, monkeypatch, "clients", "add", "a",
+                   "--role", "pharmacy").exit_code == 0
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        listed = _run_on(url, softhsm_settings, monkeypatch, "audit", "list")
+        verified = _run_on(url, softhsm_settings, monkeypatch, "audit", "verify",
+                           "--key", "no-such-audit-key")
+        assert time.monotonic() - started < 10
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert listed.exit_code == 0 and "client_added" in listed.output, listed.output
+    assert verified.exit_code == 0 and "intact: 1 records" in verified.output, verified.output
+
+
+def test_undecodable_record_is_listed_and_reported(gw, backend: Backend) -> None:  # noqa: ANN001
+    for name in ("a", "b", "c"):
+        assert gw("clients", "add", name, "--role", "pharmacy").exit_code == 0
+
+    async def tamper() -> None:
+        await backend.drop_protection("audit_log")
+        await backend.raw("UPDATE audit_log SET details = '{\"role\": ' WHERE seq = 2")
+
+    asyncio.run(tamper())
+    listed = gw("audit", "list")
+    assert listed.exit_code == 0
+    lines = listed.output.strip().splitlines()
+    assert len(lines) == 3 and "DAMAGED: unreadable details" in lines[1], listed.output
+    # shown whatever the filters: the review is where it must be seen
+    only = gw("audit", "list", "--type", "client_revoked", "--json")
+    assert [json.loads(line)["seq"] for line in only.output.strip().splitlines()] == [2]
+    broken = gw("audit", "verify", "--key", "no-such-audit-key")
+    assert broken.exit_code == 1
+    assert "BROKEN at record 2: record_undecodable" in broken.output
+
+
+def test_modified_archived_document_named_by_audit_verify(gw, backend: Backend) -> None:  # noqa: ANN001
+    from gateway.storage import AuditEvent, NewDocument
+
+    doc = NewDocument("signed_xml", b"<order qty='10'/>", "application/xml", client="a")
+
+    async def archive_then_tamper() -> None:
+        async with backend.storage() as s:
+            await s.commit_unit(documents=[doc], audit=[AuditEvent("document.signed", "a",
+                                                                   "success", subject=doc.id)])
+        await backend.drop_protection("documents")
+        await backend.raw(f"UPDATE documents SET content = {backend.p(1)}", b"<order qty='90'/>")
+
+    asyncio.run(archive_then_tamper())
+    broken = gw("audit", "verify", "--key", "no-such-audit-key", "--json")
+    assert broken.exit_code == 1
+    out = json.loads(broken.output)
+    assert (out["first_bad_seq"], out["problem"], out["document_id"]) == (
+        1, "document_modified", doc.id)
