@@ -54,6 +54,8 @@ MAX_NAME_BYTES = 256  # client names, key labels, content types, ids
 ARCHIVED_KEY = "archived_sha256"
 # The event a unit that archives documents without an audit event of its own gets.
 ARCHIVED_EVENT = "document.archived"
+# Chains documents archived before audit events carried their hashes (upgrade, migration 0003).
+ADOPTED_EVENT = "archive.adopted"
 # The time of a stored record whose time cannot be read (it was edited in the database).
 UNREADABLE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 

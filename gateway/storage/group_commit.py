@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.storage.base import (
-    ARCHIVED_EVENT, ARCHIVED_KEY, AuditEvent, AuditRecord, Checkpoint, Client, CommitResult,
+    ADOPTED_EVENT, ARCHIVED_EVENT, ARCHIVED_KEY, AuditEvent, AuditRecord, Checkpoint, Client, CommitResult,
     InvalidRecord, NewClient, NewDocument, NewLink, Storage, StorageError, StorageUnavailable,
     audit_canonical, canonical_json,
 )
@@ -55,6 +55,7 @@ class Unit:
     audit: Sequence[AuditEvent] = ()
     client_change: ClientChange | None = None
     checkpoint: NewCheckpoint | None = None
+    adopt: int = 0  # chain at most this many documents of the archive_adoption table (upgrade)
     future: asyncio.Future[UnitResult] | None = field(default=None, repr=False)
 
 
@@ -75,13 +76,20 @@ def dump_json(value: Any, what: str) -> str:
         raise InvalidRecord(f"{what} is nested too deeply to store") from exc
 
 
-def unit_events(unit: Unit) -> list[AuditEvent]:
+def unit_events(unit: Unit, adopted: dict[str, str] | None = None) -> list[AuditEvent]:
     """The audit events a unit writes: its own, the first of them carrying the SHA-256 of every
     document the unit archives (details `archived_sha256`: id -> hex); a unit that archives
     documents without an event of its own gets a `document.archived` event. The chain thus pins
     the content of every archived document (21 CFR 1311.150: records protected from
-    modification and deletion), which `gateway audit verify` recomputes."""
+    modification and deletion), which `gateway audit verify` recomputes. `adopted`: documents
+    archived before that (id -> SHA-256 of their content now), chained by an `archive.adopted`
+    event."""
     events = list(unit.audit)
+    if adopted:
+        events.append(AuditEvent(ADOPTED_EVENT, "system", "success",
+                                 details={ARCHIVED_KEY: dict(sorted(adopted.items())),
+                                          "reason": "archived before audit events carried the "
+                                                    "hashes of documents (upgrade)"}))
     if not unit.documents:
         return events
     archived = {doc.id: doc.sha256 for doc in unit.documents}
@@ -249,6 +257,19 @@ class GroupCommitStorage(Storage):
                           audit: Sequence[AuditEvent] = ()) -> CommitResult:
         result = await self.committer.submit(Unit(list(documents), list(links), list(audit)))
         return result.commit
+
+    async def adopt_archive(self, per_event: int = 1000) -> int:
+        """Chain the documents archived before audit events carried their hashes (listed by
+        migration 0003), `per_event` to an `archive.adopted` event; the number chained. Runs on
+        every open for writing; after the first it finds nothing. Each event and the removal of
+        what it chains from the list commit together, so a crash midway leaves no document out."""
+        total = 0
+        while True:
+            result = await self.committer.submit(Unit(adopt=per_event))
+            chained = [r for r in result.commit.audit if r.event_type == ADOPTED_EVENT]
+            if not chained:
+                return total
+            total += len(chained[0].details[ARCHIVED_KEY])
 
     async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
         result = await self.committer.submit(Unit(audit=list(audit), client_change=change))

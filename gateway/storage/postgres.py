@@ -138,6 +138,8 @@ class PostgresStorage(GroupCommitStorage):
             self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
                                             window_s=self.committer.window_s)
         self.committer.start()
+        if not self.read_only:
+            await self.adopt_archive()
 
     async def close(self) -> None:
         await self.committer.stop()
@@ -215,7 +217,7 @@ class PostgresStorage(GroupCommitStorage):
     async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
         try:
             async with self._require_pool().acquire() as conn:
-                if len(batch) > 1:
+                if len(batch) > 1 and not any(u.adopt for u in batch):  # adoption: one by one
                     try:
                         async with conn.transaction():
                             return await self._fast(conn, batch)
@@ -230,7 +232,7 @@ class PostgresStorage(GroupCommitStorage):
 
     @staticmethod
     async def _lock_head(conn: asyncpg.Connection, batch: list[Unit]) -> tuple[int, str] | None:
-        if not any(u.audit or u.documents for u in batch):  # documents get an event too
+        if not any(u.audit or u.documents or u.adopt for u in batch):  # documents get an event too
             return None
         row = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         return int(row["seq"]), row["hash"]
@@ -328,12 +330,25 @@ class PostgresStorage(GroupCommitStorage):
                                         dump_json(dict(link.payload), "link payload"),
                                         link.client, now)
                     for link in unit.links]
-        records = chain(unit_events(unit), seq, digest)
+        adopted = await self._take_adoption(conn, unit.adopt) if unit.adopt else None
+        records = chain(unit_events(unit, adopted), seq, digest)
         if records:
             await conn.executemany(_INSERT_AUDIT, self._audit_rows(records))
             seq, digest = records[-1].seq, records[-1].hash
         commit = CommitResult(tuple(d.id for d in unit.documents), tuple(link_ids), tuple(records))
         return UnitResult(commit, client, checkpoint), seq, digest
+
+    @staticmethod
+    async def _take_adoption(conn: asyncpg.Connection, limit: int) -> dict[str, str]:
+        """Up to `limit` documents still to be chained (migration 0003), off the list, with
+        the SHA-256 of their content (under the head lock: two nodes never take the same)."""
+        await conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
+        rows = await conn.fetch("SELECT a.document_id, encode(sha256(d.content), 'hex') AS digest "
+                                "FROM archive_adoption a JOIN documents d ON d.id = a.document_id "
+                                "ORDER BY a.document_id LIMIT $1", limit)
+        await conn.execute("DELETE FROM archive_adoption WHERE document_id = ANY($1::text[])",
+                           [r["document_id"] for r in rows])
+        return {r["document_id"]: r["digest"] for r in rows}
 
     @staticmethod
     async def _unit_error(conn: asyncpg.Connection, unit: Unit,

@@ -207,6 +207,8 @@ class SqliteStorage(GroupCommitStorage):
                                             window_s=self.committer.window_s)
         self.committer.start()
         self._opened = True
+        if not self.read_only:
+            await self.adopt_archive()
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
         """Switch to WAL. SQLite answers "database is locked" at once, without its busy handler,
@@ -393,7 +395,8 @@ class SqliteStorage(GroupCommitStorage):
                 (link.document_id, link.kind, dump_json(dict(link.payload), "link payload"),
                  link.client, format_time(now)))
             link_ids.append(int(cur.lastrowid or 0))
-        records = chain(unit_events(unit), head_seq, head_hash)
+        adopted = self._take_adoption(conn, unit.adopt) if unit.adopt else None
+        records = chain(unit_events(unit, adopted), head_seq, head_hash)
         if records:
             conn.executemany(
                 f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -403,6 +406,17 @@ class SqliteStorage(GroupCommitStorage):
             head_seq, head_hash = records[-1].seq, records[-1].hash
         commit = CommitResult(tuple(d.id for d in unit.documents), tuple(link_ids), tuple(records))
         return UnitResult(commit, client, checkpoint), head_seq, head_hash
+
+    @staticmethod
+    def _take_adoption(conn: sqlite3.Connection, limit: int) -> dict[str, str]:
+        """Up to `limit` documents still to be chained (migration 0003), off the list, with
+        the SHA-256 of their content."""
+        conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
+        rows = conn.execute("SELECT a.document_id, d.content FROM archive_adoption a "
+                            "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
+                            (limit,)).fetchall()
+        conn.executemany("DELETE FROM archive_adoption WHERE document_id = ?", [(r[0],) for r in rows])
+        return {r[0]: hashlib.sha256(r[1]).hexdigest() for r in rows}
 
     @staticmethod
     def _apply_client(conn: sqlite3.Connection, change: ClientChange, now: datetime) -> Client:

@@ -238,3 +238,99 @@ async def test_last_checkpoint_and_paged_verification(storage: Storage, audit_ke
     result = await verify_trail(storage, audit_public_key, page=2)
     assert (result.ok, result.first_bad_seq, result.problem) == (
         False, 3, "checkpoint_signature_invalid")
+
+
+# --- upgrade: documents archived before audit events carried their hashes ----------------------
+
+async def database_before_chained_documents(backend: Backend, contents: list[bytes]) -> list[str]:
+    """A database as the gateway left it before migration 0003: migrations 0001-0002 applied,
+    documents archived with no audit record naming them. Their ids."""
+    from gateway.storage.migrations import load, split_sqlite
+
+    old = [m for m in load(backend.name) if m.version <= 2]
+    now = format_time(utcnow())
+    if backend.name == "sqlite":
+        await backend.raw("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                          "name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        for m in old:
+            for statement in split_sqlite(m.sql):
+                await backend.raw(statement)
+            await backend.raw("INSERT INTO schema_migrations VALUES (?, ?, ?)", m.version, m.name, now)
+    else:
+        await backend.raw("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                          "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in old:
+            await _pg_script(backend, m.sql)
+            await backend.raw("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                              m.version, m.name)
+    ids = []
+    for n, content in enumerate(contents):
+        doc_id = f"old-{n}"
+        created, retain = utcnow(), utcnow().replace(year=2030)
+        if backend.name == "sqlite":  # times as text there
+            created, retain = format_time(created), format_time(retain)
+        await backend.raw(f"INSERT INTO documents (id, kind, content_type, content, sha256, created_at, "
+                          f"retain_until) VALUES ({', '.join(backend.p(i) for i in range(1, 8))})",
+                          doc_id, "signed_xml", "application/xml", content,
+                          hashlib.sha256(content).hexdigest(), created, retain)
+        ids.append(doc_id)
+    return ids
+
+
+async def _pg_script(backend: Backend, sql: str) -> None:
+    import asyncpg
+
+    from storage_backends import PG_URL
+
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": backend.schema or ""})
+    try:
+        await conn.execute(sql)  # a whole script, as the migration runner sends it
+    finally:
+        await conn.close()
+
+
+async def test_documents_archived_before_the_upgrade_are_chained_once_on_open(backend: Backend) -> None:
+    """Without adoption, every database upgraded with documents in it failed `audit verify`
+    (document_unchained), and so did `gateway demo` on an existing home."""
+    contents = [f"<old n='{n}'/>".encode() for n in range(5)]
+    ids = await database_before_chained_documents(backend, contents)
+    storage = backend.storage()
+    await storage.open()
+    try:
+        records = await storage.audit_records(0, 100)
+        assert [r.event_type for r in records] == ["archive.adopted"]
+        assert records[0].details[ARCHIVED_KEY] == {
+            i: hashlib.sha256(c).hexdigest() for i, c in zip(ids, contents, strict=True)}
+        new = doc(99)
+        await storage.commit_unit(documents=[new])
+        result = await verify_trail(storage, None)
+        assert result.ok and result.documents_checked == 6, result
+    finally:
+        await storage.close()
+    async with backend.storage() as again:  # adopted once: a second open adds nothing
+        assert len(await again.audit_records(0, 100)) == 2
+        assert await adoption_left(backend) == 0
+        await backend.drop_protection("documents")
+        await backend.raw(f"UPDATE documents SET content = {backend.p(1)} WHERE id = {backend.p(2)}",
+                          b"<old n='2' forged='yes'/>", ids[2])
+        result = await verify_trail(again, None)
+        assert (result.ok, result.problem, result.document_id) == (False, "document_modified", ids[2])
+
+
+async def adoption_left(backend: Backend) -> int:
+    return (await backend.raw("SELECT count(*) FROM archive_adoption"))[0][0]
+
+
+async def test_adoption_takes_a_bounded_number_of_documents_per_event(backend: Backend) -> None:
+    await database_before_chained_documents(backend, [b"<a n='%d'/>" % n for n in range(7)])
+    storage = backend.storage()
+    await storage.open()  # adopts all 7 in one event
+    try:
+        await backend.raw("INSERT INTO archive_adoption (document_id) SELECT id FROM documents")
+        assert await storage.adopt_archive(per_event=3) == 7
+        events = [r for r in await storage.audit_records(0, 100) if r.event_type == "archive.adopted"]
+        assert [len(r.details[ARCHIVED_KEY]) for r in events] == [7, 3, 3, 1]
+        assert await adoption_left(backend) == 0
+        assert (await verify_trail(storage, None)).ok
+    finally:
+        await storage.close()
