@@ -173,3 +173,40 @@ async def test_jobs_run_in_the_requests_context(pool_of) -> None:
     parsed = [__import__("json").loads(line) for line in lines]
     assert sorted((p["request_id"], p["msg"]) for p in parsed) == sorted(
         (f"req-{i}", f"signing for req-{i}") for i in range(6))
+
+
+async def test_requests_waiting_for_their_commit_count_against_the_queue(make_gateway) -> None:
+    """The bound covers a request from admission to its response, not only its job at the pool:
+    two requests whose signatures are done but whose archive commits are slow fill a pool of one
+    worker and a queue of one, and a third is refused at once although the pool is idle."""
+    from gateway.http import keys
+    from tests.http.conftest import HTTP_RSA
+    from tests.http.test_http_service import error_of, xml_doc
+
+    gw = await make_gateway(workers=1, queue_size=1)
+    storage = gw.app[keys.STORAGE]
+    gate = asyncio.Event()
+    real_commit = storage.commit_unit
+    waiting = 0
+
+    async def slow_commit(**unit):  # the real commit, once the gate opens
+        nonlocal waiting
+        waiting += 1
+        await gate.wait()
+        return await real_commit(**unit)
+
+    storage.commit_unit = slow_commit
+    headers = {**gw.auth("purchaser"), "Content-Type": "application/xml"}
+    held = [asyncio.create_task(gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(n), headers=headers))
+            for n in (1, 2)]
+    while waiting < 2:
+        await asyncio.sleep(0.01)
+    pool = gw.app[keys.POOL]
+    assert pool.admission.in_flight == 0  # the pool is idle: both jobs are done
+    # (Admitted, it would wait at the gate too: the time limit makes that a failure, not a hang.)
+    third = await asyncio.wait_for(
+        gw.http.post(f"/v1/sign?key={HTTP_RSA}", data=xml_doc(3), headers=headers), 10)
+    assert third.status == 429 and (await error_of(third))["code"] == "queue_full"
+    gate.set()
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    storage.commit_unit = real_commit
