@@ -104,8 +104,18 @@ def init_home(home: str | os.PathLike[str] | None = None, *, settings: Settings 
     """Set up (or check) a home; returns what was written to demo.json."""
     settings = settings or load_settings(home)
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # PINs, tokens, patient data
+    _make_private(settings.home)
     with home_lock(settings):
         return _init_locked(settings)
+
+
+def _make_private(home: Path) -> None:
+    """The home is its owner's alone (0700), also when it existed before `init` (made by hand,
+    under a lax umask). Whoever may write the directory may replace the files in it whatever
+    their own modes: gateway.toml names the PKCS#11 library the gateway loads, softhsm2.conf the
+    token store, demo.json the tokens scripts use."""
+    if home.stat().st_mode & 0o077:
+        os.chmod(home, 0o700)
 
 
 @contextlib.contextmanager

@@ -47,12 +47,36 @@ def parse_token_id(token: str) -> str | None:
 
 
 def normalise_keys(keys: Iterable[str] | str | None) -> frozenset[str]:
-    """Key labels from a list or a comma-separated string; blanks dropped."""
+    """Key labels from a list or a comma-separated string; blanks dropped.
+
+    Raises InvalidRecord for a label no HSM key can carry (enrolment's rule: 1 to 64 printable
+    ASCII characters, no '/'): such a grant could never be used, and a control character in it
+    would reach terminals and logs through `clients list` and the audit trail."""
+    from gateway.signing.hsm import MAX_LABEL, valid_label
+
     if keys is None:
         return frozenset()
     if isinstance(keys, str):
         keys = keys.split(",")
-    return frozenset(k.strip() for k in keys if k and k.strip())
+    labels = frozenset(k.strip() for k in keys if k and k.strip())
+    bad = sorted(label for label in labels if not valid_label(label))
+    if bad:
+        raise InvalidRecord(f"key labels are 1 to {MAX_LABEL} printable ASCII characters "
+                            f"(no '/', no leading '.'): {', '.join(map(ascii, bad))}", key_labels=bad)
+    return labels
+
+
+def check_client_name(name: str) -> str:
+    """The name, stripped; InvalidRecord unless 1-200 printable characters without spaces.
+
+    The name is the actor of every audit record the client causes and a column of `clients
+    list`: a control or format character (an escape sequence, a right-to-left override) would
+    rewrite what a reviewer's terminal shows."""
+    name = name.strip()
+    if not name or len(name) > 200 or not name.isprintable() or any(c.isspace() for c in name):
+        raise InvalidRecord("client name must be 1-200 printable characters without spaces",
+                            name=ascii(name))
+    return name
 
 
 async def add_client(storage: Storage, name: str, role: str,
@@ -62,9 +86,7 @@ async def add_client(storage: Storage, name: str, role: str,
 
     Raises InvalidRecord (unknown role, bad name) or ClientExists.
     """
-    name = name.strip()
-    if not name or len(name) > 200 or any(c.isspace() for c in name):
-        raise InvalidRecord("client name must be 1-200 characters without spaces", name=name)
+    name = check_client_name(name)
     if role not in ROLES:
         raise InvalidRecord(f"role must be one of {', '.join(ROLES)}", role=role)
     labels = normalise_keys(keys)
@@ -80,7 +102,13 @@ async def add_client(storage: Storage, name: str, role: str,
 
 async def revoke_client(storage: Storage, name: str, *, actor: str = "cli",
                         request_id: str | None = None) -> Client:
-    """Revoke a client's token for good. Raises ClientNotFound."""
+    """Revoke a client's token for good. Raises ClientNotFound.
+
+    Revoking again changes nothing and returns the client with its first revocation time; it
+    writes no audit event either, so the trail shows one revocation, when it happened."""
+    existing = await storage.get_client(name)
+    if existing is not None and existing.revoked_at is not None:
+        return existing
     event = AuditEvent("client_revoked", actor, "success", subject=name, request_id=request_id)
     return await storage.revoke_client(name, audit=[event])
 

@@ -8,6 +8,7 @@ operator changes per process (database URL, PKCS#11 module).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -135,22 +136,89 @@ def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
     return raw
 
 
-def _section(data: dict[str, Any], name: str, cls: type) -> Any:
-    raw = _table(data, name)
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = set(raw) - known
+# The range of each number, (lowest, highest, lowest excluded). A value outside it would not
+# fail where it is written but later and elsewhere: `body_timeout_s = 0` (or nan) refuses every
+# body with 408, `queue_deadline_ms = 0` every signature with 429, `max_body_bytes = 0` lifts
+# aiohttp's limit on chunked bodies altogether, `port = 70000` fails in bind(), a negative
+# `sessions` silently means "one per core".
+_RANGES: dict[str, dict[str, tuple[float, float | None, bool]]] = {
+    "hsm": {"sessions": (0, None, False), "workers": (0, None, False), "worker_nice": (0, 19, False)},
+    "server": {"port": (0, 65535, False), "max_body_bytes": (1, None, False),
+               "queue_size": (0, None, False), "queue_deadline_ms": (1, None, False),
+               "retry_after_s": (0, None, False), "drain_timeout_s": (0, None, False),
+               "body_timeout_s": (0, None, True)},
+    # A zero period made the checkpointer and the refusal summariser spin the event loop.
+    "audit": {"checkpoint_every_records": (1, None, False), "checkpoint_every_seconds": (0, None, True),
+              "refusal_burst": (0, None, False), "refusal_window_s": (0, None, True)},
+}
+# Tables without a settings class of their own, read with `Settings.section`: each key's type.
+# ([som] is checked by gateway.som's own configuration.)
+_PLAIN_TABLES: dict[str, dict[str, type]] = {
+    "audit": {"key": str, "checkpoint_every_records": int, "checkpoint_every_seconds": float,
+              "refusal_burst": int, "refusal_window_s": float},
+    "readiness": {"key": str},
+}
+# Strings that must not be empty: elsewhere in this file "" means "the default", but an empty
+# `host` makes aiohttp listen on every interface, and an empty module or token label names nothing.
+_NON_EMPTY = {"hsm": {"module", "token_label"}, "server": {"host"}, "audit": {"key"},
+              "readiness": {"key"}}
+# Tables read by some part of the gateway; any other one is a typo (`[sever]`) whose settings
+# would silently not apply. A new area that reads `settings.section(NAME)` adds NAME here.
+KNOWN_TABLES = frozenset({"hsm", "server", "database", "trust", "audit", "som", "readiness"})
+_DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
+def _check_range(name: str, key: str, value: int | float) -> None:
+    low, high, low_open = _RANGES.get(name, {}).get(key, (-math.inf, None, False))
+    bad = (isinstance(value, float) and not math.isfinite(value)) or value < low \
+        or (low_open and value == low) or (high is not None and value > high)
+    if bad:
+        want = f"> {low:g}" if low_open else (f"{low:g} to {high:g}" if high is not None else f">= {low:g}")
+        raise ConfigError(f"gateway.toml [{name}] {key}: must be a finite number {want}, got {value!r}")
+
+
+def _check_table(name: str, raw: dict[str, Any], types: dict[str, type]) -> None:
+    unknown = set(raw) - set(types)
     if unknown:
         raise ConfigError(f"gateway.toml [{name}]: unknown keys {sorted(unknown)}")
     # A value of the wrong type would otherwise surface much later, far from its cause
     # (`sessions = "4"` as a TypeError inside the HSM pool).
-    defaults = cls()
     for key, value in raw.items():
-        want = type(getattr(defaults, key))
+        want = types[key]
         ok = isinstance(value, int | float) if want is float else isinstance(value, want)
         if not ok or (isinstance(value, bool) and want is not bool):
             raise ConfigError(f"gateway.toml [{name}] {key}: expected {want.__name__}, "
                               f"got {type(value).__name__} {value!r}")
+        if want in (int, float):
+            _check_range(name, key, value)
+        elif key in _NON_EMPTY.get(name, ()) and not value.strip():
+            raise ConfigError(f"gateway.toml [{name}] {key}: must not be empty")
+
+
+def _section(data: dict[str, Any], name: str, cls: type) -> Any:
+    raw = _table(data, name)
+    defaults = cls()
+    _check_table(name, raw, {f: type(getattr(defaults, f)) for f in cls.__dataclass_fields__})
     return cls(**raw)
+
+
+def _one_string(data: dict[str, Any], name: str, key: str) -> str:
+    """A table holding one string setting ([database] url, [trust] bundle); "" when absent."""
+    raw = _table(data, name)
+    unknown = set(raw) - {key}
+    if unknown:  # `[database] uri = ...` would otherwise leave the archive in SQLite, silently
+        raise ConfigError(f"gateway.toml [{name}]: unknown keys {sorted(unknown)}")
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"gateway.toml [{name}] {key}: expected str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_database_url(url: str, where: str) -> None:
+    if url and not url.startswith(_DATABASE_SCHEMES):
+        # Only the scheme is shown: the rest of a URL may hold a password.
+        raise ConfigError(f"{where}: {url.split(':', 1)[0]!r} is not a database URL: "
+                          "use sqlite:///PATH or postgresql://...")
 
 
 def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
@@ -163,14 +231,21 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(data) - KNOWN_TABLES
+    if unknown:
+        raise ConfigError(f"gateway.toml: unknown tables or keys {sorted(unknown)}")
     hsm = _section(data, "hsm", HsmSettings)
     server = _section(data, "server", ServerSettings)
+    for name, types in _PLAIN_TABLES.items():
+        _check_table(name, _table(data, name), types)
+    database_url = _one_string(data, "database", "url")
+    _check_database_url(database_url, "gateway.toml [database] url")
     settings = Settings(
         home=root,
         hsm=hsm,
         server=server,
-        database_url=str(_table(data, "database").get("url", "")),
-        trust_bundle=str(_table(data, "trust").get("bundle", "")),
+        database_url=database_url,
+        trust_bundle=_one_string(data, "trust", "bundle"),
         extra={k: v for k, v in data.items() if k not in {"hsm", "server", "database", "trust"}},
     )
     if os.environ.get("GATEWAY_PKCS11_LIB"):
@@ -178,6 +253,7 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     if os.environ.get("GATEWAY_HSM_PIN"):
         settings = replace(settings, hsm=replace(settings.hsm, user_pin=os.environ["GATEWAY_HSM_PIN"]))
     if os.environ.get("GATEWAY_DATABASE_URL"):
+        _check_database_url(os.environ["GATEWAY_DATABASE_URL"], "GATEWAY_DATABASE_URL")
         settings = replace(settings, database_url=os.environ["GATEWAY_DATABASE_URL"])
     return settings
 
@@ -186,11 +262,22 @@ def write_default_config(settings: Settings) -> None:
     """Write `gateway.toml` once; an existing file is the operator's and is left alone.
 
     The file holds the HSM PINs: it is created owner-only (0600), in a home created 0700, and
-    never overwritten (O_EXCL: two `gateway init` at once do not both write it).
+    never overwritten (O_EXCL: two `gateway init` at once do not both write it). What the
+    environment overrides (GATEWAY_PKCS11_LIB, GATEWAY_HSM_PIN) is written as the default.
     """
     if settings.config_path.exists():
         return
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # An override from the environment is for the process that has it; the file gets the
+    # default. A PIN is put in GATEWAY_HSM_PIN to keep it out of files, and a module named for
+    # one run (which may not even load) must not stay with the home after that run failed.
+    defaults = HsmSettings()
+    hsm = settings.hsm
+    if os.environ.get("GATEWAY_PKCS11_LIB"):
+        hsm = replace(hsm, module=defaults.module)
+    if os.environ.get("GATEWAY_HSM_PIN"):
+        hsm = replace(hsm, user_pin=defaults.user_pin)
+    settings = replace(settings, hsm=hsm)
     text = (
         "# Gateway configuration. Environment overrides: GATEWAY_DATABASE_URL, GATEWAY_PKCS11_LIB,\n"
         "# GATEWAY_HSM_PIN.\n"

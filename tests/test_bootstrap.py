@@ -104,3 +104,61 @@ def test_concurrent_inits_of_a_new_home_make_one_of_everything(tmp_path: Path) -
                     for name, c in demo["clients"].items()}
 
     assert asyncio.run(roles()) == {name: c["role"] for name, c in demo["clients"].items()}
+
+
+def _gateway(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_DATABASE_URL", "GATEWAY_PKCS11_LIB")}
+    return subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=300, env={**full, **env})
+
+
+def test_init_refusals_are_one_line_with_a_code_and_a_later_init_completes(tmp_path: Path) -> None:
+    """What stops `init` (or `demo`) is `error [code]: ...` and exit 1, not a traceback; nothing
+    else is written, and `init` run again once the cause is gone sets the home up."""
+    home = tmp_path / "home"
+    for command in ("init", "demo"):
+        proc = _gateway(home, command, GATEWAY_PKCS11_LIB="/etc/passwd")  # not a PKCS#11 library
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error [hsm_unavailable] HSM module /etc/passwd unusable"), proc.stderr
+    assert not (home / "demo.json").exists() and not (home / "gateway.sqlite3").exists()
+
+    pin_home = tmp_path / "pin-home"
+    pin_home.mkdir()
+    (pin_home / "gateway.toml").write_text('[hsm]\nuser_pin = "12"\n')  # softhsm2-util would refuse it
+    proc = _gateway(pin_home, "init")
+    assert proc.returncode == 1 and proc.stderr.startswith("error [hsm_pin_invalid]"), proc.stderr[-2000:]
+
+    (tmp_path / "a-file").touch()
+    proc = _gateway(tmp_path / "a-file" / "home", "init")
+    assert proc.returncode == 1 and proc.stderr.startswith("error [home_unusable]"), proc.stderr[-2000:]
+    assert "Not a directory" in proc.stderr
+
+    # The module named for the failed run did not stay in the home's gateway.toml.
+    assert "/etc/passwd" not in (home / "gateway.toml").read_text()
+    proc = _gateway(home, "init")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads((home / "demo.json").read_text())["clients"]) == {
+        "purchaser", "supplier", "prescriber_app", "pharmacy", "compliance", "admin"}
+
+
+def test_init_makes_an_existing_home_private(tmp_path: Path) -> None:
+    """A home made beforehand under a lax umask, here world-writable: anyone could have replaced
+    gateway.toml (and so the PKCS#11 library loaded) whatever the file's own mode."""
+    home = tmp_path / "shared"
+    home.mkdir()
+    os.chmod(home, 0o777)
+    proc = _gateway(home, "init")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_pin_from_the_environment_stays_out_of_gateway_toml(tmp_path: Path) -> None:
+    """GATEWAY_HSM_PIN keeps the PIN out of files: `init` creates the token with it but does not
+    write it to gateway.toml; the gateway logs in with it, and without it the login is refused."""
+    home = tmp_path / "home"
+    proc = _gateway(home, "init", GATEWAY_HSM_PIN="env-only-pin-7")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "env-only-pin-7" not in (home / "gateway.toml").read_text()
+    assert _gateway(home, "keys", "list", GATEWAY_HSM_PIN="env-only-pin-7").returncode == 0
+    refused = _gateway(home, "keys", "list")
+    assert refused.returncode != 0 and "hsm_login_failed" in refused.stderr, refused.stderr[-2000:]

@@ -100,8 +100,13 @@ def clients_revoke(ctx: Context, name: str) -> None:
     """Revoke a client's token for good."""
     from gateway.clients import revoke_client
 
-    client = _run(ctx, lambda s: revoke_client(s, name))
-    click.echo(f"client {client.name} revoked at {_fmt_time(client.revoked_at)}")
+    async def revoke(storage: Storage) -> tuple[bool, Any]:
+        before = await storage.get_client(name)
+        return before is not None and before.revoked_at is not None, await revoke_client(storage, name)
+
+    already, client = _run(ctx, revoke)
+    state = "was already revoked" if already else "revoked"
+    click.echo(f"client {client.name} {state} at {_fmt_time(client.revoked_at)}")
 
 
 @clients_group.command("keys")

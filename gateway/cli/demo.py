@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from gateway.cli import Context, pass_context
+
+
+@contextmanager
+def _setup_refusals() -> Iterator[None]:
+    """What stops `init` or `demo` setting up the home, as `error [code]: message` and exit 1
+    instead of a traceback: the HSM (a module that is not one, a PIN the token refuses), the
+    database, the test PKI, or a home that cannot be written."""
+    from gateway.cli.pki import CommandError
+    from gateway.config import ConfigError
+    from gateway.signing.errors import SigningError
+    from gateway.signing.pki import PkiError
+    from gateway.storage import StorageError
+
+    try:
+        yield
+    except StorageError as exc:
+        raise CommandError(exc.code, exc.message) from exc
+    except (SigningError, PkiError, ConfigError) as exc:
+        raise CommandError(getattr(exc, "code", "error"), str(exc)) from exc
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CommandError("home_unusable", f"{where}{exc.strerror or exc}") from exc
 
 
 @click.command("init")
@@ -16,7 +40,8 @@ def init_command(ctx: Context) -> None:
     """Set up the home: SoftHSM token, test PKI, demo keys, catalog, database, demo clients."""
     from gateway.bootstrap import init_home
 
-    demo = init_home(settings=ctx.settings)
+    with _setup_refusals():
+        demo = init_home(settings=ctx.settings)
     click.echo(f"home ready: {demo['home']}")
     for role, key in demo["keys"].items():
         click.echo(f"  key {key['label']:<22} {role:<14} DEA {key['dea_number']}  cert {key['certificate']}")
@@ -31,7 +56,8 @@ def demo_command(ctx: Context, keep_going: bool) -> None:
     """Play the story end to end through the HTTP API and print what happened."""
     from gateway.demo import run_demo
 
-    ok = run_demo(ctx.settings, keep_going=keep_going)
+    with _setup_refusals():
+        ok = run_demo(ctx.settings, keep_going=keep_going)
     sys.exit(0 if ok else 1)
 
 

@@ -29,7 +29,14 @@ async def serve(settings: Settings, *, ready_file: str | None = None,
     await runner.setup()  # opens storage, HSM, pool, trust store
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024,
                        reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        # The port is taken (or not ours to bind): close what setup opened, in order, before
+        # saying so. Left to the interpreter's exit, the storage's executor was gone before the
+        # last audit checkpoint could read the head, and that failure was logged as a traceback.
+        await runner.cleanup()
+        raise
     port = site._server.sockets[0].getsockname()[1] if site._server else settings.server.port  # noqa: SLF001
     log.info("serving", extra={"host": settings.server.host, "port": port,
                                "database": settings.effective_database_url.split("://")[0]})
@@ -45,13 +52,20 @@ async def serve(settings: Settings, *, ready_file: str | None = None,
     # runner.cleanup(): stop accepting, on_shutdown (readiness 503), wait for in-flight handlers up
     # to the drain timeout, then close the pool, the HSM and storage (last commit lands).
     await runner.cleanup()
+    # Drained and closed: from here on a repeated SIGTERM/SIGINT (an orchestrator insisting) must
+    # not kill the process on its way out. Left registered, asyncio restores the default action
+    # when the loop closes, and a signal in the moments before exit ended it with status -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
 
 
 def register(group: click.Group) -> None:
     @group.command("serve")
     @click.option("--host", default=None, help="Address to listen on (default: [server] host).")
-    @click.option("--port", type=int, default=None, help="Port (default: [server] port; 0 picks a free one).")
+    @click.option("--port", type=click.IntRange(0, 65535), default=None,
+                  help="Port (default: [server] port; 0 picks a free one).")
     @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
                   help="Write the bound port to this file once listening.")
     @click.option("--log-level", default="INFO", show_default=True,
@@ -71,7 +85,7 @@ def register(group: click.Group) -> None:
         try:
             asyncio.run(serve(settings, ready_file=ready_file))
         except OSError as exc:
-            log.error("cannot serve: %s", exc)
+            log.error("cannot serve: %s", exc, extra={"code": "listen_failed"})
             sys.exit(1)
         except Exception as exc:  # noqa: BLE001 - HSM or database unusable at start: say so, exit 1
             code = getattr(exc, "code", type(exc).__name__)

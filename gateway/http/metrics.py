@@ -9,6 +9,11 @@ from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported fo
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# The method label takes these values only. The method is the client's to choose: aiohttp's
+# pure-Python parser (AIOHTTP_NO_EXTENSIONS, or no C extension for the platform) accepts any
+# token, and one new series per invented method would grow /metrics and memory without bound.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"})
+
 
 @dataclass
 class Metrics:
@@ -52,6 +57,8 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one request and its latency (label children cached: this runs per request)."""
+        if method not in METHODS:
+            method = "other"
         key = (method, route, status)
         children = self._children.get(key)
         if children is None:

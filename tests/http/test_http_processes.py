@@ -4,7 +4,12 @@ and two nodes on one PostgreSQL database and one HSM token behaving as one syste
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -229,3 +234,60 @@ async def test_two_nodes_on_one_postgresql_behave_as_one(softhsm_settings, http_
             assert stop_server(node) == 0
     finally:
         await _drop_schema(schema)
+
+
+def test_a_repeated_sigterm_still_exits_0(softhsm_settings, http_keys, tmp_path, servers) -> None:
+    """An orchestrator that repeats SIGTERM: the gateway drains once and exits 0. A signal that
+    came after the event loop had closed used to take the default action (status -15)."""
+    server = start_server(copy_home(softhsm_settings, tmp_path / "home"))
+    servers.append(server)
+    deadline = time.monotonic() + 30
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    assert server.proc.wait(5) == 0
+    assert '"msg":"stopped"' in server.log()
+
+
+async def test_a_taken_port_is_one_clean_error(softhsm_settings, http_keys, initialized_home, tmp_path) -> None:
+    """The port is in use: exit 1 with `listen_failed`, and what start-up opened is closed in
+    order (it used to be left to the interpreter's exit, which logged the final audit checkpoint
+    failing with a traceback: the token holds the audit key and the trail has records, so there is
+    a checkpoint to sign)."""
+    home = copy_home(softhsm_settings, tmp_path / "home")
+    await _clients((await _database("sqlite", home, "port"))[0])
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_DATABASE_URL"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "serve", "--port",
+                               str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in map(json.loads, proc.stderr.splitlines()) if line["level"] == "error"]
+    assert [e.get("code") for e in errors] == ["listen_failed"], errors
+    assert "address already in use" in errors[0]["msg"]
+
+
+async def test_invented_methods_do_not_grow_the_metrics(softhsm_settings, http_keys, tmp_path, servers) -> None:
+    """aiohttp's pure-Python parser (no C extension) accepts any method token: each invented one
+    was a new series in /metrics, without bound. They are counted as method="other"."""
+    server = start_server(copy_home(softhsm_settings, tmp_path / "home"), env={"AIOHTTP_NO_EXTENSIONS": "1"})
+    servers.append(server)
+
+    async def raw(method: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"{method} /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status = await reader.readline()
+        writer.close()
+        return status
+
+    statuses = [await raw(f"M{i:04d}") for i in range(200)]
+    assert all(b" 404 " in s for s in statuses), statuses[:3]  # reached the app, as any request
+    async with aiohttp.ClientSession(server.url) as http:
+        async with http.get("/metrics") as resp:
+            text = await resp.text()
+    series = [line for line in text.splitlines() if line.startswith("gateway_http_requests_total{")]
+    assert 'gateway_http_requests_total{method="other",route="unmatched",status="404"} 200.0' in series
+    assert not any('method="M0' in line for line in series)
+    assert stop_server(server) == 0
