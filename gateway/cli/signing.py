@@ -7,14 +7,21 @@
 `code` says why), 2 unusable input (unreadable file or document, no trust bundle, bad option).
 `sign` exits 0 when it wrote the signed document, 1 when the key, the document or the HSM refuses
 (printed as `error [code]: message`, e.g. `key_not_found`, `already_signed`, `hsm_unavailable`),
-2 for unusable input (unreadable file, malformed or hostile XML, bad option).
+2 for unusable input (unreadable file, malformed or hostile XML, bad option, `--out` that cannot be
+written: `output_unwritable`). `--out` is replaced only by a complete document. Every signature and
+every refusal once the HSM is involved is an audit event (`document.signed` / `sign.refused`,
+actor `cli`; 21 CFR 1311.150).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -51,8 +58,51 @@ def parse_time(text: str) -> dt.datetime:
     except ValueError:
         raise click.BadParameter(f"{text!r} is not an ISO 8601 date or time", param_hint="--at") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when
+        return when.replace(tzinfo=dt.timezone.utc)
+    try:
+        # Converted here: 0001-01-01T00:00+01:00 has no UTC form, and later code works in UTC.
+        return when.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise click.BadParameter(f"{text!r} is out of range in UTC", param_hint="--at") from None
+
+
+def _prepare_out(out: str) -> tuple[Path, Path | None]:
+    """The --out target and the temporary file the document is written to first.
+
+    A regular file (new or existing) is replaced by renaming a complete temporary file of its
+    directory over it: a failed write (disk full, size limit) leaves neither half a document nor
+    a destroyed previous file, which is the input itself when --out names FILE. Anything else
+    (/dev/null, a pipe) is written in place (renaming over it would replace the device).
+    Made before signing, so that an unwritable --out costs no HSM signature.
+    """
+    target = Path(os.path.realpath(out))  # through a symlink, as a plain open() writes
+    try:
+        mode = None
+        if target.exists():
+            if not target.is_file():
+                return target, None
+            mode = stat.S_IMODE(target.stat().st_mode)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        _fail("output_unwritable", f"cannot write {out}: {exc.strerror or exc}", EXIT_UNUSABLE)
+    os.close(fd)
+    if mode is None:  # a new file gets the permissions a plain open() would give it
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(name, mode)
+    return target, Path(name)
+
+
+def _write_out(target: Path, part: Path | None, data: bytes) -> None:
+    """Write `data` to `part` and rename it over `target` (or to `target` itself); raises OSError."""
+    with open(part or target, "wb") as handle:
+        handle.write(data)
+        if part is not None:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if part is not None:
+        os.replace(part, target)
 
 
 @click.command("sign")
@@ -65,37 +115,58 @@ def parse_time(text: str) -> dt.datetime:
 @pass_context
 def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str) -> None:
     """Sign FILE with an HSM key."""
+    from gateway.cli.pki import _record  # the audit write the key and PKI commands use
     from gateway.signing.errors import HsmError, SigningError
     from gateway.signing.hsm import Hsm
     from gateway.xmlsafe import XmlError
 
     data = _read(file)
-    try:
-        hsm = Hsm.open(ctx.settings)
-    except HsmError as exc:
-        _fail(exc.code, str(exc), EXIT_INVALID)
-    try:
-        signer = hsm.signer(label)
-        chain = _chain(ctx, signer.certificate)
-        if fmt == "xmldsig":
-            from gateway.signing.xmldsig import sign_enveloped
+    target, part = _prepare_out(out) if out else (None, None)
+    details = {"key_label": label, "format": fmt, "content_sha256": hashlib.sha256(data).hexdigest(),
+               "file": os.path.abspath(file)}
 
-            result = sign_enveloped(data, signer, chain=chain)
+    def refuse(code: str, message: str, status: int, event: str = "sign.refused",
+               outcome: str = "refused") -> None:
+        _record(ctx.settings, event, outcome, label, {**details, "code": code})
+        _fail(code, message, status)
+
+    try:
+        try:
+            hsm = Hsm.open(ctx.settings)
+        except HsmError as exc:  # a wrong PIN too: an attempt on the keys (21 CFR 1311.150)
+            refuse(exc.code, str(exc), EXIT_INVALID)
+        try:
+            signer = hsm.signer(label)
+            chain = _chain(ctx, signer.certificate)
+            if fmt == "xmldsig":
+                from gateway.signing.xmldsig import sign_enveloped
+
+                result = sign_enveloped(data, signer, chain=chain)
+            else:
+                from gateway.signing.cms import sign_detached
+
+                result = sign_detached(data, signer, chain=chain)
+        except XmlError as exc:
+            refuse(exc.code, exc.message, EXIT_UNUSABLE)
+        except SigningError as exc:  # HSM errors included: key not found, token unavailable...
+            refuse(exc.code, str(exc), EXIT_INVALID)
+        finally:
+            hsm.close()
+        if target is not None:
+            try:
+                _write_out(target, part, result)
+            except OSError as exc:  # signed, but the document never reached --out
+                refuse("output_unwritable", f"cannot write {out}: {exc.strerror or exc}",
+                       EXIT_UNUSABLE, "document.signed", "failure")
         else:
-            from gateway.signing.cms import sign_detached
-
-            result = sign_detached(data, signer, chain=chain)
-    except XmlError as exc:
-        _fail(exc.code, exc.message, EXIT_UNUSABLE)
-    except SigningError as exc:  # HSM errors included: key not found, token unavailable...
-        _fail(exc.code, str(exc), EXIT_INVALID)
+            sys.stdout.buffer.write(result)
+            sys.stdout.buffer.flush()
     finally:
-        hsm.close()
-    if out:
-        Path(out).write_bytes(result)
-    else:
-        sys.stdout.buffer.write(result)
-        sys.stdout.buffer.flush()
+        if part is not None:
+            part.unlink(missing_ok=True)  # left only when something failed before the rename
+    _record(ctx.settings, "document.signed", "success", label,
+            {**details, "signature_sha256": hashlib.sha256(result).hexdigest(),
+             "out": str(target) if target is not None else "-"})
 
 
 def _chain(ctx: Context, cert) -> tuple:

@@ -28,10 +28,16 @@ _STOP = object()
 
 def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for fut, ok, value in results:
-        if fut.cancelled():
+        if fut.done():  # cancelled by its caller while queued or running: nobody waits
             continue
         if ok:
             fut.set_result(value)
+        elif isinstance(value, StopIteration):
+            # A future refuses StopIteration (TypeError), which would leave this caller and every
+            # later one of the batch waiting forever; it becomes a RuntimeError, as PEP 479 does.
+            error = RuntimeError(f"job raised StopIteration: {value!r}")
+            error.__cause__ = value
+            fut.set_exception(error)
         else:
             fut.set_exception(value)
 
@@ -140,8 +146,13 @@ class AsyncSigner:
         return self._enqueue(fn, args)
 
     def sign(self, label: str, data: bytes) -> asyncio.Future[bytes]:
-        """Sign on a worker (awaitable). Errors are the Hsm's: KeyNotFound, TokenUnavailable..."""
-        return self._enqueue(None, (label, data))
+        """Sign on a worker (awaitable). Errors are the Hsm's: KeyNotFound, TokenUnavailable...
+
+        Raises TypeError at once for data that is not bytes: the jobs of a batch are signed in one
+        call, and one malformed job would fail every other caller's job batched with it."""
+        if not isinstance(label, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("AsyncSigner.sign takes a str label and bytes data")
+        return self._enqueue(None, (label, bytes(data)))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.submit(fn, *args)

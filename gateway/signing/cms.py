@@ -81,7 +81,7 @@ def sign_detached(
 
     attributes = [
         cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-        cms.CMSAttribute({"type": "signing_time", "values": [cms.Time({"utc_time": when})]}),
+        cms.CMSAttribute({"type": "signing_time", "values": [_signing_time_value(when)]}),
         cms.CMSAttribute(
             {"type": "message_digest", "values": [hashlib.sha256(content).digest()]}
         ),
@@ -118,6 +118,14 @@ def sign_detached(
         "signer_infos": [signer_info],
     })
     return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+def _signing_time_value(when: dt.datetime) -> cms.Time:
+    # RFC 5652 11.3: UTCTime for the years 1950-2049, GeneralizedTime outside them (UTCTime has
+    # two digits for the year and cannot say 2050).
+    if 1950 <= when.year <= 2049:
+        return cms.Time({"utc_time": when})
+    return cms.Time({"generalized_time": when})
 
 
 # ---------------------------------------------------------------------------------------------

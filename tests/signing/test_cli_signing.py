@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
+import resource
+import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 from pkihelp import (  # noqa: F401 - fixtures
@@ -20,9 +25,20 @@ ORDER = (b'<?xml version="1.0" encoding="UTF-8"?>\n<CSOSOrder xmlns="urn:csos-ga
 UTC = dt.timezone.utc
 
 
-def gateway(home, *args: str) -> subprocess.CompletedProcess:
+def gateway(home, *args: str, env: dict | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), *args],
-                          capture_output=True, timeout=120, env=os.environ.copy())
+                          capture_output=True, timeout=120, env={**os.environ, **(env or {})},
+                          preexec_fn=preexec_fn)
+
+
+def audit_events(database_url: str) -> list:
+    from gateway.storage import storage_for_url
+
+    async def read() -> list:
+        async with storage_for_url(database_url) as storage:
+            return await storage.audit_records(after_seq=0, limit=1000)
+
+    return asyncio.run(read())
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +174,87 @@ def test_sign_refusals(cli_keys, home, order_file, tmp_path):
     assert not out.exists()  # nothing half-written
     result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "pdf", str(order_file))
     assert result.returncode == 2
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_write_leaves_out_and_the_input_as_they_were(cli_keys, home, order_file, tmp_path):
+    """A write that fails half-way (here: a file size limit) used to leave a truncated signed
+    document in --out, destroying what was there, the input itself when --out named it."""
+    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}"}
+    previous = tmp_path / "previous.xml"
+    previous.write_bytes(b"<kept/>")
+    for out in (previous, order_file):  # an existing file, then --out equal to FILE
+        result = gateway(home, "sign", "--key", cli_keys["rsa2048"], "--format", "xmldsig",
+                         "--out", str(out), str(order_file), env=env, preexec_fn=_file_size_limit(1024))
+        assert result.returncode == 2, result.stderr
+        assert b"[output_unwritable]" in result.stderr and b"Traceback" not in result.stderr
+    assert previous.read_bytes() == b"<kept/>"
+    assert order_file.read_bytes() == ORDER
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    # Without the limit, signing a file onto itself works and keeps its permissions.
+    order_file.chmod(0o640)
+    result = gateway(home, "sign", "--key", cli_keys["rsa2048"], "--format", "xmldsig",
+                     "--out", str(order_file), str(order_file), env=env)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(order_file.stat().st_mode) == 0o640
+    assert gateway(home, "verify", str(order_file)).returncode == 0
+
+
+def test_out_into_a_missing_directory_is_unusable_input(cli_keys, home, order_file, tmp_path):
+    result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "cms",
+                     "--out", str(tmp_path / "missing" / "order.p7s"), str(order_file))
+    assert result.returncode == 2 and b"[output_unwritable]" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_out_to_a_pipe_is_written_not_replaced(cli_keys, home, order_file, tmp_path):
+    fifo = tmp_path / "signed.pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig",
+                     "--out", str(fifo), str(order_file))
+    reader.join(30)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert received and b"SignatureValue" in received[0]
+
+
+def test_verify_at_a_time_with_no_utc_form_is_a_bad_option(cli_keys, home, order_file, tmp_path):
+    out = tmp_path / "signed.xml"
+    assert gateway(home, "sign", "--key", cli_keys["p256"], "--format", "xmldsig", "--out", str(out),
+                   str(order_file)).returncode == 0
+    for at in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        result = gateway(home, "verify", "--at", at, str(out))
+        assert result.returncode == 2, result.stderr
+        assert b"--at" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_cli_signatures_and_refusals_are_audited(cli_keys, home, order_file, tmp_path):
+    """21 CFR 1311.150: a signature made with an HSM key from the command line, and every refused
+    attempt (a wrong PIN included), is in the audit trail as it is for the HTTP API."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    env = {"GATEWAY_DATABASE_URL": url}
+    out = tmp_path / "order.p7s"
+    assert gateway(home, "sign", "--key", cli_keys["p256"], "--format", "cms", "--out", str(out),
+                   str(order_file), env=env).returncode == 0
+    assert gateway(home, "sign", "--key", "no-such-key", "--format", "cms", str(order_file),
+                   env=env).returncode == 1
+    assert gateway(home, "sign", "--key", cli_keys["p256"], "--format", "cms", str(order_file),
+                   env={**env, "GATEWAY_HSM_PIN": "000000"}).returncode == 1
+    events = [(e.event_type, e.actor, e.outcome, e.subject, e.details.get("code"))
+              for e in audit_events(url)]
+    assert events == [
+        ("document.signed", "cli", "success", cli_keys["p256"], None),
+        ("sign.refused", "cli", "refused", "no-such-key", "key_not_found"),
+        ("sign.refused", "cli", "refused", cli_keys["p256"], "hsm_login_failed"),
+    ]
+    signed = audit_events(url)[0].details
+    assert signed["content_sha256"] == hashlib.sha256(ORDER).hexdigest()
+    assert signed["signature_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

@@ -9,6 +9,7 @@ import pytest
 from asn1crypto import cms
 from pkihelp import (  # noqa: F401 - fixtures
     ec_signer,
+    openssl_cms_verify,
     rsa_signer,
     signer,
     signing_pki,
@@ -64,6 +65,20 @@ def test_signing_time_given(ec_signer, trust):
     der = sign_detached(CONTENT, ec_signer, signing_time=when)
     verified = verify_detached(der, CONTENT)
     assert verified.signing_time == when
+
+
+@pytest.mark.parametrize("year", [2050, 1949])
+def test_signing_time_outside_utctime_years_is_generalized_time(year, ec_signer, signing_pki, tmp_path):
+    """RFC 5652 11.3: UTCTime only for 1950-2049. Before, such a time raised asn1crypto's ValueError."""
+    when = dt.datetime(year, 1, 2, 3, 4, 5, tzinfo=UTC)
+    der = sign_detached(CONTENT, ec_signer, signing_time=when)
+    assert verify_detached(der, CONTENT).signing_time == when
+    attrs = {a["type"].native: a["values"][0] for a in signer_info_of(der)["signed_attrs"]}
+    assert attrs["signing_time"].name == "generalized_time"
+    (tmp_path / "content.bin").write_bytes(CONTENT)
+    (tmp_path / "sig.p7s").write_bytes(der)
+    result = openssl_cms_verify(tmp_path / "sig.p7s", tmp_path / "content.bin", signing_pki)
+    assert result.returncode == 0, result.stderr
 
 
 def test_tampered_content(signer, trust):
