@@ -90,14 +90,16 @@ def _config(ctx: Context, path: str | None) -> Any:
         _fail("som_config_invalid", f"{path}: cannot be read ({exc.strerror or exc})")
 
 
-# Numeric columns of a scored table that the commands reading one (evaluate, diligence) use; a
-# scored CSV, or the Parquet output of a CSV input, holds them as the text they were written.
-_NUMERIC = {"score": "Float64", "dosage_units": "Float64", "DOSAGE_UNIT": "Float64", "line": "Int64"}
+# The column a scored table is searched by (diligence --line); a scored CSV, or the Parquet
+# output of a CSV input, holds it as the text it was written. Every other column is parsed where
+# it is used, with a code for text that is not what it should be (io.read_orders for units and
+# dates, evaluate for scores, labels and flags): a cast here would make `abc` a missing value.
+_NUMERIC = {"line": "Int64"}
 
 
 def _scan_table(path: str) -> Any:
-    """A lazy scan of a scored table (Parquet or CSV), its numeric columns as numbers (text
-    read as such, never typed from the first rows: `2000` above a later `2.5` is a number)."""
+    """A lazy scan of a scored table (Parquet or CSV), every CSV column as text (never typed
+    from the first rows: `2000` above a later `2.5` is a number), `line` as a number."""
     import polars as pl
 
     if path.lower().endswith(".csv"):
@@ -164,13 +166,10 @@ def synth_command(out: str, customers: int, days: int, seed: int, start: Any) ->
 
     if not out.lower().endswith((".parquet", ".pq", ".csv")):
         _fail("som_unknown_format", f"{out}: expected .parquet or .csv")
+    started = time.perf_counter()
     try:
         check_output(out)  # before the work, not after
-    except Exception as exc:  # noqa: BLE001
-        _guard(exc)
-    started = time.perf_counter()
-    frame = synthesize(customers=customers, days=days, seed=seed, start=start.date())
-    try:
+        frame = synthesize(customers=customers, days=days, seed=seed, start=start.date())
         with output_directory(out):  # made if missing, removed again if the write fails
             write_synthetic(frame, out)
     except Exception as exc:  # noqa: BLE001

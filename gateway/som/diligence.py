@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from gateway.som.errors import SomError
-from gateway.som.io import native_view
+from gateway.som.io import flag_values, native_view, read_orders
 
 __all__ = ["DiligenceError", "MonthPoint", "Diligence", "diligence_data", "render_html", "diligence_page"]
 
@@ -80,6 +80,25 @@ def _trailing(units: np.ndarray) -> tuple[list, list, list]:
     return avg12, max6, ctrl
 
 
+def _checked(lines: pl.DataFrame) -> pl.DataFrame:
+    """The lines a page is drawn from, read as the scorer reads them (io.read_orders: dates,
+    units, customer and family checked, with its codes; a CSV's text parsed) and `flag` as
+    true/false, `score` as a number: a page must not draw a null, NaN or negative month, nor
+    call a line written `false` held."""
+    lines = read_orders(lines)
+    if "flag" in lines.columns and lines.schema["flag"] != pl.Null:
+        lines = lines.with_columns(flag_values(lines["flag"]))
+    if "score" in lines.columns and lines.schema["score"] == pl.String:  # a scored CSV's text
+        text = lines["score"].str.strip_chars()
+        score = text.cast(pl.Float64, strict=False)
+        bad = score.is_null() & text.is_not_null() & (text != "")
+        if bad.any():
+            raise DiligenceError("som_invalid_value", f"score: {int(bad.sum())} values that are not "
+                                                      f"numbers (such as {lines['score'].filter(bad)[0]!r})")
+        lines = lines.with_columns(score)
+    return lines
+
+
 def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int) -> Diligence:
     """Collect the figures for one line of a scored history. A LazyFrame (a scan of a large file)
     is read twice with filters: for the line, then for the lines of its family."""
@@ -91,17 +110,17 @@ def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int
     missing = needed - set(schema.names())
     if missing:
         raise DiligenceError("som_missing_column", f"missing columns: {', '.join(sorted(missing))}")
-    if schema["date"] == pl.String:
-        # scored CSV output: dates as read_orders takes them, YYYY-MM-DD (io.parse_dates)
-        lf = lf.with_columns(pl.col("date").str.slice(0, 10).str.strptime(pl.Date, "%Y-%m-%d",
-                                                                          strict=False))
     lf = lf.with_row_index("_row")
     hit = lf.filter((pl.col("order_id").cast(pl.String) == str(order_id)) & (pl.col("line") == line)).collect()
     if hit.height == 0:
         raise DiligenceError("som_line_not_found", f"no line {line} in order {order_id}")
-    row = hit.row(0, named=True)
+    if hit.height > 1:  # a page for one of them would be a page for a line nobody can name
+        raise DiligenceError("som_duplicate_line", f"{hit.height} lines numbered {line} in order "
+                                                   f"{order_id}: the page is for one line")
+    row = _checked(hit).row(0, named=True)
     customer, family, date = row["customer"], row["family"], row["date"]
-    scored = lf.filter(pl.col("family") == family).collect()  # the customer's and its peers' lines
+    # the customer's and its peers' lines
+    scored = _checked(lf.filter(pl.col("family").cast(pl.String) == family).collect())
 
     history = scored.filter(pl.col("customer") == customer)
     month = pl.col("date").dt.truncate("1mo")

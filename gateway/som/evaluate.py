@@ -190,17 +190,26 @@ def _yes_no(s: pl.Series) -> pl.Series:
     return som_io.flag_values(s, "som_invalid_value")
 
 
+def _text(s: pl.Series) -> pl.Series:
+    """A column of names (anomaly kinds, details) as text, "" for none; som_invalid_value for
+    one that has no text (a list, a struct)."""
+    try:
+        return s.cast(pl.String).fill_null("")
+    except pl.exceptions.PolarsError:
+        raise EvaluationError("som_invalid_value", f"{s.name}: a column of type {s.dtype}, expected "
+                                                   "names") from None
+
+
 def _groups(scored: pl.DataFrame, label_col: str, anomaly_col: str) -> _Groups:
     label_s = _yes_no(scored[label_col]).fill_null(False)
     label = label_s.to_numpy()
     if anomaly_col in scored.columns:
-        anomaly = scored[anomaly_col].cast(pl.String).fill_null("")
+        anomaly = _text(scored[anomaly_col])
     else:
         anomaly = pl.Series([""] * scored.height, dtype=pl.String)
     # Every labelled line has a kind; one without is counted under "unspecified".
     anomaly = pl.select(pl.when(label_s & (anomaly == "")).then(pl.lit("unspecified")).otherwise(anomaly)).to_series()
-    detail = (scored["anomaly_detail"].cast(pl.String).fill_null("")
-              if "anomaly_detail" in scored.columns else None)
+    detail = _text(scored["anomaly_detail"]) if "anomaly_detail" in scored.columns else None
     kinds, variants, benign = [], [], []
     for k in sorted(set(anomaly.filter(label_s).unique().to_list()) - {""}):
         is_k = (anomaly == k).to_numpy() & label
@@ -232,8 +241,8 @@ def _arrays(scored: pl.DataFrame, score_col: str, flag_col: str) -> tuple[np.nda
             raise EvaluationError("som_not_scored", f"no {col!r} column: score the history first")
     column = scored[score_col]
     if not (column.dtype.is_numeric() or column.dtype == pl.Null):
-        try:  # numbers written as text
-            column = column.cast(pl.Float64)
+        try:  # numbers written as text (a CSV's), strictly: `abc` is not a missing score
+            column = column.cast(pl.String).str.strip_chars().cast(pl.Float64)
         except pl.exceptions.PolarsError:
             raise EvaluationError("som_invalid_value", f"{score_col}: a column of type {column.dtype} with "
                                                        "values that are not numbers") from None

@@ -141,14 +141,27 @@ def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list
         schema_cols = [names.get(c, c) for c in columns]
         # MMDDYYYY, possibly read as a number that lost its leading zero. TRANSACTION_DATE itself
         # stays as it was written, for the output (to_input_shape).
-        out = out.with_columns(
-            pl.col("TRANSACTION_DATE").cast(pl.String).str.zfill(8)
-            .str.strptime(pl.Date, "%m%d%Y", strict=False).alias("date"))
+        out = out.with_columns(_arcos_date(lf.collect_schema()["TRANSACTION_DATE"]).alias("date"))
         schema_cols.append("date")
         if "line" not in schema_cols:
             out = out.with_columns(pl.lit(1, pl.Int32).alias("line"))
             schema_cols.append("line")
     return out, schema_cols
+
+
+def _arcos_date(dtype: pl.DataType) -> pl.Expr:
+    """TRANSACTION_DATE as a Date: MMDDYYYY text or whole number (a number has lost its leading
+    zero; a float column is what pandas makes of one with a gap), or a date a converter already
+    typed. Anything else is null, refused by _coerce with a sample of what was written."""
+    col = pl.col("TRANSACTION_DATE")
+    if dtype == pl.Date:
+        return col
+    if isinstance(dtype, pl.Datetime):
+        return col.dt.date()
+    if dtype.is_float():  # 1022024.0 is 01022024; 1022024.5 is no date
+        col = pl.when(col == col.floor()).then(col.cast(pl.Int64, strict=False))
+    return (col.cast(pl.String).str.strip_chars().str.zfill(8)
+            .str.strptime(pl.Date, "%m%d%Y", strict=False))
 
 
 # ARCOS has two columns a family can come from (DRUG_NAME, else DRUG_CODE).
@@ -279,9 +292,14 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
         exprs.append(pl.col("date").dt.date())
     elif dtype != pl.Date:
         raise SomInputError("som_invalid_date", f"date column of type {dtype}, expected a date")
-    if df.schema["dosage_units"] == pl.String:
+    units_type = df.schema["dosage_units"]
+    if not (units_type.is_numeric() or units_type in (pl.String, pl.Null)):
+        # a date, a duration or true/false cast to a float is a count nobody wrote
+        raise SomInputError("som_invalid_units",
+                            f"dosage_units column of type {units_type}, expected numbers")
+    if units_type == pl.String:
         df = df.with_columns(_parse_units(df["dosage_units"]))
-    elif df.schema["dosage_units"] != pl.Float64:
+    elif units_type != pl.Float64:
         exprs.append(pl.col("dosage_units").cast(pl.Float64, strict=False))
     if "line" in df.columns and df.schema["line"] == pl.String:
         value = df["line"].str.strip_chars().cast(pl.Float64, strict=False)  # "1.0" is line 1
@@ -291,6 +309,13 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
                                 f"line: {int(bad.sum())} values that are not whole numbers (such "
                                 f"as {df['line'].filter(bad)[0]!r})")
         df = df.with_columns(value.cast(pl.Int64).alias("line"))
+    elif "line" in df.columns and df.schema["line"].is_float():  # a Parquet file's 1.0 is line 1
+        value = df["line"]
+        bad = value.is_not_null() & (value != value.floor()).fill_null(True)
+        if bad.any():
+            raise SomInputError("som_invalid_value",
+                                f"line: {int(bad.sum())} values that are not whole numbers (such "
+                                f"as {value.filter(bad)[0]!r})")
     for col in ("customer", "family"):
         if df.schema[col] not in (pl.String, pl.Categorical) and not isinstance(
                 df.schema[col], (pl.Categorical, pl.Enum)):
@@ -314,7 +339,13 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
         pl.col("family").null_count().alias("family"),
     ).row(0, named=True)
     if bad["date"]:
-        raise SomInputError("som_invalid_date", f"{bad['date']} lines without a date")
+        written = ""
+        if "TRANSACTION_DATE" in df.columns:  # ARCOS: quote what was written, as parse_dates does
+            sample = df.filter(pl.col("date").is_null() & pl.col("TRANSACTION_DATE").is_not_null())
+            if sample.height:
+                written = (f" (such as {str(sample['TRANSACTION_DATE'][0])!r}); ARCOS dates are "
+                           f"written MMDDYYYY")
+        raise SomInputError("som_invalid_date", f"{bad['date']} lines without a date{written}")
     lo, hi = DATE_RANGE
     outside = df.filter((pl.col("date") < lo) | (pl.col("date") > hi))["date"]
     if len(outside):
@@ -373,12 +404,18 @@ def read_table(path: str | Path) -> pl.DataFrame:
     return _collect(scan_schema(Path(path))[0], path)
 
 
+SCORE_COLUMNS = ("score", "flag", "reasons")
+"""What scoring writes. An input that has them already (a scored file scored again, with other
+thresholds) gets them replaced, never carried over: the output's verdicts are this run's."""
+
+
 def with_input_columns(scored: pl.DataFrame, raw: pl.DataFrame) -> pl.DataFrame:
     """A scored table in its input's shape with every input column exactly as read (`raw`, in
     the same row order): cells a CSV wrote as `01`, `2000.0` or `Y`, and a timestamp's time of
-    day, come back as they were, not as the parsed values scoring used."""
+    day, come back as they were, not as the parsed values scoring used. SCORE_COLUMNS are the
+    ones scoring just wrote."""
     out = to_input_shape(scored, raw.columns)
-    return out.with_columns(raw.get_columns())
+    return out.with_columns(c for c in raw.get_columns() if c.name not in SCORE_COLUMNS)
 
 
 def write_like_input(scored: pl.DataFrame, raw: pl.DataFrame, path: str | Path) -> Path:

@@ -224,6 +224,29 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, expected: float, n_c
     return np.sort(rng.choice(candidates, size=k, replace=False))
 
 
+MAX_CUSTOMERS = 1_000_000
+"""The most customers a history can have: _dea_numbers draws distinct numbers from a million,
+and past that two customers would share a DEA number (one customer to the scorer, with the
+labels of both)."""
+
+
+def _check_options(customers: int, days: int, seed: int, start: dt.date) -> None:
+    """SomError with a code for parameters that cannot give a history the scorer takes: too few
+    or too many customers, a negative seed (NumPy takes none), or days outside the dates
+    io.read_orders takes (som_io.DATE_RANGE), since such a history would be refused in full."""
+    if not 1 <= customers <= MAX_CUSTOMERS:
+        raise SomError("som_bad_customers", f"customers must be 1 to {MAX_CUSTOMERS:,}, not {customers:,}")
+    if seed < 0:
+        raise SomError("som_bad_seed", f"the seed must be zero or positive, not {seed}")
+    lo, hi = som_io.DATE_RANGE
+    if days < 1 or start < lo or (hi - start).days < days - 1:
+        last = (hi - start).days + 1
+        raise SomError("som_bad_dates",
+                       f"{days} days from {start}: a history has at least one day, all of them within "
+                       f"{lo} .. {hi}" + (f" (at most {last:,} days from {start})" if start >= lo and last > 0
+                                           else ""))
+
+
 def synthesize(
     customers: int = 1000,
     days: int = 730,
@@ -241,8 +264,7 @@ def synthesize(
     "benign_new_family"; else ""). Rows are in date order, then
     customer, order and line. The same arguments always give the same frame.
     """
-    if customers < 1 or days < 1:
-        raise ValueError("customers and days must be positive")
+    _check_options(customers, days, seed, start)
     rng = np.random.default_rng(seed)
     if days < MIN_DAYS_FOR_ANOMALIES:  # too short a history to call anything unusual
         rates = replace(rates, size=0.0, frequency=0.0, pattern=0.0, cap=0.0)

@@ -511,3 +511,69 @@ def test_evaluate_of_a_history_without_labels_says_so(tmp_path, history, rules) 
     history.select("order_id", "line", "ndc").write_parquet(unlabelled)
     result = _som(tmp_path / "home", "evaluate", str(unlabelled), *rules)
     assert _code(result) == "som_no_labels", result.stderr
+
+
+# Scored CSV files read back ---------------------------------------------------------------------
+
+def test_diligence_page_of_a_scored_csv_says_what_the_parquet_page_says(tmp_path, source) -> None:
+    """A scored CSV holds `flag` as the text `false`: its page called every line held."""
+    home = tmp_path / "home"
+    pages = {}
+    for suffix in ("parquet", "csv"):
+        scored = tmp_path / f"scored.{suffix}"
+        assert _som(home, "score", str(source), "--out", str(scored), "--quiet").exit_code == 0
+        quiet = pl.read_parquet(scored) if suffix == "parquet" else pl.read_csv(scored, infer_schema=False)
+        quiet = quiet.filter(pl.col("flag").cast(pl.String) == "false").row(0, named=True)
+        page = tmp_path / f"{suffix}.html"
+        assert _som(home, "diligence", str(scored), "--order", quiet["order_id"], "--line",
+                    str(quiet["line"]), "--out", str(page)).exit_code == 0
+        pages[suffix] = page.read_text()
+    assert pages["csv"] == pages["parquet"]
+    assert "held as suspicious" not in pages["csv"] and "not flagged" in pages["csv"]
+
+
+def test_diligence_of_a_line_without_units_is_a_coded_error(tmp_path, source) -> None:
+    home = tmp_path / "home"
+    scored = tmp_path / "scored.csv"
+    assert _som(home, "score", str(source), "--out", str(scored), "--quiet").exit_code == 0
+    text = pl.read_csv(scored, infer_schema=False)
+    hit = text.row(0, named=True)
+    first = (pl.col("order_id") == hit["order_id"]) & (pl.col("line") == hit["line"])
+    for column, value, code in (("dosage_units", "", "som_invalid_units"),
+                                ("dosage_units", "inf", "som_invalid_units"),
+                                ("date", "05/01/2024", "som_ambiguous_date")):
+        broken = tmp_path / "broken.csv"
+        text.with_columns(pl.when(first).then(pl.lit(value)).otherwise(pl.col(column)).alias(column)
+                          ).write_csv(broken)
+        page = tmp_path / "pages" / "line.html"
+        result = _som(home, "diligence", str(broken), "--order", hit["order_id"], "--line", hit["line"],
+                      "--out", str(page))
+        assert _code(result) == code, column  # was a traceback
+        assert not page.parent.exists()
+
+
+def test_evaluate_refuses_scores_that_are_not_numbers(tmp_path, scored) -> None:
+    """A scored CSV's `abc` score was read as a missing score: ROC AUC 0.000, no word said."""
+    text = tmp_path / "scored.csv"
+    table = pl.read_parquet(scored)
+    table.with_columns(pl.col("score").cast(pl.String)).write_csv(text)
+    reference = json.loads(_som(tmp_path / "home", "evaluate", str(scored), "--json").output)
+    same = _som(tmp_path / "home", "evaluate", str(text), "--json")
+    assert same.exit_code == 0 and json.loads(same.output) == reference
+    table.with_columns(pl.when(pl.col("label")).then(pl.lit("abc"))
+                       .otherwise(pl.col("score").cast(pl.String)).alias("score")).write_csv(text)
+    result = _som(tmp_path / "home", "evaluate", str(text))
+    assert _code(result) == "som_invalid_value" and "score" in result.stderr
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--seed", "-1"], "som_bad_seed"),  # a NumPy traceback
+    (["--start", "2099-06-01", "--days", "400"], "som_bad_dates"),  # lines the scorer refuses
+    (["--start", "1969-12-01", "--days", "60"], "som_bad_dates"),
+    (["--customers", "1000001", "--days", "1"], "som_bad_customers"),  # DEA numbers shared
+])
+def test_synth_parameters_that_give_no_usable_history(tmp_path, args, code) -> None:
+    out = tmp_path / "new" / "history.parquet"
+    result = _som(tmp_path / "home", "synth", "--out", str(out), "--customers", "5", *args)
+    assert _code(result) == code
+    assert _listing(tmp_path) == []

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from gateway.som.diligence import DiligenceError, diligence_data, diligence_page
+from gateway.som.errors import SomError
 
 
 def _history() -> pl.DataFrame:
@@ -91,3 +92,62 @@ def test_lazy_scan_gives_the_same_page(tmp_path) -> None:
     path = tmp_path / "scored.parquet"
     _history().write_parquet(path)
     assert diligence_page(pl.scan_parquet(path), "25X000099", 2) == diligence_page(_history(), "25X000099", 2)
+
+
+def _on_the_line(column: str, value: object) -> pl.DataFrame:
+    h = _history()
+    return h.with_columns(pl.when(pl.col("order_id") == "25X000099").then(pl.lit(value, h.schema[column]))
+                          .otherwise(pl.col(column)).alias(column))
+
+
+@pytest.mark.parametrize("column, value, code", [
+    ("dosage_units", None, "som_invalid_units"),  # float(None): a traceback
+    ("dosage_units", float("inf"), "som_invalid_units"),  # a traceback drawing the axis
+    ("dosage_units", float("nan"), "som_invalid_units"),  # a chart of "nan" coordinates
+    ("dosage_units", -5000.0, "som_invalid_units"),
+    ("date", None, "som_invalid_date"),  # a traceback
+    ("date", dt.date(1, 1, 1), "som_invalid_date"),  # 24,000 months of bars
+    ("customer", None, "som_missing_value"),  # a traceback
+    ("family", None, "som_missing_value"),
+])
+def test_a_line_the_scorer_would_refuse_gets_its_code(column, value, code) -> None:
+    with pytest.raises(SomError) as err:
+        diligence_page(_on_the_line(column, value), "25X000099", 2)
+    assert err.value.code == code
+
+
+def test_text_dates_are_read_as_the_scorer_reads_them() -> None:
+    text = _history().with_columns(pl.col("date").dt.strftime("%Y-%m-%d"))
+    assert diligence_page(text, "25X000099", 2) == diligence_page(_history(), "25X000099", 2)
+    ambiguous = text.with_columns(pl.when(pl.col("order_id") == "25X000099").then(pl.lit("12/01/2025"))
+                                  .otherwise(pl.col("date")).alias("date"))
+    with pytest.raises(SomError) as err:  # was a traceback
+        diligence_page(ambiguous, "25X000099", 2)
+    assert err.value.code == "som_ambiguous_date"
+
+
+def test_a_line_written_false_is_not_called_held() -> None:
+    """A scored CSV holds `flag` as the text `false`, which bool() took for True: the page of
+    an unflagged line said "held as suspicious"."""
+    text = _history().with_columns(pl.col("flag").cast(pl.String).str.to_lowercase(),
+                                   pl.col("score").cast(pl.String))
+    unflagged = text.filter(pl.col("order_id") == "25X000012").row(0, named=True)
+    assert unflagged["flag"] == "false"
+    page = diligence_page(text, "25X000012", 1)
+    assert page == diligence_page(_history(), "25X000012", 1)
+    assert "held" not in page.split("<h2>")[0] and "not flagged" in page
+    assert "held as suspicious" in diligence_page(text, "25X000099", 2)
+    with pytest.raises(SomError) as err:
+        diligence_page(text.with_columns(pl.lit("perhaps").alias("flag")), "25X000012", 1)
+    assert err.value.code == "som_invalid_value"
+    with pytest.raises(SomError) as err:
+        diligence_page(text.with_columns(pl.lit("high").alias("score")), "25X000012", 1)
+    assert err.value.code == "som_invalid_value"
+
+
+def test_a_line_that_is_there_twice_is_not_picked_at_random() -> None:
+    twice = pl.concat([_history(), _history().filter(pl.col("order_id") == "25X000099")
+                       .with_columns(pl.lit(0.1).alias("score"), pl.lit(False).alias("flag"))])
+    with pytest.raises(DiligenceError) as err:
+        diligence_data(twice, "25X000099", 2)
+    assert err.value.code == "som_duplicate_line"

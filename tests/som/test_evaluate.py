@@ -114,6 +114,18 @@ def test_evaluate_needs_labels_and_scores(scored: pl.DataFrame) -> None:
     assert err.value.code == "som_not_scored"
 
 
+def test_columns_that_are_not_what_they_name_are_coded_errors(scored: pl.DataFrame) -> None:
+    """A list of kinds was a traceback; a score written `abc` or ` 0.5 ` as text is refused or read."""
+    text = scored.with_columns(pl.format(" {} ", pl.col("score")).alias("score"))
+    assert evaluate(text, rule_sets=False) == evaluate(scored, rule_sets=False)
+    for bad in (scored.with_columns(pl.concat_list("anomaly").alias("anomaly")),
+                scored.with_columns(pl.concat_list("anomaly").alias("anomaly_detail")),
+                text.with_columns(pl.when(pl.col("label")).then(pl.lit("abc")).otherwise("score").alias("score"))):
+        with pytest.raises(EvaluationError) as err:
+            evaluate(bad, rule_sets=False)
+        assert err.value.code == "som_invalid_value"
+
+
 def test_rule_sets_on_the_same_lines() -> None:
     history = synthesize(customers=40, days=500, seed=2)
     # A scorer that knows the answer scores perfectly; the rule sets are measured beside it.

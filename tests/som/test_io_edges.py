@@ -192,3 +192,80 @@ def test_dictionary_encoded_dates_and_units_are_read_as_their_text() -> None:
     assert got["date"].equals(df["date"]) and got["dosage_units"].to_list() == df["dosage_units"].to_list()
     bad = coded.with_columns(pl.lit("lots").cast(pl.Categorical).alias("dosage_units"))
     assert _code(bad) == "som_invalid_units"
+
+
+@pytest.mark.parametrize("units", [
+    pl.Series("dosage_units", [dt.date(2024, 1, 2)]),  # was scored as 19,724 units (days since 1970)
+    pl.Series("dosage_units", [dt.timedelta(days=3)]),  # was 259,200,000,000 (microseconds)
+    pl.Series("dosage_units", [True]),  # was 1 unit
+    pl.Series("dosage_units", [{"a": 1}]),  # was a traceback
+], ids=["date", "duration", "boolean", "struct"])
+def test_units_of_a_type_that_is_not_a_number_are_refused(tmp_path, units) -> None:
+    frame = pl.DataFrame({"customer": ["AB1234563"], "family": ["oxycodone"],
+                          "date": [dt.date(2024, 1, 2)]}).with_columns(units)
+    path = tmp_path / "typed.parquet"
+    frame.write_parquet(path)
+    with pytest.raises(SomInputError) as e:
+        read_orders(path)
+    assert e.value.code == "som_invalid_units" and str(units.dtype) in e.value.message
+    out = tmp_path / "out.parquet"
+    with pytest.raises(SomInputError):
+        score_file(str(path), str(out))
+    assert not out.exists()
+
+
+def test_a_line_number_with_a_fraction_is_refused_from_parquet_as_from_csv(tmp_path) -> None:
+    frame = _history().with_columns(pl.col("line").cast(pl.Float64))
+    assert read_orders(frame)["line"].to_list() == [1.0] * frame.height  # 1.0 is line 1
+    with pytest.raises(SomInputError) as e:
+        read_orders(frame.with_columns(pl.lit(1.5).alias("line")))
+    assert e.value.code == "som_invalid_value" and "1.5" in e.value.message
+
+
+def test_arcos_dates_typed_by_a_converter_are_read(tmp_path) -> None:
+    """TRANSACTION_DATE as a date, a timestamp, or the float pandas makes of a column of
+    MMDDYYYY numbers with a gap: all were refused as lines without a date."""
+    base = pl.DataFrame({"BUYER_DEA_NO": ["AB1234563", "AB1234563"], "DRUG_NAME": ["OXYCODONE"] * 2,
+                         "DOSAGE_UNIT": [100.0, 200.0]})
+    want = [dt.date(2012, 1, 6), dt.date(2012, 12, 31)]
+    for written in (pl.Series(want), pl.Series([dt.datetime(2012, 1, 6, 10), dt.datetime(2012, 12, 31)]),
+                    pl.Series([1062012.0, 12312012.0]), pl.Series([" 1062012", "12312012 "])):
+        path = tmp_path / "arcos.parquet"
+        base.with_columns(written.alias("TRANSACTION_DATE")).write_parquet(path)
+        assert read_orders(path)["date"].to_list() == want, written.dtype
+    path = tmp_path / "fraction.parquet"
+    base.with_columns(pl.Series("TRANSACTION_DATE", [1062012.5, 12312012.0])).write_parquet(path)
+    assert _code(path) == "som_invalid_date"
+
+
+def test_an_arcos_date_that_is_no_date_is_quoted(tmp_path) -> None:
+    path = tmp_path / "arcos.csv"
+    path.write_text("BUYER_DEA_NO,DRUG_NAME,DOSAGE_UNIT,TRANSACTION_DATE\n"
+                    "AB1234563,OXY,100,01062012\nAB1234563,OXY,100,02302024\n")
+    with pytest.raises(SomInputError) as e:
+        read_orders(path)
+    assert e.value.code == "som_invalid_date"
+    assert "'02302024'" in e.value.message and "MMDDYYYY" in e.value.message
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_scored_file_scored_again_gets_this_runs_verdicts(tmp_path, suffix) -> None:
+    """The output's score, flag and reasons were the input's own when the input had them (a
+    scored file scored again with other thresholds): the command counted the new flags and
+    the file held the old ones."""
+    from gateway.som.config import SomConfig
+
+    source = tmp_path / f"in{suffix}"
+    first = tmp_path / f"scored{suffix}"
+    _history().write_parquet(source) if suffix == ".parquet" else _history().write_csv(source)
+    assert score_file(str(source), str(first)) == 1
+    again = tmp_path / f"again{suffix}"
+    lax = SomConfig.from_dict({"size_ratio": 1e6, "size_over_max6": 1e6, "control_z": 1e6,
+                               "month_ratio": 1e6, "peer_z": 1e6, "peer_month_z": 1e6,
+                               "monthly_cap": 1e9})
+    assert score_file(str(first), str(again), lax) == 0
+    read = pl.read_parquet if suffix == ".parquet" else lambda p: pl.read_csv(p, infer_schema=False)
+    out = read(again)
+    assert out.columns == read(first).columns  # one of each, where they were
+    assert out["flag"].cast(pl.String).to_list() == ["false"] * out.height
+    assert out["reasons"].fill_null("").to_list() == [""] * out.height

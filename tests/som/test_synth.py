@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -155,3 +156,31 @@ def test_short_histories_have_no_anomalies() -> None:
     assert synthesize(customers=1, days=1, seed=1).columns == NATIVE + ["label", "anomaly", "anomaly_detail"]
     with pytest.raises(ValueError):
         synthesize(customers=0)
+
+
+def test_the_history_stays_within_the_dates_the_scorer_takes() -> None:
+    from gateway.som.errors import SomError
+    from gateway.som.io import DATE_RANGE, read_orders
+
+    last = synthesize(customers=5, days=214, seed=1, start=dt.date(2099, 6, 1))
+    assert last["date"].max() <= DATE_RANGE[1] and read_orders(last).height == last.height
+    for kwargs, code in (({"days": 215, "start": dt.date(2099, 6, 1)}, "som_bad_dates"),
+                         ({"days": 10, "start": dt.date(1969, 12, 31)}, "som_bad_dates"),
+                         ({"days": 0}, "som_bad_dates"), ({"customers": 0}, "som_bad_customers"),
+                         ({"seed": -1}, "som_bad_seed")):
+        with pytest.raises(SomError) as err:
+            synthesize(**{"customers": 5, **kwargs})
+        assert err.value.code == code, kwargs
+
+
+def test_customers_have_distinct_dea_numbers_up_to_the_limit() -> None:
+    """Past a million customers _dea_numbers drew with replacement: customers shared numbers."""
+    from gateway.som.errors import SomError
+    from gateway.som.synth import MAX_CUSTOMERS, _dea_numbers
+
+    rng = np.random.default_rng(0)
+    numbers = _dea_numbers(rng, rng.integers(0, len(CLASSES), MAX_CUSTOMERS))
+    assert np.unique(numbers).size == MAX_CUSTOMERS
+    with pytest.raises(SomError) as err:
+        synthesize(customers=MAX_CUSTOMERS + 1, days=1)
+    assert err.value.code == "som_bad_customers"
