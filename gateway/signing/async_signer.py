@@ -45,6 +45,28 @@ def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 _MAX_BATCH = 16
 
 
+def _take_batch(jobs: queue.SimpleQueue[Any], workers: int) -> list[Any]:
+    """The next batch of one worker: the next job, then a fair share of what is waiting (fewer
+    loop wake-ups and session borrows when busy, without starving the other workers when not).
+
+    A batch ends at a stop marker. close() queues one per worker behind the last job; the share is
+    judged from the queue's size before the other workers take their part, so without this one
+    worker could take two markers and leave another waiting for ever (close() then sat out its
+    whole join timeout)."""
+    batch = [jobs.get()]
+    if batch[0] is _STOP:
+        return batch
+    for _ in range(min(_MAX_BATCH, jobs.qsize() // workers)):
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            break
+        batch.append(job)
+        if job is _STOP:
+            break
+    return batch
+
+
 def _lower_priority(nice: int) -> None:
     """Raise this thread's niceness by `nice` (Linux schedules threads one by one).
 
@@ -85,19 +107,11 @@ class AsyncSigner:
     def _work(self) -> None:
         if self.nice > 0:
             _lower_priority(self.nice)
-        jobs = self._jobs
         while True:
-            batch = [jobs.get()]
-            # Take a fair share of what is waiting: fewer loop wake-ups and session borrows
-            # when busy, without starving the other workers when not.
-            share = min(_MAX_BATCH, jobs.qsize() // self.workers)
-            for _ in range(share):
-                try:
-                    batch.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(job is _STOP for job in batch)
-            batch = [job for job in batch if job is not _STOP]
+            batch = _take_batch(self._jobs, self.workers)
+            stop = batch[-1] is _STOP
+            if stop:
+                batch.pop()
             if batch:
                 self._run_batch(batch)
             if stop:

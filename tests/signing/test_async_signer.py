@@ -7,11 +7,13 @@ as one batch.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+import time
 
 import pytest
 
-from gateway.signing.async_signer import AsyncSigner
+from gateway.signing.async_signer import _STOP, AsyncSigner, _take_batch
 from gateway.signing.hsm import Hsm
 
 
@@ -72,3 +74,31 @@ async def test_cancelled_callers_leave_the_pool_usable(hsm: Hsm, ec_key: str) ->
         hsm.signer(ec_key).verify(await signer.sign(ec_key, b"after"), b"after")
     finally:
         signer.close()
+
+
+def test_a_batch_takes_at_most_one_stop_marker() -> None:
+    """close() queues one stop marker per worker behind the last job. A worker's share is judged
+    from the queue's size; when another worker has meanwhile taken the jobs in front, the share
+    reached into the markers and one worker took two, leaving another waiting for ever."""
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for item in ("job", _STOP, _STOP):  # as left after another worker took the jobs between
+        jobs.put(item)
+    assert _take_batch(jobs, workers=1) == ["job", _STOP]
+    assert _take_batch(jobs, workers=1) == [_STOP]
+    jobs.put(_STOP)
+    jobs.put(_STOP)
+    assert _take_batch(jobs, workers=1) == [_STOP]  # a marker first is a batch of its own
+    assert jobs.qsize() == 1
+
+
+def test_close_stops_every_worker_at_once(hsm: Hsm, ec_key: str) -> None:
+    signer = AsyncSigner(hsm, workers=3)
+
+    async def busy() -> None:
+        await asyncio.gather(*(signer.sign(ec_key, b"doc %d" % i) for i in range(200)))
+
+    asyncio.run(busy())
+    started = time.monotonic()
+    signer.close(timeout=10)
+    assert time.monotonic() - started < 5
+    assert not any(thread.is_alive() for thread in signer._threads)
