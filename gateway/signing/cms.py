@@ -66,7 +66,7 @@ def sign_detached(
     signing_time: dt.datetime | None = None,
     chain: Sequence[x509.Certificate] | None = None,
 ) -> bytes:
-    """A detached CMS SignedData over `content`, DER-encoded."""
+    """A detached CMS SignedData over `content`, DER-encoded. A naive `signing_time` is UTC."""
     certificate = signer.checked_certificate()
     if signer.algorithm == "rsa-sha256":
         signature_algorithm = "rsassa_pkcs1v15"
@@ -76,7 +76,10 @@ def sign_detached(
         raise SigningError(f"key algorithm {signer.algorithm!r}", code="algorithm_not_allowed")
     if chain is None:
         chain = tuple(getattr(signer, "chain", ()) or ())
-    when = (signing_time or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    when = signing_time or dt.datetime.now(dt.timezone.utc)
+    if when.tzinfo is None:  # UTC, as verification reads it and cryptography's builders take it
+        when = when.replace(tzinfo=dt.timezone.utc)  # (astimezone would take the host's zone)
+    when = when.astimezone(dt.timezone.utc)
     when = when.replace(microsecond=0)
 
     attributes = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
 
 import pytest
 from asn1crypto import cms
@@ -65,6 +66,18 @@ def test_signing_time_given(ec_signer, trust):
     der = sign_detached(CONTENT, ec_signer, signing_time=when)
     verified = verify_detached(der, CONTENT)
     assert verified.signing_time == when
+
+
+def test_a_naive_signing_time_is_utc_whatever_the_host_zone(ec_signer, monkeypatch):
+    """It was taken as the host's local time: five hours off on a host in New York."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        der = sign_detached(CONTENT, ec_signer, signing_time=dt.datetime(2026, 1, 2, 3, 4, 5))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert verify_detached(der, CONTENT).signing_time == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("year", [2050, 1949])
