@@ -150,6 +150,10 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
             refuse(exc.code, exc.message, EXIT_UNUSABLE)
         except SigningError as exc:  # HSM errors included: key not found, token unavailable...
             refuse(exc.code, str(exc), EXIT_INVALID)
+        except Exception as exc:  # an attempt that broke on something unforeseen is still one
+            _record(ctx.settings, "sign.refused", "failure", label,
+                    {**details, "code": "unexpected_error", "message": f"{type(exc).__name__}: {exc}"})
+            raise
         finally:
             hsm.close()
         if target is not None:
@@ -159,14 +163,27 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
                 refuse("output_unwritable", f"cannot write {out}: {exc.strerror or exc}",
                        EXIT_UNUSABLE, "document.signed", "failure")
         else:
-            sys.stdout.buffer.write(result)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(result)
+                sys.stdout.buffer.flush()
+            except OSError as exc:  # a reader that went away (a closed pipe): signed, not delivered
+                _quiet_stdout()
+                refuse("output_unwritable", f"cannot write to standard output: {exc.strerror or exc}",
+                       EXIT_UNUSABLE, "document.signed", "failure")
     finally:
         if part is not None:
             part.unlink(missing_ok=True)  # left only when something failed before the rename
     _record(ctx.settings, "document.signed", "success", label,
             {**details, "signature_sha256": hashlib.sha256(result).hexdigest(),
              "out": str(target) if target is not None else "-"})
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered for a closed pipe would
+    otherwise fail again at exit, with a second message after ours."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _chain(ctx: Context, cert) -> tuple:

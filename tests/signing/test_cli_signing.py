@@ -258,3 +258,25 @@ def test_cli_signatures_and_refusals_are_audited(cli_keys, home, order_file, tmp
     signed = audit_events(url)[0].details
     assert signed["content_sha256"] == hashlib.sha256(ORDER).hexdigest()
     assert signed["signature_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_a_signature_stdout_could_not_take_is_audited_as_undelivered(cli_keys, home, order_file, tmp_path):
+    """`gateway sign ... | head -c 10`: the reader goes away, the write fails with a broken
+    pipe. The signature was made with the HSM key and must be in the trail; it was a traceback
+    and no audit record."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "sign", "--key",
+                                 cli_keys["p256"], "--format", "cms", str(order_file)],
+                                stdout=write_end, stderr=subprocess.PIPE, timeout=120,
+                                env={**os.environ, "GATEWAY_DATABASE_URL": url})
+    finally:
+        os.close(write_end)
+    assert result.returncode == 2
+    assert b"output_unwritable" in result.stderr and b"Traceback" not in result.stderr
+    assert result.stderr.count(b"\n") == 1, result.stderr  # no second complaint at exit
+    [event] = audit_events(url)
+    assert (event.event_type, event.outcome, event.details["code"]) == ("document.signed", "failure",
+                                                                          "output_unwritable")
