@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,15 +21,16 @@ from typing import Any
 
 import pyotp
 
+from gateway.audit.verify import checkpoint_signature_ok
 from gateway.catalog import demo_catalog, write_catalog
 from gateway.clients import add_client, authenticate
 from gateway.config import Settings, load_settings, write_default_config
-from gateway.signing.enrol import issue_demo_identities
+from gateway.signing.enrol import DEMO_IDENTITIES, issue_demo_identities
 from gateway.signing.errors import KeyNotFound
 from gateway.signing.hsm import Hsm
-from gateway.signing.softhsm import ensure_softhsm_token
+from gateway.signing.softhsm import ensure_softhsm_token, is_softhsm
 from gateway.storage import open_storage
-from gateway.storage.base import AuditEvent
+from gateway.storage.base import AuditEvent, Storage, StorageError
 
 AUDIT_KEY_LABEL = "audit"
 
@@ -44,10 +46,18 @@ DEMO_CLIENTS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """What the last `init` wrote; {} when absent or unreadable. A file of another shape (`null`,
+    a list: edited by hand) counts as absent: it stopped every later `init` and `demo` with a
+    traceback until someone deleted it."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
@@ -70,16 +80,45 @@ def ensure_audit_key(hsm: Hsm) -> None:
         hsm.generate_keypair(AUDIT_KEY_LABEL, "rsa2048")
 
 
-async def _ensure_clients(settings: Settings, previous: dict[str, Any]) -> dict[str, dict[str, str]]:
+class AuditKeyMismatch(StorageError):
+    """The database's audit trail is checkpointed with an audit key this home's HSM does not hold."""
+
+    code = "audit_key_mismatch"
+
+
+async def _check_audit_key(storage: Storage, hsm: Hsm, settings: Settings) -> None:
+    """Refuse a database whose last audit checkpoint this home's HSM did not sign: the trail of
+    another gateway (two homes, each with its own SoftHSM token, on one PostgreSQL database), or
+    of this home before its token was made anew. Going on wrote this home's records and
+    checkpoints into that trail, and `gateway audit verify` (and the demo's last step) found it
+    broken from then on, for both homes: checkpoints are append-only."""
+    last = await storage.last_checkpoint()
+    if last is None:
+        return
+    try:
+        public = await asyncio.to_thread(hsm.public_key, last.key_label)
+    except KeyNotFound:
+        public = None
+    if public is None or not checkpoint_signature_ok(last, public):
+        raise AuditKeyMismatch(
+            f"the database's audit trail is checkpointed with an audit key ('{last.key_label}') "
+            "this home's HSM does not hold: it is another gateway's database, or this home's "
+            "token was made anew. Give this home a database (or PostgreSQL schema) of its own"
+            + ("" if settings.database_url else f" (move {settings.sqlite_path} aside)")
+            + "; nothing was written to this one")
+
+
+async def _ensure_clients(settings: Settings, previous: dict[str, Any], hsm: Hsm) -> dict[str, dict[str, str]]:
     """Demo clients exist and demo.json holds a working token for each."""
-    known = previous.get("clients", {}) if isinstance(previous.get("clients"), dict) else {}
+    known = _dict(previous.get("clients"))
     out: dict[str, dict[str, str]] = {}
     storage = open_storage(settings)
     await storage.open()
     try:
+        await _check_audit_key(storage, hsm, settings)
         for name, (role, labels) in DEMO_CLIENTS.items():
-            token = (known.get(name) or {}).get("token")
-            if token:
+            token = _dict(known.get(name)).get("token")
+            if isinstance(token, str) and token:
                 client = await authenticate(storage, token)
                 if client is not None and client.role == role:
                     out[name] = {"token": token, "role": role, "client": client.name}
@@ -103,10 +142,29 @@ async def _ensure_clients(settings: Settings, previous: dict[str, Any]) -> dict[
 def init_home(home: str | os.PathLike[str] | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
     """Set up (or check) a home; returns what was written to demo.json."""
     settings = settings or load_settings(home)
+    _check_home_path(settings)
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # PINs, tokens, patient data
     _make_private(settings.home)
     with home_lock(settings):
         return _init_locked(settings)
+
+
+# SoftHSM's configuration file has no quoting: a value ends at '#' (a comment) or at a second
+# '=', so a token directory under such a path names another directory, and softhsm2-util failed
+# with a traceback.
+_SOFTHSM_UNSAFE = "#=\n\r"
+
+
+def _check_home_path(settings: Settings) -> None:
+    """Refuse, before anything is written, a home `init` cannot set up (home_unusable)."""
+    home = settings.home
+    if home.exists() and not home.is_dir():  # was "File exists", which says nothing
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory: the home must be a directory",
+                                 str(home))
+    if is_softhsm(settings.hsm.module) and any(c in str(settings.token_dir) for c in _SOFTHSM_UNSAFE):
+        raise OSError(errno.EINVAL, "SoftHSM cannot keep its token under a path containing '#', "
+                      "'=' or a line break (its configuration file cannot quote them): choose "
+                      "another home", str(home))
 
 
 def _make_private(home: Path) -> None:
@@ -136,17 +194,16 @@ def _init_locked(settings: Settings) -> dict[str, Any]:
 
     hsm = Hsm.open(settings)
     try:
+        hsm.drop_incomplete_keys([AUDIT_KEY_LABEL, *(ident.label for ident in DEMO_IDENTITIES)])
         ensure_audit_key(hsm)
         keys = issue_demo_identities(settings, hsm)
+        if not settings.catalog_path.exists():
+            write_catalog(demo_catalog(), settings.catalog_path)
+        clients = asyncio.run(_ensure_clients(settings, previous, hsm))
     finally:
         hsm.close()
 
-    if not settings.catalog_path.exists():
-        write_catalog(demo_catalog(), settings.catalog_path)
-
-    clients = asyncio.run(_ensure_clients(settings, previous))
-
-    prescriber = previous.get("prescriber") or {}
+    prescriber = _dict(previous.get("prescriber"))
     demo = {
         "home": str(settings.home),
         "trust_bundle": str(settings.trust_bundle_path.resolve()),

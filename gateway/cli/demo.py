@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -32,6 +34,10 @@ def _setup_refusals() -> Iterator[None]:
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         raise CommandError("home_unusable", f"{where}{exc.strerror or exc}") from exc
+    except subprocess.CalledProcessError as exc:  # softhsm2-util refusing the home's token store
+        command = " ".join([Path(str(exc.cmd[0])).name, *map(str, exc.cmd[1:])])
+        said = " ".join(str(exc.stderr or "").split()) or "no message"
+        raise CommandError("hsm_init_failed", f"{command} failed (exit {exc.returncode}): {said}") from exc
 
 
 @click.command("init")

@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,7 @@ from gateway.signing.errors import (
     KeyNotFound,
     TokenUnavailable,
 )
-from gateway.signing.softhsm import point_environment_at
+from gateway.signing.softhsm import is_softhsm, point_environment_at
 
 T = TypeVar("T")
 
@@ -270,6 +270,42 @@ def _file_lock(path: Path | None) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
+SOFTHSM_TOKEN_RETRIES = (0.02, 0.05, 0.1, 0.2)
+"""Pauses (s) before looking again for a SoftHSM token that seemed absent (Hsm._find_token)."""
+
+
+def _drop_incomplete(session: Any, labels: list[str]) -> list[str]:
+    """SoftHSM makes the public half of a pair first, then an empty private key object it fills
+    in: a process killed inside C_GenerateKeyPair leaves the label with a public key and no
+    private key, and a private key with neither label nor key material. The public key was taken
+    for the whole key (certified, then storing its certificate failed, for good) and the empty
+    one could be the key /readyz probes (503 for good). Only such objects go: a public key of
+    `labels` whose label has no private key, and key objects with neither label nor key
+    material, which nothing can use. Returns the labels freed."""
+    dropped = []
+    for label in labels:
+        if list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
+            continue
+        strays = list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}))
+        for stray in strays:
+            stray.destroy()
+        if strays:
+            dropped.append(label)
+    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for obj in list(session.get_objects({Attribute.CLASS: cls, Attribute.LABEL: ""})):
+            if _no_key_material(obj):
+                obj.destroy()
+    return dropped
+
+
+def _no_key_material(obj: Any) -> bool:
+    try:
+        attribute = Attribute.EC_PARAMS if obj[Attribute.KEY_TYPE] == KeyType.EC else Attribute.MODULUS
+        return not bytes(obj[attribute])
+    except pkcs11.exceptions.PKCS11Error:  # not readable here: take the key for whole
+        return False
+
+
 class Hsm:
     """One PKCS#11 token for the whole process, safe to use from many threads at once."""
 
@@ -334,17 +370,34 @@ class Hsm:
     def last_error(self) -> str | None:
         return self._last_error
 
+    def _find_token(self, force: bool) -> tuple[int, Any]:
+        """The module's epoch and the token. SoftHSM reads its token files when initialised; one
+        read while another process writes them (a login updates the token's flags, a key
+        generation adds objects) shows no token, or fails with CKR_GENERAL_ERROR. Looked for
+        again after a short pause, initialised anew: one of two commands started together
+        failed with hsm_unavailable (2 runs in 10 of test_two_processes_generating_...)."""
+        pauses = SOFTHSM_TOKEN_RETRIES if is_softhsm(self.module) else ()
+        for attempt in range(len(pauses) + 1):
+            epoch = _initialise_module(self.module, force=force or attempt > 0)
+            try:
+                return epoch, pkcs11.lib(self.module).get_token(token_label=self.token_label)
+            except (pkcs11.exceptions.NoSuchToken, pkcs11.exceptions.GeneralError) as exc:
+                if attempt < len(pauses):
+                    time.sleep(pauses[attempt])
+                elif isinstance(exc, pkcs11.exceptions.NoSuchToken):
+                    raise TokenUnavailable(f"token '{self.token_label}' not present in {self.module}") from exc
+                else:
+                    raise
+            except pkcs11.exceptions.MultipleTokensReturned as exc:
+                raise TokenUnavailable(f"several tokens labelled '{self.token_label}' in {self.module}") from exc
+        raise AssertionError("unreachable")
+
     def _connect_locked(self, *, force: bool = False) -> None:
         self._last_attempt = time.monotonic()
         logged_in: tuple[str, int] | None = None  # (token label, epoch) of a login we hold
         opened: list[Any] = []  # sessions opened so far, closed again if we fail half-way
         try:
-            epoch = _initialise_module(self.module, force=force)
-            lib = pkcs11.lib(self.module)
-            try:
-                token = lib.get_token(token_label=self.token_label)
-            except (pkcs11.exceptions.NoSuchToken, pkcs11.exceptions.MultipleTokensReturned) as exc:
-                raise TokenUnavailable(f"token '{self.token_label}' not present in {self.module}") from exc
+            epoch, token = self._find_token(force)
             try:
                 _acquire_login(self.module, token, epoch, self._pin)
             except (pkcs11.exceptions.PinIncorrect, pkcs11.exceptions.PinLocked,
@@ -640,12 +693,31 @@ class Hsm:
         # Two commands on one home: one generates, the other finds the label taken. (Processes on
         # other hosts sharing a network HSM are not covered: enrolment there is one operator's.)
         with _file_lock(self.lock_path):
+            if self._is_softhsm:  # what a generation cut short left would hold the label for good
+                self._admin(lambda session, _conn: _drop_incomplete(session, [label]))
             self._admin(op)
         self._pubkeys.pop(label, None)
         self._certs.pop(label, None)
         if self._conn is not None:
             self._keys_seen_generation = self._conn.generation
         return self.public_key(label)
+
+    @property
+    def _is_softhsm(self) -> bool:
+        return is_softhsm(self.module)
+
+    def drop_incomplete_keys(self, labels: Iterable[str]) -> list[str]:
+        """Destroy what a key generation cut short left on a SoftHSM token; returns the labels
+        freed (see `_drop_incomplete`). Another module's token is managed with its own tools."""
+        wanted = list(labels)
+        if not self._is_softhsm:
+            return []
+        # Under the lock generate_keypair holds: a pair being generated right now is no stray.
+        with _file_lock(self.lock_path):
+            dropped = self._admin(lambda session, _conn: _drop_incomplete(session, wanted))
+        for label in dropped:
+            self._pubkeys.pop(label, None)
+        return dropped
 
     def public_key(self, label: str) -> PublicKey:
         return self._public(label)[1]

@@ -530,3 +530,29 @@ def test_token_pins_pass_as_written_and_bad_ones_are_refused_at_once(tmp_path: P
         with pytest.raises(HsmError) as e:
             _init_token(conf, "bad-pins", so_pin, pin)
         assert e.value.code == "hsm_pin_invalid"
+
+
+def test_a_key_generation_cut_short_is_generated_again(hsm: Hsm) -> None:
+    """A process killed inside C_GenerateKeyPair leaves SoftHSM with the public key under the
+    label and an empty private key with no label: `keys generate` again said key_exists for
+    good, and the empty key could be the one /readyz probed."""
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    label = f"cut-short-{os.getpid()}"
+    hsm.generate_keypair(label, "p256")
+
+    def cut_short(session, _conn) -> None:
+        for key in list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})):
+            key.destroy()
+        session.create_object({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA,
+                               Attribute.TOKEN: True, Attribute.MODULUS: b"", Attribute.PRIVATE_EXPONENT: b""})
+
+    def unlabelled(session, _conn) -> int:
+        return len(list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: ""})))
+
+    hsm._admin(cut_short)
+    assert hsm._admin(unlabelled) == 1
+    public = hsm.generate_keypair(label, "p256")
+    public.verify(hsm.sign(label, b"whole again"), b"whole again", ec.ECDSA(hashes.SHA256()))
+    assert hsm._admin(unlabelled) == 0
+    assert [k.label for k in hsm.list_keys()].count(label) == 1
