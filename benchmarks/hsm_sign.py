@@ -1,6 +1,6 @@
 """Raw PKCS#11 sign rate with N sessions against the gateway's async signer pool, same run.
 
-    python -m benchmarks.hsm_sign [--seconds 3] [--rounds 3] [--keys rsa2048,p256]
+    python -m benchmarks.hsm_sign [--seconds 3] [--rounds 3] [--keys rsa2048,p256] [--results-dir DIR]
 
 Two raw rates, N threads each with its own session and key handle, no pool and no futures:
 - raw_py: python-pkcs11's `key.sign` in a tight loop (the plain way to use the token from Python);
@@ -27,7 +27,7 @@ from typing import Any
 import pkcs11
 from pkcs11 import Mechanism, ObjectClass
 
-from benchmarks.common import scratch_home, table, write_results
+from benchmarks.common import add_results_option, positive, run_main, scratch, table, write_results
 from gateway.config import ServerSettings, load_settings, write_default_config
 from gateway.signing.async_signer import AsyncSigner
 from gateway.signing.hsm import Hsm
@@ -135,20 +135,55 @@ def pool_rate(hsm: Hsm, label: str, workers: int, seconds: float) -> float:
         signer.close()
 
 
-def main() -> None:
+KEY_TYPES = ("rsa2048", "p256")
+
+
+def _key_types(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in KEY_TYPES]
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or 'nothing'}: choose from {','.join(KEY_TYPES)}")
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per side per round")
-    parser.add_argument("--rounds", type=int, default=3, help="raw/pool pairs; the median is shown")
-    parser.add_argument("--keys", default="rsa2048,p256")
-    args = parser.parse_args()
-    cores = os.cpu_count() or 2
-    home = scratch_home("hsm")
+    parser.add_argument("--seconds", type=positive(float), default=3.0, help="per side per round")
+    parser.add_argument("--rounds", type=positive(int), default=3, help="raw/pool pairs; the median is shown")
+    parser.add_argument("--keys", type=_key_types, default=list(KEY_TYPES), help="rsa2048,p256")
+    add_results_option(parser)
+    args = parser.parse_args(argv)
+    with scratch("hsm") as home:
+        return _run(args, home, argv)
+
+
+def _run(args: argparse.Namespace, home: Any, argv: list[str] | None) -> int:
+    cores = len(os.sched_getaffinity(0))
     settings = load_settings(home)
     write_default_config(settings)
     ensure_softhsm_token(settings)
     hsm = Hsm.open(settings, sessions=cores)
+    try:
+        rows = _measure(args, hsm, cores)
+    finally:
+        hsm.close()
+    print(table(rows, ["key", "sessions", "raw_py_per_s", "raw_c_per_s", "pool_per_s", "pool_vs_raw_py",
+                       "range_py", "pool_vs_raw_c", "range_c"]))
+    full = [r for r in rows if r["sessions"] == cores]
+    verdict = {"python-pkcs11": all(r["pool_vs_raw_py"] >= 0.95 for r in full),
+               "compiled loop": all(r["pool_vs_raw_c"] >= 0.95 for r in full)}
+    for baseline, met in verdict.items():
+        print(f"target: pool >= 95% of the raw {baseline} rate on all {cores} cores: {'met' if met else 'NOT met'}")
+    path = write_results("hsm_sign", {"rows": rows, "target_met": verdict, "seconds": args.seconds,
+                                      "rounds": args.rounds, "keys": args.keys, "sessions_max": cores},
+                         directory=args.results_dir, argv=argv)
+    print(f"written {path}")
+    return 0
+
+
+def _measure(args: argparse.Namespace, hsm: Hsm, cores: int) -> list[dict[str, Any]]:
     rows = []
-    for key_type in args.keys.split(","):
+    for key_type in args.keys:
         label = f"bench-{key_type}"
         hsm.generate_keypair(label, key_type)
         hsm.sign(label, b"warm-up")
@@ -173,17 +208,8 @@ def main() -> None:
                          "range_py": f"{min(vs_py):.2f}-{max(vs_py):.2f}",
                          "pool_vs_raw_c": statistics.median(vs_c),
                          "range_c": f"{min(vs_c):.2f}-{max(vs_c):.2f}"})
-    hsm.close()
-    print(table(rows, ["key", "sessions", "raw_py_per_s", "raw_c_per_s", "pool_per_s", "pool_vs_raw_py",
-                       "range_py", "pool_vs_raw_c", "range_c"]))
-    full = [r for r in rows if r["sessions"] == cores]
-    verdict = {"python-pkcs11": all(r["pool_vs_raw_py"] >= 0.95 for r in full),
-               "compiled loop": all(r["pool_vs_raw_c"] >= 0.95 for r in full)}
-    for baseline, met in verdict.items():
-        print(f"target: pool >= 95% of the raw {baseline} rate on all {cores} cores: {'met' if met else 'NOT met'}")
-    path = write_results("hsm_sign", {"rows": rows, "target_met": verdict, "seconds": args.seconds})
-    print(f"written {path}")
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

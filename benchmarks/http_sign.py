@@ -1,6 +1,7 @@
 """End-to-end signing through HTTP against the raw HSM rate measured in the same run.
 
-    python -m benchmarks.http_sign [--seconds 5] [--connections 16] [--format xmldsig|cms]
+    python -m benchmarks.http_sign [--seconds 5] [--connections 16] [--overload 4]
+        [--generator auto|wrk|python] [--log-level INFO] [--results-dir DIR]
 
 1. raw: N threads on N PKCS#11 sessions signing with the same RSA-2048 key (N = cores): the
    ceiling of the token on this machine.
@@ -31,15 +32,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import scratch_home, table, write_results
+from benchmarks.common import BenchmarkError, add_results_option, positive, run_main, scratch, table, write_results
 
 KEY = "bench-http-rsa"
 
 
 # --- set-up ------------------------------------------------------------------------------------
 
-def make_home(connections_hint: int) -> tuple[Path, str]:
-    """A fresh home: token with one RSA key and its certificate, SQLite, one client. -> (home, token)."""
+def make_home(home: Path) -> str:
+    """Set up a fresh home: token with one RSA key and its certificate, SQLite, one client. -> token."""
     from gateway.clients import add_client
     from gateway.config import load_settings, write_default_config
     from gateway.signing.hsm import Hsm
@@ -47,7 +48,6 @@ def make_home(connections_hint: int) -> tuple[Path, str]:
     from gateway.signing.softhsm import ensure_softhsm_token
     from gateway.storage import open_storage
 
-    home = scratch_home("http")
     settings = load_settings(home)
     write_default_config(settings)
     text = settings.config_path.read_text()
@@ -74,7 +74,7 @@ def make_home(connections_hint: int) -> tuple[Path, str]:
             await storage.close()
         return token
 
-    return home, asyncio.run(client())
+    return asyncio.run(client())
 
 
 def raw_hsm_rate(home: Path, seconds: float) -> tuple[float, float]:
@@ -99,18 +99,43 @@ def raw_hsm_rate(home: Path, seconds: float) -> tuple[float, float]:
         hsm.close()
 
 
-def start_server(home: Path, log_level: str) -> tuple[subprocess.Popen, int]:
+def start_server(home: Path, log_level: str, timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
+    """`gateway serve` on a free port; the server is stopped again if it is not ready in time or
+    the wait is interrupted, so nothing is left running."""
     ready = home / "bench.port"
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--home", str(home), "serve", "--port", "0",
-                             "--ready-file", str(ready), "--log-level", log_level],
-                            stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "wb"))
-    deadline = time.monotonic() + 60
-    while not (ready.exists() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start:\n{(home / 'server.log').read_text()}")
-        time.sleep(0.05)
-    return proc, int(ready.read_text())
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "--home", str(home), "serve", "--port", "0",
+                                 "--ready-file", str(ready), "--log-level", log_level],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (ready.exists() and ready.read_text().strip()):
+            if proc.poll() is not None:
+                raise BenchmarkError(f"the server exited ({proc.returncode}) before it was ready:\n"
+                                     f"{(home / 'server.log').read_text()}", code="server_failed")
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"the server was not ready within {timeout:g} s:\n"
+                                     f"{(home / 'server.log').read_text()}", code="server_failed")
+            time.sleep(0.05)
+        return proc, int(ready.read_text())
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM (the server drains and exits), SIGKILL if it has not within `timeout`: its exit
+    status, None when it had to be killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 def _cpu_s(pid: int) -> float:
@@ -223,16 +248,29 @@ end
 
 
 def _wrk(port: int, token: str, tag: str, connections: int, seconds: float, delay_ms: float | None) -> dict[str, Any]:
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    fd, name = tempfile.mkstemp(suffix=".lua")
+    os.close(fd)
+    script = Path(name)
     delay = f"delay = function() return {delay_ms:.1f} end" if delay_ms else ""
     script.write_text(_WRK_SCRIPT % {"token": token, "tag": tag, "path": f"/v1/sign?key={KEY}", "delay": delay})
+    duration = max(1, round(seconds))
     try:
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-                              "-s", str(script), f"http://127.0.0.1:{port}"],
-                             capture_output=True, text=True, check=True).stdout
+        done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+                               "-s", str(script), f"http://127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"wrk did not finish within {duration + 60} s", code="load_failed") from None
     finally:
         script.unlink()
-    return json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    if done.returncode != 0 or "RESULT " not in done.stdout:
+        raise BenchmarkError(f"wrk failed ({done.returncode}): {(done.stderr or done.stdout).strip()}",
+                             code="load_failed")
+    return json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+
+
+def _ms(us: float) -> float | None:
+    """wrk's script reports -1 for a percentile of no response at all: None, never a figure."""
+    return None if us < 0 else us / 1000
 
 
 def wrk_closed_loop(port: int, token: str, tag: str, connections: int, seconds: float) -> dict[str, Any]:
@@ -240,7 +278,7 @@ def wrk_closed_loop(port: int, token: str, tag: str, connections: int, seconds: 
     duration = r["duration_us"] / 1e6
     return {"generator": "wrk", "requests": r["requests"], "ok": r["ok"], "non2xx": r["requests"] - r["ok"],
             "socket_errors": r["socket_errors"], "ok_per_s": r["ok"] / duration,
-            "p50_ms": r["ok_p50_us"] / 1000, "p99_ms": r["ok_p99_us"] / 1000}
+            "p50_ms": _ms(r["ok_p50_us"]), "p99_ms": _ms(r["ok_p99_us"])}
 
 
 def wrk_open_loop(port: int, token: str, tag: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -257,9 +295,9 @@ def wrk_open_loop(port: int, token: str, tag: str, rate: float, seconds: float) 
     return {"generator": f"wrk (c={connections}, pause {delay_ms:.0f} ms)", "requests": r["requests"],
             "ok": r["ok"], "rejected_429": r["rejected_429"], "socket_errors": r["socket_errors"],
             "offered_per_s": r["requests"] / duration, "ok_per_s": r["ok"] / duration,
-            "p50_ms": r["ok_p50_us"] / 1000, "p99_ms": r["ok_p99_us"] / 1000, "max_ms": r["ok_max_us"] / 1000,
-            "p99_all_ms": r["p99_us"] / 1000, "p50_429_ms": r["rej_p50_us"] / 1000,
-            "p99_429_ms": r["rej_p99_us"] / 1000,
+            "p50_ms": _ms(r["ok_p50_us"]), "p99_ms": _ms(r["ok_p99_us"]), "max_ms": _ms(r["ok_max_us"]),
+            "p99_all_ms": r["p99_us"] / 1000, "p50_429_ms": _ms(r["rej_p50_us"]),
+            "p99_429_ms": _ms(r["rej_p99_us"]),
             "other_statuses": {"other": r["other"]} if r["other"] else {}}
 
 
@@ -269,14 +307,17 @@ class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def request(self, raw: bytes) -> int:
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        if match:
-            await self.reader.readexactly(int(match.group(1)))
-        return status
+    async def request(self, raw: bytes, timeout: float = 10.0) -> int:
+        """The response's status; a server that does not answer within `timeout` (as wrk's
+        --timeout) is an error, not a wait for ever."""
+        async with asyncio.timeout(timeout):
+            self.writer.write(raw)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if match:
+                await self.reader.readexactly(int(match.group(1)))
+            return status
 
 
 def _raw_request(port: int, token: str, tag: str, n: int) -> bytes:
@@ -307,17 +348,19 @@ async def _load(port: int, token: str, tag: str, seconds: float, *, rate: float 
             status = await conn.request(_raw_request(port, token, tag, next(counter)))
             latencies.setdefault(status, []).append(time.perf_counter() - t0)
             idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
             errors += 1
 
     start = time.perf_counter()
     stop = start + seconds
     if rate is None:
         async def worker() -> None:
-            conn = await connect()
+            conn: _Conn | None = await connect()
             while time.perf_counter() < stop:
                 idle.clear()
                 await one(conn)
+                # `one` puts a connection that answered back; a broken one is replaced
+                conn = idle.pop() if idle else None
         await asyncio.gather(*(worker() for _ in range(connections)))
     else:
         tasks: set[asyncio.Task] = set()
@@ -353,8 +396,15 @@ def python_load(port: int, token: str, tag: str, seconds: float, *, rate: float 
     """Run the Python generator in its own process (it must not share the server's GIL or ours)."""
     args = [sys.executable, "-m", "benchmarks.http_sign", "--loadgen", json.dumps(
         {"port": port, "token": token, "tag": tag, "seconds": seconds, "rate": rate, "connections": connections})]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    data = json.loads(out)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"the load generator did not finish within {seconds + 60:g} s",
+                             code="load_failed") from None
+    if done.returncode != 0:
+        raise BenchmarkError(f"the load generator failed ({done.returncode}): {done.stderr.strip()}",
+                             code="load_failed")
+    data = json.loads(done.stdout)
     lat = data["latencies"]
     ok = lat.get("200", [])
     total = sum(len(v) for v in lat.values())
@@ -375,52 +425,65 @@ def overload_load(generator: str, port: int, token: str, tag: str, seconds: floa
 
 # --- main --------------------------------------------------------------------------------------
 
-def main() -> None:
+def _f(value: float | None, unit: str = " ms") -> str:
+    return "none" if value is None else f"{value:.1f}{unit}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--overload", type=float, default=4.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--seconds", type=positive(float), default=5.0)
+    parser.add_argument("--connections", type=positive(int), default=16)
+    parser.add_argument("--overload", type=positive(float), default=4.0, help="offered load as a multiple of capacity")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    add_results_option(parser)
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.loadgen:
         spec = json.loads(args.loadgen)
         print(json.dumps(asyncio.run(_load(spec["port"], spec["token"], spec["tag"], spec["seconds"],
                                            rate=spec["rate"], connections=spec["connections"]))))
-        return
+        return 0
 
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"
-    home, token = make_home(args.connections)
+    elif generator == "wrk" and not shutil.which("wrk"):
+        raise BenchmarkError("wrk is not installed (Debian package wrk): install it or use --generator python",
+                             code="wrk_not_installed")
+    with scratch("http") as home:
+        return _run(args, generator, home, argv)
+
+
+def _run(args: argparse.Namespace, generator: str, home: Path, argv: list[str] | None) -> int:
+    token = make_home(home)
+    raw, raw_cpu = raw_hsm_rate(home, args.seconds)
+    proc, port = start_server(home, args.log_level)
     try:
-        raw, raw_cpu = raw_hsm_rate(home, args.seconds)
-        proc, port = start_server(home, args.log_level)
-        try:
-            # warm-up: connections, caches, the first group commits
-            python_load(port, token, "warm", 1.0, rate=None, connections=4)
-            cpu_before = _cpu_s(proc.pid)
-            if generator == "wrk":
-                capacity = wrk_closed_loop(port, token, "cap", args.connections, args.seconds)
-            else:
-                capacity = python_load(port, token, "cap", args.seconds, rate=None, connections=args.connections)
-            capacity["server_cpu_us_per_request"] = (_cpu_s(proc.pid) - cpu_before) / capacity["ok"] * 1e6
-            rss_before = rss_mb(proc.pid)
-            offered = capacity["ok_per_s"] * args.overload
-            lag0 = loop_lag_buckets(port)
-            overload = overload_load(generator, port, token, "over", args.seconds, offered, args.connections)
-            overload["loop_lag_median_ms"] = lag_median_ms(lag0, loop_lag_buckets(port))
-            rss_after = rss_mb(proc.pid)
-            # a second overload round: memory must not keep growing
-            overload2 = overload_load(generator, port, token, "over2", args.seconds, offered, args.connections)
-            rss_after2 = rss_mb(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(30)
-        raw_after, raw_cpu_after = raw_hsm_rate(home, args.seconds)
+        # warm-up: connections, caches, the first group commits
+        python_load(port, token, "warm", 1.0, rate=None, connections=4)
+        cpu_before = _cpu_s(proc.pid)
+        if generator == "wrk":
+            capacity = wrk_closed_loop(port, token, "cap", args.connections, args.seconds)
+        else:
+            capacity = python_load(port, token, "cap", args.seconds, rate=None, connections=args.connections)
+        if not capacity["ok"]:
+            raise BenchmarkError(f"no request was signed under load ({capacity['non2xx']} answered otherwise, "
+                                 f"{capacity['socket_errors']} socket errors); see the server log",
+                                 code="load_failed")
+        capacity["server_cpu_us_per_request"] = (_cpu_s(proc.pid) - cpu_before) / capacity["ok"] * 1e6
+        rss_before = rss_mb(proc.pid)
+        offered = capacity["ok_per_s"] * args.overload
+        lag0 = loop_lag_buckets(port)
+        overload = overload_load(generator, port, token, "over", args.seconds, offered, args.connections)
+        overload["loop_lag_median_ms"] = lag_median_ms(lag0, loop_lag_buckets(port))
+        rss_after = rss_mb(proc.pid)
+        # a second overload round: memory must not keep growing
+        overload2 = overload_load(generator, port, token, "over2", args.seconds, offered, args.connections)
+        rss_after2 = rss_mb(proc.pid)
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        code = stop_server(proc)
+    raw_after, raw_cpu_after = raw_hsm_rate(home, args.seconds)
 
     raw_mean = (raw + raw_after) / 2
     ratio = capacity["ok_per_s"] / raw_mean
@@ -440,7 +503,7 @@ def main() -> None:
     for name, o in (("overload", overload), ("overload again", overload2)):
         note = f", 429s p99 {o['p99_429_ms']:.1f} ms" if o.get("p99_429_ms") is not None else ""
         print(f"{name}: offered {o['offered_per_s']:.0f}/s (target {offered:.0f}/s) by {o['generator']}; "
-              f"admitted p99 {o['p99_ms']:.1f} ms{note}; other statuses {o['other_statuses']}; "
+              f"admitted p99 {_f(o['p99_ms'])}{note}; other statuses {o['other_statuses']}; "
               f"socket errors {o['socket_errors']}")
     if overload.get("loop_lag_median_ms") is not None:
         print(f"event loop lag during overload (median, bucket edge): {overload['loop_lag_median_ms']:.0f} ms")
@@ -464,13 +527,15 @@ def main() -> None:
         print(f"  {name}: {'met' if ok else 'NOT met'}")
     path = write_results("http_sign", {
         "seconds": args.seconds, "connections": args.connections, "generator": capacity["generator"],
+        "server_exit_status": code,
         "log_level": args.log_level, "raw_hsm_per_s": [raw, raw_after], "capacity": capacity,
         "http_vs_raw": ratio, "hsm_cpu_us_per_signature": hsm_cpu,
         "server_cpu_us_per_request": server_cpu, "cpu_bound_ceiling_vs_raw": ceiling, "overload_factor": args.overload, "overload": overload, "overload_again": overload2,
         "rss_mb": {"before_overload": rss_before, "after_overload": rss_after, "after_second_overload": rss_after2},
-        "targets": targets})
+        "targets": targets}, directory=args.results_dir, argv=argv)
     print(f"written {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

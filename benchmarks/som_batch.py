@@ -1,8 +1,11 @@
 """Batch scoring of order lines: the Numba scorer against DuckDB SQL and pure Polars.
 
-Run: `python -m benchmarks.som_batch [--lines 10000000] [--skip-polars] [--skip-duckdb]`.
+Run: `python -m benchmarks.som_batch [--data FILE] [--lines 10000000] [--skip-polars] [--skip-duckdb]
+[--results-dir DIR]`.
 Measured in the same run, on the same synthetic history (gateway.som.synth), with the same
-features (the three are first checked to agree):
+features. Every result is checked line by line against the in-memory Numba scores and flags (DuckDB
+and Polars in memory, each whole command's and each partitioned run's output file); a run where
+any disagrees is reported and exits 1:
 - in memory: the data already loaded (a Polars DataFrame; DuckDB reads it through Arrow), result
   materialised in memory; lines/s and the ratio to DuckDB. For Numba the timed region is one
   `score_orders(df)` call: checking the table, coding customers and families, ordering the lines,
@@ -12,7 +15,8 @@ features (the three are first checked to agree):
 - whole commands in fresh processes: Parquet in, Parquet out with the input columns kept, start-up
   included; wall time and peak memory (max RSS of the process);
 - incremental scoring: latency of one `SomState.update` in process (p50, p99, max);
-- 1 vs 2 worker processes through the partitioned runner (gateway.som.partition.score_file).
+- 1 vs 2 workers through the partitioned runner (gateway.som.partition.score_file), each as a
+  whole command in a fresh process (one worker scores in that process; two start two more).
 Figures are provisional on a shared machine; ratios are within one run. Results go to
 benchmarks/results/som_batch.json.
 """
@@ -22,14 +26,13 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from benchmarks.common import table, write_results
+from benchmarks.common import BenchmarkError, add_results_option, positive, run_main, scratch, table, write_results
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 
@@ -355,24 +358,49 @@ con.execute(f"COPY (SELECT s.* EXCLUDE (_row), r.score, r.flag, r.reasons FROM s
 """
 
 
-def run_command(code: str, args: list[str]) -> dict:
-    """Run a Python snippet in a fresh process: wall time, and its peak RSS sampled every 10 ms
-    (ru_maxrss of a forked child would include the parent's memory)."""
+_PARTITION_CMD = """
+import sys
+from gateway.som.partition import score_file
+if __name__ == "__main__":
+    src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    score_file(src, out, workers=workers, partitions=1 if workers == 1 else None)
+"""
+
+
+def run_command(code: str, args: list[str], name: str = "command") -> dict:
+    """Run a Python snippet in a fresh process: wall time, and its peak RSS with its child
+    processes' sampled every 10 ms (ru_maxrss of a forked child would include the parent's memory). The process is stopped if
+    the wait is interrupted (Ctrl-C, SIGTERM, an error here): nothing is left running."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=Path(__file__).parent.parent)
     peak = 0
-    ps = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.01)
+    try:
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:  # the process and its workers (a partitioned run spawns its own)
+                rss = ps.memory_info().rss
+                for child in ps.children(recursive=True):
+                    try:
+                        rss += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the partitioned runner stops its workers on SIGTERM
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"command failed ({proc.returncode})")
+        raise BenchmarkError(f"{name} failed (exit status {proc.returncode})", code="command_failed")
     return {"seconds": wall, "peak_rss_mb": peak / 2**20}
 
 
@@ -380,7 +408,31 @@ def run_command(code: str, args: list[str]) -> dict:
 
 
 def _agree(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) != len(b):
+        return 0.0
     return float(np.mean(np.isclose(a, b, rtol=1e-9, atol=1e-9, equal_nan=True)))
+
+
+def _agree_lines(expected: pl.DataFrame, got: pl.DataFrame) -> float:
+    """Share of lines where `got` has the expected score and flag (0 when the line counts differ)."""
+    if expected.height != got.height:
+        return 0.0
+    scores = _agree(expected["score"].to_numpy(), got["score"].cast(pl.Float64).fill_null(np.nan).to_numpy())
+    flags = float((expected["flag"] == got["flag"]).fill_null(False).mean() or 0.0) if expected.height else 1.0
+    return min(scores, flags)
+
+
+KEYS = ["order_id", "line"]  # one line of a synthetic history; a partitioned run writes lines in another order
+
+
+def _agree_file(path: Path, expected: pl.DataFrame, by: list[str] | None = None) -> float:
+    """As _agree_lines for an output file: line by line in order, or matched by the columns `by`
+    (an output written in another order), KEYS by default when `expected` carries them."""
+    keys = [k for k in KEYS if k in expected.columns] if by is None else by
+    got = pl.read_parquet(path, columns=[*keys, "score", "flag"])
+    if keys:
+        expected, got = expected.sort([*keys, "score"]), got.sort([*keys, "score"])
+    return _agree_lines(expected, got)
 
 
 def _first_customers(df: pl.DataFrame, lines: int) -> pl.DataFrame:
@@ -433,9 +485,9 @@ def best(fn, repeat: int) -> tuple[float, object]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lines", type=int, default=10_000_000, help="about this many order lines")
+    ap.add_argument("--lines", type=positive(int), default=10_000_000, help="about this many order lines")
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=positive(int), default=2)
     ap.add_argument("--skip-polars", action="store_true")
     ap.add_argument("--skip-duckdb", action="store_true")
     ap.add_argument("--data", help="reuse this synthetic Parquet file (written when absent)")
@@ -443,10 +495,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the in-memory Numba figure and its stages (best and median of "
                          "--repeat runs each), printed, no results file: for trying changes")
     ap.add_argument("--duckdb-memory", default="8GB", help="DuckDB memory_limit (it spills beyond)")
-    ap.add_argument("--polars-lines", type=int, default=2_000_000,
+    ap.add_argument("--polars-lines", type=positive(int), default=2_000_000,
                     help="the Polars reference needs ~1.6 GB per million lines: it runs on the "
                          "first customers up to this many lines, beside Numba on the same lines")
+    add_results_option(ap)
     args = ap.parse_args(argv)
+    if args.data and not Path(args.data).exists() and not Path(args.data).parent.is_dir():
+        raise BenchmarkError(f"--data {args.data}: no directory {Path(args.data).parent} to write it in",
+                             code="som_file_not_found")
+    with scratch("som") as work:
+        return _run(args, work, argv)
+
+
+def _run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
 
     import duckdb
 
@@ -457,18 +518,31 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.som.score import score_orders
     from gateway.som.synth import synthesize
 
-    work = Path(tempfile.mkdtemp(prefix="som-bench-"))
-    data = Path(args.data) if args.data else work / "orders.parquet"
-    if not data.exists():
+    # absolute: the whole commands run in the repository root, wherever this was started
+    data = Path(args.data).resolve() if args.data else work / "orders.parquet"
+    synthesized = not data.exists()
+    if synthesized:
         customers = max(50, round(args.lines / 635))  # synth: about 635 lines per customer in 2 years
         t = time.perf_counter()
-        synthesize(customers=customers, days=730, seed=args.seed).write_parquet(data)
+        partial = data.with_name(f".{data.name}.partial")
+        try:  # a run cut short leaves no half-written FILE for the next run to trust
+            synthesize(customers=customers, days=730, seed=args.seed).write_parquet(partial)
+            partial.replace(data)
+        finally:
+            partial.unlink(missing_ok=True)
         print(f"synthetic history: {time.perf_counter() - t:.1f} s", flush=True)
-    raw = pl.read_parquet(data)
+    try:
+        raw = pl.read_parquet(data)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise BenchmarkError(f"{data}: not a readable Parquet file ({exc}); remove it and the benchmark "
+                             "writes a synthetic history there", code="som_unreadable") from None
     df = read_orders(raw)
     n = df.height
     print(f"{n:,} lines, {df['customer'].n_unique():,} customers", flush=True)
-    results: dict = {"lines": n, "config": SomConfig().as_dict(), "in_memory": {}, "command": {}}
+    results: dict = {"lines": n, "data": str(data), "data_written_by_this_run": synthesized,
+                     "seed": args.seed if synthesized else None, "repeat": args.repeat,
+                     "config": SomConfig().as_dict(), "in_memory": {}, "command": {}, "agreement": {}}
+    agreement = results["agreement"]
 
     # ---- in memory ----
     score_orders(df.head(200_000))  # compile / load the cached kernels outside the measurement
@@ -489,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for k, v in results["in_memory"]["numba"]["stages"].items()),
           flush=True)
     ref_score = scored["score"].to_numpy()
+    # What every other result must reproduce, line by line (KEYS too, for outputs in another order).
+    expected = pl.DataFrame([*(raw[k] for k in KEYS if k in raw.columns), scored["score"], scored["flag"]])
     if not args.skip_duckdb:
         con = duckdb.connect()
         con.execute("SET enable_progress_bar = false")
@@ -501,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         results["in_memory"]["duckdb"] = {
             "seconds": t_duck, "lines_per_s": n / t_duck,
             "score_agreement": _agree(ref_score, duck["score"].fill_null(np.nan).to_numpy())}
+        agreement["in memory: duckdb"] = _agree_lines(scored, duck)
         print(f"duckdb in memory: {t_duck:.2f} s", flush=True)
         del duck, con
     if not args.skip_polars:
@@ -514,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             "lines": sub.height, "seconds": t_pl, "lines_per_s": sub.height / t_pl,
             "numba_seconds_same_lines": t_sub,
             "score_agreement": _agree(sub_scored["score"].to_numpy(), pol["score"].to_numpy())}
+        agreement["in memory: polars"] = _agree_lines(sub_scored, pol)
+        expected_sub = sub_scored.select("score", "flag")
         print(f"polars in memory ({sub.height:,} lines): {t_pl:.2f} s; numba {t_sub:.2f} s",
               flush=True)
         del pol, sub_scored
@@ -529,23 +608,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, code in engines:
         src = work / "polars_subset.parquet" if name == "polars" else data
         extra = [args.duckdb_memory, str(work)] if name == "duckdb" else []
-        results["command"][name] = run_command(code, [str(src), str(out), *extra])
+        out.unlink(missing_ok=True)
+        results["command"][name] = run_command(code, [str(src), str(out), *extra], f"the {name} command")
         results["command"][name]["lines"] = pl.scan_parquet(src).select(pl.len()).collect().item()
         kept = pl.read_parquet_schema(out)
-        assert list(kept)[:len(raw.columns)] == raw.columns, "input columns not kept"
+        if list(kept)[:len(pl.read_parquet_schema(src))] != list(pl.read_parquet_schema(src)):
+            raise BenchmarkError(f"the {name} command did not keep the input columns", code="command_failed")
+        agreement[f"command: {name}"] = _agree_file(out, expected_sub if name == "polars" else expected)
         print(f"{name} command: {results['command'][name]['seconds']:.2f} s", flush=True)
     if "polars" in results["command"]:  # numba's whole command on the same lines as Polars'
-        r = run_command(_NUMBA_CMD, [str(work / "polars_subset.parquet"), str(out)])
+        out.unlink(missing_ok=True)
+        r = run_command(_NUMBA_CMD, [str(work / "polars_subset.parquet"), str(out)], "the numba command")
         results["command"]["numba_polars_lines"] = {**r, "lines": results["command"]["polars"]["lines"]}
+        agreement["command: numba_polars_lines"] = _agree_file(out, expected_sub)
 
-    # ---- 1 vs 2 worker processes (partitioned runner) ----
+    # ---- 1 vs 2 workers (partitioned runner), each a whole command in a fresh process ----
     results["workers"] = {}
     for workers in (1, 2):
-        t = time.perf_counter()
-        run = partition.score_file(data, out, workers=workers,
-                                   partitions=1 if workers == 1 else None)
-        results["workers"][str(workers)] = {"seconds": time.perf_counter() - t,
-                                            "partitions": run.partitions}
+        out.unlink(missing_ok=True)
+        r = run_command(_PARTITION_CMD, [str(data), str(out), str(workers)], f"the {workers}-worker run")
+        results["workers"][str(workers)] = {
+            **r, "partitions": 1 if workers == 1 else partition.default_partitions(data, workers)}
+        if all(k in raw.columns for k in KEYS):
+            agreement[f"partitioned, {workers} worker(s)"] = _agree_file(out, expected)
+        else:  # no line key: matched by every input column (the lines come back in another order)
+            agreement[f"partitioned, {workers} worker(s)"] = _agree_file(
+                out, raw.with_columns(expected["score"], expected["flag"]), by=raw.columns)
     # ---- incremental latency ----
     customers = df["customer"].unique(maintain_order=True).head(2000)
     sub = df.filter(pl.col("customer").is_in(customers.implode())).sort("date", maintain_order=True)
@@ -580,8 +668,11 @@ def main(argv: list[str] | None = None) -> int:
                          "numba faster": r["seconds"] / base["seconds"],
                          "peak MB": r["peak_rss_mb"]})
     for w, r in results["workers"].items():
-        rows_out.append({"what": f"partitioned, {w} worker(s)", "lines": n, "seconds": r["seconds"],
-                         "Mlines/s": n / r["seconds"] / 1e6})
+        rows_out.append({"what": f"command: partitioned, {w} worker(s)", "lines": n, "seconds": r["seconds"],
+                         "Mlines/s": n / r["seconds"] / 1e6, "peak MB": r["peak_rss_mb"]})
+    for row in rows_out:
+        name = row["what"].replace("command: partitioned", "partitioned")
+        row["agreement"] = agreement.get(name, row.get("agreement"))
     print(table(rows_out, ["what", "lines", "seconds", "Mlines/s", "numba faster", "agreement",
                            "peak MB"]))
     inc = results["incremental"]
@@ -597,10 +688,17 @@ def main(argv: list[str] | None = None) -> int:
         results["ratios"]["command_vs_polars"] = (cm["polars"]["seconds"]
                                                   / cm["numba_polars_lines"]["seconds"])
     results["rows"] = rows_out
-    path = write_results("som_batch", results)
+    disagree = {k: v for k, v in agreement.items() if v < 1.0}
+    results["agreed"] = not disagree
+    path = write_results("som_batch", results, directory=args.results_dir, argv=argv)
     print(f"written {path}")
+    if disagree:
+        print("error [results_disagree]: not the in-memory Numba scores and flags on every line: "
+              + ", ".join(f"{k} {v:.6f}" for k, v in disagree.items()), file=sys.stderr)
+        return 1
+    print(f"every result agrees with the in-memory Numba scores and flags, line by line ({len(agreement)} checked)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))
