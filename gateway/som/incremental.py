@@ -26,6 +26,7 @@ from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
 from gateway.som.io import (DATE_RANGE, FALSE_WORDS, MAX_DOSAGE_UNITS, TRUE_WORDS, atomic_output,
                             read_orders)
+from gateway.som.output import writing
 from gateway.som.peers import (
     ALL,
     dense_codes,
@@ -105,6 +106,9 @@ class SomState:
             units = float(order["dosage_units"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SomStateError("som_invalid_line", f"line without a usable {exc}") from None
+        # float(True) is 1.0: a flag is no count of units (batch refuses a boolean units column)
+        if isinstance(order["dosage_units"], (bool, np.bool_)):
+            raise SomStateError("som_invalid_line", "dosage_units true/false, expected a number")
         if customer is None or family is None:  # as read_orders refuses a null: not "None"
             raise SomStateError("som_missing_value", "a line without a customer or a family")
         customer, family = str(customer), str(family)
@@ -162,8 +166,44 @@ class SomState:
                          dict(zip(K.FEATURES, feat.tolist())))
 
     def update_many(self, df: pl.DataFrame) -> list[LineScore]:
-        """Update with the lines of a table, in its order (sort it by date first)."""
-        return [self.update(row) for row in df.iter_rows(named=True)]
+        """Update with the lines of a table, in its order (sort it by date first). All or nothing:
+        a line the state cannot take leaves the state as it was before the table (the error names
+        the line), so that the table, once fixed, can be given again without counting its first
+        lines twice."""
+        # The state before the table of each customer and group it touches (None: a new one).
+        before_c: dict[str, np.ndarray | None] = {}
+        before_g: dict[tuple[str, str], np.ndarray | None] = {}
+        out = []
+        try:
+            for i, row in enumerate(df.iter_rows(named=True)):
+                customer, family = row.get("customer"), row.get("family")
+                if customer is not None and family is not None:
+                    customer, family = str(customer), str(family)
+                    if customer not in before_c:
+                        c = self.customers.get(customer)
+                        before_c[customer] = None if c is None else c.copy()
+                    if (customer, family) not in before_g:
+                        g = self.groups.get((customer, family))
+                        before_g[(customer, family)] = None if g is None else g.copy()
+                try:
+                    out.append(self.update(row))
+                except SomStateError as exc:
+                    raise SomStateError(exc.code, f"line {i + 1} of the table: {exc.message}; "
+                                                  "no line of the table was added") from None
+        except BaseException:
+            for name, vec in before_c.items():
+                if vec is None:
+                    self.customers.pop(name, None)
+                    self.cells.pop(name, None)
+                else:
+                    self.customers[name] = vec
+            for key, vec in before_g.items():
+                if vec is None:
+                    self.groups.pop(key, None)
+                else:
+                    self.groups[key] = vec
+            raise
+        return out
 
     def extend(self, df: pl.DataFrame) -> None:
         """Add the lines of a table without scoring them (seeding the live state from a history):
@@ -263,18 +303,22 @@ class SomState:
             # missing row must stop here, not corrupt scores and memory later.
             if (meta.get("customer_size"), meta.get("group_size")) != (K.C_SIZE, K.G_SIZE):
                 raise SomStateError("som_state_version", "state vectors of another layout")
-            shapes = (z["customers"].shape, z["groups"].shape, len(meta["cells"]))
+            customers, groups = z["customers"], z["groups"]  # each read (and checked) once
+            shapes = (customers.shape, groups.shape, len(meta["cells"]))
             if shapes != ((len(meta["customers"]), K.C_SIZE), (len(meta["groups"]), K.G_SIZE),
                           len(meta["customers"])):
                 raise SomStateError("som_state_unreadable",
                                     "state arrays do not match the names they are saved with")
+            if (customers.dtype, groups.dtype) != (np.float64, np.float64):
+                # the kernel would run on them all the same, cast or recompiled: other numbers
+                raise SomStateError("som_state_unreadable", "state arrays that are not float64")
             peers_raw = z["peers"].tobytes()
             peers = pl.read_ipc(io.BytesIO(peers_raw)) if peers_raw else None
             state = cls(SomConfig.from_dict(meta["config"]), peers)
-            for name, cell, vec in zip(meta["customers"], meta["cells"], z["customers"]):
+            for name, cell, vec in zip(meta["customers"], meta["cells"], customers):
                 state.customers[name] = vec.copy()
                 state.cells[name] = (cell[0], cell[1])
-            for key, vec in zip(meta["groups"], z["groups"]):
+            for key, vec in zip(meta["groups"], groups):
                 state.groups[(key[0], key[1])] = vec.reshape(1, -1).copy()
         except SomStateError:
             raise
@@ -283,9 +327,20 @@ class SomState:
         return state
 
     def save(self, path: str | Path) -> None:
-        with atomic_output(path) as tmp:  # all or nothing, a temporary file of this run's own
-            tmp.write_bytes(self.to_bytes())
+        """Write the state to `path`, all or nothing; OutputError som_output_unwritable (with the
+        OS message) when it cannot be written, the previous file left as it was."""
+        path = Path(path)
+        with writing(path, "cannot write the state: "), atomic_output(path) as tmp:
+            tmp.write_bytes(self.to_bytes())  # a temporary file of this run's own, then renamed
 
     @classmethod
     def load(cls, path: str | Path) -> "SomState":
-        return cls.from_bytes(Path(path).read_bytes())
+        """A saved state; SomStateError som_state_not_found when there is none at `path`,
+        som_state_unreadable when it cannot be read or is not a state of this version."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise SomStateError("som_state_not_found", f"{path}: no SOM state here") from None
+        except OSError as exc:
+            raise SomStateError("som_state_unreadable", f"{path}: {exc.strerror or exc}") from None
+        return cls.from_bytes(data)

@@ -16,7 +16,7 @@ import csv
 import datetime as dt
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,15 +439,21 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     succeeds, removed when it fails, so that a failure leaves nothing half-written and two runs
     writing the same output each leave a whole file (the last one renamed wins)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every output private
+    # Named here (128 random bits: this run's own) and made inside the try: a SIGTERM just after
+    # mkstemp made the file left it behind, its name never returned.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    ours = True
     try:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except OSError:
+            ours = False  # nothing made (or, by a 2**-128 chance, another run's)
+            raise
+        os.chmod(tmp, 0o666 & ~_UMASK)  # 0600 would make every output private
         yield tmp
         tmp.replace(path)
     finally:
-        if tmp.exists():
+        if ours and tmp.exists():
             tmp.unlink()
 
 

@@ -20,17 +20,22 @@ The same tasks run in-process, on local worker processes (`engine="local"`, `wor
 Dask distributed cluster (`engine="dask"`: a scheduler address, else a LocalCluster of `workers`
 processes). With Dask the input and the output directory (where the partitions and parts are
 written, next to the output) must be reachable by every worker under the same path (a shared file
-system), as usual for file-based Dask jobs.
+system), as usual for file-based Dask jobs; the tasks are given absolute paths. A worker that dies
+in a task is PartitionError som_worker_lost; a Dask scheduler lost during the run,
+som_engine_unavailable.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
-import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import uuid
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -55,6 +60,7 @@ ENGINES = ("local", "dask")
 TARGET_PARTITION_LINES = 4_000_000
 CSV_BYTES_PER_LINE = 90  # to estimate a CSV's lines from its size without reading it
 DASK_CONNECT_TIMEOUT = 5.0  # seconds to reach a Dask scheduler before giving up
+PARENT_CHECK_SECONDS = 0.5  # how often a local worker process checks that its parent is alive
 
 Progress = Callable[[str], None]
 
@@ -156,7 +162,8 @@ def split_input(source: str | Path, work: str | Path, count: int) -> list[str | 
     lf = som_io._scan(Path(source))
     names = lf.collect_schema().names()
     name = _key_name(names)
-    key = (pl.col(_customer_column(lf)).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
+    customer = _customer_column(lf)
+    key = (pl.col(customer).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
     try:
         lf.with_columns(key.alias(name)).sink_parquet(
             pl.PartitionBy(Path(work), key=name, include_key=False), mkdir=True,
@@ -165,6 +172,9 @@ def split_input(source: str | Path, work: str | Path, count: int) -> list[str | 
         if write_failure(exc):
             raise OutputError("som_output_unwritable",
                               f"{work}: cannot write the partitions beside the output ({exc})") from None
+        if isinstance(exc, pl.exceptions.InvalidOperationError):
+            # customers that are no text (a list...): read_orders' code for them, not a bad file
+            raise som_io.SomInputError("som_invalid_value", f"{customer}: {exc}") from None
         raise som_io.SomInputError("som_unreadable", str(exc)) from None
     dirs = [Path(work) / f"{name}={i}" for i in range(count)]
     return [str(d) if d.is_dir() and any(d.glob("*.parquet")) else None for d in dirs]
@@ -249,6 +259,7 @@ class _Runner:
         self.workers = workers
         self.scheduler = scheduler
         self._pool: ProcessPoolExecutor | None = None
+        self._thread_hook: Any = None
         self._client: Any = None
         self._cluster: Any = None
 
@@ -273,8 +284,18 @@ class _Runner:
                 raise PartitionError("som_engine_unavailable", f"cannot reach {where}: {exc}") from None
         elif self.workers > 1:
             # Spawned, not forked: the parent may hold Polars' and Numba's threads.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                             initializer=_exit_with_parent, initargs=(os.getpid(),))
+            self._thread_hook = threading.excepthook
+            threading.excepthook = self._thread_failed
         return self
+
+    def _thread_failed(self, args: Any) -> None:
+        """The pool's own manager thread can trip over a worker killed while the pool was still
+        starting the others (a rare race inside concurrent.futures); the caller learns of it as
+        som_worker_lost, so its traceback would only say the same thing louder."""
+        if args.thread is None or args.thread is not getattr(self._pool, "_executor_manager_thread", None):
+            self._thread_hook(args)
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
@@ -284,27 +305,62 @@ class _Runner:
                 for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
                     proc.terminate()
             self._pool.shutdown(cancel_futures=True)
+            threading.excepthook = self._thread_hook
         if self._client is not None:
             self._client.close()
         if self._cluster is not None:
             self._cluster.close()
 
+    def share(self, value: Any) -> Any:
+        """`value` as an argument every task takes: on Dask, sent once to each worker (a plain
+        argument goes whole into the graph of every task: the peer reference once a partition,
+        held by the scheduler until the run ends); local tasks take it as it is."""
+        if self._client is not None:
+            try:
+                return self._client.scatter(value, broadcast=True, hash=False)
+            except (OSError, CancelledError) as exc:  # CommClosedError, TimeoutError are OSErrors
+                raise self._lost(exc) from None
+        return value
+
+    def _lost(self, exc: BaseException) -> PartitionError:
+        where = f"the Dask scheduler {self.scheduler}" if self.scheduler else "the local Dask cluster"
+        return PartitionError("som_engine_unavailable", f"lost {where} during the run: {exc}")
+
     def map(self, fn: Callable[..., Any], tasks: list[tuple], on_done: Callable[[], None]) -> list[Any]:
-        """Results in task order."""
+        """Results in task order. A worker that dies in a task (killed, typically by the kernel's
+        out-of-memory killer or a Dask nanny's memory limit) is PartitionError som_worker_lost."""
         results: list[Any] = [None] * len(tasks)
         if self._client is not None:
-            from distributed import as_completed as dask_completed
+            from distributed import KilledWorker, as_completed as dask_completed
 
             futures = [self._client.submit(fn, *args, pure=False) for args in tasks]
             position = {f.key: i for i, f in enumerate(futures)}
-            for fut in dask_completed(futures):
-                results[position[fut.key]] = fut.result()
-                on_done()
+            try:
+                for fut in dask_completed(futures):
+                    results[position[fut.key]] = fut.result()
+                    on_done()
+            except KilledWorker as exc:
+                raise _worker_lost(f"Dask: {exc}") from None
+            except CancelledError as exc:  # the scheduler went away: Dask cancels every future
+                raise self._lost(exc) from None
         elif self._pool is not None:
-            futures = {self._pool.submit(fn, *args): i for i, args in enumerate(tasks)}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                on_done()
+            try:  # a pool broken since the last map refuses new tasks alike
+                try:
+                    futures = {self._pool.submit(fn, *args): i for i, args in enumerate(tasks)}
+                except Exception as exc:
+                    # A worker killed while the pool still starts the others: the pool, marked
+                    # broken, closes its pipes, and starting the next fails on them in one of
+                    # several ways (OSError "handle is closed", ValueError "bad value(s) in
+                    # fds_to_keep"...). OSError alone: a process that could not start at all.
+                    if getattr(self._pool, "_broken", False) or isinstance(exc, OSError):
+                        raise _worker_lost(f"a local worker process ended or could not start "
+                                           f"({type(exc).__name__}: {exc})") from None
+                    raise
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    on_done()
+            except BrokenProcessPool:
+                raise _worker_lost("a local worker process ended abruptly") from None
         else:
             for i, args in enumerate(tasks):
                 results[i] = fn(*args)
@@ -318,6 +374,25 @@ class _Runner:
                                                  f"{len(failed)} of {len(tasks)} partitions failed)")
             raise PartitionError(first.code, first.message)
         return results
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a local worker process: exit once the parent is gone. A parent killed outright (SIGKILL,
+    the out-of-memory killer) cannot stop its workers, and they would wait for tasks for ever,
+    each holding what it had loaded."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _worker_lost(detail: str) -> PartitionError:
+    return PartitionError("som_worker_lost",
+                          "a worker died while scoring a partition (killed, for instance for lack "
+                          "of memory); nothing was written: more partitions make each smaller "
+                          f"({detail})")
 
 
 def _concat_parts(parts: Iterable[str], output: Path) -> None:
@@ -383,11 +458,19 @@ def _score_whole(source: Path, output: Path, config: SomConfig, tick: Progress, 
 
 def _score_partitions(source: Path, output: Path, config: SomConfig, count: int, workers: int, engine: str,
                       scheduler: str | None, tick: Progress, started: float) -> ScoreRun:
+    # The tasks get absolute paths: a Dask worker runs in a directory of its own, where a relative
+    # path names another file or none.
+    source = source.absolute()
+    # The scratch directory is named here (128 random bits: this run's own) and made inside the
+    # try: a SIGTERM just after mkdtemp made one left it behind, its name never returned.
+    work = output.parent.absolute() / f".{output.name}.parts-{uuid.uuid4().hex}"
+    ours = True
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
-    except OSError as exc:
-        raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
-    try:
+        try:
+            work.mkdir(mode=0o700)
+        except OSError as exc:
+            ours = False  # nothing made (or, by a 2**-128 chance, another run's)
+            raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
         if count > 1:
             parts = [p for p in split_input(source, work / "input", count) if p is not None]
         else:
@@ -404,15 +487,16 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
                 raise som_io.SomInputError("som_empty_input", f"{source}: no order lines")
             peers = merge_references(refs)
             tick("reference")
-            cfg = config.as_dict()
-            done = runner.map(_score_task, [(p, i, cfg, peers, str(work / "scored")) for i, p in enumerate(parts)],
+            cfg, shared = config.as_dict(), runner.share(peers)
+            done = runner.map(_score_task, [(p, i, cfg, shared, str(work / "scored")) for i, p in enumerate(parts)],
                               lambda: tick("score"))
             for _ in range(skipped):
                 tick("score")
         _concat_parts([d[0] for d in done if d[0] is not None], output)
         tick("write")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if ours:
+            shutil.rmtree(work, ignore_errors=True)
     return ScoreRun(output, sum(d[1] for d in done), sum(d[2] for d in done), count, workers, engine,
                     time.perf_counter() - started)
 
