@@ -110,3 +110,13 @@ def same_day_kept(rows: pl.DataFrame, seed: int) -> pl.DataFrame:
 @pytest.fixture(scope="session")
 def messy() -> pl.DataFrame:
     return messy_history()
+
+
+def assert_same_state(a, b) -> None:
+    """Two SomStates hold the same customers, cells and groups, to the bit (NaN equal to NaN)."""
+    assert a.customers.keys() == b.customers.keys() and a.cells == b.cells
+    assert a.groups.keys() == b.groups.keys()
+    for name in a.customers:
+        assert np.array_equal(a.customers[name], b.customers[name], equal_nan=True), name
+    for key in a.groups:
+        assert np.array_equal(a.groups[key], b.groups[key], equal_nan=True), key

@@ -15,7 +15,7 @@ from gateway.som.incremental import SomState, SomStateError
 from gateway.som.peers import peer_reference
 from gateway.som.score import score_orders
 
-from .conftest import lines, messy_history, monthly, movers
+from .conftest import assert_same_state, lines, messy_history, monthly, movers
 
 
 def _time_order(df: pl.DataFrame) -> pl.DataFrame:
@@ -110,15 +110,6 @@ def test_config_travels_with_the_state() -> None:
     assert SomState.from_bytes(state.to_bytes()).config.monthly_cap == 5000
 
 
-def _same_state(a: SomState, b: SomState) -> None:
-    assert a.customers.keys() == b.customers.keys() and a.cells == b.cells
-    assert a.groups.keys() == b.groups.keys()
-    for name in a.customers:
-        assert np.array_equal(a.customers[name], b.customers[name], equal_nan=True), name
-    for key in a.groups:
-        assert np.array_equal(a.groups[key], b.groups[key], equal_nan=True), key
-
-
 def test_extend_leaves_the_state_update_many_leaves(history) -> None:
     """The bulk load (load-history) and line-by-line updates end in identical states, also when
     the table is not in time order (extend sorts each customer's lines) and when the state
@@ -128,13 +119,13 @@ def test_extend_leaves_the_state_update_many_leaves(history) -> None:
     by_update.update_many(df)
     bulk = SomState(peers=peers)
     bulk.extend(df.sort("customer", "date", maintain_order=True))  # customer by customer
-    _same_state(by_update, bulk)
+    assert_same_state(by_update, bulk)
 
     cut = df["date"][df.height // 2]
     split = SomState(peers=peers)
     split.update_many(df.filter(pl.col("date") < cut))
     split.extend(df.filter(pl.col("date") >= cut))
-    _same_state(by_update, split)
+    assert_same_state(by_update, split)
     # and it goes on scoring as the batch does
     last = df.row(df.height - 1, named=True)
     nxt = {**last, "date": last["date"] + dt.timedelta(days=3), "dosage_units": 50_000.0}
@@ -160,7 +151,7 @@ def test_customers_that_change_cell_score_alike_in_batch_bulk_and_line_by_line()
     assert batch["flag"].sum() > 5
     bulk = SomState(peers=peers)
     bulk.extend(rows)  # the file's own order
-    _same_state(by_update, bulk)
+    assert_same_state(by_update, bulk)
     first = timed.group_by("customer", maintain_order=True).first()
     assert bulk.cells == {c: (t, s) for c, t, s in first.select(
         "customer", "customer_type", "state").iter_rows()}

@@ -15,22 +15,13 @@ from gateway.som.incremental import SomState, SomStateError
 from gateway.som.output import OutputError
 from gateway.som.peers import peer_reference
 
-from .conftest import messy_history
+from .conftest import assert_same_state, messy_history
 
 
 @pytest.fixture(scope="module")
 def history() -> tuple[pl.DataFrame, pl.DataFrame]:
     df = messy_history(customers=30, days=300, seed=11).sort("date", maintain_order=True)
     return df, peer_reference(df)
-
-
-def _same_state(a: SomState, b: SomState) -> None:
-    assert a.customers.keys() == b.customers.keys() and a.cells == b.cells
-    assert a.groups.keys() == b.groups.keys()
-    for name in a.customers:
-        assert np.array_equal(a.customers[name], b.customers[name], equal_nan=True), name
-    for key in a.groups:
-        assert np.array_equal(a.groups[key], b.groups[key], equal_nan=True), key
 
 
 def test_a_table_with_a_bad_line_adds_nothing_and_can_be_given_again(history) -> None:
@@ -52,7 +43,7 @@ def test_a_table_with_a_bad_line_adds_nothing_and_can_be_given_again(history) ->
     clean = SomState(peers=peers)
     clean.update_many(df[:cut])
     assert [g.score for g in got] == [g.score for g in clean.update_many(batch)]
-    _same_state(state, clean)
+    assert_same_state(state, clean)
 
 
 def test_a_table_out_of_order_adds_nothing(history) -> None:
