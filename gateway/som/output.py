@@ -9,7 +9,7 @@ import contextlib
 import errno
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +89,9 @@ def _remove_dirs(created: list[Path]) -> None:
     for d in reversed(created):
         try:
             d.rmdir()
-        except OSError:  # not empty (not ours to clear) or gone
+        except FileNotFoundError:  # listed, not made yet (or gone): its parent may be ours
+            continue
+        except OSError:  # not empty: not ours to clear
             return
 
 
@@ -102,14 +104,18 @@ def output_directory(output: str | Path) -> Iterator[Path]:
     created: list[Path] = []
     try:
         for d in _missing_dirs(output.parent):
+            created.append(d)  # listed before it is made: a SIGTERM as mkdir returns finds it
             try:
                 d.mkdir()
             except FileExistsError:  # made meanwhile by someone else: not ours to remove
-                continue
-            created.append(d)
-        fd, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
+                created.pop()
+        # Named here and removed in `finally`, for the same reason (mkstemp names it too late).
+        probe = output.parent / f".{output.name}.{uuid.uuid4().hex}.probe"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
     except OSError as exc:
         _remove_dirs(created)
         raise OutputError("som_output_unwritable", f"{output}: {exc.strerror or exc}") from None

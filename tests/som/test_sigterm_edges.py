@@ -106,3 +106,22 @@ def test_sigterm_as_the_state_s_temporary_file_is_made(tmp_path, source) -> None
     proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.state\.bin\.[^"/]+\.tmp", [^)]*O_EXCL', args, reset)
     assert proc.returncode == 143, proc.stderr
     assert os.listdir(state.parent) == ["state.bin"] and state.read_bytes() == b"previous"
+
+
+def test_sigterm_as_a_missing_output_directory_is_made(tmp_path, source) -> None:
+    """`--out new/scored.parquet` makes `new`, removed again when the run fails; made and not yet
+    listed when the signal came, it stayed."""
+    out = source.parent / "new" / "scored.parquet"
+    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out), "--quiet"]
+    proc = _sigterm_after(tmp_path, "mkdir", r'mkdir\("[^"]*/run/new"', args, _clear(source.parent, source.name))
+    assert proc.returncode == 143, proc.stderr
+    assert os.listdir(source.parent) == [source.name]
+
+
+def test_sigterm_as_the_writability_probe_is_made(tmp_path, source) -> None:
+    out = source.parent / "scored.parquet"
+    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out), "--quiet"]
+    proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.probe", [^)]*O_EXCL', args,
+                          _clear(source.parent, source.name))
+    assert proc.returncode == 143, proc.stderr
+    assert os.listdir(source.parent) == [source.name]
