@@ -12,7 +12,7 @@ ROOT="$(pwd)"
 VENV="${GATEWAY_VENV:-$ROOT/.venv}"
 
 need_apt=()
-for pair in softhsm2-util:softhsm2 xmlsec1:xmlsec1 openssl:openssl pkcs11-tool:opensc wrk:wrk; do
+for pair in softhsm2-util:softhsm2 xmlsec1:xmlsec1 openssl:openssl pkcs11-tool:opensc wrk:wrk strace:strace; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 if [ ! -e /usr/lib/softhsm/libsofthsm2.so ]; then need_apt+=(softhsm2); fi
