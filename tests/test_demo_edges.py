@@ -168,7 +168,7 @@ def test_demo_tells_a_broken_audit_trail_in_words(tmp_path: Path) -> None:
 
 
 def _dev_sh_would_install_packages() -> bool:
-    tools = ("softhsm2-util", "xmlsec1", "openssl", "pkcs11-tool", "wrk")
+    tools = ("softhsm2-util", "xmlsec1", "openssl", "pkcs11-tool", "wrk", "strace")
     if any(shutil.which(t) is None for t in tools) or not Path("/usr/lib/softhsm/libsofthsm2.so").exists():
         return True
     return subprocess.run([sys.executable, "-c", "import venv, ensurepip"]).returncode != 0
