@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchmarkError, add_results_option, positive, run_main, scratch, table, write_results
+from benchmarks.common import (BenchmarkError, add_results_option, positive, run_main, scratch, stop_process,
+                               table, write_results)
 
 KEY = "bench-http-rsa"
 
@@ -125,17 +125,8 @@ def start_server(home: Path, log_level: str, timeout: float = 60.0) -> tuple[sub
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
-    """SIGTERM (the server drains and exits), SIGKILL if it has not within `timeout`: its exit
-    status, None when it had to be killed."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None
+    """The server drains and exits on SIGTERM, or is killed after `timeout` (common.stop_process)."""
+    return stop_process(proc, timeout)
 
 
 def _cpu_s(pid: int) -> float:

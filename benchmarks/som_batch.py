@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from benchmarks.common import BenchmarkError, add_results_option, positive, run_main, scratch, table, write_results
+from benchmarks.common import (BenchmarkError, add_results_option, positive, run_main, scratch, stop_process,
+                               table, write_results)
 from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 
@@ -391,13 +392,7 @@ def run_command(code: str, args: list[str], name: str = "command") -> dict:
                 pass
             time.sleep(0.01)
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # the partitioned runner stops its workers on SIGTERM
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 10)  # exited already, or interrupted here: nothing left running
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise BenchmarkError(f"{name} failed (exit status {proc.returncode})", code="command_failed")
