@@ -50,10 +50,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     a list: edited by hand) counts as absent: it stopped every later `init` and `demo` with a
     traceback until someone deleted it."""
     try:
-        data = json.loads(path.read_text())
+        return _dict(json.loads(path.read_text()))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _dict(value: Any) -> dict[str, Any]:

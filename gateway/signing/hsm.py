@@ -376,7 +376,7 @@ class Hsm:
         generation adds objects) shows no token, or fails with CKR_GENERAL_ERROR. Looked for
         again after a short pause, initialised anew: one of two commands started together
         failed with hsm_unavailable (2 runs in 10 of test_two_processes_generating_...)."""
-        pauses = SOFTHSM_TOKEN_RETRIES if is_softhsm(self.module) else ()
+        pauses = SOFTHSM_TOKEN_RETRIES if self._is_softhsm else ()
         for attempt in range(len(pauses) + 1):
             epoch = _initialise_module(self.module, force=force or attempt > 0)
             try:
@@ -667,6 +667,8 @@ class Hsm:
                            "(no '/', no leading '.')", code="label_invalid")
 
         def op(session: Any, _conn: _Connection) -> None:
+            if self._is_softhsm:  # what a generation cut short left would hold the label for good
+                _drop_incomplete(session, [label])
             # Any object of that label, not only a private key: a public key or certificate left
             # behind would pair with the new key (two public keys: the label unusable for good).
             if list(session.get_objects({Attribute.LABEL: label})):
@@ -693,8 +695,6 @@ class Hsm:
         # Two commands on one home: one generates, the other finds the label taken. (Processes on
         # other hosts sharing a network HSM are not covered: enrolment there is one operator's.)
         with _file_lock(self.lock_path):
-            if self._is_softhsm:  # what a generation cut short left would hold the label for good
-                self._admin(lambda session, _conn: _drop_incomplete(session, [label]))
             self._admin(op)
         self._pubkeys.pop(label, None)
         self._certs.pop(label, None)

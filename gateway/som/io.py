@@ -442,19 +442,13 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     # Named here (128 random bits: this run's own) and made inside the try: a SIGTERM just after
     # mkstemp made the file left it behind, its name never returned.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    ours = True
     try:
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        except OSError:
-            ours = False  # nothing made (or, by a 2**-128 chance, another run's)
-            raise
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         os.chmod(tmp, 0o666 & ~_UMASK)  # 0600 would make every output private
         yield tmp
         tmp.replace(path)
     finally:
-        if ours and tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_scored(df: pl.DataFrame, path: str | Path) -> Path:

@@ -464,12 +464,10 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
     # The scratch directory is named here (128 random bits: this run's own) and made inside the
     # try: a SIGTERM just after mkdtemp made one left it behind, its name never returned.
     work = output.parent.absolute() / f".{output.name}.parts-{uuid.uuid4().hex}"
-    ours = True
     try:
         try:
             work.mkdir(mode=0o700)
         except OSError as exc:
-            ours = False  # nothing made (or, by a 2**-128 chance, another run's)
             raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
         if count > 1:
             parts = [p for p in split_input(source, work / "input", count) if p is not None]
@@ -495,8 +493,7 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
         _concat_parts([d[0] for d in done if d[0] is not None], output)
         tick("write")
     finally:
-        if ours:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return ScoreRun(output, sum(d[1] for d in done), sum(d[2] for d in done), count, workers, engine,
                     time.perf_counter() - started)
 
