@@ -72,22 +72,24 @@ def _clear(directory: Path, keep: str):
     return reset
 
 
-def test_sigterm_as_the_scratch_directory_is_made(tmp_path, source) -> None:
-    out = source.parent / "scored.parquet"
-    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out),
-            "--partitions", "2", "--quiet"]
-    proc = _sigterm_after(tmp_path, "mkdir", r'mkdir\("[^"]*/\.scored\.parquet\.parts-', args,
-                          _clear(source.parent, source.name))
-    assert proc.returncode == 143, proc.stderr
-    assert os.listdir(source.parent) == [source.name]
+# `som score` made each of these, then the signal came: (its system call, what the call names,
+# where the output goes, the options); each was left behind. `new` is the missing directory of
+# `--out new/scored.parquet`, removed again when the run fails.
+SCORE_MOMENTS = {
+    "scratch directory": ("mkdir", r'mkdir\("[^"]*/\.scored\.parquet\.parts-', "scored.parquet", ["--partitions", "2"]),
+    "output's temporary file": ("openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.tmp", [^)]*O_EXCL', "scored.parquet",
+                                ["--partitions", "2"]),
+    "missing output directory": ("mkdir", r'mkdir\("[^"]*/run/new"', "new/scored.parquet", []),
+    "writability probe": ("openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.probe", [^)]*O_EXCL', "scored.parquet", []),
+}
 
 
-def test_sigterm_as_the_output_s_temporary_file_is_made(tmp_path, source) -> None:
-    out = source.parent / "scored.parquet"
-    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out),
-            "--partitions", "2", "--quiet"]
-    proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.tmp", [^)]*O_EXCL', args,
-                          _clear(source.parent, source.name))
+@pytest.mark.parametrize("moment", list(SCORE_MOMENTS))
+def test_sigterm_as_the_score_command_makes_a_file_or_directory(tmp_path, source, moment) -> None:
+    syscall, target, out, options = SCORE_MOMENTS[moment]
+    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(source.parent / out),
+            *options, "--quiet"]
+    proc = _sigterm_after(tmp_path, syscall, target, args, _clear(source.parent, source.name))
     assert proc.returncode == 143, proc.stderr
     assert os.listdir(source.parent) == [source.name]
 
@@ -106,22 +108,3 @@ def test_sigterm_as_the_state_s_temporary_file_is_made(tmp_path, source) -> None
     proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.state\.bin\.[^"/]+\.tmp", [^)]*O_EXCL', args, reset)
     assert proc.returncode == 143, proc.stderr
     assert os.listdir(state.parent) == ["state.bin"] and state.read_bytes() == b"previous"
-
-
-def test_sigterm_as_a_missing_output_directory_is_made(tmp_path, source) -> None:
-    """`--out new/scored.parquet` makes `new`, removed again when the run fails; made and not yet
-    listed when the signal came, it stayed."""
-    out = source.parent / "new" / "scored.parquet"
-    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out), "--quiet"]
-    proc = _sigterm_after(tmp_path, "mkdir", r'mkdir\("[^"]*/run/new"', args, _clear(source.parent, source.name))
-    assert proc.returncode == 143, proc.stderr
-    assert os.listdir(source.parent) == [source.name]
-
-
-def test_sigterm_as_the_writability_probe_is_made(tmp_path, source) -> None:
-    out = source.parent / "scored.parquet"
-    args = ["--home", str(tmp_path / "home"), "som", "score", str(source), "--out", str(out), "--quiet"]
-    proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.probe", [^)]*O_EXCL', args,
-                          _clear(source.parent, source.name))
-    assert proc.returncode == 143, proc.stderr
-    assert os.listdir(source.parent) == [source.name]
