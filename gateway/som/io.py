@@ -16,12 +16,12 @@ import csv
 import datetime as dt
 import os
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 
+from gateway.som import scratch
 from gateway.som.errors import SomError
 
 REQUIRED = ("customer", "family", "date", "dosage_units")
@@ -439,16 +439,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     succeeds, removed when it fails, so that a failure leaves nothing half-written and two runs
     writing the same output each leave a whole file (the last one renamed wins)."""
     path = Path(path)
-    # Named here (128 random bits: this run's own) and made inside the try: a SIGTERM just after
-    # mkstemp made the file left it behind, its name never returned.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    with scratch.held_file(path) as tmp:  # also removes the temporary files of killed runs
         os.chmod(tmp, 0o666 & ~_UMASK)  # 0600 would make every output private
         yield tmp
         tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_scored(df: pl.DataFrame, path: str | Path) -> Path:

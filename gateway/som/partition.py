@@ -27,13 +27,12 @@ som_engine_unavailable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterable
 
 import polars as pl
 
-from gateway.som import io as som_io
+from gateway.som import io as som_io, scratch
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
 from gateway.som.output import (OutputError, check_output, check_output_columns, output_directory,
@@ -461,12 +460,9 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
     # The tasks get absolute paths: a Dask worker runs in a directory of its own, where a relative
     # path names another file or none.
     source = source.absolute()
-    # The scratch directory is named here (128 random bits: this run's own) and made inside the
-    # try: a SIGTERM just after mkdtemp made one left it behind, its name never returned.
-    work = output.parent.absolute() / f".{output.name}.parts-{uuid.uuid4().hex}"
-    try:
-        try:
-            work.mkdir(mode=0o700)
+    with contextlib.ExitStack() as stack:
+        try:  # removes the scratch of killed runs too; this run's goes when the block ends
+            work = stack.enter_context(scratch.held_dir(output.absolute()))
         except OSError as exc:
             raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
         if count > 1:
@@ -492,8 +488,6 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
                 tick("score")
         _concat_parts([d[0] for d in done if d[0] is not None], output)
         tick("write")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return ScoreRun(output, sum(d[1] for d in done), sum(d[2] for d in done), count, workers, engine,
                     time.perf_counter() - started)
 

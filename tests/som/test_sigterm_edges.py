@@ -77,7 +77,7 @@ def _clear(directory: Path, keep: str):
 # `--out new/scored.parquet`, removed again when the run fails.
 SCORE_MOMENTS = {
     "scratch directory": ("mkdir", r'mkdir\("[^"]*/\.scored\.parquet\.parts-', "scored.parquet", ["--partitions", "2"]),
-    "output's temporary file": ("openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.tmp", [^)]*O_EXCL', "scored.parquet",
+    "output's temporary file": ("openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.new", [^)]*O_EXCL', "scored.parquet",
                                 ["--partitions", "2"]),
     "missing output directory": ("mkdir", r'mkdir\("[^"]*/run/new"', "new/scored.parquet", []),
     "writability probe": ("openat", r'"[^"]*/\.scored\.parquet\.[^"/]+\.probe", [^)]*O_EXCL', "scored.parquet", []),
@@ -105,6 +105,6 @@ def test_sigterm_as_the_state_s_temporary_file_is_made(tmp_path, source) -> None
 
     reset()
     args = ["--home", str(home), "som", "load-history", str(source), "--quiet"]
-    proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.state\.bin\.[^"/]+\.tmp", [^)]*O_EXCL', args, reset)
+    proc = _sigterm_after(tmp_path, "openat", r'"[^"]*/\.state\.bin\.[^"/]+\.new", [^)]*O_EXCL', args, reset)
     assert proc.returncode == 143, proc.stderr
     assert os.listdir(state.parent) == ["state.bin"] and state.read_bytes() == b"previous"
