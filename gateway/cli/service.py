@@ -61,9 +61,19 @@ async def serve(settings: Settings, *, ready_file: str | None = None,
     log.info("stopped")
 
 
+def _non_empty_host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An empty host makes aiohttp listen on every interface: refused, as gateway.toml refuses
+    it. Every interface is asked for by name (0.0.0.0, ::)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty host would listen on every interface; name one "
+                                 "(0.0.0.0 for all)")
+    return value
+
+
 def register(group: click.Group) -> None:
     @group.command("serve")
-    @click.option("--host", default=None, help="Address to listen on (default: [server] host).")
+    @click.option("--host", default=None, callback=_non_empty_host,
+                  help="Address to listen on (default: [server] host).")
     @click.option("--port", type=click.IntRange(0, 65535), default=None,
                   help="Port (default: [server] port; 0 picks a free one).")
     @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
