@@ -135,5 +135,6 @@ def test_the_next_score_removes_the_scratch_of_a_run_killed_mid_way(tmp_path) ->
     done = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not left[0].exists()
+    assert f"removed {left[0]}, left by a run that was killed" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["history.parquet", "scored.parquet"]
     assert pl.read_parquet(out).height == pl.read_parquet(source).height
