@@ -25,7 +25,7 @@ from gateway.som import kernels as K
 from gateway.som.config import SomConfig
 from gateway.som.errors import SomError
 from gateway.som.io import (DATE_RANGE, FALSE_WORDS, MAX_DOSAGE_UNITS, TRUE_WORDS, atomic_output,
-                            read_orders)
+                            detect_shape, read_orders)
 from gateway.som.output import writing
 from gateway.som.peers import (
     ALL,
@@ -169,7 +169,11 @@ class SomState:
         """Update with the lines of a table, in its order (sort it by date first). All or nothing:
         a line the state cannot take leaves the state as it was before the table (the error names
         the line), so that the table, once fixed, can be given again without counting its first
-        lines twice."""
+        lines twice. A table in the ARCOS shape is read as batch reads it (`read_orders`): its
+        columns mapped, its dates parsed, and refused whole, with batch's codes, when they are
+        not usable."""
+        if "BUYER_DEA_NO" in df.columns and detect_shape(df.columns) == "arcos":
+            df = read_orders(df)
         # The state before the table of each customer and group it touches (None: a new one).
         before_c: dict[str, np.ndarray | None] = {}
         before_g: dict[tuple[str, str], np.ndarray | None] = {}
