@@ -14,6 +14,7 @@ What an attacker controls in an XML document and what we do about it:
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 from lxml import etree
@@ -118,8 +119,12 @@ def parse_xml(
 def _check_shape(root: etree._Element, data: bytes, max_depth: int, max_elements: int) -> None:
     # Cheap bounds first, so the tree is walked only when the input could break a limit: an
     # element takes at least 4 bytes ("<a/>") and one '<'; each level of nesting at least 7
-    # bytes ("<a></a>").
-    if len(data) > 4 * max_elements and data.count(b"<") > max_elements:
+    # bytes ("<a></a>"). The '<' is the byte 0x3C only in the usual encodings: UTF-7 writes it
+    # "+ADw-", and such a document is counted element by element.
+    if len(data) > 4 * max_elements and (
+        not _LT_IS_BYTE_3C.fullmatch(root.getroottree().docinfo.encoding or "utf-8")
+        or data.count(b"<") > max_elements
+    ):
         count = int(root.xpath("count(//*)"))
         if count > max_elements:
             raise XmlError("xml_too_large", f"document has {count} elements, the limit is {max_elements}")
@@ -136,6 +141,10 @@ def _check_shape(root: etree._Element, data: bytes, max_depth: int, max_elements
                            f"an element has more than {MAX_ATTRIBUTES_PER_ELEMENT} attributes")
 
 
+# Encodings in which every '<' of the markup is a 0x3C byte (UTF-16 and UTF-32 included).
+_LT_IS_BYTE_3C = re.compile(
+    r"(?i)utf-?8|(us-)?ascii|iso-?8859-\d+|latin-?1|utf-?(16|32)(le|be)?|ucs-?[24]|(windows-|cp)125\d"
+)
 _too_many_attributes = etree.XPath(f"boolean(//*[count(@*) > {MAX_ATTRIBUTES_PER_ELEMENT}])")
 
 

@@ -5,9 +5,10 @@ What we produce: SignedData v1, eContentType id-data without eContent (detached)
 type, signing time and message digest, and the signer's certificate (plus its chain when the
 signer has one). `openssl cms -verify -binary -content F` verifies it.
 
-What we accept: the same shape; exactly one SignerInfo, signed attributes present with exactly one
-content type (= the eContentType) and one message digest, SHA-256, RSA (2048 bits and up) or
-ECDSA P-256, the signer's certificate inside the SignedData.
+What we accept: the same shape; exactly one SignerInfo (its digest algorithm listed in the
+SignedData's digestAlgorithms), signed attributes present with exactly one content type (= the
+eContentType) and one message digest, SHA-256, RSA (2048 bits and up) or ECDSA P-256, the
+signer's certificate inside the SignedData.
 """
 
 from __future__ import annotations
@@ -149,7 +150,11 @@ def verify_detached(signature_der: bytes, content: bytes | None) -> VerifiedCms:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         # asn1crypto parses lazily: a malformed structure surfaces wherever it is first read.
-        raise CmsError("signature_malformed", f"not a readable CMS SignedData: {exc}") from None
+        # Its message can quote the offending value whole: cut short, as the report is echoed.
+        text = str(exc)
+        if len(text) > 200:
+            text = text[:200] + "..."
+        raise CmsError("signature_malformed", f"not a readable CMS SignedData: {text}") from None
 
 
 def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
@@ -183,6 +188,11 @@ def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
             "algorithm_not_allowed",
             f"digest algorithm {signer_info['digest_algorithm']['algorithm'].native!r}",
         )
+    # RFC 5652 5.1: digestAlgorithms lists the signers' digest algorithms; openssl refuses a
+    # SignedData that does not name the one its SignerInfo uses.
+    if "sha256" not in {a["algorithm"].native for a in signed_data["digest_algorithms"]}:
+        raise CmsError("signature_malformed", "SignedData digestAlgorithms does not list the "
+                       "signer's digest algorithm (sha256)")
     signed_attrs = signer_info["signed_attrs"]
     if isinstance(signed_attrs, core.Void) or not len(signed_attrs):
         raise CmsError("signature_malformed", "signed attributes are required")

@@ -123,9 +123,9 @@ def verify_cms(
     except cms_format.CmsError as exc:
         return _failed_report("cms", started, CMS_CHECKS, exc.check, exc.code, exc.message)
     if verified.signing_time is not None:
-        when, source = min(verified.signing_time, started), "signed-attribute"
+        when, source = _judged_at(verified.signing_time, started), "signed-attribute"
     elif at is not None:
-        when, source = min(as_utc(at), started), "caller"
+        when, source = _judged_at(at, started), "caller"
     else:
         when, source = started, "verification-time"
     validation = trust.validate_certificate(
@@ -168,10 +168,23 @@ def _signing_time(
         found = at(signed)
         if found is None:
             return started, "verification-time"
-        return min(as_utc(found), started), "document"
-    # Never later than now, as for the other sources: a future time must not reach the validity
-    # of a certificate that has not begun.
-    return min(as_utc(at), started), "caller"
+        return _judged_at(found, started), "document"
+    return _judged_at(at, started), "caller"
+
+
+_EARLIEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+
+def _judged_at(when: dt.datetime, started: dt.datetime) -> dt.datetime:
+    """`when` in UTC and never later than now: a future time must not reach the validity of a
+    certificate that has not begun."""
+    try:
+        return min(as_utc(when), started)
+    except OverflowError:
+        # Year 1 or 9999 with a UTC offset (a signed attribute, a document date, the caller's
+        # time) has no UTC form: it lies before year 1, when no certificate was valid, or after
+        # 9999, which is later than now.
+        return _EARLIEST if when.year == 1 else started
 
 
 def _looks_like_xml(data: bytes) -> bool:

@@ -6,8 +6,9 @@ The profile (what we sign and the only thing we accept):
   signature value as raw r||s, 32 + 32 bytes, as XML-DSig 1.1 requires);
 - one Reference with URI="" (the whole document), transforms enveloped-signature then exclusive
   C14N, digest SHA-256;
-- KeyInfo/X509Data with the signer's certificate (and optionally its chain); no ds:Object, no
-  Manifest, no RetrievalMethod, no ID-based references.
+- KeyInfo/X509Data with the signer's certificate (and optionally its chain); a KeyValue only if
+  it is that certificate's key, an X509CRL only if readable; no ds:Object, no Manifest, no
+  RetrievalMethod, no ID-based references.
 
 Verification hands back the tree that was digested (the document without its Signature and
 without comments, which C14N leaves unsigned), never the raw input: the caller reads only what the
@@ -37,7 +38,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from lxml import etree
 
 from gateway.signing.base import KeySigner, raw_to_der_ecdsa
@@ -84,11 +85,19 @@ KEY_INFO = _ds("KeyInfo")
 X509_DATA = _ds("X509Data")
 X509_CERTIFICATE = _ds("X509Certificate")
 INCLUSIVE_NAMESPACES = f"{{{EC_NS}}}InclusiveNamespaces"
+KEY_VALUE = _ds("KeyValue")
+RSA_KEY_VALUE = _ds("RSAKeyValue")
+DSIG11_NS = "http://www.w3.org/2009/xmldsig11#"
+EC_KEY_VALUE = f"{{{DSIG11_NS}}}ECKeyValue"
+P256_CURVE_URI = "urn:oid:1.2.840.10045.3.1.7"
+X509_CRL = _ds("X509CRL")
 
 # KeyInfo children we tolerate and ignore (the key comes from the certificate, nowhere else).
-_IGNORED_KEY_INFO = frozenset({_ds("KeyName"), _ds("KeyValue")})
+# A KeyValue is accepted only when it is the certificate's key: other verifiers (xmlsec1) take
+# the first key KeyInfo offers, and a document must not mean one signer here, another there.
+_IGNORED_KEY_INFO = frozenset({_ds("KeyName")})
 _IGNORED_X509_DATA = frozenset({
-    _ds("X509IssuerSerial"), _ds("X509SubjectName"), _ds("X509SKI"), _ds("X509CRL"),
+    _ds("X509IssuerSerial"), _ds("X509SubjectName"), _ds("X509SKI"),
 })
 
 
@@ -239,9 +248,11 @@ def verify_tree(tree: etree._ElementTree) -> VerifiedXml:
         profile = _profile_from_elements(signed_info)
         if profile.signed_info_prefixes:
             signed_info_c14n = _c14n(signed_info, profile.signed_info_prefixes)
-    raw_signature = _b64(signature_value.text, "SignatureValue")
-    certificates = _certificates(key_info)
+    raw_signature = _b64(_text(signature_value, "SignatureValue"), "SignatureValue")
+    certificates, key_values = _certificates(key_info)
     signer, others = _signer_certificate(certificates)
+    for key_value in key_values:
+        _check_key_value(key_value, certificates)
 
     # Enveloped-signature transform: take the Signature element out, keeping the text after it
     # (that text is document content, not part of the signature).
@@ -375,7 +386,7 @@ def _profile_from_elements(signed_info: etree._Element) -> _SignedInfoProfile:
     if algorithm is None:
         raise XmlSignatureError(
             "algorithm_not_allowed",
-            f"SignatureMethod {signature_method.get('Algorithm')!r} is not accepted",
+            f"SignatureMethod {_shown(signature_method.get('Algorithm'))} is not accepted",
         )
     if len(signature_method):
         raise XmlSignatureError("signature_malformed", "SignatureMethod must be empty")
@@ -395,7 +406,7 @@ def _signed_info_parts(signed_info: etree._Element):
     if c14n_method.get("Algorithm") != EXC_C14N:
         raise XmlSignatureError(
             "algorithm_not_allowed",
-            f"CanonicalizationMethod {c14n_method.get('Algorithm')!r} is not accepted",
+            f"CanonicalizationMethod {_shown(c14n_method.get('Algorithm'))} is not accepted",
         )
     return children[0], children[1], children[2]
 
@@ -419,7 +430,7 @@ def _reference_parts(reference: etree._Element) -> tuple[tuple[str, ...] | None,
     if reference.get("URI") != "":
         raise XmlSignatureError(
             "signature_malformed",
-            f"Reference URI {reference.get('URI')!r}: only URI=\"\" (the whole document) is accepted",
+            f"Reference URI {_shown(reference.get('URI'))}: only URI=\"\" (the whole document) is accepted",
         )
     children = _children(reference, "Reference")
     _expect(children, (TRANSFORMS, DIGEST_METHOD, DIGEST_VALUE), "Reference")
@@ -430,19 +441,34 @@ def _reference_parts(reference: etree._Element) -> tuple[tuple[str, ...] | None,
         raise XmlSignatureError(
             "algorithm_not_allowed",
             "transforms must be enveloped-signature then exclusive C14N, found "
-            + ", ".join(repr(s.get("Algorithm")) for s in steps),
+            + ", ".join(_shown(s.get("Algorithm")) for s in steps),
         )
     if len(steps[0]):
         raise XmlSignatureError("signature_malformed", "the enveloped-signature transform takes no parameters")
     prefixes = _exc_c14n_prefixes(steps[1])
     if digest_method.get("Algorithm") != SHA256 or len(digest_method):
         raise XmlSignatureError(
-            "algorithm_not_allowed", f"DigestMethod {digest_method.get('Algorithm')!r} is not accepted"
+            "algorithm_not_allowed", f"DigestMethod {_shown(digest_method.get('Algorithm'))} is not accepted"
         )
-    digest = _b64(digest_value.text, "DigestValue")
+    digest = _b64(_text(digest_value, "DigestValue"), "DigestValue")
     if len(digest) != 32:
         raise XmlSignatureError("signature_malformed", "DigestValue is not a SHA-256 digest")
     return prefixes, digest
+
+
+def _shown(value: str | None, limit: int = 100) -> str:
+    """An attribute value quoted for a report, cut short: it is the sender's text, and a report
+    (echoed in HTTP errors and logs) must not grow with it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _text(element: etree._Element, what: str) -> str | None:
+    """The text of a value element, which holds nothing else: lxml's `.text` stops at the first
+    child node (a processing instruction, say), where other verifiers read on to the end."""
+    if len(element):
+        raise XmlSignatureError("signature_malformed", f"{what} holds more than text")
+    return element.text
 
 
 def _b64(text: str | bytes | None, what: str) -> bytes:
@@ -459,11 +485,15 @@ def _b64(text: str | bytes | None, what: str) -> bytes:
     raise XmlSignatureError("signature_malformed", f"{what} is not base64")
 
 
-def _certificates(key_info: etree._Element) -> tuple[str, ...]:
-    """The X509Certificate values of KeyInfo (base64, whitespace removed)."""
+def _certificates(key_info: etree._Element) -> tuple[tuple[str, ...], list[etree._Element]]:
+    """The X509Certificate values of KeyInfo (base64, whitespace removed) and its KeyValues."""
     certificates: list[str] = []
+    key_values: list[etree._Element] = []
     for child in _children(key_info, "KeyInfo"):
         if child.tag in _IGNORED_KEY_INFO:
+            continue
+        if child.tag == KEY_VALUE:
+            key_values.append(child)
             continue
         if child.tag != X509_DATA:
             raise XmlSignatureError(
@@ -471,7 +501,9 @@ def _certificates(key_info: etree._Element) -> tuple[str, ...]:
             )
         for item in _children(child, "X509Data"):
             if item.tag == X509_CERTIFICATE:
-                certificates.append("".join((item.text or "").split()))
+                certificates.append("".join((_text(item, "X509Certificate") or "").split()))
+            elif item.tag == X509_CRL:
+                _check_crl(item)
             elif item.tag not in _IGNORED_X509_DATA:
                 raise XmlSignatureError(
                     "signature_malformed", f"X509Data/{etree.QName(item).localname} is not accepted"
@@ -480,7 +512,48 @@ def _certificates(key_info: etree._Element) -> tuple[str, ...]:
         raise XmlSignatureError(
             "certificate_missing", "the signature carries no X509Certificate", "signer_certificate"
         )
-    return tuple(certificates)
+    return tuple(certificates), key_values
+
+
+def _check_crl(item: etree._Element) -> None:
+    # Revocation comes from the trust store's CRLs, not from the document; an unreadable CRL
+    # makes xmlsec1 refuse the document, so it is refused here too.
+    try:
+        x509.load_der_x509_crl(_b64(_text(item, "X509CRL"), "X509CRL"))
+    except ValueError:
+        raise XmlSignatureError("signature_malformed", "X509Data/X509CRL cannot be read") from None
+
+
+def _check_key_value(key_value: etree._Element, certificates: tuple[str, ...]) -> None:
+    """Refuse a KeyValue that is not the public key of the signer's certificate."""
+    children = _children(key_value, "KeyValue")
+    try:
+        key = _signer_key(certificates)
+    except (ValueError, UnsupportedAlgorithm):
+        return  # an unusable certificate key: the signature value step names it
+    if len(children) != 1:
+        matches = False
+    elif children[0].tag == RSA_KEY_VALUE and isinstance(key, rsa.RSAPublicKey):
+        parts = _children(children[0], "RSAKeyValue")
+        numbers = key.public_numbers()
+        matches = [p.tag for p in parts] == [_ds("Modulus"), _ds("Exponent")] and [
+            int.from_bytes(_b64(_text(p, "RSAKeyValue"), "RSAKeyValue"), "big") for p in parts
+        ] == [numbers.n, numbers.e]
+    elif children[0].tag == EC_KEY_VALUE and isinstance(key, ec.EllipticCurvePublicKey):
+        parts = _children(children[0], "ECKeyValue")
+        point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        matches = (
+            [p.tag for p in parts] == [f"{{{DSIG11_NS}}}NamedCurve", f"{{{DSIG11_NS}}}PublicKey"]
+            and parts[0].get("URI") == P256_CURVE_URI
+            and _b64(_text(parts[1], "ECKeyValue"), "ECKeyValue") == point
+        )
+    else:
+        matches = False
+    if not matches:
+        raise XmlSignatureError(
+            "signature_malformed", "KeyInfo/KeyValue is not the key of the signer's certificate",
+            "signer_certificate",
+        )
 
 
 @functools.lru_cache(maxsize=512)
@@ -546,9 +619,14 @@ def _verify_signature_value(
                 )
             key.verify(raw, signed_info_c14n, padding.PKCS1v15(), hashes.SHA256())
         else:
-            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            if not isinstance(key, ec.EllipticCurvePublicKey):
                 raise XmlSignatureError(
-                    "signature_invalid", "ECDSA-SHA256 signature but the certificate key is not P-256",
+                    "signature_invalid", "ECDSA-SHA256 signature but the certificate key is not EC",
+                    "signature_value",
+                )
+            if key.curve.name != "secp256r1":  # a well-formed signature the profile does not take
+                raise XmlSignatureError(
+                    "algorithm_not_allowed", f"ECDSA key on {key.curve.name}; only P-256 is accepted",
                     "signature_value",
                 )
             if len(raw) != 2 * P256_COORDINATE_BYTES:
