@@ -36,6 +36,7 @@ from gateway.signing.pki import (
     issue_certificate,
     load_ca_certificates,
 )
+from gateway.signing.validation import signing_purpose_missing, weak_key
 
 DEMO_VALIDITY_DAYS = 730
 # A certificate closer than this to its notAfter is replaced by issue_demo_identities.
@@ -93,7 +94,9 @@ def _unusable(cert: x509.Certificate) -> str | None:
             return "its key usage allows no signature (digitalSignature or nonRepudiation)"
     except x509.ExtensionNotFound:
         pass
-    return None
+    # The verifier refuses these (gateway.signing.validation); installing one would only make
+    # every later signature of the key fail.
+    return signing_purpose_missing(cert) or weak_key((cert,))
 
 
 def install_certificate(settings: Settings, hsm: Hsm, label: str, cert: x509.Certificate) -> Path:

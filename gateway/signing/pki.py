@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -194,8 +194,15 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: never an empty CRL or key after a crash
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and the rename itself
+        finally:
+            os.close(dir_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -237,12 +244,22 @@ def _serial() -> int:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
+    """A CA certificate of the PKI; PkiError `pki_damaged` when the file cannot be read."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"the CA certificate {path} cannot be read ({exc}); restore it, or remove "
+                       "it and its key to have the CA made anew", "pki_damaged") from None
 
 
 def _load_key(path: Path) -> CaKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
+    """A CA private key of the PKI; PkiError `pki_damaged` when the file cannot be read."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"the CA key {path} cannot be read ({exc})", "pki_damaged") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise PkiError(f"the CA key {path} is a {type(key).__name__}, not an RSA or EC key", "pki_damaged")
     return key
 
 
@@ -426,8 +443,8 @@ def _ensure_locked(layout: PkiLayout, organization: str, root_title: str | None,
         path = layout.crl_path(ca)
         stale = True
         if path.exists() and layout.crl_path(ca, pem=True).exists() and ca not in changed and ROOT not in changed:
-            crl = x509.load_der_x509_crl(path.read_bytes())
-            next_update = crl.next_update_utc
+            crl = _read_crl(path)  # a truncated or damaged file is reissued, not a traceback
+            next_update = crl.next_update_utc if crl is not None else None
             stale = next_update is None or next_update - now < CRL_REFRESH_MARGIN
         if stale:
             _issue_crl_locked(layout, ca)
@@ -523,7 +540,9 @@ def _issue_crl_locked(layout: PkiLayout, ca: str, *, this_update: dt.datetime | 
     before the index write leaves everything as it was; after it, the number is spent, never
     issued twice (RFC 5280 5.2.3), and `gateway pki crl` writes the CRL again."""
     index = _read_index(layout) if index is None else index
-    number = int(index["crl_numbers"].get(ca, 0)) + 1
+    # The CRL on disk counts too: an index rebuilt or restored from a backup must not make a
+    # number issued before come out again (RFC 5280 5.2.3: monotonically increasing).
+    number = max(int(index["crl_numbers"].get(ca, 0)), _crl_number(layout.crl_path(ca))) + 1
     index["crl_numbers"][ca] = number
     try:
         ca_cert = _load_cert(layout.cert_path(ca))
@@ -566,6 +585,25 @@ def _issue_crl_locked(layout: PkiLayout, ca: str, *, this_update: dt.datetime | 
         raise PkiError(f"the CRL of {ca} cannot be written ({exc}); the index is updated, "
                        "`gateway pki crl` writes the CRL again", "pki_unwritable") from None
     return layout.crl_path(ca)
+
+
+def _read_crl(path: Path) -> x509.CertificateRevocationList | None:
+    """The DER CRL at `path`, or None when it is missing or cannot be read."""
+    try:
+        return x509.load_der_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _crl_number(path: Path) -> int:
+    """The CRL number of the CRL at `path`, 0 when there is none to read."""
+    crl = _read_crl(path)
+    if crl is None:
+        return 0
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, ValueError):
+        return 0
 
 
 def issue_crl(

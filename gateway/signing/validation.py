@@ -23,6 +23,16 @@ signer (a CMS attribute, or the document), so a key revoked for compromise could
 "in the past" against a CRL that was current then; the regulation asks for a CRL check on
 receipt. A certificate without a distribution point is no exception: its issuer's CRL comes from
 the CRL directories or the issuer's own distribution point.
+Which CRLs count (RFC 5280 5.2, 5.3, 6.3.3): one with a critical extension or entry extension not
+understood here decides nothing; only a complete CRL whose issuing distribution point covers the
+certificate, and that has a nextUpdate, shows it is not revoked (a delta CRL never does); a
+listing on any authentic CRL refuses, except a certificateHold that a newer complete CRL no
+longer lists and a removeFromCRL entry (which revokes nothing, but releases a hold only through
+the next complete CRL: delta CRLs are not merged). The report's detail gives the reason code, the
+invalidity date and whether each came before or after the signing time.
+
+The signer's certificate must also allow signing documents by its extended key usage, when it
+has one, and no key of the path may be weak (RSA below 2048 bits, curves other than P-256/384/521).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -45,7 +56,9 @@ from asn1crypto import crl as asn1_crl
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, ExtensionOID
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 
@@ -136,6 +149,98 @@ class _CrlEntry:
             known = _crl_signed_by(self.crl, issuer)
             self.signed_by[der] = known
         return known
+
+    @functools.cached_property
+    def unusable(self) -> str | None:
+        """Why this CRL may not decide anything (RFC 5280 5.2, 5.3: a critical CRL or CRL entry
+        extension the relying party cannot process), or None."""
+        try:
+            for ext in self.crl.extensions:
+                if ext.critical and ext.oid not in _CRL_CRITICAL_UNDERSTOOD:
+                    return f"it carries the unrecognised critical extension {ext.oid.dotted_string}"
+            for revoked in self.crl:
+                for ext in revoked.extensions:
+                    if ext.critical and ext.oid not in _ENTRY_CRITICAL_UNDERSTOOD:
+                        return (f"its entry for serial {revoked.serial_number:X} carries the "
+                                f"unrecognised critical extension {ext.oid.dotted_string}")
+        except ValueError as exc:  # a duplicate or undecodable extension
+            return f"its extensions cannot be read ({exc})"
+        return None
+
+    @functools.cached_property
+    def idp(self) -> x509.IssuingDistributionPoint | None:
+        try:
+            return self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        except (x509.ExtensionNotFound, ValueError):
+            return None
+
+    @functools.cached_property
+    def delta(self) -> bool:
+        """A delta CRL (RFC 5280 5.2.4): a list of changes, never a complete CRL on its own."""
+        try:
+            self.crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        except x509.ExtensionNotFound:
+            return False
+        except ValueError:
+            return True  # unreadable: certainly not a complete CRL to rely on
+        return True
+
+    @functools.cached_property
+    def order(self) -> tuple[int, dt.datetime]:
+        """Which of two CRLs of one issuer and scope is newer: CRL number, then thisUpdate."""
+        try:
+            number = self.crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except (x509.ExtensionNotFound, ValueError):
+            number = -1
+        return number, self.crl.last_update_utc
+
+    @functools.cached_property
+    def scope_key(self) -> tuple:
+        """CRLs with equal keys are successive issues of one CRL (same issuer key and scope)."""
+        return (_der_name(self.crl.issuer), _authority_key_id(self.crl), self.idp, self.delta)
+
+    def listing(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
+        """The entry revoking `cert`, or None. An entry with reason removeFromCRL revokes nothing
+        (RFC 5280 5.3.1: it only appears in delta CRLs, to undo a certificateHold); on an
+        indirect CRL an entry belongs to the issuer its certificateIssuer names (5.3.3)."""
+        if self.idp is not None and self.idp.indirect_crl:
+            found = None
+            owner = self.crl.issuer
+            for revoked in self.crl:
+                try:
+                    names = revoked.extensions.get_extension_for_class(x509.CertificateIssuer).value
+                    owner = next((n.value for n in names if isinstance(n, x509.DirectoryName)), None)
+                except x509.ExtensionNotFound:
+                    pass
+                if revoked.serial_number == cert.serial_number and owner == cert.issuer:
+                    found = revoked
+                    break
+        else:
+            found = self.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if found is None or _entry_reason(found) is x509.ReasonFlags.remove_from_crl:
+            return None
+        return found
+
+    def scope_excludes(self, cert: x509.Certificate) -> str | None:
+        """Why this CRL does not cover `cert` (RFC 5280 5.2.5, 6.3.3 (b)), or None."""
+        if self.delta:
+            return "it is a delta CRL, not a complete one"
+        idp = self.idp
+        if idp is None:
+            return None
+        if idp.only_contains_user_certs and _is_ca(cert):
+            return "it covers end-entity certificates only (onlyContainsUserCerts)"
+        if idp.only_contains_ca_certs and not _is_ca(cert):
+            return "it covers CA certificates only (onlyContainsCACerts)"
+        if idp.only_contains_attribute_certs:
+            return "it covers attribute certificates only"
+        if idp.only_some_reasons is not None:
+            return "it covers some revocation reasons only (onlySomeReasons)"
+        if idp.full_name is not None and not set(idp.full_name) & set(_distribution_point_names(cert)):
+            return "its distribution point is not one the certificate names"
+        if idp.relative_name is not None:
+            return "it is a partitioned CRL (relative distribution point name)"
+        return None
 
 
 def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
@@ -270,6 +375,7 @@ class CrlCache:
             key_id = _authority_key_id(cert)
             if key_id is not None and any(
                 e.crl.issuer == cert.issuer and _authority_key_id(e.crl) == key_id and _current(e, now)
+                and e.unusable is None and e.scope_excludes(cert) is None  # a delta or scoped CRL is not enough
                 for e in self._files.values()
             ):
                 continue
@@ -381,6 +487,49 @@ def _authority_key_id(item: x509.Certificate | x509.CertificateRevocationList) -
         return item.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
     except (x509.ExtensionNotFound, ValueError):
         return None
+
+
+# Critical extensions this module processes; any other critical one makes a CRL unusable.
+_CRL_CRITICAL_UNDERSTOOD = frozenset({
+    ExtensionOID.ISSUING_DISTRIBUTION_POINT, ExtensionOID.DELTA_CRL_INDICATOR,
+})
+_ENTRY_CRITICAL_UNDERSTOOD = frozenset({
+    CRLEntryExtensionOID.CRL_REASON, CRLEntryExtensionOID.INVALIDITY_DATE,
+    CRLEntryExtensionOID.CERTIFICATE_ISSUER,
+})
+
+
+def _entry_reason(revoked: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _invalidity_date(revoked: x509.RevokedCertificate) -> dt.datetime | None:
+    try:
+        return revoked.extensions.get_extension_for_class(x509.InvalidityDate).value.invalidity_date_utc
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _der_name(name: x509.Name) -> bytes:
+    return name.public_bytes()
+
+
+def _distribution_point_names(cert: x509.Certificate) -> list[x509.GeneralName]:
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return [name for point in points for name in (point.full_name or ())]
 
 
 def _distribution_points(cert: x509.Certificate) -> list[str]:
@@ -533,7 +682,7 @@ class TrustStore:
         context = ValidationContext(
             trust_roots=self._asn1_anchors,
             other_certs=[*self._asn1_intermediates, *(_asn1(c) for c in extra_certs)],
-            crls=[e.asn1 for e in entries],
+            crls=[e.asn1 for e in _latest_usable(entries, self._cas)],
             moment=at,
             allow_fetching=False,
             revocation_mode=self.revocation_mode,
@@ -574,6 +723,12 @@ class TrustStore:
                            f"{type(exc).__name__}: {exc}"), None
 
         chain = tuple(_from_asn1(c) for c in reversed(list(path)))  # signer first
+        weak = weak_key(chain)
+        if weak is not None:
+            return _failed(at, CHECK_CHAIN, "algorithm_not_allowed", weak, chain), None
+        purpose = signing_purpose_missing(chain[0])
+        if purpose is not None:
+            return _failed(at, CHECK_KEY_USAGE, "certificate_key_usage", purpose, chain), None
         refusal, used = self._revocation_on_receipt(chain, entries, at, now)
         if refusal is not None:
             return _failed(at, CHECK_REVOCATION, refusal[0], refusal[1], chain), None
@@ -592,36 +747,145 @@ class TrustStore:
     ) -> tuple[tuple[str, str] | None, list[_CrlEntry]]:
         """21 CFR 1311.55(c)(2)/1305.22(c): each certificate of the path below the anchor is
         checked against a CRL of its issuer that the issuer's key signed and that is current
-        now. Returns ((code, detail) or None, the CRLs relied on)."""
+        now. Returns ((code, detail) or None, the CRLs relied on).
+
+        RFC 5280 6.3.3: a CRL with a critical extension (or entry extension) not understood here
+        decides nothing; only a complete CRL whose scope (issuing distribution point) covers the
+        certificate can show it is not revoked. A listing on any authentic CRL refuses, delta
+        CRLs included, except a certificateHold that a newer complete CRL no longer lists (the
+        hold was released) and a removeFromCRL entry, which revokes nothing."""
         used: list[_CrlEntry] = []
         for cert, issuer in zip(chain, chain[1:]):
             own = [e for e in entries if e.is_signed_by(issuer)]
-            for entry in own:
-                revoked = entry.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                if revoked is not None:
-                    when = revoked.revocation_date_utc
-                    return ("certificate_revoked",
-                            f"certificate serial {cert.serial_number:X} ({cert.subject.rfc4514_string()}) "
-                            f"is on the CRL of {cert.issuer.rfc4514_string()}, revoked at "
-                            f"{when.isoformat()} ({'before' if when <= at else 'after'} the signing time)"
-                            ), used
-            current = [e for e in own if _current(e, now) and e.crl.last_update_utc <= now + CLOCK_SKEW]
+            usable = [e for e in own if e.unusable is None]
+            complete = [e for e in usable if e.scope_excludes(cert) is None]
+            for entry in usable:
+                revoked = entry.listing(cert)
+                if revoked is None:
+                    continue
+                reason = _entry_reason(revoked)
+                if reason is x509.ReasonFlags.certificate_hold and any(
+                    other.order > entry.order and other.listing(cert) is None for other in complete
+                ):
+                    continue  # the hold was released: a newer complete CRL omits it
+                return ("certificate_revoked", _revocation_detail(cert, revoked, reason, at)), used
+            # RFC 5280 5.1.2.5: a CRL without nextUpdate says nothing of how long it holds, so it
+            # is never current (an old one could be replayed for ever).
+            bounded = [e for e in complete if e.next_update is not None]
+            current = [e for e in bounded if _current(e, now) and e.crl.last_update_utc <= now + CLOCK_SKEW]
             if not current:
-                newest = max((e.next_update for e in own if e.next_update is not None), default=None)
-                early = [e for e in own if _current(e, now)]  # current but issued "in the future"
+                who = f"the CRL of {cert.issuer.rfc4514_string()}"
+                newest = max((e.next_update for e in bounded), default=None)
+                early = [e for e in bounded if _current(e, now)]  # current but issued "in the future"
+                if complete and not bounded:
+                    return ("revocation_out_of_bounds",
+                            f"{who} has no nextUpdate: its freshness cannot be judged"), used
                 if early:
                     return ("revocation_out_of_bounds",
-                            f"the CRL of {cert.issuer.rfc4514_string()} is dated "
-                            f"{early[0].crl.last_update_utc.isoformat()}, later than now"), used
-                if newest is None:
+                            f"{who} is dated {early[0].crl.last_update_utc.isoformat()}, later than now"), used
+                if newest is not None:
+                    return ("revocation_out_of_bounds",
+                            f"the newest CRL of {cert.issuer.rfc4514_string()} expired at "
+                            f"{newest.isoformat()}; a CRL current on receipt is needed"), used
+                why = [e.unusable or e.scope_excludes(cert) for e in own]
+                if why:
                     return ("revocation_unavailable",
-                            f"no CRL of {cert.issuer.rfc4514_string()} is available to check "
-                            f"{cert.subject.rfc4514_string()}"), used
-                return ("revocation_out_of_bounds",
-                        f"the newest CRL of {cert.issuer.rfc4514_string()} expired at "
-                        f"{newest.isoformat()}; a CRL current on receipt is needed"), used
+                            f"no CRL of {cert.issuer.rfc4514_string()} can show the status of "
+                            f"{cert.subject.rfc4514_string()}: {'; '.join(dict.fromkeys(w for w in why if w))}"), used
+                return ("revocation_unavailable",
+                        f"no CRL of {cert.issuer.rfc4514_string()} is available to check "
+                        f"{cert.subject.rfc4514_string()}"), used
             used.extend(current)
         return None, used
+
+
+def _revocation_detail(cert: x509.Certificate, revoked: x509.RevokedCertificate,
+                       reason: x509.ReasonFlags | None, at: dt.datetime) -> str:
+    """What the report says of a revocation: when, why, and how that relates to the signing
+    time. A revocation after the signing time still refuses (the CRL is read on receipt, and the
+    signing time is the signer's claim), which the detail states."""
+    when = revoked.revocation_date_utc
+    invalid = _invalidity_date(revoked)
+    text = (f"certificate serial {cert.serial_number:X} ({cert.subject.rfc4514_string()}) is on the "
+            f"CRL of {cert.issuer.rfc4514_string()}, revoked at {when.isoformat()} "
+            f"({'before' if when <= at else 'after'} the signing time), reason "
+            f"{(reason or x509.ReasonFlags.unspecified).value}")
+    if invalid is not None:
+        text += (f", key invalid since {invalid.isoformat()} "
+                 f"({'before' if invalid <= at else 'after'} the signing time)")
+    return text
+
+
+def _latest_usable(entries: Iterable[_CrlEntry], cas: Sequence[x509.Certificate]) -> list[_CrlEntry]:
+    """The CRLs the path checks may read: usable ones, and of successive issues of one CRL (same
+    signing CA, same scope) only the newest, so that a certificateHold released since is not read
+    from an older issue."""
+    newest: dict[tuple, _CrlEntry] = {}
+    for entry in entries:
+        if entry.unusable is not None:
+            continue
+        signer = next((_der(ca) for ca in cas if entry.is_signed_by(ca)), b"")
+        key = (signer, *entry.scope_key)
+        held = newest.get(key)
+        if held is None or entry.order > held.order:
+            newest[key] = entry
+    return list(newest.values())
+
+
+# Extended key usages that allow signing documents (RFC 5280 4.2.1.12: when the extension is
+# present the key serves only the purposes listed). clientAuth is kept: CSOS certificates are
+# also used to authenticate to suppliers' systems.
+_SIGNING_PURPOSES = frozenset({
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    ExtendedKeyUsageOID.EMAIL_PROTECTION,
+    ExtendedKeyUsageOID.CLIENT_AUTH,
+    x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36"),  # id-kp-documentSigning, RFC 9336
+    x509.ObjectIdentifier("1.3.6.1.4.1.311.10.3.12"),  # Microsoft document signing
+})
+
+
+def signing_purpose_missing(cert: x509.Certificate) -> str | None:
+    """Why the signer's extended key usage rules out signing documents, or None. An OCSP
+    responder's, a TLS server's or a code-signing certificate of the CA must not sign orders."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        return f"the extended key usage cannot be read ({exc})"
+    if _SIGNING_PURPOSES & set(usages):
+        return None
+    names = ", ".join(getattr(u, "_name", None) or u.dotted_string for u in usages)
+    return f"the extended key usage ({names}) does not allow signing documents"
+
+
+_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+MIN_RSA_BITS = 2048
+
+
+def weak_key(chain: Sequence[x509.Certificate]) -> str | None:
+    """A key of the path too weak to rely on (NIST SP 800-131A: RSA below 2048 bits, curves
+    other than P-256/384/521, DSA), or None. The signer's own key is included: it verifies the
+    document."""
+    for cert in chain:
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            return f"the key of {cert.subject.rfc4514_string()} cannot be read ({exc})"
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size >= MIN_RSA_BITS:
+                continue
+            why = f"RSA-{key.key_size}, below {MIN_RSA_BITS} bits"
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            if isinstance(key.curve, _CURVES):
+                continue
+            why = f"elliptic curve {key.curve.name}, not P-256, P-384 or P-521"
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            continue
+        else:
+            why = f"{type(key).__name__}"
+        return f"the key of {cert.subject.rfc4514_string()} is not allowed: {why}"
+    return None
 
 
 def _issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
