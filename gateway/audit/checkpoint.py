@@ -56,12 +56,13 @@ async def make_checkpoint(storage: Storage, key: AuditKey, *, actor: str = "syst
     now = utcnow()
     payload = checkpoint_payload(seq, head_hash, now, key.label, key.algorithm)
     signature = await asyncio.to_thread(key.sign, payload)
-    checkpoint = await storage.add_checkpoint(seq, head_hash, now, key.label, key.algorithm,
-                                              signature)
-    await storage.append_audit(AuditEvent(
-        "audit_checkpoint", actor, "success", subject=str(seq),
-        details={"checkpoint_id": checkpoint.id, "hash": head_hash, "key_label": key.label}))
-    return checkpoint
+    # The checkpoint and its record commit together (the storage adds `checkpoint_id`): a
+    # failure between two commits left a checkpoint that no record names, whose deletion
+    # nothing would then reveal.
+    return await storage.add_checkpoint(
+        seq, head_hash, now, key.label, key.algorithm, signature,
+        audit=[AuditEvent("audit_checkpoint", actor, "success", subject=str(seq),
+                          details={"hash": head_hash, "key_label": key.label})])
 
 
 async def _only_checkpoint_records_since(storage: Storage, checkpointed: int, head: int) -> bool:

@@ -628,8 +628,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
-                             algorithm: str, signature: bytes) -> Checkpoint:
-        """Store a signed checkpoint (see gateway.audit.checkpoint, which makes them)."""
+                             algorithm: str, signature: bytes,
+                             audit: Sequence[AuditEvent] = ()) -> Checkpoint:
+        """Store a signed checkpoint (see gateway.audit.checkpoint, which makes them) with its
+        audit events, atomically; the first event's details get the new `checkpoint_id`."""
 
     @abc.abstractmethod
     async def checkpoints(self, after: tuple[int, int] | None = None,

@@ -76,15 +76,19 @@ def dump_json(value: Any, what: str) -> str:
         raise InvalidRecord(f"{what} is nested too deeply to store") from exc
 
 
-def unit_events(unit: Unit, adopted: dict[str, str] | None = None) -> list[AuditEvent]:
+def unit_events(unit: Unit, adopted: dict[str, str] | None = None,
+                checkpoint: Checkpoint | None = None) -> list[AuditEvent]:
     """The audit events a unit writes: its own, the first of them carrying the SHA-256 of every
     document the unit archives (details `archived_sha256`: id -> hex); a unit that archives
     documents without an event of its own gets a `document.archived` event. The chain thus pins
     the content of every archived document (21 CFR 1311.150: records protected from
     modification and deletion), which `gateway audit verify` recomputes. `adopted`: documents
     archived before that (id -> SHA-256 of their content now), chained by an `archive.adopted`
-    event."""
+    event. `checkpoint`: the one the unit stored, which its first event names (`checkpoint_id`)."""
     events = list(unit.audit)
+    if checkpoint is not None and events:
+        events[0] = dataclasses.replace(
+            events[0], details={**events[0].details, "checkpoint_id": checkpoint.id})
     if adopted:
         events.append(AuditEvent(ADOPTED_EVENT, "system", "success",
                                  details={ARCHIVED_KEY: dict(sorted(adopted.items())),
@@ -289,8 +293,9 @@ class GroupCommitStorage(Storage):
                                        audit)
 
     async def add_checkpoint(self, seq: int, hash: str, time: datetime, key_label: str,  # noqa: A002
-                             algorithm: str, signature: bytes) -> Checkpoint:
-        result = await self.committer.submit(Unit(checkpoint=NewCheckpoint(
+                             algorithm: str, signature: bytes,
+                             audit: Sequence[AuditEvent] = ()) -> Checkpoint:
+        result = await self.committer.submit(Unit(audit=list(audit), checkpoint=NewCheckpoint(
             seq, hash, time, key_label, algorithm, signature)))
         assert result.checkpoint is not None
         return result.checkpoint

@@ -45,8 +45,15 @@ _INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_
 _INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
                  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
 
+# InternalClientError: asyncpg's answer on a pooled connection the server has just terminated
+# ("cannot switch to state ..."); the pool replaces the connection.
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                      asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+                      asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+                      asyncpg.InternalClientError)
+# A connection found dead (terminated while idle in the pool, a failover): worth one more try on
+# a fresh connection when nothing can have been committed. Not a timeout: that would wait again.
+_DEAD_CONNECTION = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError, ConnectionError)
 # Errors of the database as a whole (connection, resources, shutdown, a transaction that must be
 # retried, a schema or privilege that is not what the gateway expects): they fail the batch.
 # Anything else raised while one unit is written (a constraint, a value PostgreSQL refuses, an
@@ -54,7 +61,12 @@ _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.Interfac
 _BATCH_ERRORS = (*_CONNECTION_ERRORS, StorageUnavailable, MemoryError,
                  asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError,
                  asyncpg.PostgresSystemError, asyncpg.TransactionRollbackError,
-                 asyncpg.InvalidTransactionStateError, asyncpg.SyntaxOrAccessError)
+                 asyncpg.InvalidTransactionStateError, asyncpg.SyntaxOrAccessError,
+                 asyncpg.LockNotAvailableError)
+
+
+# Migrations may rewrite large tables, and a node waits for another's: not the statement timeout.
+_MIGRATION_TIMEOUT_S = 3600.0
 
 
 def _unit_level(exc: BaseException) -> bool:
@@ -63,6 +75,10 @@ def _unit_level(exc: BaseException) -> bool:
 
 class _UnitFailed(Exception):
     """The fast path met a unit-level error: redo the batch with savepoints."""
+
+
+class _NotCommitted(Exception):
+    """The connection was found dead before COMMIT was sent: the batch may be written again."""
 
 
 def _document(row: Mapping[str, Any]) -> DocumentRecord:
@@ -99,16 +115,20 @@ class PostgresStorage(GroupCommitStorage):
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
                  server_settings: Mapping[str, str] | None = None, max_batch: int = 256,
                  window_s: float = 0.001, connect_timeout_s: float = 10.0,
-                 read_only: bool = False) -> None:
+                 command_timeout_s: float = 30.0, read_only: bool = False) -> None:
         """`read_only`: for commands that only read: a schema without the gateway's tables is
         refused (StorageUnavailable), never created, and a current schema is used without
-        taking the migration lock."""
+        taking the migration lock. `command_timeout_s`: the longest one statement (a COMMIT
+        included) may take; past it the statement is cancelled and the batch fails with
+        StorageUnavailable, so a lock held elsewhere or a silent server never holds the writer,
+        and every caller queued behind it, for ever."""
         self.url = url
         self.read_only = read_only
         self._min_size = min_size
         self._max_size = max_size
         self._server_settings = dict(server_settings or {})
         self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
         self.committer = GroupCommitter(self._run_batch, max_batch=max_batch, window_s=window_s)
 
@@ -120,7 +140,8 @@ class PostgresStorage(GroupCommitStorage):
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=self._min_size, max_size=self._max_size,
-                server_settings=self._server_settings or None, timeout=self._connect_timeout_s)
+                server_settings=self._server_settings or None, timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s)
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
             # an unknown database or role, a refused password, a malformed URL: no traceback
             raise StorageUnavailable(f"cannot connect to PostgreSQL: "
@@ -152,18 +173,35 @@ class PostgresStorage(GroupCommitStorage):
             raise StorageUnavailable("storage is not open")
         return self._pool
 
+    def _failure(self, what: str, exc: BaseException) -> StorageUnavailable:
+        if isinstance(exc, TimeoutError):  # its text is empty
+            return StorageUnavailable(f"{what}: no answer from the database within "
+                                      f"{self._command_timeout_s:g} s")
+        return StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+    async def _renew_connections(self) -> None:
+        """One pooled connection found dead: the others most likely are too (the server
+        restarted, a failover). Each is replaced when next taken from the pool."""
+        await self._require_pool().expire_connections()
+
     async def _fetch(self, sql: str, *args: Any, lookup: bool = False) -> list[asyncpg.Record]:
         """Rows of a query. `lookup`: the arguments are keys someone supplied; a key PostgreSQL
         cannot even compare (a NUL, which its text cannot hold) names nothing, so it finds
         nothing instead of failing the request."""
         try:
-            return await self._require_pool().fetch(sql, *args)
-        except _CONNECTION_ERRORS as exc:
-            raise StorageUnavailable(f"database read failed: {exc}") from exc
+            try:
+                return await self._require_pool().fetch(sql, *args)
+            except _DEAD_CONNECTION:
+                await self._renew_connections()
+                return await self._require_pool().fetch(sql, *args)  # a read can be repeated
         except asyncpg.DataError:
             if lookup:
                 return []
             raise
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            # As for writes: whatever the server answers (not accepting connections, shutting
+            # down, a cancelled statement) is the database's state, a 503, not a 500.
+            raise self._failure("database read failed", exc) from exc
 
     async def _fetchrow(self, sql: str, *args: Any, lookup: bool = False) -> asyncpg.Record | None:
         rows = await self._fetch(sql, *args, lookup=lookup)
@@ -178,7 +216,8 @@ class PostgresStorage(GroupCommitStorage):
         async with self._require_pool().acquire() as conn, conn.transaction():
             # one migrator per schema at a time, across processes and nodes
             await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':gateway_migrations'))")
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':gateway_migrations'))",
+                timeout=_MIGRATION_TIMEOUT_S)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
                 "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
@@ -192,7 +231,7 @@ class PostgresStorage(GroupCommitStorage):
                 if m.version in done:
                     continue
                 try:
-                    await conn.execute(m.sql)
+                    await conn.execute(m.sql, timeout=_MIGRATION_TIMEOUT_S)
                 except asyncpg.PostgresError as exc:
                     raise MigrationError(f"migration {m.version} ({m.name}) failed: {exc}") from exc
                 await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -216,19 +255,38 @@ class PostgresStorage(GroupCommitStorage):
 
     async def _run_batch(self, batch: list[Unit]) -> list[UnitResult | BaseException]:
         try:
+            try:
+                return await self._write_batch(batch)
+            except _NotCommitted:
+                # The connection was dead before COMMIT was sent: nothing of the batch is in
+                # the database, so it is written once more, on a fresh connection.
+                await self._renew_connections()
+                return await self._write_batch(batch, last_try=True)
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise self._failure("commit failed", exc) from exc
+
+    async def _write_batch(self, batch: list[Unit], *,
+                           last_try: bool = False) -> list[UnitResult | BaseException]:
+        """One attempt; a dead connection met before COMMIT -> _NotCommitted (unless last_try)."""
+        committing = False
+        try:
             async with self._require_pool().acquire() as conn:
                 if len(batch) > 1 and not any(u.adopt for u in batch):  # adoption: one by one
                     try:
                         async with conn.transaction():
-                            return await self._fast(conn, batch)
+                            results = await self._fast(conn, batch)
+                            committing = True
+                        return results
                     except _UnitFailed:
                         pass
                 async with conn.transaction():
-                    return await self._one_by_one(conn, batch)
-        except _CONNECTION_ERRORS as exc:
-            raise StorageUnavailable(f"commit failed: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            raise StorageUnavailable(f"commit failed: {exc}") from exc
+                    results = await self._one_by_one(conn, batch)
+                    committing = True
+                return results
+        except _DEAD_CONNECTION as exc:
+            if committing or last_try:  # lost during COMMIT: the outcome is unknown, never redone
+                raise
+            raise _NotCommitted() from exc
 
     @staticmethod
     async def _lock_head(conn: asyncpg.Connection, batch: list[Unit]) -> tuple[int, str] | None:
@@ -278,8 +336,8 @@ class PostgresStorage(GroupCommitStorage):
             records: list[list[AuditRecord]] = []
             if head is not None:
                 seq, digest = head
-                for unit in batch:
-                    chained = chain(unit_events(unit), seq, digest)
+                for unit, (_, checkpoint) in zip(batch, extras, strict=True):
+                    chained = chain(unit_events(unit, None, checkpoint), seq, digest)
                     records.append(chained)
                     if chained:
                         seq, digest = chained[-1].seq, chained[-1].hash
@@ -331,7 +389,7 @@ class PostgresStorage(GroupCommitStorage):
                                         link.client, now)
                     for link in unit.links]
         adopted = await self._take_adoption(conn, unit.adopt) if unit.adopt else None
-        records = chain(unit_events(unit, adopted), seq, digest)
+        records = chain(unit_events(unit, adopted, checkpoint), seq, digest)
         if records:
             await conn.executemany(_INSERT_AUDIT, self._audit_rows(records))
             seq, digest = records[-1].seq, records[-1].hash
@@ -522,11 +580,18 @@ class PostgresStorage(GroupCommitStorage):
         return _checkpoint(row) if row else None
 
     async def health_check(self) -> None:
-        try:
+        async def round_trip() -> None:
             async with self._require_pool().acquire() as conn:
                 await conn.execute(
                     "INSERT INTO health (id, checked_at) VALUES (1, now()) "
                     "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at")
                 await conn.fetchval("SELECT checked_at FROM health WHERE id = 1")
+
+        try:
+            try:
+                await round_trip()
+            except _DEAD_CONNECTION:  # as for reads: a stale pooled connection is not an outage
+                await self._renew_connections()
+                await round_trip()
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-            raise StorageUnavailable(f"database write failed: {exc}") from exc
+            raise self._failure("database write failed", exc) from exc

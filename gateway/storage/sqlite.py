@@ -77,6 +77,15 @@ def _sha256_hex(content: bytes | str | None) -> str | None:
                           else bytes(content)).hexdigest()
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _unit_level(exc: BaseException) -> bool:
     """Whether an error belongs to one unit (a record the database or the encoder refuses: a
     constraint, a value it cannot bind, details nested too deep) rather than to the database
@@ -109,13 +118,24 @@ class SqliteStorage(GroupCommitStorage):
         self._lock = threading.Lock()
         self.committer = GroupCommitter(self._run_batch, max_batch=max_batch, window_s=window_s)
         self._opened = False
+        # The database file, its WAL and WAL index as opened, recorded once open. A connection
+        # keeps writing to a file deleted or replaced under it, and such commits are lost at the
+        # next start (a crash loses what a removed WAL held: the whole database, before a
+        # checkpoint); another process would build a second WAL index and overwrite our frames.
+        # SQLite removes neither the WAL nor its index while a connection (ours) is open.
+        self._file: tuple[int, int] | None = None
+        self._wal: tuple[int, int] | None = None
+        self._shm: tuple[int, int] | None = None
+        self._wal_path = Path(f"{self.path}-wal")
+        self._shm_path = Path(f"{self.path}-shm")
 
     # -- connections ---------------------------------------------------------------------------
 
     def _connect(self, *, reader: bool) -> sqlite3.Connection:
         try:
-            if self.read_only:
-                # mode=rw: a database that is not there is refused, not created
+            if self.read_only or self._file is not None:
+                # mode=rw: a database that is not there is refused, not created (a connection
+                # made after open() must not leave an empty file where the database was)
                 conn = sqlite3.connect(f"file:{pathname2url(str(self.path.absolute()))}?mode=rw",
                                        uri=True, timeout=self._busy_timeout_s,
                                        isolation_level=None, check_same_thread=False)
@@ -125,6 +145,12 @@ class SqliteStorage(GroupCommitStorage):
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"cannot open the database {self.path}: {exc}",
                                      path=str(self.path)) from exc
+        moved = self._file_moved()
+        if moved is not None:
+            # Closed before it reads anything, so it never touches the -wal and -shm files
+            # that the connections to the original file still use.
+            conn.close()
+            raise moved
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             # INSERT OR REPLACE deletes the row it replaces WITHOUT firing delete triggers unless
@@ -145,6 +171,36 @@ class SqliteStorage(GroupCommitStorage):
         with self._lock:
             self._connections.append(conn)
         return conn
+
+    def _file_moved(self) -> StorageUnavailable | None:
+        """The error to raise when the database or WAL file at its path is not the one
+        opened, else None."""
+        for path, opened, name in ((self.path, self._file, "database file"),
+                                   (self._wal_path, self._wal, "write-ahead log"),
+                                   (self._shm_path, self._shm, "write-ahead log index")):
+            now = _file_id(path)
+            if opened is None or now == opened:
+                continue
+            what = "removed" if now is None else "replaced by another file"
+            return StorageUnavailable(
+                f"the {name} {path} was {what} while the gateway ran; writes are refused until "
+                "the original file is back, or the gateway is stopped (cleanly: the stop writes "
+                "what the WAL holds into the database file) and started again", path=str(path))
+        return None
+
+    def _require_same_file(self, conn: sqlite3.Connection) -> None:
+        """On the writer: raise _file_moved(). While the database file is still the one
+        opened, what the WAL holds (commits already acknowledged) is first copied into it, while
+        this connection can still read it: a crash would lose it."""
+        moved = self._file_moved()
+        if moved is None:
+            return
+        if self._wal is not None and _file_id(self.path) == self._file:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+            except sqlite3.Error:
+                pass  # refused all the same
+        raise moved
 
     def _conn(self, *, reader: bool) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -196,6 +252,9 @@ class SqliteStorage(GroupCommitStorage):
             if not self.read_only:  # a reader uses the journal mode the database has
                 await self._on_writer(self._enable_wal)
             await self.migrate()
+            self._file = _file_id(self.path)
+            if not self.read_only:  # both exist from the first write on (the migration)
+                self._wal, self._shm = _file_id(self._wal_path), _file_id(self._shm_path)
         except BaseException as exc:
             await self._shutdown()
             if isinstance(exc, sqlite3.Error):
@@ -236,6 +295,7 @@ class SqliteStorage(GroupCommitStorage):
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
         self._writer = self._reader_pool = None
+        self._file = self._wal = self._shm = None
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -313,6 +373,7 @@ class SqliteStorage(GroupCommitStorage):
 
     def _batch_sync(self, conn: sqlite3.Connection,
                     batch: list[Unit]) -> list[UnitResult | BaseException]:
+        self._require_same_file(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -344,6 +405,8 @@ class SqliteStorage(GroupCommitStorage):
             if isinstance(exc, sqlite3.Error):
                 raise StorageUnavailable(f"commit failed: {exc}") from exc
             raise
+        # Removed or replaced during the commit: it went to a file no one will open again.
+        self._require_same_file(conn)
         return results
 
     @staticmethod
@@ -396,7 +459,7 @@ class SqliteStorage(GroupCommitStorage):
                  link.client, format_time(now)))
             link_ids.append(int(cur.lastrowid or 0))
         adopted = self._take_adoption(conn, unit.adopt) if unit.adopt else None
-        records = chain(unit_events(unit, adopted), head_seq, head_hash)
+        records = chain(unit_events(unit, adopted, checkpoint), head_seq, head_hash)
         if records:
             conn.executemany(
                 f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -575,6 +638,7 @@ class SqliteStorage(GroupCommitStorage):
 
     async def health_check(self) -> None:
         def write(conn: sqlite3.Connection) -> None:
+            self._require_same_file(conn)
             try:
                 conn.execute("INSERT INTO health (id, checked_at) VALUES (1, ?) "
                              "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
