@@ -20,7 +20,8 @@ from gateway.http import keys
 from gateway.http.admission import Admission
 from gateway.http.auth import ClientCache, RefusalThrottle
 from gateway.http.metrics import Metrics
-from gateway.http.middleware import context, guard
+from gateway.http.middleware import (ParserErrorFilter, bypass_access_logger, context, guard,
+                                     stamp_request_id)
 from gateway.http.pool import WorkPool
 from gateway.http.routes import Route, all_routes
 
@@ -32,11 +33,21 @@ def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trus
                routes: list[Route] | None = None) -> web.Application:
     """Build the gateway application. Nothing is opened until the app starts."""
     server = settings.server
+    metrics = Metrics.create()
+    # Responses aiohttp makes without the middlewares (requests its parser refuses, an unknown
+    # Expect) get a request id, a JSON access line and a count here, and no traceback.
+    protocol_log = logging.getLogger("gateway.http.protocol")
+    if not any(isinstance(f, ParserErrorFilter) for f in protocol_log.filters):
+        protocol_log.addFilter(ParserErrorFilter())
     app = web.Application(middlewares=[context, guard], client_max_size=server.max_body_bytes,
-                          handler_args={"max_field_size": 16384})
+                          handler_args={"max_field_size": 16384,
+                                        "access_log_class": bypass_access_logger(metrics),
+                                        "access_log": logging.getLogger("gateway.http.access"),
+                                        "logger": protocol_log})
     app[keys.SETTINGS] = settings
-    app[keys.METRICS] = Metrics.create()
+    app[keys.METRICS] = metrics
     app[keys.STATE] = keys.ServerState()
+    app.on_response_prepare.append(stamp_request_id)
     table = routes if routes is not None else all_routes()
     app[keys.ROUTE_TABLE] = {r.name: r for r in table}
     for route in table:

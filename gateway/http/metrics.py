@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the handler)
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Up to 30 s: a request can take the body timeout (15 s) and more. Past the last finite bucket a
+# histogram cannot tell 6 s from 60 s, and histogram_quantile() reports that bucket's bound.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The method label takes these values only. The method is the client's to choose: aiohttp's
 # pure-Python parser (AIOHTTP_NO_EXTENSIONS, or no C extension for the platform) accepts any
@@ -25,6 +27,7 @@ class Metrics:
     pool_busy: Gauge
     rejected: Counter
     hsm_errors: Counter
+    database_errors: Counter
     auth_failures: Counter
     loop_lag: Histogram
 
@@ -45,6 +48,8 @@ class Metrics:
                              ["reason"], registry=reg),
             hsm_errors=Counter("gateway_hsm_errors", "HSM failures seen by the HTTP layer",
                                ["code"], registry=reg),
+            database_errors=Counter("gateway_database_errors", "requests failed because the database was "
+                                    "unavailable (503 database_unavailable)", registry=reg),
             auth_failures=Counter("gateway_auth_failures", "refused requests (401/403/404 by rule)",
                                   ["code"], registry=reg),
             loop_lag=Histogram("gateway_event_loop_lag_seconds",

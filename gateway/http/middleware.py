@@ -14,6 +14,8 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.clients import parse_token_id
 from gateway.http import keys
@@ -22,6 +24,7 @@ from gateway.http.auth import refusal_event
 from gateway.http.bodies import PAYLOAD_ERRORS
 from gateway.http.errors import ERROR_CODES, ApiError
 from gateway.http.logs import request_id_var
+from gateway.http.metrics import Metrics
 from gateway.http.pool import queued_s_var
 from gateway.http.routes import Route
 from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
@@ -35,7 +38,18 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # without a system call per request (uuid4 reads the kernel's random source every time).
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _id_counter = itertools.count(1)
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A caller's id of the generated shape is replaced: the counter makes generated ids predictable,
+# and a caller naming the id of another request (here or on another node) would mix its log lines
+# and audit records with that request's.
+_GENERATED_SHAPE = re.compile(r"[0-9a-f]{32}")
+
+
+def request_id_for(supplied: str | None) -> str:
+    """The caller's X-Request-Id when sane and not of the generated shape, else a new one."""
+    if supplied and _SANE_REQUEST_ID.fullmatch(supplied) and not _GENERATED_SHAPE.fullmatch(supplied):
+        return supplied
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 _STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "role_not_allowed", 404: "not_found",
                  405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
@@ -102,10 +116,10 @@ def _route_label(request: web.Request) -> str:
 @web.middleware
 async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's handler type
     """Request id, error rendering, metrics and one access log line per request."""
-    supplied = request.headers.get(REQUEST_ID_HEADER)
-    rid = supplied if supplied and _SANE_REQUEST_ID.match(supplied) else f"{_ID_PREFIX}{next(_id_counter):016x}"
+    rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
     token = request_id_var.set(rid)
     request[keys.REQUEST_ID] = rid
+    request[_SEEN] = True
     app = request.app
     metrics = app[keys.METRICS]
     state = app[keys.STATE]
@@ -129,6 +143,10 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
             elif err.code == "hsm_unavailable":
                 metrics.hsm_errors.labels(getattr(exc, "code", "hsm_error")).inc()
                 log.warning("hsm failure: %s", exc)
+            elif err.code == "database_unavailable":
+                # Like HSM failures: the cause goes to the log (the client sees the code).
+                metrics.database_errors.inc()
+                log.warning("database failure: %s", err.message)
             if err.status == 429:
                 metrics.rejected.labels(err.code).inc()
             resp = error_response(err)
@@ -161,6 +179,59 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
                                   "queued_ms": round(queued * 1000, 2) if queued is not None else None,
                                   "client": client.name if client else None, "error": error_code})
         request_id_var.reset(token)
+
+
+# Responses aiohttp makes without the middlewares: a 400 for a request line or header its parser
+# refuses (a header past max_field_size, Content-Length beside Transfer-Encoding...), a 417 for an
+# unknown Expect. The two hooks below give them what `context` gives the rest.
+UNPARSED_ROUTE = "unparsed"
+_SEEN = web.RequestKey("seen_by_context", bool)
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a response made outside `context` (only those reach here without the
+    header) carries a request id too. aiohttp does not call it for requests it could not parse."""
+    if REQUEST_ID_HEADER not in response.headers:
+        rid = request.get(keys.REQUEST_ID) or request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        request[keys.REQUEST_ID] = rid
+        response.headers[REQUEST_ID_HEADER] = rid
+
+
+def bypass_access_logger(metrics: Metrics) -> type[AbstractAccessLogger]:
+    """An access logger for the app's handler_args: aiohttp calls it for every response, and it
+    logs and counts those `context` did not see (they had no access line and no count)."""
+
+    class BypassAccessLog(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, elapsed: float) -> None:
+            if request.get(_SEEN):
+                return
+            status = response.status
+            try:
+                info = request.match_info
+            except AssertionError:  # aiohttp asserts it is there: a request it could not parse has none
+                info = None
+            route = UNPARSED_ROUTE if info is None else _route_label(request)
+            metrics.observe_request("other" if info is None else request.method, route, status, elapsed)
+            # aiohttp's message quotes the offending bytes (a header value, maybe a token): only
+            # its first clause goes to the log.
+            body = response.body if isinstance(response, web.Response) else None
+            text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
+            reason = text.split(":", 1)[0].strip()[:200] or None
+            rid = request.get(keys.REQUEST_ID) or request_id_for(None)
+            access_log.info("%s %s %s", request.method, request.path, status, extra={
+                "request_id": rid, "route": route, "status": status, "ms": round(elapsed * 1000, 2),
+                "client": None, "error": _STATUS_CODES.get(status, "bad_request"), "reason": reason})
+
+    return BypassAccessLog
+
+
+class ParserErrorFilter(logging.Filter):
+    """aiohttp logs each request its parser refuses at ERROR with a traceback: any client could
+    fill the log with them. The access line above records the refusal; other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
 
 
 async def _refuse(request: web.Request, event_type: str, actor: str, code: str, message: str | None = None,

@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.http.errors import ERROR_CODES
 from gateway.http.routes import ROLES, Route
+from gateway.signing.report import CODE_SUBINDICATION, UNUSABLE_INPUT_CODES
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -54,16 +55,37 @@ _DESCRIPTION = (
 )
 
 
+def _answers_reports(route: Route) -> bool:
+    """The route answers with a verification report: any report code can come back."""
+    return any(spec.get("schema", {}).get("$ref", "").endswith("/VerificationReport")
+               for spec in route.responses.values())
+
+
+def _status_of(code: str, reports: bool) -> int:
+    if reports and code in CODE_SUBINDICATION:
+        # As the verify handler answers a report that is not valid: 400 when the input cannot be
+        # verified at all (xml_too_large included, which is 413 elsewhere), else 422.
+        return 400 if code in UNUSABLE_INPUT_CODES else 422
+    return ERROR_CODES.get(code, (422 if code.startswith(("signature", "certificate")) else 400, ""))[0]
+
+
 def _error_codes_by_status(route: Route) -> dict[int, list[str]]:
     codes = list(route.errors)
+    reports = _answers_reports(route)
+    if reports:
+        codes += [*CODE_SUBINDICATION, "trust_unavailable"]
     if not route.public:
-        codes += ["missing_token", "invalid_token", "role_not_allowed"]
+        # The token is looked up in the database: when it is down, every such route answers 503.
+        codes += ["missing_token", "invalid_token", "role_not_allowed", "database_unavailable"]
     if route.body_types:
-        codes += ["body_too_large", "unsupported_media_type"]
+        # Every body is read within the time limit, and a broken chunked or compressed one is a 400.
+        codes += ["body_too_large", "unsupported_media_type", "request_timeout", "bad_request"]
+    if route.admitted:
+        codes += ["queue_full", "queue_deadline"]
     codes.append("internal_error")
     by_status: dict[int, list[str]] = defaultdict(list)
     for code in codes:
-        status = ERROR_CODES.get(code, (422 if code.startswith(("signature", "certificate")) else 400, ""))[0]
+        status = _status_of(code, reports)
         if code not in by_status[status]:
             by_status[status].append(code)
     return by_status
@@ -104,10 +126,13 @@ def _operation(route: Route) -> dict[str, Any]:
         responses[str(status)] = resp
     for status, codes in sorted(_error_codes_by_status(route).items()):
         resp = {"description": "error codes: " + ", ".join(codes),
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                # Errors carry the request id too: it is what an operator looks the failure up by.
+                "headers": {"X-Request-Id": {"description": _HEADERS["X-Request-Id"],
+                                             "schema": {"type": "string"}}}}
         if status in (429, 503):
-            resp["headers"] = {"Retry-After": {"description": _HEADERS["Retry-After"],
-                                               "schema": {"type": "integer"}}}
+            resp["headers"]["Retry-After"] = {"description": _HEADERS["Retry-After"],
+                                              "schema": {"type": "integer"}}
         responses[str(status)] = resp
     op["responses"] = responses
     return op
