@@ -239,5 +239,8 @@ def _clients_ctx(ttl_s: float):
             task.cancel()
             closed = throttle.flush()
             if closed:
-                await storage.append_audit(*closed)
+                try:
+                    await storage.append_audit(*closed)
+                except Exception:  # noqa: BLE001 - the database is down at shutdown: say so, close the rest
+                    log.exception("could not write %d refusal summaries at shutdown", len(closed))
     return ctx

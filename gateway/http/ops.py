@@ -52,9 +52,8 @@ async def metrics(request: web.Request) -> web.Response:
     app = request.app
     admission = app[keys.ADMISSION]
     app[keys.METRICS].set_pool_gauges(admission.busy, admission.queued)
-    resp = web.Response(body=app[keys.METRICS].render())
-    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return resp
+    # The exposition format's version travels in the media type (Prometheus 3 asks for it).
+    return web.Response(body=app[keys.METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def openapi(request: web.Request) -> web.Response:

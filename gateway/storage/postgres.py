@@ -142,7 +142,7 @@ class PostgresStorage(GroupCommitStorage):
                 self.url, min_size=self._min_size, max_size=self._max_size,
                 server_settings=self._server_settings or None, timeout=self._connect_timeout_s,
                 command_timeout=self._command_timeout_s)
-        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, ValueError) as exc:
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError, ValueError, OverflowError) as exc:
             # an unknown database or role, a refused password, a malformed URL: no traceback
             raise StorageUnavailable(f"cannot connect to PostgreSQL: "
                                      f"{type(exc).__name__}: {exc}") from exc

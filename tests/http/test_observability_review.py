@@ -365,3 +365,13 @@ async def test_the_latency_histogram_reaches_past_the_body_timeout(make_gateway)
     buckets = {s.labels["le"]: s.value for s in families["gateway_http_request_seconds"].samples
                if s.name.endswith("_bucket") and s.labels["route"] == "sign"}
     assert buckets["5.0"] == 0.0 and buckets["10.0"] == 1.0
+
+
+async def test_metrics_name_their_exposition_format_version(gw) -> None:
+    # The media type without its version made newer Prometheus servers guess the format.
+    from gateway.http.metrics import CONTENT_TYPE_LATEST
+
+    resp = await gw.http.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    assert "version=" in resp.headers["Content-Type"]

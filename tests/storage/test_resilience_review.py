@@ -529,3 +529,15 @@ async def test_http_sqlite_file_removed_is_503_not_acknowledged(make_gateway, tm
     await assert_trail_intact(gw.storage)
     assert await gw.storage.count_documents() == 2
 
+
+
+async def test_a_postgresql_url_with_an_impossible_port_is_database_unavailable() -> None:
+    # asyncpg raises OverflowError ("port must be 0-65535") for it: `serve` reported the code
+    # "OverflowError" instead of the storage's own.
+    from gateway.storage.postgres import PostgresStorage
+
+    storage = PostgresStorage("postgresql://u:secret@127.0.0.1:99999/test")
+    with pytest.raises(StorageUnavailable) as err:
+        await storage.open()
+    assert "cannot connect to PostgreSQL" in str(err.value)
+    assert "secret" not in str(err.value)
