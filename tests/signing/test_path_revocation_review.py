@@ -21,29 +21,11 @@ from gateway.signing.report import Indication
 from gateway.signing.validation import CrlCache, TrustStore, _split_bundle
 from gateway.signing.verify import verify_cms
 from pkihelp import SigningPki
+from test_revocation_policy import ca_of, ec_public, now, scratch_pki  # noqa: F401 - fixtures too
 
 UTC = dt.timezone.utc
 HOLD = x509.CRLReason(x509.ReasonFlags.certificate_hold)
 REMOVE = x509.CRLReason(x509.ReasonFlags.remove_from_crl)
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(UTC)
-
-
-@pytest.fixture
-def scratch_pki(tmp_path) -> SigningPki:
-    pki.ensure_test_pki(tmp_path / "pki")
-    return SigningPki(tmp_path / "pki")
-
-
-@pytest.fixture(scope="module")
-def ec_public(hsm, ec_key):
-    return hsm.public_key(ec_key)
-
-
-def ca_of(p: SigningPki, name: str = pki.CSOS_CA):
-    return p.cert(name), serialization.load_pem_private_key(p.layout.key_path(name).read_bytes(), None)
 
 
 def make_cert(issuer, issuer_key, public_key, cn: str, *, eku=None, extra=()) -> x509.Certificate:
