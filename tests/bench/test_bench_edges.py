@@ -192,6 +192,9 @@ def test_an_unreadable_data_file_is_a_message_not_a_traceback(tmp_path: Path, ca
 
 def test_a_command_interrupted_while_it_runs_is_stopped(tmp_path: Path) -> None:
     marker = f"bench-edge-{os.getpid()}-{time.monotonic_ns()}"
+    # A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and then
+    # interrupt_main does nothing: Ctrl-C's handler is put in place for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
     timer.start()
     try:
@@ -199,6 +202,7 @@ def test_a_command_interrupted_while_it_runs_is_stopped(tmp_path: Path) -> None:
             som_batch.run_command(f"import time  # {marker}\ntime.sleep(30)", [])
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
         time.sleep(0.1)
         left = [p for p in _processes_mentioning(marker) if p.status() != psutil.STATUS_ZOMBIE]
         for proc in left:
