@@ -21,8 +21,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,25 +57,29 @@ def _hold(fd: int) -> None:
         pass
 
 
+def _remove(path: Path) -> None:
+    """Remove a scratch entry, a directory with what it holds; nothing there is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def sweep(target: str | Path) -> list[Path]:
     """Remove the scratch of `target` left by runs that are gone; returns what was removed."""
     target = Path(target)
     names = _names(target)
     removed = []
     try:
-        entries = [e for e in os.scandir(target.parent) if names.fullmatch(e.name)]
+        entries = [Path(e.path) for e in os.scandir(target.parent) if names.fullmatch(e.name)]
     except OSError:
         return removed
-    for entry in entries:
-        path = Path(entry.path)
+    for path in entries:
         fd = _take(path)
         if fd is None:
             continue
         try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            _remove(path)
         finally:
             os.close(fd)
         log.warning("removed %s, left by a run that was killed", path)
@@ -84,49 +88,46 @@ def sweep(target: str | Path) -> list[Path]:
 
 
 @contextmanager
-def held_file(target: str | Path) -> Iterator[Path]:
-    """A new empty file beside `target` (`.NAME.HEX.tmp`), this run's for the block; removed after
-    it unless the block renamed it. Abandoned scratch of `target` is swept first. OSError when the
-    file cannot be made."""
-    target = Path(target)
+def _held(target: Path, name: str, make: Callable[[Path], int]) -> Iterator[Path]:
+    """A new entry `name` beside `target`, made by `make` (which returns a descriptor of it) under
+    the provisional name `name.new`, locked, then renamed; removed when the block ends (a file
+    the block renamed away is not there any more). Abandoned scratch of `target` is swept first."""
     sweep(target)
-    tag = uuid.uuid4().hex
     # Both names are known before anything is made, and both are removed in `finally`: a SIGTERM
-    # just after the file is made, before its name would be returned, leaves nothing.
-    new = target.parent / f".{target.name}.{tag}.new"
-    tmp = target.parent / f".{target.name}.{tag}.tmp"
+    # just after the entry is made, before its descriptor would be returned, leaves nothing.
+    final = target.parent / name
+    new = target.parent / f"{name}.new"
     fd = -1
     try:
-        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = make(new)
         _hold(fd)
-        os.rename(new, tmp)
-        yield tmp
+        os.rename(new, final)
+        yield final
     finally:
-        new.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        _remove(new)
+        _remove(final)
         if fd >= 0:
             os.close(fd)
 
 
-@contextmanager
-def held_dir(target: str | Path) -> Iterator[Path]:
-    """A new directory beside `target` (`.NAME.parts-HEX`, mode 0700), this run's for the block,
-    removed with its content after it. Abandoned scratch of `target` is swept first. OSError when
-    the directory cannot be made."""
+def _new_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _new_dir(path: Path) -> int:
+    path.mkdir(mode=0o700)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def held_file(target: str | Path) -> AbstractContextManager[Path]:
+    """A new empty file beside `target` (`.NAME.HEX.tmp`), this run's for the block; removed after
+    it unless the block renamed it. OSError when the file cannot be made."""
     target = Path(target)
-    sweep(target)
-    tag = uuid.uuid4().hex
-    new = target.parent / f".{target.name}.parts-{tag}.new"
-    work = target.parent / f".{target.name}.parts-{tag}"
-    fd = -1
-    try:
-        new.mkdir(mode=0o700)
-        fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        _hold(fd)
-        os.rename(new, work)
-        yield work
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-        if fd >= 0:
-            os.close(fd)
+    return _held(target, f".{target.name}.{uuid.uuid4().hex}.tmp", _new_file)
+
+
+def held_dir(target: str | Path) -> AbstractContextManager[Path]:
+    """A new directory beside `target` (`.NAME.parts-HEX`, mode 0700), this run's for the block,
+    removed with its content after it. OSError when the directory cannot be made."""
+    target = Path(target)
+    return _held(target, f".{target.name}.parts-{uuid.uuid4().hex}", _new_dir)
