@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.signing.base import KeySigner
-from gateway.signing.errors import SignatureRefused, SigningError
+from gateway.signing.errors import SignatureRefused, SigningError, clipped
 from gateway.signing.validation import load_certificate
 
 MAX_SIGNATURE_BYTES = 1_048_576
@@ -150,11 +150,8 @@ def verify_detached(signature_der: bytes, content: bytes | None) -> VerifiedCms:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         # asn1crypto parses lazily: a malformed structure surfaces wherever it is first read.
-        # Its message can quote the offending value whole: cut short, as the report is echoed.
-        text = str(exc)
-        if len(text) > 200:
-            text = text[:200] + "..."
-        raise CmsError("signature_malformed", f"not a readable CMS SignedData: {text}") from None
+        # Its message can quote the offending value whole.
+        raise CmsError("signature_malformed", f"not a readable CMS SignedData: {clipped(str(exc), 200)}") from None
 
 
 def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:

@@ -59,3 +59,9 @@ class SignatureRefused(Exception):
         self.code = code
         self.message = message
         self.check = check
+
+
+def clipped(text: str, limit: int) -> str:
+    """The sender's text as a refusal quotes it: cut at `limit` characters, since a report is
+    echoed in HTTP errors and logs and must not grow with what the sender wrote."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -52,6 +52,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.identifiers import DeaNumberError, parse_dea_number
 from gateway.signing.dea import add_dea_extensions, dea_info_for
+from gateway.signing.validation import crl_number
 
 ROOT = "root-ca"
 CSOS_CA = "csos-ca"
@@ -598,12 +599,7 @@ def _read_crl(path: Path) -> x509.CertificateRevocationList | None:
 def _crl_number(path: Path) -> int:
     """The CRL number of the CRL at `path`, 0 when there is none to read."""
     crl = _read_crl(path)
-    if crl is None:
-        return 0
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except (x509.ExtensionNotFound, ValueError):
-        return 0
+    return (crl_number(crl) if crl is not None else None) or 0
 
 
 def issue_crl(

@@ -188,16 +188,13 @@ class _CrlEntry:
     @functools.cached_property
     def order(self) -> tuple[int, dt.datetime]:
         """Which of two CRLs of one issuer and scope is newer: CRL number, then thisUpdate."""
-        try:
-            number = self.crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        except (x509.ExtensionNotFound, ValueError):
-            number = -1
-        return number, self.crl.last_update_utc
+        number = crl_number(self.crl)
+        return -1 if number is None else number, self.crl.last_update_utc
 
     @functools.cached_property
     def scope_key(self) -> tuple:
         """CRLs with equal keys are successive issues of one CRL (same issuer key and scope)."""
-        return (_der_name(self.crl.issuer), _authority_key_id(self.crl), self.idp, self.delta)
+        return (self.crl.issuer.public_bytes(), _authority_key_id(self.crl), self.idp, self.delta)
 
     def listing(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
         """The entry revoking `cert`, or None. An entry with reason removeFromCRL revokes nothing
@@ -520,8 +517,12 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _der_name(name: x509.Name) -> bytes:
-    return name.public_bytes()
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """The CRL number (RFC 5280 5.2.3), None when the CRL has none or it cannot be read."""
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (x509.ExtensionNotFound, ValueError):
+        return None
 
 
 def _distribution_point_names(cert: x509.Certificate) -> list[x509.GeneralName]:

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from lxml import etree
 
 from gateway.signing.base import KeySigner, raw_to_der_ecdsa
-from gateway.signing.errors import SignatureRefused, SigningError
+from gateway.signing.errors import SignatureRefused, SigningError, clipped
 from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
     DEFAULT_MAX_BYTES,
@@ -456,11 +456,9 @@ def _reference_parts(reference: etree._Element) -> tuple[tuple[str, ...] | None,
     return prefixes, digest
 
 
-def _shown(value: str | None, limit: int = 100) -> str:
-    """An attribute value quoted for a report, cut short: it is the sender's text, and a report
-    (echoed in HTTP errors and logs) must not grow with it."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _shown(value: str | None) -> str:
+    """An attribute value quoted for a report (errors.clipped)."""
+    return clipped(repr(value), 100)
 
 
 def _text(element: etree._Element, what: str) -> str | None:
