@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.signing import pki
 from gateway.signing.cms import sign_detached
@@ -22,6 +22,7 @@ from gateway.signing.validation import CrlCache, TrustStore, _split_bundle
 from gateway.signing.verify import verify_cms
 from pkihelp import SigningPki
 from test_revocation_policy import ca_of, ec_public, now, scratch_pki  # noqa: F401 - fixtures too
+from test_revocation_policy import make_cert as policy_cert
 
 UTC = dt.timezone.utc
 HOLD = x509.CRLReason(x509.ReasonFlags.certificate_hold)
@@ -29,24 +30,9 @@ REMOVE = x509.CRLReason(x509.ReasonFlags.remove_from_crl)
 
 
 def make_cert(issuer, issuer_key, public_key, cn: str, *, eku=None, extra=()) -> x509.Certificate:
-    start = now() - dt.timedelta(minutes=5)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-               .issuer_name(issuer.subject).public_key(public_key)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(start + dt.timedelta(days=30))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(
-                   digital_signature=True, content_commitment=True, key_encipherment=False,
-                   data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                   encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                              critical=False))
-    if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    for ext, critical in extra:
-        builder = builder.add_extension(ext, critical=critical)
-    return builder.sign(issuer_key, hashes.SHA256())
+    """A signer certificate (test_revocation_policy.make_cert), with an extended key usage."""
+    purposes = [] if eku is None else [(x509.ExtendedKeyUsage(eku), False)]
+    return policy_cert(issuer, issuer_key, public_key, cn, extra=[*purposes, *extra])
 
 
 def make_crl(issuer, key, entries=(), *, number: int, extensions=()) -> x509.CertificateRevocationList:

@@ -40,7 +40,9 @@ def ca_of(p: SigningPki, name: str = pki.CSOS_CA):
 
 
 def make_cert(issuer: x509.Certificate, issuer_key, public_key, cn: str, *, cdp: str | None = None,
-              subject: x509.Name | None = None, ca: bool = False, key_id: bool = True) -> x509.Certificate:
+              subject: x509.Name | None = None, ca: bool = False, key_id: bool = True,
+              extra=()) -> x509.Certificate:
+    """`extra`: more extensions, as (extension, critical) pairs."""
     start = now() - dt.timedelta(minutes=5)
     usage = x509.KeyUsage(digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
                           data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
@@ -58,6 +60,8 @@ def make_cert(issuer: x509.Certificate, issuer_key, public_key, cn: str, *, cdp:
     if cdp:
         builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
             [x509.UniformResourceIdentifier(cdp)], None, None, None)]), critical=False)
+    for ext, critical in extra:
+        builder = builder.add_extension(ext, critical=critical)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
