@@ -69,6 +69,13 @@ def _product(row: dict[str, str], line: int) -> Product:
     missing = [c for c in ("ndc", "name", "family", "units_per_package") if not (row.get(c) or "").strip()]
     if missing:
         raise CatalogError(f"missing {', '.join(missing)}", line)
+    # Names and families go into signed order XML and onto terminals: a NUL (which the csv
+    # module reads without complaint) cannot be in XML at all, and an escape sequence would
+    # rewrite what an operator sees. Line breaks and tabs (a quoted multi-line name) are text.
+    unprintable = [c for c in COLUMNS
+                   if any(not ch.isprintable() and ch not in "\t\r\n" for ch in row.get(c) or "")]
+    if unprintable:
+        raise CatalogError(f"control character in {', '.join(unprintable)}", line)
     try:
         ndc = normalize_ndc(row["ndc"].strip())
     except IdentifierError as exc:
@@ -99,8 +106,9 @@ def parse_catalog(text: str) -> Catalog:
             if product.ndc in catalog:
                 raise CatalogError(f"NDC {product.ndc} listed twice", line)
             catalog[product.ndc] = product
-    except csv.Error as exc:  # e.g. a NUL byte, an unterminated quote
-        raise CatalogError(f"not a readable CSV file: {exc}", reader.line_num or None) from exc
+    except csv.Error as exc:  # e.g. a field past the csv module's size limit
+        # line_num counts the lines read before the one that failed
+        raise CatalogError(f"not a readable CSV file: {exc}", reader.line_num + 1) from exc
     if not catalog:
         raise CatalogError("catalog is empty")
     return catalog

@@ -35,8 +35,11 @@ def new_token() -> tuple[str, str]:
 
 
 def parse_token_id(token: str) -> str | None:
-    """The token's lookup id, or None when the token is not of our shape."""
-    if not token.startswith(TOKEN_PREFIX):
+    """The token's lookup id, or None when the token is not of our shape.
+
+    Our tokens are printable ASCII; anything else (a lone surrogate from a hand-edited
+    demo.json, which UTF-8 cannot even encode for hashing) is no token of ours."""
+    if not (token.isascii() and token.isprintable()) or not token.startswith(TOKEN_PREFIX):
         return None
     token_id, sep, secret = token[len(TOKEN_PREFIX):].partition("_")
     if not sep or len(token_id) != _TOKEN_ID_HEX or not secret:

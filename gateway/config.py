@@ -3,6 +3,12 @@
 Everything a deployment owns lives under one home: `--home DIR`, else `$GATEWAY_HOME`, else
 `.gateway` in the current directory. Environment variables override the file for the things an
 operator changes per process (database URL, PKCS#11 module).
+
+`[database]` holds `url` (empty: SQLite in the home), `command_timeout_s` (PostgreSQL: the
+longest one statement, a COMMIT included, may take before it is cancelled and the request gets
+503; 30 s, at most 3600) and `min_free_bytes` (SQLite: readiness, `/readyz`, fails while the
+database's filesystem has less free space than this, before writes start failing; 64 MiB, 0 turns
+the check off).
 """
 
 from __future__ import annotations
@@ -58,11 +64,25 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class DatabaseSettings:
+    """`[database]` besides `url` (kept as `Settings.database_url`)."""
+
+    # PostgreSQL: a statement (a COMMIT included) running longer is cancelled (503), so a lock
+    # held elsewhere or a silent server never holds the writer and its queue for ever.
+    command_timeout_s: float = 30.0
+    # SQLite: the storage probe behind /readyz fails below this much free space on the
+    # database's filesystem, so a balancer stops sending work before commits fail for lack of
+    # space. 0: no check.
+    min_free_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     hsm: HsmSettings = field(default_factory=HsmSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     database_url: str = ""  # empty: embedded SQLite in the home
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     trust_bundle: str = ""  # empty: the home's test PKI bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +167,9 @@ _RANGES: dict[str, dict[str, tuple[float, float | None, bool]]] = {
                "queue_size": (0, None, False), "queue_deadline_ms": (1, None, False),
                "retry_after_s": (0, None, False), "drain_timeout_s": (0, None, False),
                "body_timeout_s": (0, None, True)},
+    # Above an hour a stalled database holds requests longer than any client waits; migrations
+    # have their own, longer limit. min_free_bytes = 0 turns the free-space check off.
+    "database": {"command_timeout_s": (0, 3600, True), "min_free_bytes": (0, None, False)},
     # A zero period made the checkpointer and the refusal summariser spin the event loop.
     "audit": {"checkpoint_every_records": (1, None, False), "checkpoint_every_seconds": (0, None, True),
               "refusal_burst": (0, None, False), "refusal_window_s": (0, None, True)},
@@ -202,11 +225,23 @@ def _section(data: dict[str, Any], name: str, cls: type) -> Any:
     return cls(**raw)
 
 
+def _database(data: dict[str, Any]) -> tuple[str, DatabaseSettings]:
+    """`[database]`: the URL (checked) and the engine settings."""
+    raw = _table(data, "database")
+    _check_table("database", raw, {"url": str, "command_timeout_s": float, "min_free_bytes": int})
+    url = raw.get("url", "")
+    _check_database_url(url, "gateway.toml [database] url")
+    defaults = DatabaseSettings()
+    return url, DatabaseSettings(
+        command_timeout_s=float(raw.get("command_timeout_s", defaults.command_timeout_s)),
+        min_free_bytes=raw.get("min_free_bytes", defaults.min_free_bytes))
+
+
 def _one_string(data: dict[str, Any], name: str, key: str) -> str:
-    """A table holding one string setting ([database] url, [trust] bundle); "" when absent."""
+    """A table holding one string setting ([trust] bundle); "" when absent."""
     raw = _table(data, name)
     unknown = set(raw) - {key}
-    if unknown:  # `[database] uri = ...` would otherwise leave the archive in SQLite, silently
+    if unknown:  # `[trust] bundel = ...` would otherwise leave the default in use, silently
         raise ConfigError(f"gateway.toml [{name}]: unknown keys {sorted(unknown)}")
     value = raw.get(key, "")
     if not isinstance(value, str):
@@ -219,6 +254,15 @@ def _check_database_url(url: str, where: str) -> None:
         # Only the scheme is shown: the rest of a URL may hold a password.
         raise ConfigError(f"{where}: {url.split(':', 1)[0]!r} is not a database URL: "
                           "use sqlite:///PATH or postgresql://...")
+    if url.startswith("sqlite:///"):
+        # The rest is a file name, taken as it is: `?mode=ro` named a file "gw.db?mode=ro" that
+        # was written to, `:memory:` a file of that name while each connection saw a database
+        # of its own (a migrated writer, readers finding no tables), "" the current directory.
+        path = url.removeprefix("sqlite:///")
+        if not path or path == ":memory:" or "?" in path or "#" in path:
+            raise ConfigError(f"{where}: {url!r} names no database file: use sqlite:///PATH "
+                              "(an absolute path is sqlite:////PATH), without ?options; an "
+                              "in-memory database cannot keep the archive")
 
 
 def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
@@ -226,11 +270,15 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     root = resolve_home(home)
     path = root / "gateway.toml"
     data: dict[str, Any] = {}
-    if path.exists():
+    # A dangling symlink counts as a file: an operator's configuration kept elsewhere and gone
+    # missing must not silently become the defaults (SQLite in the home instead of PostgreSQL).
+    if path.exists() or path.is_symlink():
         try:
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:  # a directory, no permission, a dangling symlink
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     unknown = set(data) - KNOWN_TABLES
     if unknown:
         raise ConfigError(f"gateway.toml: unknown tables or keys {sorted(unknown)}")
@@ -238,13 +286,13 @@ def load_settings(home: str | os.PathLike[str] | None = None) -> Settings:
     server = _section(data, "server", ServerSettings)
     for name, types in _PLAIN_TABLES.items():
         _check_table(name, _table(data, name), types)
-    database_url = _one_string(data, "database", "url")
-    _check_database_url(database_url, "gateway.toml [database] url")
+    database_url, database = _database(data)
     settings = Settings(
         home=root,
         hsm=hsm,
         server=server,
         database_url=database_url,
+        database=database,
         trust_bundle=_one_string(data, "trust", "bundle"),
         extra={k: v for k, v in data.items() if k not in {"hsm", "server", "database", "trust"}},
     )
@@ -295,6 +343,10 @@ def write_default_config(settings: Settings) -> None:
         f"queue_deadline_ms = {settings.server.queue_deadline_ms}\n\n"
         "[database]\n"
         'url = ""  # empty: embedded SQLite in the home; or postgresql://...\n'
+        f"command_timeout_s = {settings.database.command_timeout_s:g}  "
+        "# PostgreSQL: a longer statement is cancelled (503)\n"
+        f"min_free_bytes = {settings.database.min_free_bytes}  "
+        "# SQLite: /readyz fails below this much free disk; 0: no check\n"
     )
     try:
         fd = os.open(settings.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -36,5 +36,11 @@ def storage_for_url(url: str, **options: object) -> Storage:
 
 
 def open_storage(settings: Settings, **options: object) -> Storage:
-    """The storage the settings name (GATEWAY_DATABASE_URL / [database] url, else SQLite in the home)."""
-    return storage_for_url(settings.effective_database_url, **options)
+    """The storage the settings name (GATEWAY_DATABASE_URL / [database] url, else SQLite in the
+    home), with the engine's `[database]` settings; `options` override them."""
+    url = settings.effective_database_url
+    if url.startswith("sqlite:///"):
+        configured: dict[str, object] = {"min_free_bytes": settings.database.min_free_bytes}
+    else:
+        configured = {"command_timeout_s": settings.database.command_timeout_s}
+    return storage_for_url(url, **{**configured, **options})

@@ -647,4 +647,5 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def health_check(self) -> None:
-        """A real write and read round trip (for /readyz); raises StorageUnavailable."""
+        """A real write and read round trip (for /readyz); raises StorageUnavailable. SQLite
+        also fails while its filesystem has less than `min_free_bytes` free ([database])."""

@@ -103,12 +103,14 @@ class SqliteStorage(GroupCommitStorage):
 
     def __init__(self, path: str | Path, *, readers: int = 2, max_batch: int = 256,
                  window_s: float = 0.001, busy_timeout_s: float = 30.0,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, min_free_bytes: int = 0) -> None:
         """`read_only`: for commands that only read (`audit verify`, `audit list`): a missing
         database is refused (StorageUnavailable), never created, and a current schema is used
-        without taking the migration write lock."""
+        without taking the migration write lock. `min_free_bytes`: `health_check` fails while
+        the database's filesystem has less free space (0: no check)."""
         self.path = Path(path)
         self.read_only = read_only
+        self.min_free_bytes = min_free_bytes
         self._busy_timeout_s = busy_timeout_s
         self._readers = readers
         self._writer: ThreadPoolExecutor | None = None
@@ -636,9 +638,29 @@ class SqliteStorage(GroupCommitStorage):
             "LIMIT 1").fetchone())
         return _checkpoint(row) if row else None
 
+    def _check_free_space(self) -> None:
+        """Raise StorageUnavailable while the database's filesystem has less than
+        `min_free_bytes` free: the one-row probe write still fits on a nearly full disk, and
+        readiness must fail before the archive's commits do (a document or a WAL checkpoint
+        needs far more than one row)."""
+        if self.min_free_bytes <= 0:
+            return
+        try:
+            st = os.statvfs(self.path)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read the free space of {self.path}: {exc}",
+                                     path=str(self.path)) from exc
+        free = st.f_bavail * st.f_frsize  # what an unprivileged writer may still use
+        if free < self.min_free_bytes:
+            raise StorageUnavailable(
+                f"only {free} bytes free on the filesystem of {self.path}, below [database] "
+                f"min_free_bytes = {self.min_free_bytes}: free space before writes fail",
+                path=str(self.path), free_bytes=free, min_free_bytes=self.min_free_bytes)
+
     async def health_check(self) -> None:
         def write(conn: sqlite3.Connection) -> None:
             self._require_same_file(conn)
+            self._check_free_space()
             try:
                 conn.execute("INSERT INTO health (id, checked_at) VALUES (1, ?) "
                              "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
