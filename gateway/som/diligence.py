@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,8 +170,16 @@ def diligence_data(scored: pl.DataFrame | pl.LazyFrame, order_id: str, line: int
 
 # --- rendering ---------------------------------------------------------------------------------
 
+# Characters that are not text to show: C0/C1 controls (a NUL is an HTML parse error) and the
+# Unicode bidirectional controls, which reorder what follows them on screen (a customer id with a
+# right-to-left override reads as another id, "Trojan Source"). Shown as their code point.
+_HIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                     "\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(value: object) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    text = html.escape("" if value is None else str(value), quote=True)
+    return _HIDDEN.sub(lambda m: f"[U+{ord(m.group(0)):04X}]", text)
 
 
 def _n(value: float | None) -> str:

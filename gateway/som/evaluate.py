@@ -42,8 +42,12 @@ def _clean(scores: np.ndarray) -> np.ndarray:
 
 
 def _auc(negatives_sorted: np.ndarray, positives: np.ndarray) -> float | None:
-    """Mann-Whitney U / (P N): for each positive, the negatives below it, ties counting half."""
+    """Mann-Whitney U / (P N): for each positive, the negatives below it, ties counting half.
+    None without positives or negatives, and when no line has a score (all missing, ranked
+    -inf): every pair would tie, and 0.5 would report a ranking nobody made."""
     if positives.size == 0 or negatives_sorted.size == 0:
+        return None
+    if negatives_sorted[-1] == -np.inf and not (positives > -np.inf).any():
         return None
     below = np.searchsorted(negatives_sorted, positives, side="left")
     up_to = np.searchsorted(negatives_sorted, positives, side="right")
@@ -54,7 +58,8 @@ def _auc(negatives_sorted: np.ndarray, positives: np.ndarray) -> float | None:
 def roc_auc(scores: Any, labels: Any) -> float | None:
     """Area under the ROC curve by ranks (Mann-Whitney U), ties counted as half.
 
-    Missing scores (NaN) rank lowest. None when there are no positives or no negatives.
+    Missing scores (NaN) rank lowest. None when there are no positives or no negatives, or no
+    score at all.
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)

@@ -3,7 +3,9 @@
 `SomState.update` runs the very function the batch kernel runs per line (kernels.process_line),
 so a line scored here gets the score batch scoring gives it over the same history, provided the
 lines of a customer arrive in time order (same-day lines in the order batch would see them: input
-order). The peer reference is fixed (from `peer_reference`) and travels with the state.
+order). The peer reference is fixed (from `peer_reference`) and travels with the state, as do
+the thresholds; `load(path, config, peers)` refuses a state built with other ones (its scores
+would equal no batch run under the caller's): load the history again instead.
 
 State size: kernels.G_SIZE floats per (customer, family) and kernels.C_SIZE per customer (a ring
 of 13 calendar months and one of the last 32 order days), whatever the length of the history.
@@ -63,7 +65,7 @@ class SomState:
     """Per-customer and per-(customer, family) state of the scorer."""
 
     def __init__(self, config: SomConfig = SomConfig(), peers: pl.DataFrame | None = None) -> None:
-        self.config = config
+        self._config = config
         self._cfg = config_vector(config)
         self.peers = peers
         self._peer_rows: dict[tuple[str, str, str], int] = {}
@@ -77,6 +79,13 @@ class SomState:
         self.cells: dict[str, tuple[str, str]] = {}  # customer -> (class of trade, state)
         self.groups: dict[tuple[str, str], np.ndarray] = {}
         self._feat = np.empty(K.NF)
+
+    @property
+    def config(self) -> SomConfig:
+        """The thresholds the state scores with; fixed (the kernel holds them as a vector, and
+        the peer rows chosen under min_peer_customers are cached): a state for other thresholds
+        is built or loaded with them (`load(path, config)`)."""
+        return self._config
 
     def _index_peers(self) -> None:
         rows = self.peers.select("customer_type", "state", "family", "customers").iter_rows()
@@ -297,7 +306,12 @@ class SomState:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SomState":
+    def from_bytes(cls, data: bytes, config: SomConfig | None = None,
+                   peers: pl.DataFrame | None = None) -> "SomState":
+        """The state `to_bytes` wrote. `config` / `peers`: what the caller scores with; a state
+        saved under other thresholds (som_state_config_mismatch) or another peer reference
+        (som_state_peers_mismatch) is refused, since its scores would equal no batch run under
+        the caller's. Without them the state's own are used."""
         try:
             z = np.load(io.BytesIO(data), allow_pickle=False)
             meta = json.loads(z["meta"].tobytes().decode())
@@ -317,8 +331,10 @@ class SomState:
                 # the kernel would run on them all the same, cast or recompiled: other numbers
                 raise SomStateError("som_state_unreadable", "state arrays that are not float64")
             peers_raw = z["peers"].tobytes()
-            peers = pl.read_ipc(io.BytesIO(peers_raw)) if peers_raw else None
-            state = cls(SomConfig.from_dict(meta["config"]), peers)
+            saved_config = SomConfig.from_dict(meta["config"])
+            saved_peers = pl.read_ipc(io.BytesIO(peers_raw)) if peers_raw else None
+            _same_basis(saved_config, saved_peers, config, peers)
+            state = cls(saved_config, saved_peers)
             for name, cell, vec in zip(meta["customers"], meta["cells"], customers):
                 state.customers[name] = vec.copy()
                 state.cells[name] = (cell[0], cell[1])
@@ -338,13 +354,33 @@ class SomState:
             tmp.write_bytes(self.to_bytes())  # a temporary file of this run's own, then renamed
 
     @classmethod
-    def load(cls, path: str | Path) -> "SomState":
+    def load(cls, path: str | Path, config: SomConfig | None = None,
+             peers: pl.DataFrame | None = None) -> "SomState":
         """A saved state; SomStateError som_state_not_found when there is none at `path`,
-        som_state_unreadable when it cannot be read or is not a state of this version."""
+        som_state_unreadable when it cannot be read (truncated, corrupted, not a state),
+        som_state_version when it is of another format, som_state_config_mismatch /
+        som_state_peers_mismatch when `config` / `peers` are given and it was built with others
+        (load the history again under them: `gateway som load-history`)."""
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise SomStateError("som_state_not_found", f"{path}: no SOM state here") from None
         except OSError as exc:
             raise SomStateError("som_state_unreadable", f"{path}: {exc.strerror or exc}") from None
-        return cls.from_bytes(data)
+        return cls.from_bytes(data, config, peers)
+
+
+def _same_basis(saved_config: SomConfig, saved_peers: pl.DataFrame | None,
+                config: SomConfig | None, peers: pl.DataFrame | None) -> None:
+    """Refuse a saved state built on other thresholds or another peer reference than the
+    caller's (None: the caller takes the state's)."""
+    if config is not None and config != saved_config:
+        mine, theirs = config.as_dict(), saved_config.as_dict()
+        changed = ", ".join(f"{k} {theirs[k]} (now {mine[k]})" for k in mine if mine[k] != theirs[k])
+        raise SomStateError("som_state_config_mismatch",
+                            f"the state was built with other thresholds: {changed}; "
+                            "load the history again under the current ones")
+    if peers is not None and (saved_peers is None or not saved_peers.equals(peers)):
+        raise SomStateError("som_state_peers_mismatch",
+                            "the state was built with another peer reference; "
+                            "load the history again with the current one")

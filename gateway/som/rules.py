@@ -10,7 +10,8 @@ includes the line against the customer's own trailing history in that family:
   5. daily_max   day to date above the largest daily total of the trailing 6 months.
 Trailing months are the calendar months before the line's month; the monthly average divides by
 min(12, months since the family's first month), as the scorer does. Methods 1, 2, 3 and 5 need a
-month of history. Output: the input columns plus score (the compared total / its threshold),
+month of history; after it, months without orders count as 0 units (a threshold of 0 is exceeded
+by any units, score inf). Output: the input columns plus score (the compared total / its threshold),
 flag and reasons.
 """
 
@@ -104,9 +105,14 @@ def _history(df: pl.DataFrame) -> pl.DataFrame:
     stats = sum12.join(max6, on=[*keys, "_m"])
     lines = lines.join(stats, on=[*keys, "_m"], how="left").with_columns(
         pl.min_horizontal(pl.lit(12), pl.col("_m") - pl.col("_first_m")).alias("_nhist"))
+    # With history, a trailing window without orders holds months of 0 units: its maximum and
+    # average are 0, not missing (a series that comes back after 7 quiet months is above its
+    # trailing 6-month maximum). The first month has no trailing months: no threshold.
+    had = pl.col("_nhist") > 0
     lines = lines.with_columns(
-        pl.when(pl.col("_nhist") > 0).then(pl.col("_sum12").fill_null(0.0) / pl.col("_nhist"))
-        .alias("avg12_month"))
+        pl.when(had).then(pl.col("_sum12").fill_null(0.0) / pl.col("_nhist")).alias("avg12_month"),
+        pl.when(had).then(pl.col("max6_month").fill_null(0.0)).alias("max6_month"),
+        pl.when(had).then(pl.col("max6_day").fill_null(0.0)).alias("max6_day"))
     return lines.sort("_row").drop("_g")
 
 
@@ -145,8 +151,10 @@ def apply_rule_set(name: str, df: pl.DataFrame, *, history: pl.DataFrame | None 
     h = history if history is not None else _history(df)
     x = pl.col(rule.compared)
     t = rule.threshold()
+    # A threshold of 0 (months of 0 units) is exceeded by any units: score inf, as x / 0.
     judged = h.select(
-        pl.when(t > 0).then(x / t).otherwise(0.0).fill_null(0.0).alias("score"),
+        pl.when(t > 0).then(x / t).when((t == 0) & (x > 0)).then(float("inf")).otherwise(0.0)
+        .fill_null(0.0).alias("score"),
         x.alias("_x"), t.alias("_t"), pl.col("family"))
     judged = judged.with_columns((pl.col("score") > 1.0).alias("flag"))
     pieces = []
