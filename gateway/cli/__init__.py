@@ -32,7 +32,10 @@ class Context:
             try:
                 self._settings = load_settings(self._home)
             except ConfigError as exc:
-                raise click.ClickException(f"[{exc.code}] {exc}") from exc
+                # Printed as the other refusals are, `error [config_invalid] ...`, exit 1.
+                from gateway.cli.pki import CommandError
+
+                raise CommandError(exc.code, str(exc)) from exc
         return self._settings
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from gateway.cli import Context, pass_context
+from gateway.cli.pki import CommandError
 from gateway.storage import ROLES, Storage, StorageError, open_storage
 
 T = TypeVar("T")
@@ -22,9 +23,11 @@ EXIT_BROKEN = 1
 EXIT_UNUSABLE = 2
 
 
-class _StorageFailed(click.ClickException):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
+class _StorageFailed(CommandError):
+    """A storage refusal, `error [code] message`; `audit verify` exits 2 (could not check)."""
+
+    def __init__(self, code: str, message: str, exit_code: int) -> None:
+        super().__init__(code, message)
         self.exit_code = exit_code
 
 
@@ -43,7 +46,7 @@ def _run(ctx: Context, fn: Callable[[Storage], Awaitable[T]], *, read_only: bool
     try:
         return asyncio.run(main())
     except StorageError as exc:
-        raise _StorageFailed(f"{exc.code}: {exc.message}", exit_code) from exc
+        raise _StorageFailed(exc.code, exc.message, exit_code) from exc
 
 
 def _fmt_time(value: Any) -> str:
@@ -170,7 +173,7 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
         try:
             key = _load_public_key(public_key_path)
         except ValueError as exc:
-            raise click.ClickException(f"cannot read {public_key_path}: {exc}") from exc
+            raise CommandError("certificate_unreadable", f"cannot read {public_key_path}: {exc}") from exc
     else:
         key, key_problem = _audit_key_from_hsm(ctx, label)
     result = _run(ctx, lambda s: verify_trail(s, key), read_only=True, exit_code=EXIT_UNUSABLE)
@@ -254,14 +257,14 @@ def audit_checkpoint(ctx: Context, label: str) -> None:
     try:
         hsm = Hsm.open(ctx.settings)
     except HsmError as exc:
-        raise click.ClickException(f"the HSM is unavailable ({exc}); is the home set up "
-                                   "(`gateway init`)?") from exc
+        raise CommandError("hsm_unavailable", f"the HSM is unavailable ({exc}); is the home set up "
+                           "(`gateway init`)?") from exc
     try:
         try:
             key = AuditKey.from_signer(hsm.signer(label))
         except KeyNotFound as exc:
-            raise click.ClickException(
-                f"the audit key '{label}' is not in the HSM; `gateway init` generates it") from exc
+            raise CommandError(
+                "key_not_found", f"the audit key '{label}' is not in the HSM; `gateway init` generates it") from exc
         checkpoint = _run(ctx, lambda s: make_checkpoint(s, key, actor="cli", force=True))
     finally:
         hsm.close()
