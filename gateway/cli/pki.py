@@ -6,7 +6,9 @@ Exit codes: 0 done, 1 refused (the message names a stable code), 2 usage error.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -58,8 +60,12 @@ def _refusals() -> Iterator[None]:
 
 
 def _write_out(out: str, data: bytes) -> None:
+    """Complete or not at all, as `gateway sign --out`: a failed write used to leave half a PEM
+    in place of the previous file."""
+    from gateway.cli.signing import write_out_atomically
+
     try:
-        Path(out).write_bytes(data)
+        write_out_atomically(out, data)
     except OSError as exc:
         raise CommandError("output_unwritable", f"cannot write {out}: {exc.strerror or exc}") from None
 
@@ -115,17 +121,21 @@ def _echo_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+_SERIAL_FORMS = (  # int() alone also takes "1_000", "-5" and non-ASCII digits
+    (re.compile(r"[0-9]+"), lambda v: int(v, 10)),
+    (re.compile(r"0x[0-9a-f]+"), lambda v: int(v[2:], 16)),
+    (re.compile(r"[0-9a-f]{1,2}(?::[0-9a-f]{1,2})+"), lambda v: int(v.replace(":", ""), 16)),
+)
+
+
 def _parse_serial(text: str) -> int:
     """Decimal, 0x-prefixed hex, or colon-separated hex (as openssl prints serials)."""
     value = text.strip().lower()
-    try:
-        if value.startswith("0x"):
-            return int(value[2:], 16)
-        if ":" in value:
-            return int(value.replace(":", ""), 16)
-        return int(value, 10)
-    except ValueError as exc:
-        raise click.BadParameter(f"{text!r} is not a serial number (decimal, 0x-hex or aa:bb:..)") from exc
+    for pattern, convert in _SERIAL_FORMS:
+        if pattern.fullmatch(value):
+            return convert(value)
+    raise click.BadParameter(f"{text!r} is not a serial number (decimal, 0x-hex or aa:bb:..)",
+                             param_hint="--serial")
 
 
 def _parse_schedules(text: str | None) -> tuple[str, ...] | None:
@@ -280,11 +290,18 @@ def generate_cmd(ctx: Context, label: str, key_type: str) -> None:
 @pass_context
 def csr_cmd(ctx: Context, label: str, subject: str, out: str | None) -> None:
     """A PKCS#10 request signed by the HSM key, for the CA."""
-    with _open_hsm(ctx.settings) as hsm, _refusals():
+    # An enrolment step that proves possession of the HSM key: audited like generate and
+    # import-cert, refused or not (21 CFR 1311.150).
+    with _audited(ctx.settings, "key.csr_created", label, requested_subject=subject,
+                  out=str(Path(out).absolute()) if out else "-") as audit, \
+            _open_hsm(ctx.settings) as hsm, _refusals():
         csr = build_csr(hsm, label, subject)
-    pem = csr.public_bytes(serialization.Encoding.PEM)
+        pem = csr.public_bytes(serialization.Encoding.PEM)
+        audit["spki_sha256"] = _fingerprint(csr.public_key())
+        audit["csr_sha256"] = hashlib.sha256(pem).hexdigest()
+        if out:
+            _write_out(out, pem)
     if out:
-        _write_out(out, pem)
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(pem.decode(), nl=False)
@@ -296,11 +313,17 @@ def csr_cmd(ctx: Context, label: str, subject: str, out: str | None) -> None:
 @pass_context
 def import_cert_cmd(ctx: Context, label: str, file: str) -> None:
     """Store the issued certificate with its HSM key (token and <home>/keys/LABEL.pem)."""
-    with _refusals():
-        cert = load_certificate_bytes(Path(file).read_bytes())
-    with _audited(ctx.settings, "key.certificate_imported", label, serial=str(cert.serial_number),
-                  certificate_subject=cert.subject.rfc4514_string()), _open_hsm(ctx.settings) as hsm, _refusals():
-        path = install_certificate(ctx.settings, hsm, label, cert)
+    # A file that is no certificate is a refused import too, and audited as one.
+    with _audited(ctx.settings, "key.certificate_imported", label, file=str(Path(file).absolute())) as audit:
+        try:
+            data = Path(file).read_bytes()
+        except OSError as exc:
+            raise CommandError("file_unreadable", f"{file}: {exc.strerror or exc}") from None
+        with _refusals():
+            cert = load_certificate_bytes(data)
+        audit.update(serial=str(cert.serial_number), certificate_subject=cert.subject.rfc4514_string())
+        with _open_hsm(ctx.settings) as hsm, _refusals():
+            path = install_certificate(ctx.settings, hsm, label, cert)
     _echo_json({"label": label, "subject": cert.subject.rfc4514_string(), "serial": str(cert.serial_number),
                 "not_after": cert.not_valid_after_utc.isoformat(), "certificate": str(path)})
 

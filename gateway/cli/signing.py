@@ -50,6 +50,9 @@ def _read(path: str) -> bytes:
 
 def parse_time(text: str) -> dt.datetime:
     """ISO 8601 date or date-time; without a zone it is UTC."""
+    from gateway.signing.errors import TimeOutOfRange
+    from gateway.signing.validation import as_utc
+
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
@@ -57,34 +60,28 @@ def parse_time(text: str) -> dt.datetime:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not an ISO 8601 date or time", param_hint="--at") from None
-    if when.tzinfo is None:
-        return when.replace(tzinfo=dt.timezone.utc)
     try:
         # Converted here: 0001-01-01T00:00+01:00 has no UTC form, and later code works in UTC.
-        return when.astimezone(dt.timezone.utc)
-    except OverflowError:
+        return as_utc(when)
+    except TimeOutOfRange:
         raise click.BadParameter(f"{text!r} is out of range in UTC", param_hint="--at") from None
 
 
-def _prepare_out(out: str) -> tuple[Path, Path | None]:
-    """The --out target and the temporary file the document is written to first.
+def reserve_out(out: str) -> tuple[Path, Path | None]:
+    """The --out target and the temporary file the output is written to first; raises OSError.
 
     A regular file (new or existing) is replaced by renaming a complete temporary file of its
     directory over it: a failed write (disk full, size limit) leaves neither half a document nor
     a destroyed previous file, which is the input itself when --out names FILE. Anything else
     (/dev/null, a pipe) is written in place (renaming over it would replace the device).
-    Made before signing, so that an unwritable --out costs no HSM signature.
     """
     target = Path(os.path.realpath(out))  # through a symlink, as a plain open() writes
-    try:
-        mode = None
-        if target.exists():
-            if not target.is_file():
-                return target, None
-            mode = stat.S_IMODE(target.stat().st_mode)
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        _fail("output_unwritable", f"cannot write {out}: {exc.strerror or exc}", EXIT_UNUSABLE)
+    mode = None
+    if target.exists():
+        if not target.is_file():
+            return target, None
+        mode = stat.S_IMODE(target.stat().st_mode)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
     if mode is None:  # a new file gets the permissions a plain open() would give it
         umask = os.umask(0)
@@ -92,6 +89,14 @@ def _prepare_out(out: str) -> tuple[Path, Path | None]:
         mode = 0o666 & ~umask
     os.chmod(name, mode)
     return target, Path(name)
+
+
+def _prepare_out(out: str) -> tuple[Path, Path | None]:
+    """reserve_out, before signing: an unwritable --out costs no HSM signature."""
+    try:
+        return reserve_out(out)
+    except OSError as exc:
+        _fail("output_unwritable", f"cannot write {out}: {exc.strerror or exc}", EXIT_UNUSABLE)
 
 
 def _write_out(target: Path, part: Path | None, data: bytes) -> None:
@@ -103,6 +108,17 @@ def _write_out(target: Path, part: Path | None, data: bytes) -> None:
             os.fsync(handle.fileno())
     if part is not None:
         os.replace(part, target)
+
+
+def write_out_atomically(out: str, data: bytes) -> None:
+    """`data` to file `out` as `gateway sign --out` writes it: complete or not at all, a previous
+    file kept when the write fails. Raises OSError."""
+    target, part = reserve_out(out)
+    try:
+        _write_out(target, part, data)
+    finally:
+        if part is not None:
+            part.unlink(missing_ok=True)  # left only when the write failed before the rename
 
 
 @click.command("sign")
@@ -213,7 +229,7 @@ def verify_command(ctx: Context, content_path: str | None, at: str | None, file:
     from gateway.signing.validation import TrustStore
     from gateway.signing.verify import verify_document
 
-    when = parse_time(at) if at else None
+    when = parse_time(at) if at is not None else None  # `--at ""` is a bad time, not "now"
     data = _read(file)
     content = _read(content_path) if content_path else None
     settings = ctx.settings

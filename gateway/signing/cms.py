@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.signing.base import KeySigner
 from gateway.signing.errors import SignatureRefused, SigningError, clipped
-from gateway.signing.validation import load_certificate
+from gateway.signing.validation import as_utc, load_certificate
 
 MAX_SIGNATURE_BYTES = 1_048_576
 ID_DATA = "1.2.840.113549.1.7.1"  # RFC 5652 §4: the content is plain bytes
@@ -67,7 +67,8 @@ def sign_detached(
     signing_time: dt.datetime | None = None,
     chain: Sequence[x509.Certificate] | None = None,
 ) -> bytes:
-    """A detached CMS SignedData over `content`, DER-encoded. A naive `signing_time` is UTC."""
+    """A detached CMS SignedData over `content`, DER-encoded. A naive `signing_time` is UTC; one
+    with no UTC form raises TimeOutOfRange (a ValueError, code `time_out_of_range`)."""
     certificate = signer.checked_certificate()
     if signer.algorithm == "rsa-sha256":
         signature_algorithm = "rsassa_pkcs1v15"
@@ -77,11 +78,9 @@ def sign_detached(
         raise SigningError(f"key algorithm {signer.algorithm!r}", code="algorithm_not_allowed")
     if chain is None:
         chain = tuple(getattr(signer, "chain", ()) or ())
-    when = signing_time or dt.datetime.now(dt.timezone.utc)
-    if when.tzinfo is None:  # UTC, as verification reads it and cryptography's builders take it
-        when = when.replace(tzinfo=dt.timezone.utc)  # (astimezone would take the host's zone)
-    when = when.astimezone(dt.timezone.utc)
-    when = when.replace(microsecond=0)
+    # A naive time is UTC, as verification reads it (astimezone would take the host's zone);
+    # one with no UTC form is TimeOutOfRange, not an OverflowError.
+    when = as_utc(signing_time or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
 
     attributes = [
         cms.CMSAttribute({"type": "content_type", "values": ["data"]}),

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from gateway.config import Settings
-from gateway.signing.dea import dea_number_matches, read_dea_info
+from gateway.signing.dea import DeaExtensionError, dea_number_matches, read_dea_info
 from gateway.signing.errors import CertificateMismatch, KeyNotFound, SigningError
 from gateway.signing.hsm import Hsm, valid_label
 from gateway.signing.pki import (
@@ -45,7 +45,8 @@ RENEW_MARGIN = dt.timedelta(days=30)
 
 class EnrolError(SigningError):
     """An enrolment step that cannot be done. Codes: `subject_invalid`, `certificate_unreadable`,
-    plus those of CertificateMismatch (`certificate_key_mismatch`)."""
+    `certificate_unusable`, `dea_extension_malformed`, `label_invalid`, plus those of
+    CertificateMismatch (`certificate_key_mismatch`)."""
 
     code = "enrol_error"
 
@@ -103,10 +104,17 @@ def install_certificate(settings: Settings, hsm: Hsm, label: str, cert: x509.Cer
     """Store `cert` with HSM key `label`: on the token and in `<home>/keys/<label>.pem`.
 
     Refuses (CertificateMismatch, code `certificate_key_mismatch`) a certificate that does not
-    carry the key's public key; KeyNotFound when there is no such key."""
+    carry the key's public key; EnrolError `dea_extension_malformed` one whose DEA extensions do
+    not parse, `certificate_unusable` one that cannot sign now; KeyNotFound when there is no
+    such key."""
     public = hsm.public_key(label)
     if _spki(cert.public_key()) != _spki(public):
         raise CertificateMismatch(f"the certificate does not carry the public key of HSM key '{label}'")
+    try:
+        read_dea_info(cert)
+    except DeaExtensionError as exc:  # no receiver could read its DEA number or schedules
+        raise EnrolError(f"the certificate's DEA extensions are malformed: {exc}",
+                         code="dea_extension_malformed") from exc
     why = _unusable(cert)
     if why is not None:  # it would replace the key's good certificate with one nothing verifies
         raise EnrolError(f"the certificate cannot be used for signing: {why}", code="certificate_unusable")
@@ -255,8 +263,9 @@ def _still_fits(settings: Settings, cert: x509.Certificate, public: Any, ident: 
             return False
     except PkiError:
         return False  # not in this PKI's index: issued elsewhere
-    info = read_dea_info(cert)
-    return info is not None and dea_number_matches(cert, ident.dea_number)
+    # False too for a malformed DEA extension (dea_number_matches does not raise): the
+    # certificate is replaced rather than `gateway init` stopping on it.
+    return dea_number_matches(cert, ident.dea_number)
 
 
 def _describe(ident: DemoIdentity, cert: x509.Certificate, path: Path) -> dict[str, Any]:

@@ -50,6 +50,13 @@ class CertificateMismatch(SigningError):
     code = "certificate_key_mismatch"
 
 
+class TimeOutOfRange(SigningError, ValueError):
+    """A time with no UTC form (year 1 or 9999 with an offset that carries it past the ends of
+    the calendar). A ValueError too, as for any other bad argument value."""
+
+    code = "time_out_of_range"
+
+
 class SignatureRefused(Exception):
     """A signature the verification profile refuses; `check` names the step that failed (the
     report's check name) and `code` the stable error code."""

@@ -71,8 +71,9 @@ CaKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 class PkiError(Exception):
     """A test-PKI operation that cannot be done. Codes: `pki_missing`, `unknown_profile`,
-    `unknown_serial`, `already_revoked`, `unknown_reason`, `dea_number_required`, `dea_number_*`
-    (from gateway.identifiers), `csr_invalid`, `invalid_validity`, `unsupported_key`."""
+    `unknown_serial`, `root_not_revocable`, `already_revoked`, `unknown_reason`,
+    `dea_number_required`, `dea_number_*` (from gateway.identifiers), `csr_invalid`,
+    `invalid_validity`, `unsupported_key`."""
 
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
@@ -633,7 +634,7 @@ def revoke(
 ) -> IndexEntry:
     """Mark certificate `serial` revoked and (by default) reissue its CA's CRL.
 
-    Raises PkiError `unknown_serial`, `already_revoked`, `unknown_reason`."""
+    Raises PkiError `unknown_serial`, `root_not_revocable`, `already_revoked`, `unknown_reason`."""
     layout = require_pki(pki_dir)
     flag = _reason(reason)
     with _locked(layout.directory):
@@ -644,7 +645,7 @@ def revoke(
         else:
             raise PkiError(f"no certificate with serial {serial} in the test PKI", "unknown_serial")
         if raw.get("profile") == "root-ca":
-            raise PkiError("a root is not revoked, it is removed from the trust bundle", "unknown_serial")
+            raise PkiError("a root is not revoked, it is removed from the trust bundle", "root_not_revocable")
         if raw.get("revoked_at"):
             raise PkiError(f"certificate {serial} was revoked at {raw['revoked_at']}", "already_revoked")
         raw["revoked_at"] = _iso(revoked_at or _now())

@@ -62,6 +62,8 @@ from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, Ext
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 
+from gateway.signing.errors import TimeOutOfRange
+
 log = logging.getLogger(__name__)
 
 DIGITAL_SIGNATURE = "digital_signature"
@@ -85,8 +87,14 @@ def utcnow() -> dt.datetime:
 
 
 def as_utc(when: dt.datetime) -> dt.datetime:
-    """Naive datetimes are taken as UTC."""
-    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    """Naive datetimes are taken as UTC. Raises TimeOutOfRange (a ValueError) for a time with no
+    UTC form, e.g. 0001-01-01T00:00+05:00 (datetime itself raises OverflowError)."""
+    if when.tzinfo is None:
+        return when.replace(tzinfo=dt.timezone.utc)
+    try:
+        return when.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise TimeOutOfRange(f"{when.isoformat()} has no UTC form (it lies outside years 1 to 9999 in UTC)") from None
 
 
 @dataclass(frozen=True)

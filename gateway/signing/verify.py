@@ -23,6 +23,7 @@ from lxml import etree
 
 from gateway.signing import cms as cms_format
 from gateway.signing import xmldsig
+from gateway.signing.errors import TimeOutOfRange
 from gateway.signing.report import CertificateSummary, Check, VerificationReport, checks_until
 from gateway.signing.validation import CHECKS as TRUST_CHECKS
 from gateway.signing.validation import CertificateValidation, TrustStore, as_utc, utcnow
@@ -180,7 +181,7 @@ def _judged_at(when: dt.datetime, started: dt.datetime) -> dt.datetime:
     certificate that has not begun."""
     try:
         return min(as_utc(when), started)
-    except OverflowError:
+    except TimeOutOfRange:
         # Year 1 or 9999 with a UTC offset (a signed attribute, a document date, the caller's
         # time) has no UTC form: it lies before year 1, when no certificate was valid, or after
         # 9999, which is later than now.
