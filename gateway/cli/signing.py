@@ -8,7 +8,8 @@
 `sign` exits 0 when it wrote the signed document, 1 when the key, the document or the HSM refuses
 (printed as `error [code]: message`, e.g. `key_not_found`, `already_signed`, `hsm_unavailable`),
 2 for unusable input (unreadable file, malformed or hostile XML, bad option, `--out` that cannot be
-written: `output_unwritable`). `--out` is replaced only by a complete document. Every signature and
+written, or standard output closed: `output_unwritable`). `--out` is replaced only by a
+complete document. Every signature and
 every refusal once the HSM is involved is an audit event (`document.signed` / `sign.refused`,
 actor `cli`; 21 CFR 1311.150).
 """
@@ -138,6 +139,8 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
 
     data = _read(file)
     target, part = _prepare_out(out) if out else (None, None)
+    if out is None and sys.stdout is None:  # started with standard output closed (`>&-`)
+        _fail("output_unwritable", "standard output is closed: give --out", EXIT_UNUSABLE)
     details = {"key_label": label, "format": fmt, "content_sha256": hashlib.sha256(data).hexdigest(),
                "file": os.path.abspath(file)}
 

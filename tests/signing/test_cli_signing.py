@@ -280,3 +280,17 @@ def test_a_signature_stdout_could_not_take_is_audited_as_undelivered(cli_keys, h
     [event] = audit_events(url)
     assert (event.event_type, event.outcome, event.details["code"]) == ("document.signed", "failure",
                                                                           "output_unwritable")
+
+
+def test_sign_with_standard_output_closed_is_refused_before_the_hsm(cli_keys, home, order_file, tmp_path):
+    """`gateway sign ... >&-`: Python starts with sys.stdout None. That was an AttributeError
+    traceback after the HSM had signed, with no audit record of the signature; now the command
+    is refused before the key is used (like an --out that cannot be written)."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    result = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "sign", "--key",
+                             cli_keys["p256"], "--format", "cms", str(order_file)],
+                            stderr=subprocess.PIPE, timeout=120, preexec_fn=lambda: os.close(1),
+                            env={**os.environ, "GATEWAY_DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert b"[output_unwritable]" in result.stderr and b"Traceback" not in result.stderr
+    assert audit_events(url) == []  # the key was not used
