@@ -156,7 +156,7 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
             refuse(exc.code, str(exc), EXIT_INVALID)
         try:
             signer = hsm.signer(label)
-            chain = _chain(ctx, signer.certificate)
+            chain = _checked_chain(ctx, signer.certificate)
             if fmt == "xmldsig":
                 from gateway.signing.xmldsig import sign_enveloped
 
@@ -205,18 +205,23 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
-def _chain(ctx: Context, cert) -> tuple:
+def _checked_chain(ctx: Context, cert) -> tuple:
     """The intermediates above the signer's certificate, from the trust bundle, so that a
-    verifier holding only the root (xmlsec1 --trusted-pem, openssl -CAfile) builds the path."""
-    from gateway.signing.validation import TrustStore
+    verifier holding only the root (xmlsec1 --trusted-pem, openssl -CAfile) builds the path,
+    after the certificate is judged as its recipients will judge it (SignerCertificateRefused
+    when they would refuse it). Without a trust bundle there is nothing to judge by or chain to."""
+    from gateway.signing.errors import SigningError
+    from gateway.signing.validation import check_signer_certificate, load_trust
 
-    bundle = ctx.settings.trust_bundle_path
-    if cert is None or not bundle.is_file():
+    settings = ctx.settings
+    if cert is None or not settings.trust_bundle_path.is_file():
         return ()
     try:
-        return TrustStore.from_pem_bundle(bundle).chain_for(cert)
-    except ValueError:
-        return ()
+        trust = load_trust(settings.trust_bundle_path, settings.pki_dir / "crl")
+    except (OSError, ValueError) as exc:
+        raise SigningError(f"{settings.trust_bundle_path}: {exc}", code="trust_unavailable") from exc
+    check_signer_certificate(trust, cert)
+    return trust.chain_for(cert)
 
 
 @click.command("verify")
@@ -229,7 +234,7 @@ def _chain(ctx: Context, cert) -> tuple:
 @pass_context
 def verify_command(ctx: Context, content_path: str | None, at: str | None, file: str) -> None:
     """Verify a signed XML document or a detached CMS signature; print the JSON report."""
-    from gateway.signing.validation import TrustStore
+    from gateway.signing.validation import load_trust
     from gateway.signing.verify import verify_document
 
     when = parse_time(at) if at is not None else None  # `--at ""` is a bad time, not "now"
@@ -239,10 +244,9 @@ def verify_command(ctx: Context, content_path: str | None, at: str | None, file:
     bundle = settings.trust_bundle_path
     if not bundle.is_file():
         _fail("trust_unavailable", f"no trust bundle at {bundle} (run `gateway init`)", EXIT_UNUSABLE)
-    crl_dir = settings.pki_dir / "crl"
     try:
-        trust = TrustStore.from_pem_bundle(bundle, [crl_dir] if crl_dir.is_dir() else [])
-    except ValueError as exc:
+        trust = load_trust(bundle, settings.pki_dir / "crl")
+    except (OSError, ValueError) as exc:
         _fail("trust_unavailable", f"{bundle}: {exc}", EXIT_UNUSABLE)
     report, _tree = verify_document(data, trust, content=content, at=when)
     click.echo(json.dumps(report.to_dict(), indent=2))

@@ -50,6 +50,14 @@ class CertificateMismatch(SigningError):
     code = "certificate_key_mismatch"
 
 
+class SignerCertificateRefused(SigningError):
+    """The key's certificate is one relying parties refuse now (expired, not yet valid, revoked,
+    not chaining to the trust anchors, not for signing): a signature made with it would be
+    refused on receipt. `code` is the verifier's (certificate_expired, certificate_revoked...)."""
+
+    code = "certificate_untrusted"
+
+
 class TimeOutOfRange(SigningError, ValueError):
     """A time with no UTC form (year 1 or 9999 with an offset that carries it past the ends of
     the calendar). A ValueError too, as for any other bad argument value."""

@@ -62,7 +62,7 @@ from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, Ext
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
 
-from gateway.signing.errors import TimeOutOfRange
+from gateway.signing.errors import SignerCertificateRefused, TimeOutOfRange
 
 log = logging.getLogger(__name__)
 
@@ -964,6 +964,32 @@ def _run_sync(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return pool.submit(asyncio.run, make()).result()
 
 
+# A CRL that is not current here says nothing against the certificate: the relying party
+# fetches its own on receipt, so the signer is not stopped by it.
+_SIGNER_NOT_DECIDED = frozenset({"revocation_unavailable", "revocation_out_of_bounds"})
+
+
+def check_signer_certificate(trust: TrustStore, cert: x509.Certificate,
+                             at: dt.datetime | None = None) -> CertificateValidation:
+    """Judge the certificate of a key about to sign, as the recipient will (21 CFR 1311.55(c),
+    1305.22(c), 1311.210): raises SignerCertificateRefused, with the verifier's code, for one
+    that is expired, not yet valid, revoked, untrusted, not for signing or weak, so the gateway
+    never makes a signature every relying party refuses. A CRL not current here does not stop
+    signing (the result is returned with its code)."""
+    result = trust.validate_certificate(cert, at)
+    if result.valid or result.code in _SIGNER_NOT_DECIDED:
+        return result
+    raise SignerCertificateRefused(f"the certificate of this key is refused: {result.detail}",
+                                   code=result.code)
+
+
+def load_trust(bundle: Path, crl_dir: Path | None = None) -> TrustStore:
+    """The trust store of a home: the CA bundle (self-signed: anchors, others: intermediates)
+    and, when it exists, the directory of its CRLs. Raises OSError / ValueError."""
+    dirs = [crl_dir] if crl_dir is not None and crl_dir.is_dir() else []
+    return TrustStore.from_pem_bundle(bundle, crl_dirs=dirs)
+
+
 def validate_certificate(
     trust: TrustStore,
     cert: x509.Certificate,
@@ -978,5 +1004,5 @@ def validate_certificate(
 
 __all__ = [
     "CHECKS", "CertificateValidation", "CrlCache", "DIGITAL_SIGNATURE", "NON_REPUDIATION",
-    "TrustStore", "validate_certificate",
+    "TrustStore", "check_signer_certificate", "load_trust", "validate_certificate",
 ]
