@@ -61,6 +61,10 @@ class ServerSettings:
     # A body not fully received within this time is refused (408): a client that trickles its
     # upload must not hold a connection and its buffers for as long as it likes.
     body_timeout_s: float = 15.0
+    # A connection without a complete request is closed after this long, before its first
+    # request too: a client trickling its headers (slowloris) holds it this long, not the hour
+    # of aiohttp's AppRunner default (3630 s). 75 s, as aiohttp's run_app and nginx.
+    idle_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ _RANGES: dict[str, dict[str, tuple[float, float | None, bool]]] = {
     "server": {"port": (0, 65535, False), "max_body_bytes": (1, None, False),
                "queue_size": (0, None, False), "queue_deadline_ms": (1, None, False),
                "retry_after_s": (0, None, False), "drain_timeout_s": (0, None, False),
-               "body_timeout_s": (0, None, True)},
+               "body_timeout_s": (0, None, True), "idle_timeout_s": (0, None, True)},
     # Above an hour a stalled database holds requests longer than any client waits; migrations
     # have their own, longer limit. min_free_bytes = 0 turns the free-space check off.
     "database": {"command_timeout_s": (0, 3600, True), "min_free_bytes": (0, None, False)},

@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.http import keys
 from gateway.http.admission import Admission
 from gateway.http.auth import ClientCache, RefusalThrottle
+from gateway.http.bodies import expect_continue
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import (ParserErrorFilter, bypass_access_logger, context, guard,
                                      stamp_request_id)
@@ -26,7 +27,6 @@ from gateway.http.pool import WorkPool
 from gateway.http.routes import Route, all_routes
 
 log = logging.getLogger("gateway.http")
-
 
 def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trust: Any = None,
                workers: int | None = None, auth_cache_ttl_s: float = 1.0,
@@ -40,7 +40,7 @@ def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trus
     if not any(isinstance(f, ParserErrorFilter) for f in protocol_log.filters):
         protocol_log.addFilter(ParserErrorFilter())
     app = web.Application(middlewares=[context, guard], client_max_size=server.max_body_bytes,
-                          handler_args={"max_field_size": 16384,
+                          handler_args={"max_field_size": 16384, "keepalive_timeout": server.idle_timeout_s,
                                         "access_log_class": bypass_access_logger(metrics),
                                         "access_log": logging.getLogger("gateway.http.access"),
                                         "logger": protocol_log})
@@ -51,7 +51,12 @@ def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trus
     table = routes if routes is not None else all_routes()
     app[keys.ROUTE_TABLE] = {r.name: r for r in table}
     for route in table:
-        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+        added = app.router.add_route(route.method, route.path, route.handler, name=route.name,
+                                     expect_handler=expect_continue)
+        if route.method == "GET":
+            # HEAD answers as GET without the body (load balancers, curl -I). On the same resource,
+            # so it has the route's name and `guard` applies the same token and role checks.
+            added.resource.add_route("HEAD", route.handler, expect_handler=expect_continue)
 
     app.cleanup_ctx.append(_storage_ctx(storage))
     app.cleanup_ctx.append(_hsm_ctx(hsm, workers))
@@ -170,14 +175,14 @@ def load_trust(settings: Settings) -> Any:
 
     None when there is no bundle yet (verification then answers 503 trust_unavailable).
     """
-    from gateway.signing.validation import TrustStore
+    from gateway.signing import validation
 
     bundle = settings.trust_bundle_path
     if not bundle.exists():
-        log.warning("no trust bundle at %s: verification is unavailable", bundle)
+        log.warning("no trust bundle at %s: verification is unavailable, and keys sign without "
+                    "their certificates being checked", bundle)
         return None
-    crl_dirs = [d for d in (settings.pki_dir / "crl",) if d.is_dir()]
-    return TrustStore.from_pem_bundle(bundle, crl_dirs=crl_dirs)
+    return validation.load_trust(bundle, settings.pki_dir / "crl")
 
 
 LAG_SAMPLE_S = 0.025

@@ -42,3 +42,6 @@ STATE = web.AppKey("state", ServerState)
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT = web.RequestKey("client", object)  # gateway.storage.base.Client, set by `guard`
 ROUTE = web.RequestKey("route", object)  # gateway.http.routes.Route
+# The client sent `Expect: 100-continue` and has not been told to send its body yet
+# (gateway.http.bodies sends the 100 when a handler reads the body).
+EXPECTS_CONTINUE = web.RequestKey("expects_continue", bool)

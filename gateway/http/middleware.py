@@ -12,8 +12,9 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import unquote, unquote_to_bytes
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -28,7 +29,7 @@ from gateway.http.metrics import Metrics
 from gateway.http.pool import queued_s_var
 from gateway.http.routes import Route
 from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
-from gateway.storage.base import StorageError, StorageUnavailable
+from gateway.storage.base import AuditEvent, StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.http")
 access_log = logging.getLogger("gateway.http.access")
@@ -128,6 +129,7 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
     started = time.perf_counter()
     error_code = None
     resp: web.StreamResponse | None = None
+    gone = False
     try:
         try:
             resp = await handler(request)
@@ -136,37 +138,49 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
             metrics.rejected.labels(exc.code).inc()
             resp = _overload_response(exc)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON error body
-            err = as_api_error(exc, request)
-            error_code = err.code
-            if err.status >= 500 and err.code == "internal_error":
-                log.exception("unhandled error", extra={"path": request.path})
-            elif err.code == "hsm_unavailable":
-                metrics.hsm_errors.labels(getattr(exc, "code", "hsm_error")).inc()
-                log.warning("hsm failure: %s", exc)
-            elif err.code == "database_unavailable":
-                # Like HSM failures: the cause goes to the log (the client sees the code).
-                metrics.database_errors.inc()
-                log.warning("database failure: %s", err.message)
-            if err.status == 429:
-                metrics.rejected.labels(err.code).inc()
-            resp = error_response(err)
-            if isinstance(exc, web.HTTPMethodNotAllowed):
-                resp.headers["Allow"] = exc.headers["Allow"]  # RFC 9110 §15.5.6: a 405 names them
+            if isinstance(exc, ConnectionError) and _client_gone(request):
+                # The client went away while its body was read: not a server error, and nobody
+                # is left to answer (the access line and the metrics say 499).
+                gone, error_code = True, "client_gone"
+                resp = error_response(ApiError("bad_request", "the client closed the connection"))
+            else:
+                err = as_api_error(exc, request)
+                error_code = err.code
+                if err.status >= 500 and err.code == "internal_error":
+                    log.exception("unhandled error", extra={"path": request.path})
+                elif err.code == "hsm_unavailable":
+                    metrics.hsm_errors.labels(getattr(exc, "code", "hsm_error")).inc()
+                    log.warning("hsm failure: %s", exc)
+                elif err.code == "database_unavailable":
+                    # Like HSM failures: the cause goes to the log (the client sees the code).
+                    metrics.database_errors.inc()
+                    log.warning("database failure: %s", err.message)
+                if err.status == 429:
+                    metrics.rejected.labels(err.code).inc()
+                resp = error_response(err)
+                if isinstance(exc, web.HTTPMethodNotAllowed):
+                    resp.headers["Allow"] = exc.headers["Allow"]  # RFC 9110 §15.5.6: a 405 names them
         resp.headers[REQUEST_ID_HEADER] = rid
-        if error_code == "request_timeout":
-            # The rest of the body is not coming: answer and close, instead of aiohttp's default
+        if gone:
+            pass
+        elif resp.status >= 400 and not request.content.is_eof() and _rest_unwanted(request, error_code):
+            # Refused before the body was read whole: answer and close, instead of aiohttp's default
             # of lingering up to 10 s to read what the client still sends.
             resp.force_close()
-            await resp.prepare(request)
-            await resp.write_eof()
+            await _deliver(request, resp)
             request.protocol.force_close()
+        elif resp.status < 400 and request.method not in _SAFE_METHODS and isinstance(resp, web.Response):
+            if not await _deliver(request, resp):
+                gone = True  # the access line and the metrics say 499, as for any client gone
+                error_code = "client_gone"
+                await _audit_undelivered(request, resp, route=_route_label(request))
         return resp
     finally:
         elapsed = time.perf_counter() - started
         state.in_flight -= 1
         metrics.in_flight.dec()
         route = _route_label(request)
-        status = resp.status if resp is not None else 499  # 499: the client went away
+        status = resp.status if resp is not None and not gone else 499  # 499: the client went away
         metrics.observe_request(request.method, route, status, elapsed)
         # One access line per request; refusals for overload at DEBUG only, so that logging them
         # does not add to the overload (the 429s are counted in the metrics).
@@ -179,6 +193,54 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
                                   "queued_ms": round(queued * 1000, 2) if queued is not None else None,
                                   "client": client.name if client else None, "error": error_code})
         request_id_var.reset(token)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _rest_unwanted(request: web.Request, error_code: str | None) -> bool:
+    """Whether the unread rest of a refused body is not worth lingering for: it is not coming (a
+    timeout; a client still waiting for 100 Continue), or reading it means inflating it (aiohttp
+    decompresses while it lingers: a small compressed body costs seconds of the event loop).
+
+    A plain body still arriving is left to aiohttp's lingering: closing on a client that is still
+    sending resets the connection, and the client may never read its 413."""
+    if error_code == "request_timeout" or request.get(keys.EXPECTS_CONTINUE):
+        return True
+    return request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() not in ("", "identity")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _deliver(request: web.Request, resp: web.Response) -> bool:
+    """Send the response now; False when the client has gone.
+
+    aiohttp would send it after the middlewares and drop it silently if the connection is closed;
+    sent here, a client that went away while the request ran (while the HSM signed) is known."""
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        return False
+    return True
+
+
+async def _audit_undelivered(request: web.Request, resp: web.Response, *, route: str) -> None:
+    """A request that succeeded (a document signed and archived, its audit record written) but
+    whose client went away before the response: the audit trail says that too (21 CFR 1311.150)."""
+    client = request.get(keys.CLIENT)
+    event = AuditEvent("response.undelivered", client.name if client else "anonymous", "failure",
+                       subject=resp.headers.get("X-Document-Id"),
+                       details={"reason": "client_gone", "status": resp.status, "route": route,
+                                "method": request.method, "path": request.path},
+                       request_id=request.get(keys.REQUEST_ID))
+    try:
+        await request.app[keys.STORAGE].append_audit(event)
+    except Exception:  # noqa: BLE001 - the response is lost anyway; the log keeps what the trail cannot
+        log.exception("could not audit an undelivered response")
 
 
 # Responses aiohttp makes without the middlewares: a 400 for a request line or header its parser
@@ -262,6 +324,20 @@ async def refuse(request: web.Request, event_type: str, code: str, message: str 
                          **details)
 
 
+def _undecodable_query_parameter(raw: str) -> str | None:
+    """The name of the first query parameter whose percent-decoded bytes are not UTF-8, or None."""
+    if "%" not in raw:
+        return None  # the fast path: aiohttp has already refused raw bytes that are not ASCII
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        for text in (name, value):
+            try:
+                unquote_to_bytes(text).decode("utf-8")
+            except UnicodeDecodeError:
+                return unquote(name, errors="replace")
+    return None
+
+
 def _media_type(request: web.Request) -> str:
     return request.content_type.lower()  # aiohttp strips parameters (charset, boundary)
 
@@ -301,6 +377,18 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
             raise await _refuse(request, "access.refused", client.name, "role_not_allowed",
                                 f"role {client.role!r} may not call {route.method} {route.path}",
                                 role=client.role, route=route.name)
+    takes_query = any(p.where == "query" for p in route.params)
+    bad = _undecodable_query_parameter(request.rel_url.raw_query_string) if takes_query else None
+    if bad is not None:
+        # aiohttp turns the bytes into U+FFFD: a key label would be refused (and audited) as
+        # another label than the one sent.
+        raise ApiError("invalid_parameter", f"query parameter {bad!r} is not UTF-8 text",
+                       details={"parameter": bad})
+    for param in route.params:
+        if param.where == "query" and len(request.query.getall(param.name, ())) > 1:
+            # `?key=a&key=b`: a proxy or filter in front may read the other one than we would.
+            raise ApiError("invalid_parameter", f"query parameter {param.name!r} is given more than once",
+                           details={"parameter": param.name})
     if route.body_types:
         limit = request.app[keys.SETTINGS].server.max_body_bytes
         length = request.content_length

@@ -51,7 +51,8 @@ _DESCRIPTION = (
     "needs `Authorization: Bearer TOKEN`; a token belongs to one client with one role "
     f"({', '.join(ROLES)}) and a set of HSM key labels it may use. Errors are "
     '`{"error": {"code", "message", "details"}}`; 429 and 503 carry `Retry-After`. '
-    "Every response carries `X-Request-Id`."
+    "Every response carries `X-Request-Id`. Every GET also answers HEAD: the same status and "
+    "headers, no body, the same token and role checks."
 )
 
 
@@ -82,6 +83,8 @@ def _error_codes_by_status(route: Route) -> dict[int, list[str]]:
         codes += ["body_too_large", "unsupported_media_type", "request_timeout", "bad_request"]
     if route.admitted:
         codes += ["queue_full", "queue_deadline"]
+    if any(p.where == "query" for p in route.params):
+        codes.append("invalid_parameter")  # a query parameter given more than once (`guard`)
     codes.append("internal_error")
     by_status: dict[int, list[str]] = defaultdict(list)
     for code in codes:
