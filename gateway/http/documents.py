@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-
 import hashlib
 import time
 from datetime import UTC, datetime
@@ -18,7 +18,7 @@ from gateway.http.middleware import refuse
 from gateway.http.pool import WorkPool
 from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
 from gateway.signing import xmldsig
-from gateway.signing.errors import HsmError
+from gateway.signing.errors import HsmError, SignerCertificateRefused
 from gateway.storage.base import AuditEvent, Client, DuplicateDocument, NewDocument, NewLink
 from gateway.xmlsafe import XmlError
 
@@ -57,22 +57,53 @@ def _verify_cms(signature: bytes, content: bytes, trust: Any, at: datetime | Non
 SIGNER_CACHE_SECONDS = 60.0
 
 
-def _signer(request: web.Request, label: str) -> Any:
-    """The KeySigner for a label with its chain, cached for a minute: the HSM lookups are per label,
-    and a certificate renewed meanwhile (`gateway keys import-cert`) is picked up without a restart."""
-    cache: dict[str, tuple[Any, float]] = request.app[keys.STATE].extra.setdefault("signers", {})
-    now = time.monotonic()
+async def _signer(request: web.Request, label: str) -> tuple[Any, SignerCertificateRefused | None]:
+    """The KeySigner for a label with its chain, and the refusal of its certificate when relying
+    parties would refuse it (validation.check_signer_certificate). Cached for a minute, and never
+    past the certificate's notAfter: the HSM lookups are per label, and a certificate renewed or
+    revoked meanwhile (`gateway keys import-cert`, `gateway pki revoke`) is seen without a restart."""
+    cache: dict[str, tuple[Any, SignerCertificateRefused | None, float]] = (
+        request.app[keys.STATE].extra.setdefault("signers", {}))
+    locks: dict[str, asyncio.Lock] = request.app[keys.STATE].extra.setdefault("signer_locks", {})
     cached = cache.get(label)
-    if cached is not None and now - cached[1] < SIGNER_CACHE_SECONDS:
-        return cached[0]
+    if cached is not None and time.monotonic() < cached[2]:
+        return cached[0], cached[1]
+    # One lookup and one certificate check per label at a time: a burst of first requests
+    # (after a start, or each minute) waits for it instead of repeating it.
+    async with locks.setdefault(label, asyncio.Lock()):
+        cached = cache.get(label)
+        if cached is not None and time.monotonic() < cached[2]:
+            return cached[0], cached[1]
+        return await _look_up_signer(request, label, cache)
+
+
+async def _look_up_signer(request: web.Request, label: str, cache: dict) -> tuple[Any, Any]:
+    now = time.monotonic()
     signer = request.app[keys.HSM].signer(label)
     trust = request.app[keys.TRUST]
-    if trust is not None and signer.certificate is not None and not signer.chain:
-        # Intermediates travel in KeyInfo / the CMS certificates, so that verifiers holding
-        # only the root (xmlsec1, openssl) can build the path.
-        signer = dataclasses.replace(signer, chain=tuple(trust.chain_for(signer.certificate)))
-    cache[label] = (signer, now)
-    return signer
+    refusal = None
+    until = now + SIGNER_CACHE_SECONDS
+    if trust is not None and signer.certificate is not None:
+        refusal = await asyncio.get_running_loop().run_in_executor(
+            None, _certificate_refusal, trust, signer.certificate)
+        left = (signer.certificate.not_valid_after_utc - datetime.now(UTC)).total_seconds()
+        until = now + max(0.0, min(SIGNER_CACHE_SECONDS, left))
+        if not signer.chain:
+            # Intermediates travel in KeyInfo / the CMS certificates, so that verifiers holding
+            # only the root (xmlsec1, openssl) can build the path.
+            signer = dataclasses.replace(signer, chain=tuple(trust.chain_for(signer.certificate)))
+    cache[label] = (signer, refusal, until)
+    return signer, refusal
+
+
+def _certificate_refusal(trust: Any, certificate: Any) -> SignerCertificateRefused | None:
+    from gateway.signing.validation import check_signer_certificate
+
+    try:
+        check_signer_certificate(trust, certificate)
+    except SignerCertificateRefused as exc:
+        return exc
+    return None
 
 
 def _parse_at(request: web.Request) -> datetime | None:
@@ -121,20 +152,23 @@ async def sign(request: web.Request) -> web.Response:
     if fmt == "xmldsig" and media not in XML_TYPES:
         raise ApiError("unsupported_media_type", "XML-DSig signs application/xml bodies",
                        details={"accepted": list(XML_TYPES)})
+    signer, refusal = await _signer(request, label)
+    if refusal is not None:  # before the body is read: no signature its recipients would refuse
+        raise await refuse(request, "sign.refused", refusal.code, str(refusal), subject=label,
+                           status=422)
     pool = request.app[keys.POOL]
     # Refused before the body is read under overload; counted as open once the body is in, so a
     # client that uploads slowly does not hold a place in the queue while it does.
     pool.admission.check()
     body = await read_body(request)
     with pool.admission.request():
-        return await _sign_admitted(request, pool, client, label, fmt, media, body)
+        return await _sign_admitted(request, pool, client, signer, label, fmt, media, body)
 
 
-async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, label: str, fmt: str,
-                         media: str, body: bytes) -> web.Response:
+async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, signer: Any, label: str,
+                         fmt: str, media: str, body: bytes) -> web.Response:
     if not body:
         raise ApiError("bad_request", "the body is empty")
-    signer = _signer(request, label)
     try:
         if fmt == "xmldsig":
             signed = await pool.run(_sign_xml, body, signer, request.app[keys.SETTINGS].server.max_body_bytes)
@@ -227,7 +261,9 @@ ROUTES: list[Route] = [
           errors=("missing_parameter", "invalid_parameter", "key_not_allowed", "key_not_found",
                   "malformed_xml", "xml_dtd_forbidden", "xml_too_deep", "xml_too_large",
                   "duplicate_document", "request_timeout", "queue_full", "queue_deadline", "hsm_unavailable",
-                  "database_unavailable"),
+                  "database_unavailable", "already_signed", "certificate_missing", "algorithm_not_allowed",
+                  "signing_error", "certificate_expired", "certificate_not_yet_valid", "certificate_revoked",
+                  "certificate_untrusted", "certificate_key_usage", "certificate_chain_invalid"),
           tags=("documents",), admitted=True),
     Route("POST", "/v1/verify", "verify", verify_document,
           "Verify an XML-DSig document (application/xml) or a detached CMS signature with its content "

@@ -663,21 +663,31 @@ class TrustStore:
         generation, entries = self.crls.current((cert, *extra_certs))
         key = (cert, frozenset(extra_certs), wanted, generation)
         now = self._clock()
-        hit = self._results.get(key)
-        if hit is not None and hit.not_before <= at <= hit.not_after and now < hit.fresh_until:
-            return CertificateValidation(at=at, path=hit.path, cached=True)
+        hit = self._cached(key, at, now)
+        if hit is not None:
+            return hit
 
         # Only CRLs a CA we know of signed reach the path checks: a forged one decides nothing
         # (and one signed with a key of another type made them raise).
         # Only the configured CAs: the certificates a signature carries are the sender's choice,
         # and each would be remembered on every CRL (a bounded set keeps memory bounded).
         entries = tuple(e for e in entries if any(e.is_signed_by(ca) for ca in self._cas))
-        result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
-        if result.valid and window is not None:
-            if len(self._results) >= _RESULT_CACHE_SIZE:
-                self._results.clear()
-            self._results[key] = _CachedSuccess(*window, result.path)
+        with _PATH_CHECKS:
+            hit = self._cached(key, at, now)  # a thread that waited here finds the outcome made
+            if hit is not None:
+                return hit
+            result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
+            if result.valid and window is not None:
+                if len(self._results) >= _RESULT_CACHE_SIZE:
+                    self._results.clear()
+                self._results[key] = _CachedSuccess(*window, result.path)
         return result
+
+    def _cached(self, key: tuple, at: dt.datetime, now: dt.datetime) -> CertificateValidation | None:
+        hit = self._results.get(key)
+        if hit is not None and hit.not_before <= at <= hit.not_after and now < hit.fresh_until:
+            return CertificateValidation(at=at, path=hit.path, cached=True)
+        return None
 
     def _validate(
         self,
@@ -920,6 +930,11 @@ def _failed(
     return CertificateValidation(at=at, failed_check=check, code=code, detail=detail, path=path)
 
 
+# asn1crypto parses lazily and is not thread-safe: two threads checking paths through one cached
+# certificate (or CRL) at once saw half-parsed fields ("No field numbered 1 is present"), and a
+# good certificate came out certificate_chain_invalid. The checks are pure Python under the GIL
+# anyway, so running one at a time costs nothing; only a cache miss gets here.
+_PATH_CHECKS = threading.Lock()
 _asn1_cache: dict[bytes, asn1_x509.Certificate] = {}
 _x509_cache: dict[bytes, x509.Certificate] = {}
 

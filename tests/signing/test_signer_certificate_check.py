@@ -72,3 +72,33 @@ def test_the_check_refuses_what_relying_parties_refuse_and_passes_the_rest(hsm, 
     with pytest.raises(SignerCertificateRefused) as refused:
         check_signer_certificate(trust, cert)
     assert refused.value.code == "certificate_revoked"
+
+
+def test_threads_checking_one_certificate_at_once_all_see_it_valid(hsm, signing_pki):
+    """asn1crypto parses lazily and is not thread-safe: threads checking paths through the same
+    cached certificate and CRLs at once saw half-parsed fields, and a good certificate came out
+    certificate_chain_invalid (a burst of first sign requests got 422s and 500s)."""
+    import threading
+
+    from gateway.signing import validation
+
+    _label, cert = _key_with(hsm, signing_pki)
+    outcomes: list[object] = []
+    for _ in range(40):
+        validation._asn1_cache.clear()  # parsed afresh each round, as after a start
+        trust = signing_pki.trust()
+        barrier = threading.Barrier(8)
+
+        def check(trust=trust, barrier=barrier) -> None:
+            barrier.wait()
+            try:
+                outcomes.append(trust.validate_certificate(cert).code)
+            except Exception as exc:  # noqa: BLE001 - counted as an outcome
+                outcomes.append(repr(exc))
+
+        threads = [threading.Thread(target=check) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert outcomes == [None] * 320, sorted({str(o) for o in outcomes})
