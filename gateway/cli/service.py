@@ -40,13 +40,14 @@ async def serve(settings: Settings, *, ready_file: str | None = None,
     port = site._server.sockets[0].getsockname()[1] if site._server else settings.server.port  # noqa: SLF001
     log.info("serving", extra={"host": settings.server.host, "port": port,
                                "database": settings.effective_database_url.split("://")[0]})
-    if ready_file:  # for scripts and tests that start the server on port 0
-        with open(ready_file, "w") as fh:
-            fh.write(f"{port}\n")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready_file:  # for scripts and tests that start the server on port 0; written once a
+        # SIGTERM drains (a signal sent on seeing the file found the default action: -15)
+        with open(ready_file, "w") as fh:
+            fh.write(f"{port}\n")
     await stop.wait()
     log.info("stopping: draining in-flight requests", extra={"timeout_s": settings.server.drain_timeout_s})
     # runner.cleanup(): stop accepting, on_shutdown (readiness 503), wait for in-flight handlers up
