@@ -32,6 +32,18 @@ def test_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     ("[hsm]\nbogus = 1\n", "unknown keys ['bogus']"),
     ("database = \"sqlite\"\n", "[database] must be a table"),
     ("[hsm\n", "not valid TOML"),
+    # [database] engine settings: numbers in range, of their type, no unknown keys
+    ("[database]\ncommand_timeout_s = 0\n", "command_timeout_s: must be a finite number > 0"),
+    ("[database]\ncommand_timeout_s = -1\n", "command_timeout_s: must be a finite number > 0"),
+    ("[database]\ncommand_timeout_s = nan\n", "command_timeout_s: must be a finite number"),
+    ("[database]\ncommand_timeout_s = inf\n", "command_timeout_s: must be a finite number"),
+    ("[database]\ncommand_timeout_s = 3601\n", "command_timeout_s: must be a finite number"),
+    ("[database]\ncommand_timeout_s = \"30\"\n", "command_timeout_s: expected float, got str"),
+    ("[database]\ncommand_timeout_s = true\n", "command_timeout_s: expected float, got bool"),
+    ("[database]\nmin_free_bytes = -1\n", "min_free_bytes: must be a finite number >= 0"),
+    ("[database]\nmin_free_bytes = 1.5\n", "min_free_bytes: expected int, got float"),
+    ("[database]\nmin_free_bytes = \"64M\"\n", "min_free_bytes: expected int, got str"),
+    ("[database]\ncommand_timeout = 5\n", "[database]: unknown keys ['command_timeout']"),
 ])
 def test_unusable_files_are_config_errors(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -46,6 +58,7 @@ def test_unusable_files_are_config_errors(tmp_path: Path, text: str, words: str)
     # an error from bind() (port), "one per core" for a negative session count.
     ("[server]\nbody_timeout_s = 0\n", "body_timeout_s: must be a finite number > 0, got 0"),
     ("[server]\nbody_timeout_s = -1.5\n", "body_timeout_s: must be a finite number > 0"),
+    ("[server]\nidle_timeout_s = 0\n", "idle_timeout_s: must be a finite number > 0, got 0"),
     ("[server]\nbody_timeout_s = nan\n", "body_timeout_s: must be a finite number > 0, got nan"),
     ("[server]\nbody_timeout_s = inf\n", "body_timeout_s: must be a finite number > 0, got inf"),
     ("[server]\ndrain_timeout_s = -5\n", "drain_timeout_s: must be a finite number >= 0"),

@@ -225,18 +225,23 @@ async def served(softhsm_settings, hsm, http_keys, tmp_path) -> AsyncIterator[Si
     await storage.close()
 
 
+async def _send_sign(gw, body: bytes, *, short_by: int, request_id: str) -> asyncio.StreamWriter:
+    """A raw sign request whose Content-Length announces `short_by` bytes more than it sends."""
+    _reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write((f"POST /v1/sign?key={HTTP_RSA} HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: {gw.auth('purchaser')['Authorization']}\r\nContent-Type: application/xml\r\n"
+                  f"Content-Length: {len(body) + short_by}\r\nX-Request-Id: {request_id}\r\n\r\n").encode() + body)
+    await writer.drain()
+    return writer
+
+
 async def test_a_client_gone_during_signing_is_in_the_audit_trail(served) -> None:
     """The signature is made and archived (its audit record too), the response never arrives: the
     trail said `document.signed` success and nothing more, the access line and metrics 200."""
     gw = served
     busy = asyncio.create_task(gw.app[keys.POOL].run(time.sleep, 1.0, deadline_s=10))
     await asyncio.sleep(0.2)  # the sign request below waits behind this job
-    body = xml_doc(41)
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write((f"POST /v1/sign?key={HTTP_RSA} HTTP/1.1\r\nHost: x\r\n"
-                  f"Authorization: {gw.auth('purchaser')['Authorization']}\r\nContent-Type: application/xml\r\n"
-                  f"Content-Length: {len(body)}\r\nX-Request-Id: gone-1\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await _send_sign(gw, xml_doc(41), short_by=0, request_id="gone-1")
     await asyncio.sleep(0.2)
     writer.close()  # and the client is gone while its job still waits for the worker
     await busy
@@ -313,12 +318,7 @@ async def test_a_client_gone_mid_upload_is_499_not_an_internal_error(served, cap
     """It was logged as "unhandled error" with a traceback and counted as a 500 internal_error."""
     caplog.set_level(logging.INFO, logger="gateway")
     gw = served
-    body = xml_doc(77)
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write((f"POST /v1/sign?key={HTTP_RSA} HTTP/1.1\r\nHost: x\r\n"
-                  f"Authorization: {gw.auth('purchaser')['Authorization']}\r\nContent-Type: application/xml\r\n"
-                  f"Content-Length: {len(body) + 100}\r\nX-Request-Id: half-1\r\n\r\n").encode() + body)
-    await writer.drain()
+    writer = await _send_sign(gw, xml_doc(77), short_by=100, request_id="half-1")
     await asyncio.sleep(0.3)
     writer.close()  # 100 bytes short
     access: list = []
