@@ -19,6 +19,22 @@ _COMMAND_MODULES = (
 )
 
 
+class CommandError(click.ClickException):
+    """A refusal with a stable code: printed as `error [code] message`, exit 1."""
+
+    exit_code = 1
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def format_message(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
+        click.echo(f"error {self.format_message()}", err=True, file=file)
+
+
 class Context:
     """Carried in click's context: the home, and settings read on first use."""
 
@@ -33,8 +49,6 @@ class Context:
                 self._settings = load_settings(self._home)
             except ConfigError as exc:
                 # Printed as the other refusals are, `error [config_invalid] ...`, exit 1.
-                from gateway.cli.pki import CommandError
-
                 raise CommandError(exc.code, str(exc)) from exc
         return self._settings
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from gateway.cli import Context, pass_context
-from gateway.cli.pki import CommandError
+from gateway.cli import CommandError, Context, pass_context
 from gateway.storage import ROLES, Storage, StorageError, open_storage
 
 T = TypeVar("T")
@@ -141,6 +141,24 @@ def _load_public_key(path: Path) -> Any:
     return load_pem_public_key(data)
 
 
+_ANCHOR = re.compile(r"([1-9][0-9]{0,18}):([0-9a-f]{64})")
+
+
+def _parse_anchors(ctx: click.Context, param: click.Parameter,
+                   values: tuple[str, ...]) -> dict[int, str]:
+    """`SEQ:HASH` (as the `head:` line prints it) -> {seq: hash}."""
+    anchors: dict[int, str] = {}
+    for value in values:
+        match = _ANCHOR.fullmatch(value.strip().lower())
+        if match is None:
+            raise click.BadParameter(f"{value!r} is not SEQ:HASH (a record number, a colon and "
+                                     "64 hex digits)", ctx, param)
+        seq, digest = int(match.group(1)), match.group(2)
+        if anchors.setdefault(seq, digest) != digest:
+            raise click.BadParameter(f"two hashes for record {seq}", ctx, param)
+    return anchors
+
+
 def _audit_key_from_hsm(ctx: Context, label: str) -> tuple[Any, str | None]:
     """(public key or certificate, None) or (None, why not)."""
     from gateway.signing.hsm import Hsm, HsmError, KeyNotFound
@@ -160,9 +178,14 @@ def _audit_key_from_hsm(ctx: Context, label: str) -> tuple[Any, str | None]:
               path_type=Path), help="Verify checkpoints with this PEM public key or certificate "
               "instead of the HSM audit key.")
 @click.option("--key", "label", default="audit", show_default=True, help="HSM audit key label.")
+@click.option("--anchor", "anchors", multiple=True, callback=_parse_anchors, metavar="SEQ:HASH",
+              help="A record an earlier run reported (its `head:` line), kept outside the "
+              "database: it must still be there with that hash (detects a rollback, a cut tail or "
+              "a rebuilt trail). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
-def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json: bool) -> None:
+def audit_verify(ctx: Context, public_key_path: Path | None, label: str,
+                 anchors: dict[int, str], as_json: bool) -> None:
     """Check the audit trail and the archive end to end; exit 0 intact, 1 broken (names the first
     bad record, and the document at fault), 2 when it could not be checked (checkpoint
     signatures, or the database unavailable)."""
@@ -176,7 +199,8 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
             raise CommandError("certificate_unreadable", f"cannot read {public_key_path}: {exc}") from exc
     else:
         key, key_problem = _audit_key_from_hsm(ctx, label)
-    result = _run(ctx, lambda s: verify_trail(s, key), read_only=True, exit_code=EXIT_UNUSABLE)
+    result = _run(ctx, lambda s: verify_trail(s, key, anchors=anchors), read_only=True,
+                  exit_code=EXIT_UNUSABLE)
     if as_json:
         out = result.as_dict()
         if key_problem:
@@ -185,6 +209,8 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
     elif result.ok:
         click.echo(f"audit trail intact: {result.records_checked} records, "
                    f"{result.checkpoints_checked} checkpoints matched")
+        # What to keep outside the database: a later run given it as --anchor sees a rollback.
+        click.echo(f"head: {result.last_seq}:{result.head_hash}")
     elif result.first_bad_seq is None:  # a document no record carries
         click.echo(f"audit trail BROKEN: {result.problem}: {result.message}")
     else:
@@ -198,6 +224,22 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str, as_json
         raise SystemExit(EXIT_UNUSABLE)
     if key_problem:
         click.echo(f"note: {key_problem} (no checkpoints to verify)", err=True)
+    if result.unanchored_records and not as_json:
+        # 21 CFR 1311.150: say what this run could not protect, rather than call it intact alone
+        click.echo(f"note: {result.unanchored_records} records after record {result.anchored_seq}"
+                   " are not covered by a signed checkpoint: a deletion of them, a rollback or a "
+                   "rebuilt trail is not detectable without an --anchor kept from an earlier run",
+                   err=True)
+
+
+def _shown(text: str) -> str:
+    """A record's text as the reviewer's terminal should show it: every character that is not
+    printable (escape sequences, line breaks that would forge a row, bidi overrides, zero-width
+    characters) as its code point, so a value cannot rewrite or hide what the review sees
+    (21 CFR 1311.215: the trail is analysed daily)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"[U+{ord(c):04X}]" for c in text)
 
 
 @audit_group.command("list")
@@ -240,8 +282,9 @@ def audit_list(ctx: Context, since: Any, outcome: str | None, event_type: str | 
                 out["damaged"] = rec.damaged
             click.echo(json.dumps(out, sort_keys=True))
         else:
-            click.echo(f"{rec.seq:>8}  {_fmt_time(rec.time)}  {rec.outcome:<8} {rec.event_type:<24} "
-                       f"{rec.actor:<20} {rec.subject or '-'}"
+            click.echo(f"{rec.seq:>8}  {_fmt_time(rec.time)}  {_shown(rec.outcome):<8} "
+                       f"{_shown(rec.event_type):<24} {_shown(rec.actor):<20} "
+                       f"{_shown(rec.subject or '-')}"
                        + (f"  {json.dumps(rec.details, sort_keys=True)}" if rec.details else "")
                        + (f"  DAMAGED: {rec.damaged}" if rec.damaged else ""))
 

@@ -19,7 +19,7 @@ def _setup_refusals() -> Iterator[None]:
     """What stops `init` or `demo` setting up the home, as `error [code]: message` and exit 1
     instead of a traceback: the HSM (a module that is not one, a PIN the token refuses), the
     database, the test PKI, or a home that cannot be written."""
-    from gateway.cli.pki import CommandError
+    from gateway.cli import CommandError
     from gateway.config import ConfigError
     from gateway.signing.errors import SigningError
     from gateway.signing.pki import PkiError

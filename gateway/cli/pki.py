@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.bootstrap import home_lock
-from gateway.cli import Context, pass_context
+from gateway.cli import CommandError, Context, pass_context
 from gateway.config import Settings
 from gateway.identifiers import IdentifierError
 from gateway.signing import pki
@@ -32,22 +32,6 @@ from gateway.signing.enrol import (
     load_certificate_bytes,
 )
 from gateway.signing.errors import SigningError
-
-
-class CommandError(click.ClickException):
-    """A refusal with a stable code: printed as `error [code]: message`, exit 1."""
-
-    exit_code = 1
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-    def format_message(self) -> str:
-        return f"[{self.code}] {self.message}"
-
-    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"error {self.format_message()}", err=True, file=file)
 
 
 @contextmanager
