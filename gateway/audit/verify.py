@@ -18,7 +18,16 @@ modification and deletion; the trail is analysed daily).
 * an archived document whose content no longer has the SHA-256 the audit event of its unit
   carries, or that is gone (`document_modified`, `document_missing`, naming the document), and
   a document that no audit event carries (`document_unchained`);
-* the head row disagreeing with the last record: the tail was cut off (`head_mismatch`).
+* the head row disagreeing with the last record: the tail was cut off (`head_mismatch`);
+* a record named by an anchor kept outside the database (`anchors`: seq -> hash, from an earlier
+  run) that is gone or differs (`anchor_mismatch`).
+
+What the database alone cannot show: records after the last signed checkpoint can be cut off, or
+the database rolled back to a backup, or the whole chain rebuilt with its checkpoints removed,
+and the rest is consistent. The result says how much is so exposed (`anchored_seq`: the last
+record a verified checkpoint covers; `unanchored_records`: those after it) and gives the head
+(`last_seq`, `head_hash`) to keep elsewhere and pass back as an anchor: a rollback or rebuild to
+before an anchor is then caught, since a record's hash pins every record before it.
 
 A rewrite of the whole chain after an edit (every hash recomputed) is caught by any signed
 checkpoint after the edit: the attacker cannot sign without the HSM audit key. Checkpoints are
@@ -29,6 +38,7 @@ memory stays flat however long the trail.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -55,6 +65,8 @@ PROBLEMS = {
     "document_missing": "an archived document the trail records is missing (deleted)",
     "document_unchained": "an archived document is not in the audit trail (inserted)",
     "head_mismatch": "the chain head does not match the last record (records cut off)",
+    "anchor_mismatch": "the record an anchor kept outside the database names is gone or differs "
+                       "(rolled back, cut off or rebuilt)",
 }
 
 
@@ -73,6 +85,16 @@ class AuditVerifyResult:
     checkpoints_unverified: int = 0  # checkpoints whose signature was not checked (no key given)
     documents_checked: int = 0
     document_id: str | None = None
+    head_hash: str = GENESIS_HASH  # hash of record `last_seq`: an anchor to keep elsewhere
+    anchored_seq: int = 0  # the last record a checkpoint with a verified signature covers
+    anchors_checked: int = 0
+
+    @property
+    def unanchored_records(self) -> int:
+        """Records after the last verified checkpoint: their deletion (with the head moved
+        back), a rollback, or a rebuild without checkpoints is not detectable from the database
+        alone (an anchor kept outside it detects it)."""
+        return max(self.last_seq - self.anchored_seq, 0)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -81,6 +103,8 @@ class AuditVerifyResult:
             "problem": self.problem, "message": self.message, "last_seq": self.last_seq,
             "checkpoints_unverified": self.checkpoints_unverified,
             "documents_checked": self.documents_checked, "document_id": self.document_id,
+            "head_hash": self.head_hash, "anchored_seq": self.anchored_seq,
+            "unanchored_records": self.unanchored_records, "anchors_checked": self.anchors_checked,
         }
 
 
@@ -165,10 +189,14 @@ class _CheckpointPages:
 class _Walk:
     """One pass along the chain; the state `verify_trail` reports from."""
 
-    def __init__(self, storage: Storage, key: PublicKey | None, page: int) -> None:
+    def __init__(self, storage: Storage, key: PublicKey | None, page: int,
+                 anchors: dict[int, str]) -> None:
         self.storage = storage
         self.key = key
         self.page = page
+        self.anchors = anchors
+        self.anchors_checked = 0
+        self.anchored_seq = 0
         self.checkpoints = _CheckpointPages(storage, page)
         self.expected_seq = 1
         self.prev_hash = GENESIS_HASH
@@ -207,6 +235,8 @@ class _Walk:
         if cp.hash != target.hash:
             return _Problem("checkpoint_mismatch", cp.seq, f"checkpoint {cp.id}")
         self.checked_cps += 1
+        if self.key is not None:  # its signature verified (`_signature_problem` came first)
+            self.anchored_seq = max(self.anchored_seq, cp.seq)
         self.pending[cp.id] = cp
         return None
 
@@ -261,6 +291,11 @@ class _Walk:
             return bad_sig
         if problem is not None:
             return problem
+        if rec.seq in self.anchors:
+            self.anchors_checked += 1
+            if self.anchors[rec.seq] != rec.hash:
+                return _Problem("anchor_mismatch", rec.seq,
+                                f"the anchor says hash {self.anchors[rec.seq]}")
         self.records += 1
         for cp in cps:
             problem = await self._match(cp, rec)
@@ -330,28 +365,34 @@ async def _first_unchained(storage: Storage, page: int) -> str | None:
 
 
 def _result(walk: _Walk, problem: _Problem | None, last_seq: int) -> AuditVerifyResult:
+    anchoring = {"head_hash": walk.prev_hash, "anchored_seq": walk.anchored_seq,
+                 "anchors_checked": walk.anchors_checked}
     if problem is None:
         return AuditVerifyResult(True, walk.records, walk.checked_cps, None, None,
                                  f"{walk.records} audit records intact, {walk.verified_cps} "
                                  f"checkpoints verified, {walk.documents} archived documents "
-                                 "match", last_seq, walk.unverified, walk.documents)
+                                 "match", last_seq, walk.unverified, walk.documents, **anchoring)
     where = (f"audit record {problem.seq}" if problem.seq is not None
              else f"document {problem.document_id}")
     message = f"{where}: {PROBLEMS[problem.problem]}" + (f" ({problem.detail})"
                                                           if problem.detail else "")
     return AuditVerifyResult(False, walk.records, walk.checked_cps, problem.seq, problem.problem,
                              message, last_seq, walk.unverified, walk.documents,
-                             problem.document_id)
+                             problem.document_id, **anchoring)
 
 
 async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificate | None,
-                       *, page: int = 5000) -> AuditVerifyResult:
+                       *, page: int = 5000,
+                       anchors: Mapping[int, str] | None = None) -> AuditVerifyResult:
     """Check every record, checkpoint and archived document; report the first problem by seq.
 
     `public_key`: the audit key (or its certificate) checkpoints are verified with. None checks
-    the chain only and counts the checkpoints as unverified.
+    the chain only and counts the checkpoints as unverified. `anchors`: seq -> hash of records
+    seen by an earlier run and kept outside the database (21 CFR 1311.150: records protected
+    from deletion; the only way to see a rollback of what no checkpoint covers): each must still
+    be there with that hash.
     """
-    walk = _Walk(storage, _public_key(public_key), page)
+    walk = _Walk(storage, _public_key(public_key), page, dict(anchors or {}))
     # Counted before the walk: every document counted now was committed with its audit event,
     # which the walk (which reads up to a head read later) therefore meets.
     documents_before = await storage.count_documents()
@@ -381,6 +422,9 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
         problem = _Problem("head_mismatch",
                            min(head_seq, last_seq) + 1 if head_seq != last_seq else head_seq,
                            f"head says seq {head_seq}")
+    if problem is None and (beyond := [seq for seq in walk.anchors if seq > last_seq]):
+        problem = _Problem("anchor_mismatch", min(beyond),
+                           f"the trail ends at record {last_seq}")
     if problem is None and documents_before > walk.documents:
         doc_id = await _first_unchained(storage, page)
         problem = _Problem("document_unchained", None,

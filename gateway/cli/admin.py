@@ -209,13 +209,15 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str,
     elif result.ok:
         click.echo(f"audit trail intact: {result.records_checked} records, "
                    f"{result.checkpoints_checked} checkpoints matched")
-        # What to keep outside the database: a later run given it as --anchor sees a rollback.
-        click.echo(f"head: {result.last_seq}:{result.head_hash}")
+        if result.last_seq:
+            # What to keep outside the database: a later run given it as --anchor sees a rollback.
+            click.echo(f"head: {result.last_seq}:{result.head_hash}")
     elif result.first_bad_seq is None:  # a document no record carries
-        click.echo(f"audit trail BROKEN: {result.problem}: {result.message}")
+        # the message names what the attacker wrote (a document id): shown, never obeyed
+        click.echo(f"audit trail BROKEN: {result.problem}: {_shown(result.message)}")
     else:
         click.echo(f"audit trail BROKEN at record {result.first_bad_seq}: {result.problem}: "
-                   f"{result.message}")
+                   f"{_shown(result.message)}")
     if not result.ok:
         raise SystemExit(EXIT_BROKEN)
     if result.checkpoints_unverified:

@@ -28,6 +28,7 @@ import abc
 import functools
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -294,6 +295,38 @@ class AuditEvent:
             raise InvalidRecord("audit time must be timezone-aware")
         # A refusal naming a NUL-carrying input (a key label, a document id) is still audited.
         _clean_fields(self, "event_type", "actor", "subject", "request_id")
+        # So is one naming a lone surrogate (an undecodable byte of a command-line path), which
+        # UTF-8 cannot encode: without this the event was refused and the action went unrecorded
+        # (21 CFR 1311.150). As U+FFFD, like NUL: the record says what it could.
+        for name in ("event_type", "actor", "subject", "request_id"):
+            value = getattr(self, name)
+            if isinstance(value, str) and _LONE_SURROGATE.search(value):
+                object.__setattr__(self, name, _LONE_SURROGATE.sub("\ufffd", value))
+        try:
+            details = _without_surrogates(self.details)
+        except RecursionError:
+            details = self.details  # nested too deep: refused as such when stored
+        if details is not self.details:
+            object.__setattr__(self, "details", details)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    """`value` (JSON-like) with lone surrogates in its strings and keys as U+FFFD; the same
+    object when it has none, so the usual event costs a walk and no copy."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if isinstance(value, Mapping):
+        items = [(_without_surrogates(k), _without_surrogates(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, list | tuple):
+        cleaned = [_without_surrogates(v) for v in value]
+        return value if all(a is b for a, b in zip(cleaned, value, strict=True)) else cleaned
+    return value
 
 
 @dataclass(frozen=True)
