@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Iterable
 
 from gateway.storage.base import (
-    ROLES, AuditEvent, Client, InvalidRecord, NewClient, Storage,
+    ROLES, AuditEvent, Client, ClientNotFound, InvalidRecord, NewClient, Storage,
 )
 
 TOKEN_PREFIX = "gw_"
@@ -103,13 +103,33 @@ async def add_client(storage: Storage, name: str, role: str,
     return client, token
 
 
+def _could_exist(name: str) -> None:
+    """ClientNotFound for a name no client can have (`check_client_name` refuses it at `add`):
+    an undecodable byte of a command line (a lone surrogate) was a UnicodeEncodeError traceback
+    from the database driver."""
+    try:
+        check_client_name(name)
+    except InvalidRecord:
+        raise ClientNotFound(f"no client named {name!r}", name=ascii(name)) from None
+
+
+async def find_client(storage: Storage, name: str) -> Client | None:
+    """The client with that name, revoked or not; None also for a name no client can have."""
+    try:
+        _could_exist(name)
+    except ClientNotFound:
+        return None
+    return await storage.get_client(name)
+
+
 async def revoke_client(storage: Storage, name: str, *, actor: str = "cli",
                         request_id: str | None = None) -> Client:
     """Revoke a client's token for good. Raises ClientNotFound.
 
     Revoking again changes nothing and returns the client with its first revocation time; it
     writes no audit event either, so the trail shows one revocation, when it happened."""
-    existing = await storage.get_client(name)
+    _could_exist(name)
+    existing = await find_client(storage, name)
     if existing is not None and existing.revoked_at is not None:
         return existing
     event = AuditEvent("client_revoked", actor, "success", subject=name, request_id=request_id)
@@ -119,6 +139,7 @@ async def revoke_client(storage: Storage, name: str, *, actor: str = "cli",
 async def set_client_keys(storage: Storage, name: str, keys: Iterable[str] | str, *,
                           actor: str = "cli", request_id: str | None = None) -> Client:
     """Replace the key labels a client may use. Raises ClientNotFound."""
+    _could_exist(name)
     labels = normalise_keys(keys)
     event = AuditEvent("client_keys_changed", actor, "success", subject=name,
                        details={"key_labels": sorted(labels)}, request_id=request_id)

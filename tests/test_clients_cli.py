@@ -58,3 +58,12 @@ def test_revoking_twice_is_one_revocation(tmp_path: Path) -> None:
     assert again.stdout == f"client app-1 was already revoked at {when}"
     events = _gateway(tmp_path, "audit", "list", "--json", "--type", "client_revoked").stdout.splitlines()
     assert len(events) == 1 and json.loads(events[0])["subject"] == "app-1"
+
+
+@pytest.mark.parametrize("command", [["revoke"], ["keys", "--keys", "rx-1"]])
+def test_a_name_no_client_can_have_is_client_not_found(tmp_path: Path, command: list[str]) -> None:
+    """An undecodable byte in the name (a lone surrogate once decoded) was a UnicodeEncodeError
+    traceback from the database driver."""
+    proc = _gateway(tmp_path, "clients", command[0], "a\udcffb", *command[1:])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error [client_not_found]" in proc.stderr

@@ -101,10 +101,10 @@ def clients_list(ctx: Context, as_json: bool) -> None:
 @pass_context
 def clients_revoke(ctx: Context, name: str) -> None:
     """Revoke a client's token for good."""
-    from gateway.clients import revoke_client
+    from gateway.clients import find_client, revoke_client
 
     async def revoke(storage: Storage) -> tuple[bool, Any]:
-        before = await storage.get_client(name)
+        before = await find_client(storage, name)
         return before is not None and before.revoked_at is not None, await revoke_client(storage, name)
 
     already, client = _run(ctx, revoke)
