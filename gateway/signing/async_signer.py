@@ -119,6 +119,16 @@ class AsyncSigner:
 
     def _run_batch(self, batch: list[Any]) -> None:
         by_loop: dict[Any, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        # A signature whose caller is gone (cancelled, asyncio.wait_for timed out) is not made: it
+        # would spend the token on a result nobody reads, and a burst of timed-out callers kept
+        # the workers busy for the ones behind them. done() is one read of the future's state; a
+        # cancel coming just after it finds the job made, harmlessly. Other jobs (`submit`) may
+        # have effects of their own and always run.
+        live = [job for job in batch if job[2] is not None or not job[1].done()]
+        if len(live) < len(batch):
+            with self._count_lock:
+                self._pending -= len(batch) - len(live)
+            batch = live
         signs = [job for job in batch if job[2] is None]
         others = [job for job in batch if job[2] is not None]
         if signs:
