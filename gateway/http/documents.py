@@ -176,7 +176,9 @@ async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, s
             signed = await pool.run(_sign_cms, body, signer)
     except XmlError as exc:
         raise _xml_error(exc) from None
-    except HsmError:
+    except HsmError as exc:
+        if exc.code == "key_not_found":  # deleted, or generated again, by another process:
+            request.app[keys.STATE].extra.get("signers", {}).pop(label, None)  # looked up anew
         raise  # 503 / 404 by the error middleware
     except xmldsig.SigningError as exc:  # already signed, key without certificate...
         raise ApiError(exc.code, getattr(exc, "message", str(exc)), status=422) from None
@@ -260,7 +262,7 @@ ROUTES: list[Route] = [
                            "headers": ("X-Document-Id",)}},
           errors=("missing_parameter", "invalid_parameter", "key_not_allowed", "key_not_found",
                   "malformed_xml", "xml_dtd_forbidden", "xml_too_deep", "xml_too_large",
-                  "duplicate_document", "request_timeout", "queue_full", "queue_deadline", "hsm_unavailable",
+                  "duplicate_document", "request_timeout", "queue_full", "queue_deadline", "hsm_unavailable", "hsm_login_failed",
                   "database_unavailable", "already_signed", "certificate_missing", "algorithm_not_allowed",
                   "signing_error", "certificate_expired", "certificate_not_yet_valid", "certificate_revoked",
                   "certificate_untrusted", "certificate_key_usage", "certificate_chain_invalid"),

@@ -47,6 +47,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "queue_full": (429, "the signing queue is full; retry later"),
     "queue_deadline": (429, "no signing worker became free in time; retry later"),
     "hsm_unavailable": (503, "the HSM is unavailable; retry later"),
+    "hsm_login_failed": (503, "the HSM refused the gateway's PIN; an operator must restart it with the right one"),
     "database_unavailable": (503, "the database is unavailable; retry later"),
     "trust_unavailable": (503, "no trust anchors are configured"),
     "shutting_down": (503, "the gateway is shutting down"),

@@ -28,7 +28,7 @@ from gateway.http.logs import request_id_var
 from gateway.http.metrics import Metrics
 from gateway.http.pool import queued_s_var
 from gateway.http.routes import Route
-from gateway.signing.errors import HsmError, KeyNotFound, TokenUnavailable
+from gateway.signing.errors import HsmError, HsmLoginError, KeyNotFound, TokenUnavailable
 from gateway.storage.base import AuditEvent, StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -90,6 +90,8 @@ def as_api_error(exc: BaseException, request: web.Request) -> ApiError:
         return ApiError(exc.code, exc.message, retry_after_s=exc.retry_after_s)
     if isinstance(exc, KeyNotFound):
         return ApiError("key_not_found", str(exc), status=404)
+    if isinstance(exc, HsmLoginError):  # not passing: an operator must give the right PIN
+        return ApiError("hsm_login_failed", str(exc) or None, retry_after_s=retry)
     if isinstance(exc, (TokenUnavailable, HsmError)):
         return ApiError("hsm_unavailable", str(exc) or None, retry_after_s=retry)
     if isinstance(exc, StorageUnavailable):
@@ -148,7 +150,7 @@ async def context(request: web.Request, handler):  # noqa: ANN001 - aiohttp's ha
                 error_code = err.code
                 if err.status >= 500 and err.code == "internal_error":
                     log.exception("unhandled error", extra={"path": request.path})
-                elif err.code == "hsm_unavailable":
+                elif err.code in ("hsm_unavailable", "hsm_login_failed"):
                     metrics.hsm_errors.labels(getattr(exc, "code", "hsm_error")).inc()
                     log.warning("hsm failure: %s", exc)
                 elif err.code == "database_unavailable":

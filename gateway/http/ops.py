@@ -37,7 +37,8 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; the code says which
         if getattr(exc, "code", "") in ("queue_full", "queue_deadline"):
             raise
-        raise ApiError("hsm_unavailable", f"HSM probe failed: {exc}", retry_after_s=retry,
+        code = "hsm_login_failed" if getattr(exc, "code", "") == "hsm_login_failed" else "hsm_unavailable"
+        raise ApiError(code, f"HSM probe failed: {exc}", retry_after_s=retry,
                        details={"checks": checks}) from exc
     try:
         await asyncio.wait_for(app[keys.STORAGE].health_check(), 5.0)
@@ -74,7 +75,8 @@ ROUTES: list[Route] = [
     Route("GET", "/readyz", "readyz", readyz,
           "Readiness: a real HSM signature (verified with the public key) and a database write.",
           PUBLIC, responses={200: {"description": "ready", "schema": {"type": "object"}}},
-          errors=("hsm_unavailable", "database_unavailable", "shutting_down", "queue_full", "queue_deadline"),
+          errors=("hsm_unavailable", "hsm_login_failed", "database_unavailable", "shutting_down", "queue_full",
+                  "queue_deadline"),
           tags=("operations",)),
     Route("GET", "/metrics", "metrics", metrics, "Prometheus metrics (text exposition format).",
           PUBLIC, responses={200: {"description": "metrics", **_TEXT}}, tags=("operations",)),

@@ -9,6 +9,7 @@ import uuid
 
 from gateway.clients import add_client
 from gateway.signing import pki
+from gateway.signing.hsm import Hsm
 
 UTC = dt.timezone.utc
 ORDER = b'<Order xmlns="urn:csos-gateway:order:1"><OrderNumber>26X000001</OrderNumber></Order>'
@@ -24,8 +25,8 @@ async def _client_with_key(gw, hsm, softhsm_settings, **issue) -> tuple[dict, st
     return {"Authorization": f"Bearer {token}", "Content-Type": "application/xml"}, label, cert
 
 
-async def _sign(gw, headers, label):
-    return await gw.http.post(f"/v1/sign?key={label}&format=xmldsig", data=ORDER, headers=headers)
+async def _sign(gw, headers, label, body: bytes = ORDER):
+    return await gw.http.post(f"/v1/sign?key={label}&format=xmldsig", data=body, headers=headers)
 
 
 async def _events(gw, label):
@@ -61,3 +62,54 @@ async def test_a_key_with_an_expired_certificate_does_not_sign_and_a_good_one_do
     response = await _sign(gw, headers, label)
     assert response.status == 200, await response.text()
     assert (await _events(gw, label))[-1] == ("document.signed", "success", None)
+
+
+async def test_a_key_generated_again_elsewhere_signs_after_one_key_not_found(make_gateway, hsm, http_keys,
+                                                                            softhsm_settings) -> None:
+    """Another process deletes the key and generates it again with a new certificate. The signer
+    kept for a minute is bound to the old key: that request is 404 key_not_found, and the cached
+    signer is dropped, so the next request signs with the new key (it waited out the minute)."""
+    from gateway.signing.validation import load_trust
+    from gateway.signing.verify import verify_xml
+    from tests.signing.test_hsm_review import _in_other_process  # deletes and generates again
+
+    gw = await make_gateway()
+    headers, label, _ = await _client_with_key(gw, hsm, softhsm_settings)
+    assert (await _sign(gw, headers, label)).status == 200
+    _in_other_process(softhsm_settings, label, "p256")
+    other = Hsm.open(softhsm_settings, sessions=1)  # enrolment elsewhere: its own view of the token
+    try:
+        cert = pki.issue_certificate(softhsm_settings.pki_dir, other.public_key(label), "epcs-pharmacy",
+                                     common_name=f"HTTP check {label} again", label=label).certificate
+        other.store_certificate(label, cert)
+    finally:
+        other.close()
+    response = await _sign(gw, headers, label)
+    assert response.status == 404 and (await response.json())["error"]["code"] == "key_not_found"
+    response = await _sign(gw, headers, label, ORDER.replace(b"000001", b"000002"))
+    assert response.status == 200, await response.text()
+    signed = await response.read()
+    report, _ = verify_xml(signed, load_trust(softhsm_settings.trust_bundle_path, softhsm_settings.pki_dir / "crl"))
+    assert report.valid and report.signer_certificate == cert
+
+
+async def test_a_pin_the_token_refused_is_hsm_login_failed_not_retry_later(make_gateway, hsm, http_keys) -> None:
+    """Once the token refused the PIN on a reconnect, the HSM layer never offers it again
+    (tests/signing/test_hsm_review.py changes the PIN for real); the API said hsm_unavailable,
+    "retry later", where an operator must act. The refusal state is set on the real pool here."""
+    from gateway.http import keys as app_keys
+
+    gw = await make_gateway()
+    pool_hsm = gw.app[app_keys.HSM]
+    pool_hsm._login_refused = "login to token refused: PinIncorrect"
+    try:
+        ready = await gw.http.get("/readyz")
+        signed = await gw.http.post(f"/v1/sign?key={http_keys['rsa']}&format=xmldsig", data=ORDER,
+                                    headers={**gw.auth("purchaser"), "Content-Type": "application/xml"})
+        for response in (ready, signed):
+            assert response.status == 503, await response.text()
+            assert (await response.json())["error"]["code"] == "hsm_login_failed"
+            assert "Retry-After" in response.headers
+    finally:
+        pool_hsm._login_refused = None
+    assert (await gw.http.get("/readyz")).status == 200
