@@ -119,7 +119,7 @@ def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
     Parquet/CSV or is damaged."""
     import polars as pl
 
-    from gateway.som.io import SomInputError
+    from gateway.som.io import SomInputError, native_case
 
     try:
         if Path(path).stat().st_size == 0:
@@ -127,6 +127,10 @@ def _read_table(path: str, columns: tuple[str, ...] | None = None) -> Any:
         lf = _scan_table(path)
         if columns is not None:
             names = lf.collect_schema().names()
+            renamed = native_case(names)  # CUSTOMER, DATE...: read as the scorer read them
+            if renamed:
+                lf = lf.rename(renamed)
+                names = [renamed.get(c, c) for c in names]
             # At least one column, so that the table keeps the file's lines: a file with none of
             # `columns` is judged on what it lacks (som_no_labels...), not taken for empty.
             lf = lf.select([c for c in names if c in columns] or names[:1])

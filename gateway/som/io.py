@@ -4,9 +4,13 @@ Native columns: order_id, line, customer, customer_type, state, family, ndc, dat
 controlled (customer_type, state, ndc, controlled optional). ARCOS (the public DEA transaction
 data as released by the Washington Post) is recognised by BUYER_DEA_NO (when the native columns
 are not all there) and renamed to the native names; columns neither shape knows are kept as they
-are. A CSV file is read as text, and only the columns scoring uses are parsed: dates as
-YYYY-MM-DD (a day/month date is refused, never guessed), units as numbers, yes/no flags as
-spelled in TRUE_WORDS/FALSE_WORDS; the output gives them back as text.
+are. Native names in another case (CUSTOMER, DATE) are read as the native ones and given back as
+written (native_case). A CSV file (UTF-8, with or without a BOM; separated by commas, or by
+semicolons when its header has no comma; blank lines skipped) is read as text, and only the
+columns scoring uses are parsed: dates as YYYY-MM-DD (a day/month date or a spreadsheet's day
+number is refused, never guessed), units as numbers (1,200 with thousands separators; a
+decimal comma is refused), yes/no flags as spelled in TRUE_WORDS/FALSE_WORDS; the output gives
+them back as text. Negative units (returns) are refused: a return is not an order.
 """
 
 from __future__ import annotations
@@ -50,6 +54,30 @@ class SomInputError(SomError):
     """An order history the scorer cannot use; `code` says why."""
 
 
+NATIVE_NAMES = (*REQUIRED, *OPTIONAL_TEXT, "line", "controlled")
+
+
+def native_case(columns: list[str]) -> dict[str, str]:
+    """The columns named as native columns in another case (CUSTOMER, Dosage_Units: what many
+    databases and spreadsheets export) -> their native name, when only those names make the
+    native shape; {} otherwise (a file with the native names as they are is read as it is).
+    Two columns that differ only in case (Date and DATE) are som_duplicate_column: which one is
+    the order date is not guessed."""
+    present = set(columns)
+    if set(REQUIRED) <= present:
+        return {}
+    folded: dict[str, list[str]] = {}
+    for c in columns:
+        if c.lower() in NATIVE_NAMES and c.lower() not in present:
+            folded.setdefault(c.lower(), []).append(c)
+    if not set(REQUIRED) <= present | set(folded):
+        return {}
+    twice = sorted(c for names in folded.values() if len(names) > 1 for c in names)
+    if twice:
+        raise SomInputError("som_duplicate_column", f"columns named twice (in another case): {', '.join(twice)}")
+    return {names[0]: native for native, names in folded.items()}
+
+
 def detect_shape(columns: list[str]) -> str:
     """'native' or 'arcos' from the column names."""
     cols = set(columns)
@@ -71,12 +99,16 @@ def _scan(path: Path) -> pl.LazyFrame:
     if suffix in (".parquet", ".pq"):
         return pl.scan_parquet(path)
     if suffix in (".csv", ".txt", ".tsv"):
-        sep = "\t" if suffix in (".tsv", ".txt") and _looks_tab(path) else ","
+        sep = _separator(path, suffix)
         _check_csv_header(path, sep)
         # Every column as text: a type guessed from the first rows refuses a valid file (2.5
         # units on line 1,500) or changes values it does not use (ZIP 02134 -> 2134). The
         # columns the scorer uses are parsed by _coerce, with an error that names the values.
-        return pl.scan_csv(path, separator=sep, infer_schema=False)
+        # A line without any value (a blank line, the empty lines a spreadsheet leaves at the
+        # end, or one of separators only) is no order line: read as one, it would be refused as
+        # a line without a date.
+        return (pl.scan_csv(path, separator=sep, infer_schema=False)
+                .filter(~pl.all_horizontal(pl.all().is_null())))
     raise SomInputError("som_unknown_format", f"{path}: expected .parquet or .csv")
 
 
@@ -115,12 +147,27 @@ def scan_schema(path: Path) -> tuple[pl.LazyFrame, dict[str, pl.DataType]]:
     return lf, schema
 
 
-def _looks_tab(path: Path) -> bool:
+def _separator(path: Path, suffix: str) -> str:
+    """The CSV separator from the header line: a tab in a .tsv/.txt file that has one; a
+    semicolon where the header has no comma but semicolons (what a spreadsheet writes where the
+    comma is the decimal mark); else a comma. A UTF-16 file is som_unreadable."""
     with open(path, "rb") as fh:
-        return b"\t" in fh.readline()
+        header = fh.readline()
+    if header.startswith((b"\xff\xfe", b"\xfe\xff")):  # read as UTF-8, the names would be garbled
+        raise SomInputError("som_unreadable", f"{path}: UTF-16 text (a spreadsheet's \"Unicode "
+                                              f"text\"); save it as CSV UTF-8")
+    if suffix in (".tsv", ".txt") and b"\t" in header:
+        return "\t"
+    if b";" in header and b"," not in header:
+        return ";"
+    return ","
 
 
 def _to_native(lf: pl.LazyFrame, columns: list[str]) -> tuple[pl.LazyFrame, list[str]]:
+    case = native_case(columns)
+    if case:  # the output gives the names back as written (to_input_shape)
+        lf = lf.rename(case)
+        columns = [case.get(c, c) for c in columns]
     shape = detect_shape(columns)
     if shape == "native":
         out = lf
@@ -191,7 +238,10 @@ def native_view(lf: pl.LazyFrame) -> pl.LazyFrame:
 def to_input_shape(scored: pl.DataFrame, input_columns: list[str]) -> pl.DataFrame:
     """A scored table in the shape of its input: for ARCOS input, the input's own columns (names,
     TRANSACTION_DATE as written, no added `line`) in their order, then what scoring added; the
-    native shape is already its own."""
+    native shape is its own, with the names as the input wrote them (native_case)."""
+    case = native_case(input_columns) if input_columns else {}
+    if case:
+        return scored.rename({native: written for written, native in case.items() if native in scored.columns})
     if not input_columns or detect_shape(input_columns) != "arcos":
         return scored
     back = {native: arcos for arcos, native in _arcos_renames(input_columns).items()}
@@ -226,21 +276,41 @@ def parse_dates(s: pl.Series) -> pl.Series:
             raise SomInputError("som_ambiguous_date",
                                 f"{count} lines with dates such as {sample!r}: the order of day "
                                 f"and month is never guessed; write dates as YYYY-MM-DD")
+        hint = ""
+        if re.fullmatch(r"\d{1,5}(\.\d+)?", sample.strip()):
+            # Excel counts days from 1900 or from 1904 by a workbook setting: never guessed
+            hint = (": a spreadsheet's day number? format the column as a date before "
+                    "exporting")
         raise SomInputError("som_invalid_date",
                             f"{count} lines without a valid date (such as {sample!r}); dates "
-                            f"are written YYYY-MM-DD")
+                            f"are written YYYY-MM-DD{hint}")
     return head
+
+
+_GROUPED = r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$"
+"""A number with commas between groups of three digits: 1,200 or 12,500.5, as a spreadsheet
+formats dosage units."""
 
 
 def _parse_units(s: pl.Series) -> pl.Series:
     """Dosage units written as text, as numbers; text that is not a number is refused with a
-    sample (empty cells stay null, refused later as lines without units)."""
-    units = s.str.strip_chars().cast(pl.Float64, strict=False)
+    sample (empty cells stay null, refused later as lines without units). Commas between groups
+    of three digits are thousands separators (1,200 is 1200; no count of tablets has three
+    decimals); any other comma (12,5: a decimal comma?) is refused, never guessed."""
+    text = s.str.strip_chars()
+    if text.str.contains(",", literal=True).any():  # only a file that has them pays for this
+        text = pl.DataFrame({"t": text}).select(
+            pl.when(pl.col("t").str.contains(_GROUPED)).then(pl.col("t").str.replace_all(",", ""))
+            .otherwise(pl.col("t")).alias(s.name)).to_series()
+    units = text.cast(pl.Float64, strict=False)
     bad = units.is_null() & s.is_not_null() & (s.str.strip_chars() != "")
     if bad.any():
+        sample = s.filter(bad)[0]
+        hint = ("; commas are read only between groups of three digits (1,200): write decimals "
+                "with a point (12.5)" if "," in sample else "")
         raise SomInputError("som_invalid_units",
                             f"{int(bad.sum())} lines whose dosage_units is not a number (such as "
-                            f"{s.filter(bad)[0]!r})")
+                            f"{sample!r}){hint}")
     return units
 
 
@@ -355,8 +425,16 @@ def _coerce(df: pl.DataFrame) -> pl.DataFrame:
     if bad["units_null"] or bad["units_nan"]:
         raise SomInputError("som_invalid_units", "lines without a number of dosage units")
     if bad["units_negative"]:
+        # 21 CFR 1301.74(b) is about orders received; a return or credit (negative units) is
+        # none. Scored as an order it would be nonsense, and netted against the month's orders
+        # it would lower the totals that make a real order stand out, so the file is refused.
+        first = df.filter(pl.col("dosage_units") < 0).row(0, named=True)
+        where = " ".join(f"{k} {first[k]}" for k in ("customer", "date", "order_id", "line")
+                         if first.get(k) is not None)
         raise SomInputError("som_invalid_units",
-                            f"{bad['units_negative']} lines with negative dosage units")
+                            f"{bad['units_negative']} lines with negative dosage units (such as "
+                            f"{where}: {first['dosage_units']:g}): a return or credit is not an "
+                            f"order; remove returns from the history to score")
     if bad["units_infinite"]:
         raise SomInputError("som_invalid_units",
                             f"{bad['units_infinite']} lines with infinite dosage_units")
@@ -445,6 +523,12 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
 
 
+PARQUET_OUTPUT = {"compression": "lz4", "statistics": False, "row_group_size": 131_072}
+"""How every scored Parquet file is written, whole (write_parquet) or streamed from partitions
+(sink_parquet): with one row group size, the same lines make the same bytes either way (left to
+itself, each writer cuts the row groups elsewhere)."""
+
+
 def write_scored(df: pl.DataFrame, path: str | Path) -> Path:
     """Write a scored table (Parquet, or CSV by suffix), all or nothing."""
     path = Path(path)
@@ -452,5 +536,5 @@ def write_scored(df: pl.DataFrame, path: str | Path) -> Path:
         if path.suffix.lower() == ".csv":
             df.write_csv(tmp)
         else:
-            df.write_parquet(tmp, compression="lz4", statistics=False)
+            df.write_parquet(tmp, **PARQUET_OUTPUT)
     return path

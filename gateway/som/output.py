@@ -45,7 +45,9 @@ def _missing_dirs(directory: Path) -> list[Path]:
     if not d.is_dir():
         raise OutputError("som_output_unwritable", f"{directory}: {d} is not a directory")
     if not os.access(d, os.W_OK | os.X_OK):
-        raise OutputError("som_output_unwritable", f"{directory}: {d}: permission denied")
+        # os.access says no for a read-only mount too, where chmod would not help
+        why = "read-only file system" if os.statvfs(d).f_flag & os.ST_RDONLY else "permission denied"
+        raise OutputError("som_output_unwritable", f"{directory}: {d}: {why}")
     return missing[::-1]
 
 

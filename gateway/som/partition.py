@@ -13,8 +13,10 @@ reference, which is a fixed table of sums. So the work splits by customers:
    columns, then score, flag, reasons.
 
 Peak memory is one partition per worker plus the reference; the input is read once in full and the
-partitions twice. Rows come out grouped by partition, in input order inside a partition;
-(order_id, line) identifies a line.
+partitions twice. Rows come out in input order, whatever the partitions and workers: each line
+carries its position in the input through the split and the scoring (a column no input column is
+named like, not kept), and the parts are merged on it, streaming. The same input gives the same
+output file with 1 or N partitions, on 1 or N workers.
 
 The same tasks run in-process, on local worker processes (`engine="local"`, `workers=N`), or on a
 Dask distributed cluster (`engine="dask"`: a scheduler address, else a LocalCluster of `workers`
@@ -147,7 +149,11 @@ def _check_shape(schema: dict[str, pl.DataType]) -> None:
 
 
 def _customer_column(lf: pl.LazyFrame) -> str:
+    """The input's column of customers, as the file names it."""
     names = lf.collect_schema().names()
+    written = {native: name for name, native in som_io.native_case(names).items()}
+    if written:
+        return written["customer"]
     return "BUYER_DEA_NO" if som_io.detect_shape(names) == "arcos" else "customer"
 
 
@@ -155,10 +161,14 @@ def _customer_column(lf: pl.LazyFrame) -> str:
 PEER_COLUMNS = som_io.columns_for("customer", "customer_type", "state", "family", "date", "dosage_units")
 
 
-def split_input(source: str | Path, work: str | Path, count: int) -> list[str | None]:
+def split_input(source: str | Path, work: str | Path, count: int, row_index: str | None = None
+                ) -> list[str | None]:
     """Write the lines of each partition of customers under `work` (one streaming pass); the
-    directory of each partition, None for one no customer hashed to."""
+    directory of each partition, None for one no customer hashed to. With `row_index`, each line
+    gets its position in the input in a column of that name (see `_row_name`)."""
     lf = som_io._scan(Path(source))
+    if row_index is not None:
+        lf = lf.with_row_index(row_index)
     names = lf.collect_schema().names()
     name = _key_name(names)
     customer = _customer_column(lf)
@@ -179,13 +189,18 @@ def split_input(source: str | Path, work: str | Path, count: int) -> list[str | 
     return [str(d) if d.is_dir() and any(d.glob("*.parquet")) else None for d in dirs]
 
 
-def _key_name(columns: Iterable[str]) -> str:
+def _key_name(columns: Iterable[str], name: str = "_part") -> str:
     """The partition key's column: a name no input column has (the key is not kept)."""
     taken = set(columns)
-    name = "_part"
     while name in taken:
         name = "_" + name
     return name
+
+
+def _row_name(columns: Iterable[str]) -> str:
+    """The column that carries each line's input position through a partitioned run: a name no
+    input column has (the output does not keep it)."""
+    return _key_name(columns, "_input_row")
 
 
 def _read_partition(part: str, columns: Iterable[str] | None = None) -> pl.DataFrame:
@@ -195,7 +210,9 @@ def _read_partition(part: str, columns: Iterable[str] | None = None) -> pl.DataF
     lf = pl.scan_parquet(path / "*.parquet") if path.is_dir() else som_io._scan(path)
     if columns is not None:
         wanted = set(columns)
-        lf = lf.select([c for c in lf.collect_schema().names() if c in wanted])
+        names = lf.collect_schema().names()
+        case = som_io.native_case(names)  # CUSTOMER is the customer column
+        lf = lf.select([c for c in names if case.get(c, c) in wanted])
     try:
         return lf.collect()
     except pl.exceptions.PolarsError as exc:
@@ -233,12 +250,15 @@ def partition_reference(part: str) -> pl.DataFrame | None:
 
 @_coded
 def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFrame,
-                out_dir: str) -> tuple[str | None, int, int]:
-    """Second pass task: score one partition against the shared reference; write its part."""
+                out_dir: str, row_index: str | None = None) -> tuple[str | None, int, int]:
+    """Second pass task: score one partition against the shared reference; write its part (in
+    input order when the lines carry their input position, `row_index`: _concat_parts merges on it)."""
     lines = _read_partition(part)
     if not lines.height:
         return None, 0, 0
     scored = som_io.with_input_columns(score_orders(lines, SomConfig.from_dict(config), peers), lines)
+    if row_index is not None and not scored[row_index].is_sorted():
+        scored = scored.sort(row_index)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
     with writing(target, "cannot write a scored partition beside the output: "):
         scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
@@ -394,15 +414,20 @@ def _worker_lost(detail: str) -> PartitionError:
                           f"({detail})")
 
 
-def _concat_parts(parts: Iterable[str], output: Path) -> None:
+def _concat_parts(parts: Iterable[str], output: Path, row_index: str | None = None) -> None:
     """Stream the parts (each with its input columns as read: io.with_input_columns) into the
-    output, written under a temporary name, then renamed."""
-    lazy = pl.concat([pl.scan_parquet(p) for p in parts], how="vertical")
+    output, written under a temporary name, then renamed. With `row_index`, the parts are merged
+    on it into input order, and it is dropped."""
+    scans = [pl.scan_parquet(p) for p in parts]
+    if row_index is None:
+        lazy = pl.concat(scans, how="vertical")
+    else:
+        lazy = functools.reduce(lambda a, b: a.merge_sorted(b, row_index), scans).drop(row_index)
     with writing(output), som_io.atomic_output(output) as tmp:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
         else:
-            lazy.sink_parquet(tmp, compression="lz4", statistics=False)
+            lazy.sink_parquet(tmp, **som_io.PARQUET_OUTPUT)
 
 
 def score_file(source: str | Path, output: str | Path, config: SomConfig = SomConfig(), *,
@@ -465,8 +490,9 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
             work = stack.enter_context(scratch.held_dir(output.absolute()))
         except OSError as exc:
             raise OutputError("som_output_unwritable", f"{output.parent}: {exc.strerror or exc}") from None
+        row = _row_name(som_io.scan_schema(source)[1]) if count > 1 else None  # one part: in order already
         if count > 1:
-            parts = [p for p in split_input(source, work / "input", count) if p is not None]
+            parts = [p for p in split_input(source, work / "input", count, row) if p is not None]
         else:
             parts = [str(source)]
         tick("split")
@@ -482,11 +508,11 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
             peers = merge_references(refs)
             tick("reference")
             cfg, shared = config.as_dict(), runner.share(peers)
-            done = runner.map(_score_task, [(p, i, cfg, shared, str(work / "scored")) for i, p in enumerate(parts)],
-                              lambda: tick("score"))
+            done = runner.map(_score_task, [(p, i, cfg, shared, str(work / "scored"), row)
+                                            for i, p in enumerate(parts)], lambda: tick("score"))
             for _ in range(skipped):
                 tick("score")
-        _concat_parts([d[0] for d in done if d[0] is not None], output)
+        _concat_parts([d[0] for d in done if d[0] is not None], output, row)
         tick("write")
     return ScoreRun(output, sum(d[1] for d in done), sum(d[2] for d in done), count, workers, engine,
                     time.perf_counter() - started)
