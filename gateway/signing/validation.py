@@ -177,10 +177,7 @@ class _CrlEntry:
 
     @functools.cached_property
     def idp(self) -> x509.IssuingDistributionPoint | None:
-        try:
-            return self.crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-        except (x509.ExtensionNotFound, ValueError):
-            return None
+        return _extension(self.crl, x509.IssuingDistributionPoint)
 
     @functools.cached_property
     def delta(self) -> bool:
@@ -487,11 +484,18 @@ def _strong_hash(crl: x509.CertificateRevocationList) -> bool:
     return algorithm is None or algorithm.name not in ("sha1", "md5")  # None: Ed25519/Ed448
 
 
-def _authority_key_id(item: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+def _extension(item: Any, cls: type[x509.ExtensionType]) -> Any:
+    """The value of `item`'s extension of class `cls` (a certificate, CRL or CRL entry), None
+    when it has none or the extensions cannot be read (duplicated, undecodable)."""
     try:
-        return item.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        return item.extensions.get_extension_for_class(cls).value
     except (x509.ExtensionNotFound, ValueError):
         return None
+
+
+def _authority_key_id(item: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+    found = _extension(item, x509.AuthorityKeyIdentifier)
+    return found.key_identifier if found is not None else None
 
 
 # Critical extensions this module processes; any other critical one makes a CRL unusable.
@@ -505,39 +509,28 @@ _ENTRY_CRITICAL_UNDERSTOOD = frozenset({
 
 
 def _entry_reason(revoked: x509.RevokedCertificate) -> x509.ReasonFlags | None:
-    try:
-        return revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    except (x509.ExtensionNotFound, ValueError):
-        return None
+    found = _extension(revoked, x509.CRLReason)
+    return found.reason if found is not None else None
 
 
 def _invalidity_date(revoked: x509.RevokedCertificate) -> dt.datetime | None:
-    try:
-        return revoked.extensions.get_extension_for_class(x509.InvalidityDate).value.invalidity_date_utc
-    except (x509.ExtensionNotFound, ValueError):
-        return None
+    found = _extension(revoked, x509.InvalidityDate)
+    return found.invalidity_date_utc if found is not None else None
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except (x509.ExtensionNotFound, ValueError):
-        return False
+    found = _extension(cert, x509.BasicConstraints)
+    return found is not None and found.ca
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int | None:
     """The CRL number (RFC 5280 5.2.3), None when the CRL has none or it cannot be read."""
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except (x509.ExtensionNotFound, ValueError):
-        return None
+    found = _extension(crl, x509.CRLNumber)
+    return found.crl_number if found is not None else None
 
 
 def _distribution_point_names(cert: x509.Certificate) -> list[x509.GeneralName]:
-    try:
-        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-    except (x509.ExtensionNotFound, ValueError):
-        return []
+    points = _extension(cert, x509.CRLDistributionPoints) or ()
     return [name for point in points for name in (point.full_name or ())]
 
 
