@@ -129,7 +129,7 @@ async def revoke_client(storage: Storage, name: str, *, actor: str = "cli",
     Revoking again changes nothing and returns the client with its first revocation time; it
     writes no audit event either, so the trail shows one revocation, when it happened."""
     _could_exist(name)
-    existing = await find_client(storage, name)
+    existing = await storage.get_client(name)
     if existing is not None and existing.revoked_at is not None:
         return existing
     event = AuditEvent("client_revoked", actor, "success", subject=name, request_id=request_id)

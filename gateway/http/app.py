@@ -28,6 +28,7 @@ from gateway.http.routes import Route, all_routes
 
 log = logging.getLogger("gateway.http")
 
+
 def create_app(settings: Settings, *, hsm: Any = None, storage: Any = None, trust: Any = None,
                workers: int | None = None, auth_cache_ttl_s: float = 1.0,
                routes: list[Route] | None = None) -> web.Application:

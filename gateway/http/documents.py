@@ -110,11 +110,13 @@ def _parse_at(request: web.Request) -> datetime | None:
     text = request.query.get("at")
     if not text:
         return None
+    from gateway.signing.validation import as_utc
+
     try:
-        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        # In UTC here, where it can still fail: 0001-01-01T00:00+23:59 lies before year 1.
-        return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
-    except (ValueError, OverflowError):
+        # In UTC here, where it can still fail (TimeOutOfRange, a ValueError):
+        # 0001-01-01T00:00+23:59 lies before year 1.
+        return as_utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
         raise ApiError("invalid_parameter", "at must be an ISO 8601 time from year 1 to 9999",
                        details={"parameter": "at"}) from None
 
