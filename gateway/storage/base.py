@@ -30,7 +30,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -92,10 +92,11 @@ def clean_text(value: str | None) -> str | None:
     return value
 
 
-def _clean_fields(obj: object, *names: str) -> None:
+def _clean_fields(obj: object, *names: str,
+                  clean: Callable[[str | None], str | None] = clean_text) -> None:
     for name in names:
         value = getattr(obj, name)
-        cleaned = clean_text(value)
+        cleaned = clean(value)
         if cleaned is not value:
             object.__setattr__(obj, name, cleaned)
 
@@ -294,14 +295,11 @@ class AuditEvent:
         if self.time.tzinfo is None:
             raise InvalidRecord("audit time must be timezone-aware")
         # A refusal naming a NUL-carrying input (a key label, a document id) is still audited.
-        _clean_fields(self, "event_type", "actor", "subject", "request_id")
         # So is one naming a lone surrogate (an undecodable byte of a command-line path), which
         # UTF-8 cannot encode: without this the event was refused and the action went unrecorded
-        # (21 CFR 1311.150). As U+FFFD, like NUL: the record says what it could.
-        for name in ("event_type", "actor", "subject", "request_id"):
-            value = getattr(self, name)
-            if isinstance(value, str) and _LONE_SURROGATE.search(value):
-                object.__setattr__(self, name, _LONE_SURROGATE.sub("\ufffd", value))
+        # (21 CFR 1311.150). Both as U+FFFD: the record says what it could.
+        _clean_fields(self, "event_type", "actor", "subject", "request_id",
+                      clean=lambda value: _without_surrogates(clean_text(value)))
         try:
             details = _without_surrogates(self.details)
         except RecursionError:
