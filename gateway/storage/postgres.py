@@ -13,9 +13,9 @@ apply each migration once.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -44,6 +44,7 @@ _INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_
                 "VALUES ($1, $2, $3::jsonb, $4, $5) RETURNING id")
 _INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
                  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+_T = TypeVar("_T")
 
 # InternalClientError: asyncpg's answer on a pooled connection the server has just terminated
 # ("cannot switch to state ..."); the pool replaces the connection.
@@ -184,16 +185,21 @@ class PostgresStorage(GroupCommitStorage):
         restarted, a failover). Each is replaced when next taken from the pool."""
         await self._require_pool().expire_connections()
 
+    async def _repeatable(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """`op()`, run once more on renewed connections when its pooled connection was found
+        dead: for what can be repeated (a read, the readiness probe), unlike a commit."""
+        try:
+            return await op()
+        except _DEAD_CONNECTION:
+            await self._renew_connections()
+            return await op()
+
     async def _fetch(self, sql: str, *args: Any, lookup: bool = False) -> list[asyncpg.Record]:
         """Rows of a query. `lookup`: the arguments are keys someone supplied; a key PostgreSQL
         cannot even compare (a NUL, which its text cannot hold) names nothing, so it finds
         nothing instead of failing the request."""
         try:
-            try:
-                return await self._require_pool().fetch(sql, *args)
-            except _DEAD_CONNECTION:
-                await self._renew_connections()
-                return await self._require_pool().fetch(sql, *args)  # a read can be repeated
+            return await self._repeatable(lambda: self._require_pool().fetch(sql, *args))
         except asyncpg.DataError:
             if lookup:
                 return []
@@ -588,10 +594,6 @@ class PostgresStorage(GroupCommitStorage):
                 await conn.fetchval("SELECT checked_at FROM health WHERE id = 1")
 
         try:
-            try:
-                await round_trip()
-            except _DEAD_CONNECTION:  # as for reads: a stale pooled connection is not an outage
-                await self._renew_connections()
-                await round_trip()
+            await self._repeatable(round_trip)  # as for reads: a stale connection is no outage
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise self._failure("database write failed", exc) from exc
