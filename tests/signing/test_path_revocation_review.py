@@ -21,7 +21,7 @@ from gateway.signing.report import Indication
 from gateway.signing.validation import CrlCache, TrustStore, _split_bundle
 from gateway.signing.verify import verify_cms
 from pkihelp import SigningPki
-from test_revocation_policy import ca_of, ec_public, now, scratch_pki  # noqa: F401 - fixtures too
+from test_revocation_policy import ca_of, crl_builder, ec_public, now, scratch_pki  # noqa: F401 - fixtures too
 from test_revocation_policy import make_cert as policy_cert
 
 UTC = dt.timezone.utc
@@ -37,12 +37,7 @@ def make_cert(issuer, issuer_key, public_key, cn: str, *, eku=None, extra=()) ->
 
 def make_crl(issuer, key, entries=(), *, number: int, extensions=()) -> x509.CertificateRevocationList:
     """`entries`: (serial, revocation date or None, [(extension, critical), ...])."""
-    this = now() - dt.timedelta(minutes=1)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
-               .last_update(this).next_update(this + dt.timedelta(days=7))
-               .add_extension(x509.CRLNumber(number), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
-                              critical=False))
+    builder = crl_builder(issuer, key, number)
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical=critical)
     for serial, when, exts in entries:

@@ -65,14 +65,20 @@ def make_cert(issuer: x509.Certificate, issuer_key, public_key, cn: str, *, cdp:
     return builder.sign(issuer_key, hashes.SHA256())
 
 
+def crl_builder(issuer: x509.Certificate, key, number: int) -> x509.CertificateRevocationListBuilder:
+    """What every test CRL starts with: its issuer, a week from a minute ago, its number and the
+    issuer key's identifier."""
+    this = now() - dt.timedelta(minutes=1)
+    return (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
+            .last_update(this).next_update(this + dt.timedelta(days=7))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                           critical=False))
+
+
 def make_crl(issuer: x509.Certificate, key, revoked=(), *, signing_key=None, number: int = 1000,
              revoked_at: dt.datetime | None = None) -> x509.CertificateRevocationList:
-    this = now() - dt.timedelta(minutes=1)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
-               .last_update(this).next_update(this + dt.timedelta(days=7))
-               .add_extension(x509.CRLNumber(number), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
-                              critical=False))
+    builder = crl_builder(issuer, key, number)
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial)
