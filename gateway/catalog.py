@@ -54,7 +54,8 @@ DEMO_ROWS: tuple[tuple[str, str, str, str, str, int], ...] = (
     ("00406-0123-01", "Hydrocodone bitartrate and acetaminophen tablets", "5 mg/325 mg", "II", "hydrocodone", 100),
     ("00054-0417-25", "Morphine sulfate ER tablets", "15 mg", "II", "morphine", 100),
     ("00406-8960-01", "Fentanyl transdermal system", "25 mcg/h", "II", "fentanyl", 5),
-    ("00555-0971-02", "Amphetamine mixed salts tablets", "20 mg", "II", "amphetamine", 100),
+    # Amphetamine is a Schedule II stimulant, not a narcotic (21 CFR 1308.12(d)): 2N.
+    ("00555-0971-02", "Amphetamine mixed salts tablets", "20 mg", "IIN", "amphetamine", 100),
     ("00093-0150-01", "Acetaminophen and codeine tablets", "300 mg/30 mg", "III", "codeine", 100),
     ("00591-5553-01", "Buprenorphine and naloxone sublingual tablets", "8 mg/2 mg", "III", "buprenorphine", 30),
     ("00093-3109-01", "Testosterone cypionate injection", "200 mg/mL", "IIIN", "testosterone", 1),
@@ -89,8 +90,14 @@ def _product(row: dict[str, str], line: int) -> Product:
         raise CatalogError(f"units_per_package must be a whole number, not {row['units_per_package']!r}", line) from exc
     if units <= 0:
         raise CatalogError("units_per_package must be positive", line)
-    return Product(ndc=ndc, name=row["name"].strip(), strength=(row.get("strength") or "").strip(),
-                   schedule=schedule, family=row["family"].strip().lower(), units_per_package=units)
+    return Product(ndc=ndc, name=_text(row["name"]), strength=_text(row.get("strength") or ""),
+                   schedule=schedule, family=_text(row["family"]).lower(), units_per_package=units)
+
+
+def _text(value: str) -> str:
+    # A CR inside a quoted field is written back unquoted by the csv module and read back (as
+    # load_catalog reads, universal newlines) as a line end: the written catalog would not load.
+    return value.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def parse_catalog(text: str) -> Catalog:
@@ -143,7 +150,9 @@ def write_catalog(catalog: Catalog, target: str | os.PathLike[str]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".catalog-")
     try:
-        with os.fdopen(fd, "w") as fh:
+        # UTF-8 as load_catalog reads it, whatever the locale (in an ASCII locale a "µg" raised
+        # UnicodeEncodeError; in a Latin-1 one the catalog written could not be loaded again).
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(render_catalog(catalog))
             fh.flush()
             os.fsync(fh.fileno())

@@ -15,8 +15,8 @@ DEA registration number (21 CFR 1301.11 ff.; format as published by DEA):
 
 National Drug Code (21 CFR 207.33): ten digits in three segments, labeler-product-package, as
 4-4-2, 5-3-2 or 5-4-1. HIPAA transactions use the 11-digit 5-4-2 form, made by padding the short
-segment with a leading zero. Ten digits without hyphens are ambiguous (the segment to pad is
-unknown) and are refused.
+segment with a leading zero, so an 11-digit NDC none of whose segments starts with 0 is refused.
+Ten digits without hyphens are ambiguous (the segment to pad is unknown) and are refused.
 """
 
 from __future__ import annotations
@@ -177,14 +177,15 @@ _NDC_SHAPES = {(4, 4, 2): 0, (5, 3, 2): 1, (5, 4, 1): 2}  # segment to pad
 def normalize_ndc(value: str) -> str:
     """The 11-digit HIPAA form `LLLLL-PPPP-KK` of an NDC.
 
-    Accepts 4-4-2, 5-3-2, 5-4-1 (hyphenated 10-digit), 5-4-2 (hyphenated) and 11 bare digits.
+    Accepts 4-4-2, 5-3-2, 5-4-1 (hyphenated 10-digit), 5-4-2 (hyphenated) and 11 bare digits;
+    the 11-digit forms only when one segment starts with the padding 0.
     Raises NdcError: `ndc_ambiguous` for 10 bare digits, `ndc_format` for anything else.
     """
     if not isinstance(value, str):
         raise NdcError("NDC must be text", "ndc_format")
     text = value.strip()
     if re.fullmatch(r"[0-9]{11}", text):
-        return f"{text[:5]}-{text[5:9]}-{text[9:]}"
+        return _padded(value, f"{text[:5]}-{text[5:9]}-{text[9:]}")
     if re.fullmatch(r"[0-9]{10}", text):
         raise NdcError(
             f"NDC {value!r}: ten digits without hyphens are ambiguous (4-4-2, 5-3-2 or 5-4-1?)",
@@ -195,7 +196,7 @@ def normalize_ndc(value: str) -> str:
         raise NdcError(f"NDC {value!r} is not three hyphenated digit groups", "ndc_format")
     shape = tuple(len(p) for p in parts)
     if shape == (5, 4, 2):
-        return text
+        return _padded(value, text)
     if shape not in _NDC_SHAPES:
         raise NdcError(
             f"NDC {value!r}: segments {'-'.join(map(str, shape))} are not 4-4-2, 5-3-2, 5-4-1 or 5-4-2",
@@ -204,6 +205,22 @@ def normalize_ndc(value: str) -> str:
     pad = _NDC_SHAPES[shape]
     parts[pad] = "0" + parts[pad]
     return "-".join(parts)
+
+
+def _padded(value: str, ndc11: str) -> str:
+    """`ndc11` (5-4-2) when it is the padded form of some 10-digit NDC, else NdcError.
+
+    The 11-digit form is made by a leading zero on the 4-digit labeler, the 3-digit product or
+    the 1-digit package code, so one of the three segments starts with 0. "59011-4100-10" has
+    none: no 10-digit NDC pads to it (a typo, e.g. a dropped or moved zero), and accepting it
+    would list or order a product that does not exist."""
+    if not any(segment.startswith("0") for segment in ndc11.split("-")):
+        raise NdcError(
+            f"NDC {value!r}: no segment starts with the padding 0, so it is not the 11-digit form "
+            "of any 10-digit NDC (4-4-2, 5-3-2 or 5-4-1)",
+            "ndc_format",
+        )
+    return ndc11
 
 
 def ndc11_digits(value: str) -> str:

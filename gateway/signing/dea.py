@@ -121,8 +121,8 @@ def normalize_schedule(name: str) -> str:
     text = str(name).strip().upper().replace(" ", "")
     if text.startswith("C-"):
         text = text[2:]
-    elif text.startswith("C") and text[1:2] in {"I", "V"}:
-        text = text[1:]
+    elif text.startswith("C") and text[1:2] in {"I", "V", "2", "3", "4", "5"}:
+        text = text[1:]  # "CII", and "C2", "C3N" as "C-2", "C-3N" are
     text = _SCHEDULE_ALIASES.get(text, text)
     if text not in SCHEDULE_BITS:
         raise DeaExtensionError(f"unknown schedule {name!r}", code="unknown_schedule")
@@ -147,9 +147,11 @@ def schedule_authorized(info: DeaCertificateInfo | None, schedule: str) -> bool:
 
 # --- addresses ----------------------------------------------------------------------------------
 
-def address_lines(address: Mapping[str, str] | Iterable[str]) -> tuple[str, ...]:
+def address_lines(address: Mapping[str, str] | Iterable[str] | str) -> tuple[str, ...]:
     """Postal address lines from the order-XML shape {Line1, Line2?, City, State, PostalCode}
-    (or from lines already)."""
+    (or from lines already; one string is its lines, not one line per character)."""
+    if isinstance(address, str):
+        address = address.splitlines()
     if isinstance(address, Mapping):
         lines = [address.get("Line1", ""), address.get("Line2", "")]
         city = address.get("City", "")
