@@ -8,7 +8,9 @@ signer has one). `openssl cms -verify -binary -content F` verifies it.
 What we accept: the same shape; exactly one SignerInfo (its digest algorithm listed in the
 SignedData's digestAlgorithms), signed attributes present with exactly one content type (= the
 eContentType) and one message digest, SHA-256, RSA (2048 bits and up) or ECDSA P-256, the
-signer's certificate inside the SignedData.
+signer's certificate inside the SignedData (with at most MAX_CERTIFICATES certificates in all;
+others that cannot be read are skipped). The signature is checked over the DER of the signed
+attributes, whatever lengths they were sent with (RFC 5652 5.4), as openssl does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from asn1crypto import algos, cms, core
@@ -36,6 +38,9 @@ ID_DATA = "1.2.840.113549.1.7.1"  # RFC 5652 §4: the content is plain bytes
 _SIGNED_ONLY = {"1.2.840.113549.1.9.3": "content-type", "1.2.840.113549.1.9.4": "message-digest",
                 "1.2.840.113549.1.9.5": "signing-time"}
 MIN_RSA_BITS = 2048
+# The signer's certificate and its chain are a handful; a bag of hundreds is an attack on the
+# path building, not a signature.
+MAX_CERTIFICATES = 32
 
 # signatureAlgorithm values we accept in a SignerInfo, by key kind.
 _RSA_ALGORITHMS = frozenset({"rsassa_pkcs1v15", "sha256_rsa"})
@@ -217,8 +222,9 @@ def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
         signing_time = signing_time.replace(tzinfo=dt.timezone.utc)
 
     certificates = _certificates(signed_data)
-    signer = _find_signer(signer_info["sid"], certificates)
-    others = tuple(c for c in certificates if c is not signer)
+    signer_choice = _find_signer(signer_info["sid"], certificates)
+    signer = _load_certificate(signer_choice.dump())
+    others = _readable_certificates(c for c in certificates if c is not signer_choice)
 
     expected = digests[0][0].native
     if not isinstance(expected, bytes) or not hmac.compare_digest(
@@ -228,22 +234,34 @@ def _verify(signature_der: bytes, content: bytes | None) -> VerifiedCms:
                        "message_digest")
 
     # The signature covers the DER of the attributes with their SET OF tag, not the [0] tag they
-    # carry inside SignerInfo (RFC 5652 5.4).
-    to_verify = b"\x31" + signed_attrs.dump()[1:]
+    # carry inside SignerInfo (RFC 5652 5.4): the DER, not the bytes received. A signature over
+    # long-form or indefinite lengths is not one over the DER (openssl refuses it too), and
+    # attributes signed as DER stay good when a BER encoder re-wrote their lengths.
+    to_verify = _der_lengths(b"\x31" + signed_attrs.dump()[1:])
     algorithm = _verify_signature(signer, signer_info, to_verify)
     return VerifiedCms(signer=signer, other_certificates=others, signing_time=signing_time,
                        algorithm=algorithm)
 
 
-def _certificates(signed_data: cms.SignedData) -> list[x509.Certificate]:
-    out: list[x509.Certificate] = []
+def _certificates(signed_data: cms.SignedData) -> list[asn1_x509.Certificate]:
     certificates = signed_data["certificates"]
     if isinstance(certificates, core.Void):
-        return out
-    for choice in certificates:
-        if choice.name != "certificate":
-            continue  # attribute certificates and the like are not ours to use
-        out.append(_load_certificate(choice.chosen.dump()))
+        return []
+    if len(certificates) > MAX_CERTIFICATES:
+        # Each one is a candidate for the path to an anchor, and path building costs grow faster
+        # than their number (hundreds of look-alike intermediates took minutes, with every other
+        # verification of the process waiting on the path checks).
+        raise CmsError("signature_malformed", f"{len(certificates)} certificates in the signature; "
+                       f"at most {MAX_CERTIFICATES} are accepted")
+    # Attribute certificates and the like are not ours to use.
+    out = [choice.chosen for choice in certificates if choice.name == "certificate"]
+    for cert in out:
+        # Each must have the outline of a certificate, or the SignedData is malformed (openssl
+        # cannot read such a one either); asn1crypto would otherwise parse it only when used.
+        tbs = cert["tbs_certificate"]
+        for name in _TBS_FIELDS:
+            tbs[name]  # noqa: B018 - parsed on access
+        cert["signature_algorithm"], cert["signature_value"]  # noqa: B018 - parsed on access
     return out
 
 
@@ -255,24 +273,120 @@ def _load_certificate(der: bytes) -> x509.Certificate:
                        "signer_certificate") from None
 
 
-def _find_signer(sid: cms.SignerIdentifier, certificates: list[x509.Certificate]) -> x509.Certificate:
-    if sid.name == "issuer_and_serial_number":
-        issuer = sid.chosen["issuer"].dump()
-        serial = sid.chosen["serial_number"].native
-        for cert in certificates:
-            if cert.serial_number == serial and cert.issuer.public_bytes() == issuer:
+def _readable_certificates(
+    certificates: Iterable[asn1_x509.Certificate],
+) -> tuple[x509.Certificate, ...]:
+    """The other certificates of the bag that can be read. The bag is not signed and anyone may
+    add to it: one we cannot read is no path to an anchor, not a reason to refuse a signature
+    (openssl does not either); only the signer's own certificate must be readable."""
+    out = []
+    for cert in certificates:
+        try:
+            out.append(load_certificate(cert.dump()))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def _find_signer(sid: cms.SignerIdentifier,
+                 certificates: list[asn1_x509.Certificate]) -> asn1_x509.Certificate:
+    for cert in certificates:
+        try:
+            if _names(sid, cert):
                 return cert
-    elif sid.name == "subject_key_identifier":
-        wanted = sid.chosen.native
-        for cert in certificates:
-            try:
-                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-            except x509.ExtensionNotFound:
-                continue
-            if ski == wanted:
-                return cert
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue  # one that cannot be read is not the certificate named
     raise CmsError("certificate_missing", "the signer's certificate is not in the signature",
                    "signer_certificate")
+
+
+def _names(sid: cms.SignerIdentifier, cert: asn1_x509.Certificate) -> bool:
+    """Whether `sid` names `cert`. Raises ValueError (and the like) for one that cannot be read."""
+    if sid.name == "issuer_and_serial_number":
+        tbs = cert["tbs_certificate"]
+        return (tbs["serial_number"].native == sid.chosen["serial_number"].native
+                and tbs["issuer"].dump() == sid.chosen["issuer"].dump())
+    if sid.name == "subject_key_identifier":
+        extensions = load_certificate(cert.dump()).extensions
+        try:
+            ski = extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            return False
+        return ski.value.digest == sid.chosen.native
+    return False
+
+
+_TBS_FIELDS = ("version", "serial_number", "signature", "issuer", "validity", "subject",
+               "subject_public_key_info", "extensions")
+# Nesting deeper than this is no signed attribute of any profile (and must not exhaust the stack).
+_MAX_DER_DEPTH = 100
+
+
+def _der_lengths(data: bytes) -> bytes:
+    """One BER element with every length in its DER form (definite, shortest), the order of the
+    elements and the primitive contents as they are. Raises ValueError."""
+    out, end = _der_element(data, 0, len(data), 0)
+    if end != len(data):
+        raise ValueError("signed attributes: bytes after the element")
+    return out
+
+
+def _der_element(data: bytes, pos: int, limit: int, depth: int) -> tuple[bytes, int]:
+    """The element at `pos`, which must end by `limit`, in DER; and where it ends."""
+    if depth > _MAX_DER_DEPTH:
+        raise ValueError("signed attributes nested too deeply")
+    start = pos
+    first = _byte(data, pos, limit)
+    pos += 1
+    if first & 0x1F == 0x1F:  # a tag number in the following bytes
+        while _byte(data, pos, limit) & 0x80:
+            pos += 1
+        pos += 1
+    tag = data[start:pos]
+    constructed = bool(first & 0x20)
+    length = _byte(data, pos, limit)
+    pos += 1
+    if length == 0x80:  # indefinite: children up to an end-of-contents
+        if not constructed:
+            raise ValueError("signed attributes: indefinite length of a primitive")
+        parts = []
+        while data[pos:min(pos + 2, limit)] != b"\x00\x00":
+            part, pos = _der_element(data, pos, limit, depth + 1)
+            parts.append(part)
+        body, pos = b"".join(parts), pos + 2
+    else:
+        if length & 0x80:
+            size = length & 0x7F
+            if pos + size > limit:
+                raise ValueError("signed attributes: truncated length")
+            length = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+        end = pos + length
+        if end > limit:
+            raise ValueError("signed attributes: truncated")
+        if constructed:
+            parts = []
+            while pos < end:
+                part, pos = _der_element(data, pos, end, depth + 1)
+                parts.append(part)
+            body = b"".join(parts)
+        else:
+            body = data[pos:end]
+        pos = end
+    return tag + _der_length(len(body)) + body, pos
+
+
+def _byte(data: bytes, pos: int, limit: int) -> int:
+    if pos >= limit:
+        raise ValueError("signed attributes: truncated")
+    return data[pos]
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(size)]) + size
 
 
 def _verify_signature(cert: x509.Certificate, signer_info: cms.SignerInfo, data: bytes) -> str:

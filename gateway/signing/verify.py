@@ -15,6 +15,7 @@ order, an NCPDP NewRx) with `register_xml_document`; anything else is a plain XM
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, Iterable
@@ -116,7 +117,8 @@ def verify_cms(
     The certificate is judged at the signed signing-time attribute when present (never later
     than now: a signature cannot have been made in the future, and a claimed future time must not
     reach a certificate's validity that has not begun); `at` (the caller's time, also never later than
-    now) is used only when the signature carries none, else now.
+    now) is used only when the signature carries none, else now. A signed time the certificate
+    was not judged at stays in the report, as details["claimed_signing_time"].
     """
     started = utcnow()
     try:
@@ -132,8 +134,14 @@ def verify_cms(
     validation = trust.validate_certificate(
         verified.signer, when, usage, extra_certs=verified.other_certificates
     )
-    return _report("cms", started, CMS_CHECKS[:4], validation, verified.signer, verified.algorithm,
-                   when, source)
+    report = _report("cms", started, CMS_CHECKS[:4], validation, verified.signer, verified.algorithm,
+                     when, source)
+    if verified.signing_time is not None and when != verified.signing_time:
+        # Judged at another time than the one signed (a claim later than now): the report keeps
+        # what the signer claimed, for whoever reads it later.
+        report = dataclasses.replace(report, details={
+            **report.details, "claimed_signing_time": verified.signing_time.isoformat()})
+    return report
 
 
 def verify_document(
