@@ -48,6 +48,7 @@ from gateway.xmlsafe import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ELEMENTS,
+    SMALL_DOCUMENT,
     XmlError,
     parse_xml,
 )
@@ -126,16 +127,37 @@ def sign_enveloped(
     chain: Sequence[x509.Certificate] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> bytes:
     """Sign a whole XML document with an enveloped signature appended to its root element.
 
     KeyInfo carries the signer's certificate, then `chain` (default: the signer's `chain`, the
-    intermediates it was issued under, when it has one).
+    intermediates it was issued under, when it has one). The limits bound the input; the signed
+    document must pass verify_enveloped with the same limits, or with its defaults where those
+    are larger (a small request-body limit bounds what is sent, not what comes back).
 
-    Raises XmlError for unreadable XML, SigningError for a document or key we will not sign.
+    Raises XmlError for unreadable XML or a signed document beyond the limits, SigningError for
+    a document or key we will not sign.
     """
-    tree = parse_xml(xml, max_bytes=max_bytes, max_depth=max_depth)
-    return sign_tree(tree, signer, chain=chain)
+    tree = parse_xml(xml, max_bytes=max_bytes, max_depth=max_depth, max_elements=max_elements)
+    signed = sign_tree(tree, signer, chain=chain)
+    _check_verifiable(signed, max(max_bytes, DEFAULT_MAX_BYTES), max(max_depth, DEFAULT_MAX_DEPTH),
+                      max(max_elements, DEFAULT_MAX_ELEMENTS))
+    return signed
+
+
+def _check_verifiable(signed: bytes, max_bytes: int, max_depth: int, max_elements: int) -> None:
+    # The Signature adds some 3 KB, 14 or more elements and a namespace declaration, and the
+    # UTF-8 output of a Latin-1 input can be twice its size: an input just within the limits
+    # would otherwise come back signed and be refused by verify_enveloped with the same limits.
+    # Its own depth, 6, is below DEFAULT_MAX_DEPTH, the least max_depth it is checked against.
+    if len(signed) <= min(max_bytes, SMALL_DOCUMENT, 4 * max_elements):
+        return  # up to these sizes parse_xml counts neither elements nor namespace declarations
+    try:
+        parse_xml(signed, max_bytes=max_bytes, max_depth=max_depth, max_elements=max_elements)
+    except XmlError as exc:
+        raise XmlError(exc.code, f"signed, the document would be refused by its verifier: "
+                       f"{exc.message}") from None
 
 
 def sign_tree(
@@ -554,14 +576,27 @@ def _check_key_value(key_value: etree._Element, certificates: tuple[str, ...]) -
         )
 
 
-@functools.lru_cache(maxsize=512)
+# The caches below keep their keys, the certificates' base64, and what they computed: 512 sets of
+# crafted certificates near the 1 MB document limit would hold over a gigabyte for the life of
+# the process. A signer's certificate and chain are a few KB; larger sets are worked out anew.
+_CACHED_CERTIFICATES_CHARS = 32_768
+
+
 def _signer_certificate(
+    encoded: tuple[str, ...],
+) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+    if sum(map(len, encoded)) > _CACHED_CERTIFICATES_CHARS:
+        return _find_signer_certificate(encoded)
+    return _cached_signer_certificate(encoded)
+
+
+def _find_signer_certificate(
     encoded: tuple[str, ...],
 ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
     """The signer is the certificate that issued none of the others (the leaf of the chain); when
     unrelated CA certificates come along (a whole bundle, as xmlsec1 accepts), the one leaf that is
-    not a CA. Certificates repeat across documents (one signer, many orders): each set is worked
-    out once."""
+    not a CA. Certificates repeat across documents (one signer, many orders): each set of a usual
+    size is worked out once (_cached_signer_certificate)."""
     certificates = list({c: None for c in (_load_certificate(b64) for b64 in encoded)})  # once each
     if len(certificates) == 1:
         return certificates[0], ()
@@ -577,6 +612,9 @@ def _signer_certificate(
         )
     signer = leaves[0]
     return signer, tuple(c for c in certificates if c is not signer)
+
+
+_cached_signer_certificate = functools.lru_cache(maxsize=512)(_find_signer_certificate)
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -640,11 +678,17 @@ def _verify_signature_value(
         ) from None
 
 
-@functools.lru_cache(maxsize=512)
 def _signer_key(encoded: tuple[str, ...]):
+    if sum(map(len, encoded)) > _CACHED_CERTIFICATES_CHARS:
+        return _find_signer_certificate(encoded)[0].public_key()
+    return _cached_signer_key(encoded)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_signer_key(encoded: tuple[str, ...]):
     # Keyed like _signer_certificate: hashing a Certificate hashes its DER on every lookup, a
     # tuple of strings reuses the hashes its strings already computed.
-    return _signer_certificate(encoded)[0].public_key()
+    return _cached_signer_certificate(encoded)[0].public_key()
 
 
 def _detach(element: etree._Element) -> None:
