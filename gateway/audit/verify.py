@@ -16,8 +16,11 @@ modification and deletion; the trail is analysed daily).
   (`checkpoint_missing`, `checkpoint_mismatch`): deleting the checkpoints that pin a stretch of
   the trail, then rewriting it, is caught by the records that name them;
 * an archived document whose content no longer has the SHA-256 the audit event of its unit
-  carries, or that is gone (`document_modified`, `document_missing`, naming the document), and
-  a document that no audit event carries (`document_unchained`);
+  carries, whose other columns (kind, client, key label, verification report, natural key,
+  times) no longer have the digest it carries, or that is gone (`document_modified`,
+  `document_missing`, naming the document), and a document that no audit event carries
+  (`document_unchained`); the same for linked records (`link_modified`, `link_missing`,
+  `link_unchained`, naming the link);
 * the head row disagreeing with the last record: the tail was cut off (`head_mismatch`);
 * a record named by an anchor kept outside the database (`anchors`: seq -> hash, from an earlier
   run) that is gone or differs (`anchor_mismatch`).
@@ -46,7 +49,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from gateway.storage.base import ARCHIVED_KEY, GENESIS_HASH, AuditRecord, Checkpoint, Storage
+from gateway.storage.base import (
+    ARCHIVED_KEY, ARCHIVED_ROW_KEY, GENESIS_HASH, LINKED_KEY, AuditRecord, Checkpoint, Storage,
+)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -64,6 +69,9 @@ PROBLEMS = {
     "document_modified": "an archived document does not match the hash the trail recorded (edited)",
     "document_missing": "an archived document the trail records is missing (deleted)",
     "document_unchained": "an archived document is not in the audit trail (inserted)",
+    "link_modified": "a linked record does not match the hash the trail recorded (edited)",
+    "link_missing": "a linked record the trail records is missing (deleted)",
+    "link_unchained": "a linked record is not in the audit trail (inserted)",
     "head_mismatch": "the chain head does not match the last record (records cut off)",
     "anchor_mismatch": "the record an anchor kept outside the database names is gone or differs "
                        "(rolled back, cut off or rebuilt)",
@@ -73,7 +81,8 @@ PROBLEMS = {
 @dataclass(frozen=True)
 class AuditVerifyResult:
     """The outcome of `verify_trail`; when not ok, `first_bad_seq` names the first bad record
-    (None for a document no record carries) and `document_id` the document, if one is at fault."""
+    (None for a document or link no record carries), `document_id` the document and `link_id`
+    the linked record, if one is at fault."""
 
     ok: bool
     records_checked: int
@@ -88,6 +97,8 @@ class AuditVerifyResult:
     head_hash: str = GENESIS_HASH  # hash of record `last_seq`: an anchor to keep elsewhere
     anchored_seq: int = 0  # the last record a checkpoint with a verified signature covers
     anchors_checked: int = 0
+    links_checked: int = 0
+    link_id: int | None = None
 
     @property
     def unanchored_records(self) -> int:
@@ -105,6 +116,7 @@ class AuditVerifyResult:
             "documents_checked": self.documents_checked, "document_id": self.document_id,
             "head_hash": self.head_hash, "anchored_seq": self.anchored_seq,
             "unanchored_records": self.unanchored_records, "anchors_checked": self.anchors_checked,
+            "links_checked": self.links_checked, "link_id": self.link_id,
         }
 
 
@@ -138,6 +150,7 @@ class _Problem:
     seq: int | None
     detail: str = ""
     document_id: str | None = None
+    link_id: int | None = None
 
 
 def _hash_of(rec: AuditRecord) -> str | None:
@@ -205,6 +218,7 @@ class _Walk:
         self.verified_cps = 0
         self.unverified = 0
         self.documents = 0
+        self.links = 0
         # checkpoints met at their seq whose `audit_checkpoint` record is still to come
         self.pending: dict[int, Checkpoint] = {}
 
@@ -259,20 +273,36 @@ class _Walk:
                             f"checkpoint {cid} covers seq {cp.seq}, the record says {rec.subject}")
         return None
 
-    def _document_problem(self, rec: AuditRecord, digests: dict[str, str]) -> _Problem | None:
-        archived = rec.details.get(ARCHIVED_KEY)
-        if not isinstance(archived, dict):
+    def _archive_problem(self, rec: AuditRecord, digests: dict[str, tuple[str, str]],
+                         links: dict[int, str]) -> _Problem | None:
+        """The documents and links the record pins, as they are stored now: content first, then
+        the rest of each row, then each link."""
+        pinned = {key: rec.details[key] for key in (ARCHIVED_KEY, ARCHIVED_ROW_KEY, LINKED_KEY)
+                  if key in rec.details}
+        if not all(isinstance(v, dict) for v in pinned.values()) or not all(
+                str(k).isdigit() for k in pinned.get(LINKED_KEY, {})):
             return _Problem("document_modified", rec.seq, "its document hashes are not readable")
-        for doc_id in sorted(archived):
-            self.documents += 1
-            actual = digests.get(doc_id)
-            if actual is None:
-                return _Problem("document_missing", rec.seq, f"document {doc_id}", doc_id)
-            if actual != archived[doc_id]:
-                return _Problem("document_modified", rec.seq, f"document {doc_id}", doc_id)
+        for column, (key, what) in enumerate(((ARCHIVED_KEY, "content"),
+                                              (ARCHIVED_ROW_KEY, "archive record"))):
+            for doc_id, expected in sorted(pinned.get(key, {}).items()):
+                self.documents += key == ARCHIVED_KEY
+                actual = digests.get(doc_id)
+                if actual is None:
+                    return _Problem("document_missing", rec.seq, f"document {doc_id}", doc_id)
+                if actual[column] != expected:
+                    return _Problem("document_modified", rec.seq, f"document {doc_id}: its {what}",
+                                    doc_id)
+        for link_id, expected in sorted(pinned.get(LINKED_KEY, {}).items(), key=lambda i: int(i[0])):
+            self.links += 1
+            actual_link = links.get(int(link_id))
+            if actual_link is None:
+                return _Problem("link_missing", rec.seq, f"link {link_id}", link_id=int(link_id))
+            if actual_link != expected:
+                return _Problem("link_modified", rec.seq, f"link {link_id}", link_id=int(link_id))
         return None
 
-    async def _record(self, rec: AuditRecord, digests: dict[str, str]) -> _Problem | None:
+    async def _record(self, rec: AuditRecord, digests: dict[str, tuple[str, str]],
+                      links: dict[int, str]) -> _Problem | None:
         # Signatures first: a forged checkpoint at or before this record is the problem to name.
         cps = await self.checkpoints.upto(rec.seq)
         bad_sig = next((p for p in map(self._signature_problem, cps) if p is not None), None)
@@ -303,8 +333,8 @@ class _Walk:
                 return problem
         if rec.event_type == "audit_checkpoint":
             problem = await self._checkpoint_record(rec)
-        if problem is None and ARCHIVED_KEY in rec.details:
-            problem = self._document_problem(rec, digests)
+        if problem is None:
+            problem = self._archive_problem(rec, digests, links)
         if problem is not None:
             return problem
         self.prev_hash = rec.hash
@@ -313,13 +343,16 @@ class _Walk:
 
     async def page_of_records(self, after: int) -> tuple[list[AuditRecord], _Problem | None]:
         batch = await self.storage.audit_records(after_seq=after, limit=self.page)
-        # the documents this page's records carry, hashed by the database in one round
-        wanted = [doc_id for rec in batch if not rec.damaged
-                  and isinstance(archived := rec.details.get(ARCHIVED_KEY), dict)
-                  for doc_id in archived]
+        # the documents and links this page's records pin, hashed by the database in one round
+        wanted = [doc_id for rec in batch if not rec.damaged for key in (ARCHIVED_KEY, ARCHIVED_ROW_KEY)
+                  if isinstance(pinned := rec.details.get(key), dict) for doc_id in pinned]
+        wanted_links = [int(link_id) for rec in batch if not rec.damaged
+                        and isinstance(pinned := rec.details.get(LINKED_KEY), dict)
+                        for link_id in pinned if str(link_id).isdigit()]
         digests = await self.storage.document_digests(wanted) if wanted else {}
+        links = await self.storage.link_digests(wanted_links) if wanted_links else {}
         for rec in batch:
-            problem = await self._record(rec, digests)
+            problem = await self._record(rec, digests, links)
             if problem is not None:
                 return batch, problem
         return batch, None
@@ -344,17 +377,23 @@ class _Walk:
         return None
 
 
-async def _first_unchained(storage: Storage, page: int) -> str | None:
-    """The first archived document (by id) that no audit record carries. Only run when the
-    counts say there is one, so the set of chained ids is built on failure only."""
+async def _chained(storage: Storage, page: int, key: str) -> set[str]:
+    """The ids every audit record pins under `key`. Built on failure only (the counts say a row
+    is not in the trail), so memory stays flat when all is well."""
     chained: set[str] = set()
     after = 0
     while batch := await storage.audit_records(after_seq=after, limit=page):
         for rec in batch:
-            archived = rec.details.get(ARCHIVED_KEY)
-            if isinstance(archived, dict):
-                chained.update(archived)
+            pinned = rec.details.get(key)
+            if isinstance(pinned, dict):
+                chained.update(map(str, pinned))
         after = batch[-1].seq
+    return chained
+
+
+async def _first_unchained(storage: Storage, page: int) -> str | None:
+    """The first archived document (by id) that no audit record carries."""
+    chained = await _chained(storage, page, ARCHIVED_KEY)
     last = ""
     while ids := await storage.document_ids(after=last, limit=page):
         for doc_id in ids:
@@ -364,21 +403,35 @@ async def _first_unchained(storage: Storage, page: int) -> str | None:
     return None
 
 
+async def _first_unchained_link(storage: Storage, page: int) -> int | None:
+    """The first linked record (by id) that no audit record carries."""
+    chained = await _chained(storage, page, LINKED_KEY)
+    last = 0
+    while ids := await storage.link_ids(after=last, limit=page):
+        for link_id in ids:
+            if str(link_id) not in chained:
+                return link_id
+        last = ids[-1]
+    return None
+
+
 def _result(walk: _Walk, problem: _Problem | None, last_seq: int) -> AuditVerifyResult:
     anchoring = {"head_hash": walk.prev_hash, "anchored_seq": walk.anchored_seq,
-                 "anchors_checked": walk.anchors_checked}
+                 "anchors_checked": walk.anchors_checked, "links_checked": walk.links}
     if problem is None:
         return AuditVerifyResult(True, walk.records, walk.checked_cps, None, None,
                                  f"{walk.records} audit records intact, {walk.verified_cps} "
                                  f"checkpoints verified, {walk.documents} archived documents "
-                                 "match", last_seq, walk.unverified, walk.documents, **anchoring)
+                                 f"and {walk.links} linked records match", last_seq,
+                                 walk.unverified, walk.documents, **anchoring)
     where = (f"audit record {problem.seq}" if problem.seq is not None
+             else f"link {problem.link_id}" if problem.link_id is not None
              else f"document {problem.document_id}")
     message = f"{where}: {PROBLEMS[problem.problem]}" + (f" ({problem.detail})"
                                                           if problem.detail else "")
     return AuditVerifyResult(False, walk.records, walk.checked_cps, problem.seq, problem.problem,
                              message, last_seq, walk.unverified, walk.documents,
-                             problem.document_id, **anchoring)
+                             problem.document_id, link_id=problem.link_id, **anchoring)
 
 
 async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificate | None,
@@ -396,6 +449,7 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
     # Counted before the walk: every document counted now was committed with its audit event,
     # which the walk (which reads up to a head read later) therefore meets.
     documents_before = await storage.count_documents()
+    links_before = await storage.count_links()
     problem: _Problem | None = None
     after = 0
     head_seq, head_hash = 0, GENESIS_HASH
@@ -429,4 +483,8 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
         doc_id = await _first_unchained(storage, page)
         problem = _Problem("document_unchained", None,
                            f"{documents_before} archived, {walk.documents} in the trail", doc_id)
+    if problem is None and links_before > walk.links:
+        link_id = await _first_unchained_link(storage, page)
+        problem = _Problem("link_unchained", None,
+                           f"{links_before} stored, {walk.links} in the trail", link_id=link_id)
     return _result(walk, problem, last_seq)

@@ -208,11 +208,12 @@ def audit_verify(ctx: Context, public_key_path: Path | None, label: str,
         click.echo(json.dumps(out, indent=2))
     elif result.ok:
         click.echo(f"audit trail intact: {result.records_checked} records, "
-                   f"{result.checkpoints_checked} checkpoints matched")
+                   f"{result.checkpoints_checked} checkpoints, {result.documents_checked} "
+                   f"archived documents, {result.links_checked} linked records matched")
         if result.last_seq:
             # What to keep outside the database: a later run given it as --anchor sees a rollback.
             click.echo(f"head: {result.last_seq}:{result.head_hash}")
-    elif result.first_bad_seq is None:  # a document no record carries
+    elif result.first_bad_seq is None:  # a document or link no record carries
         # the message names what the attacker wrote (a document id): shown, never obeyed
         click.echo(f"audit trail BROKEN: {result.problem}: {_shown(result.message)}")
     else:

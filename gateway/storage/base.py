@@ -53,9 +53,19 @@ MAX_NAME_BYTES = 256  # client names, key labels, content types, ids
 # The key in the details of the audit event of a unit that archives documents: document id ->
 # SHA-256 of the archived content, so the chain pins the archive (`gateway audit verify`).
 ARCHIVED_KEY = "archived_sha256"
+# Beside it: document id -> SHA-256 of the rest of its archive row (`archive_row_digest`: kind,
+# client, key label, verification report, natural key, times, the stored sha256 column), and
+# link id -> SHA-256 of each linked record the unit writes (`link_row_digest`). The chain thus
+# pins every column, not only the signed bytes: a report turned from failed to passed, a
+# shortened retention or another client named is caught too.
+ARCHIVED_ROW_KEY = "archived_row_sha256"
+LINKED_KEY = "linked_sha256"
 # The event a unit that archives documents without an audit event of its own gets.
 ARCHIVED_EVENT = "document.archived"
-# Chains documents archived before audit events carried their hashes (upgrade, migration 0003).
+# ... and one that only writes linked records.
+LINKED_EVENT = "document.linked"
+# Chains documents archived before audit events carried their hashes (upgrade, migrations 0003
+# and 0004).
 ADOPTED_EVENT = "archive.adopted"
 # The time of a stored record whose time cannot be read (it was edited in the database).
 UNREADABLE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
@@ -109,6 +119,35 @@ def canonical_json(value: Any) -> str:
     """Sorted keys, compact separators, UTF-8 kept as is: the encoding hashed by the audit chain."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+
+
+def _row_digest(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
+
+
+def _time_text(t: datetime | str) -> str:
+    # SQLite's stored text is hashed as it is: an edited time that no longer parses still differs
+    return t if isinstance(t, str) else format_time(t)
+
+
+def archive_row_digest(*, id: str, kind: str, content_type: str, sha256: str,  # noqa: A002
+                       report: str | None, client: str | None, key_label: str | None,
+                       natural_key: str | None, created_at: datetime | str,
+                       retain_until: datetime | str) -> str:
+    """SHA-256 over every column of an archive row but the content (which the chain pins by its
+    own hash): `report` as the stored text. Written into the unit's audit event, recomputed from
+    the row by `audit verify` (21 CFR 1311.150: records protected from modification)."""
+    return _row_digest({"id": id, "kind": kind, "content_type": content_type, "sha256": sha256,
+                        "report": report, "client": client, "key_label": key_label,
+                        "natural_key": natural_key, "created_at": _time_text(created_at),
+                        "retain_until": _time_text(retain_until)})
+
+
+def link_row_digest(*, id: int, document_id: str, kind: str, payload: str,  # noqa: A002
+                    client: str | None, created_at: datetime | str) -> str:
+    """SHA-256 over every column of a linked record (`payload` as the stored text)."""
+    return _row_digest({"id": id, "document_id": document_id, "kind": kind, "payload": payload,
+                        "client": client, "created_at": _time_text(created_at)})
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -606,10 +645,22 @@ class Storage(abc.ABC):
         """Records linked to a document, in the order they were written."""
 
     @abc.abstractmethod
-    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
-        """SHA-256 (hex) of the stored content of each of these documents that exists, computed
-        now over the stored bytes (not the stored `sha256` column): what `audit verify` checks
-        against the hashes the audit chain carries."""
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """For each of these documents that exists: (SHA-256 of its stored content, computed now
+        over the stored bytes rather than read from the `sha256` column; `archive_row_digest`
+        of the rest of its row). What `audit verify` checks against the hashes the chain carries."""
+
+    @abc.abstractmethod
+    async def link_digests(self, link_ids: Sequence[int]) -> dict[int, str]:
+        """`link_row_digest` of each of these linked records that exists."""
+
+    @abc.abstractmethod
+    async def count_links(self) -> int:
+        """How many linked records are stored."""
+
+    @abc.abstractmethod
+    async def link_ids(self, after: int = 0, limit: int = 1000) -> list[int]:
+        """Ids of linked records greater than `after`, ascending."""
 
     @abc.abstractmethod
     async def count_documents(self) -> int:

@@ -15,15 +15,16 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from gateway.storage.base import (
-    ADOPTED_EVENT, ARCHIVED_EVENT, ARCHIVED_KEY, AuditEvent, AuditRecord, Checkpoint, Client, CommitResult,
-    InvalidRecord, NewClient, NewDocument, NewLink, Storage, StorageError, StorageUnavailable,
-    audit_canonical, canonical_json,
+    ADOPTED_EVENT, ARCHIVED_EVENT, ARCHIVED_KEY, ARCHIVED_ROW_KEY, LINKED_EVENT, LINKED_KEY,
+    RETENTION_SLACK, AuditEvent, AuditRecord, Checkpoint, Client, CommitResult, InvalidRecord,
+    NewClient, NewDocument, NewLink, Storage, StorageError, StorageUnavailable, archive_row_digest,
+    audit_canonical, canonical_json, link_row_digest, minimum_retention,
 )
 
 
@@ -55,7 +56,7 @@ class Unit:
     audit: Sequence[AuditEvent] = ()
     client_change: ClientChange | None = None
     checkpoint: NewCheckpoint | None = None
-    adopt: int = 0  # chain at most this many documents of the archive_adoption table (upgrade)
+    adopt: int = 0  # chain at most this many documents of each adoption table (upgrade)
     future: asyncio.Future[UnitResult] | None = field(default=None, repr=False)
 
 
@@ -76,35 +77,108 @@ def dump_json(value: Any, what: str) -> str:
         raise InvalidRecord(f"{what} is nested too deeply to store") from exc
 
 
-def unit_events(unit: Unit, adopted: dict[str, str] | None = None,
+@dataclass(frozen=True)
+class DocumentRow:
+    """A document's archive row as both engines write it: the report as stored text, the times."""
+
+    doc: NewDocument
+    report: str | None
+    created_at: datetime
+    retain_until: datetime
+
+    @classmethod
+    def of(cls, doc: NewDocument, now: datetime) -> DocumentRow:
+        """The row of `doc` archived at `now`; a retention under two years is refused
+        (21 CFR 1305.27)."""
+        retain = doc.retain_until or minimum_retention(now)
+        if retain < minimum_retention(now - RETENTION_SLACK):
+            raise InvalidRecord("retain_until is shorter than two years (21 CFR 1305.27)",
+                                document_id=doc.id)
+        report = dump_json(dict(doc.report), "report") if doc.report is not None else None
+        return cls(doc, report, now, retain)
+
+    def digest(self) -> str:
+        d = self.doc
+        return archive_row_digest(id=d.id, kind=d.kind, content_type=d.content_type,
+                                  sha256=d.sha256, report=self.report, client=d.client,
+                                  key_label=d.key_label, natural_key=d.natural_key,
+                                  created_at=self.created_at, retain_until=self.retain_until)
+
+
+def link_payload(link: NewLink) -> str:
+    """A link's payload as stored (and hashed): canonical JSON text."""
+    return dump_json(dict(link.payload), "link payload")
+
+
+def link_digest(link_id: int, link: NewLink, payload: str, now: datetime) -> str:
+    return link_row_digest(id=link_id, document_id=link.document_id, kind=link.kind,
+                           payload=payload, client=link.client, created_at=now)
+
+
+@dataclass
+class Adoption:
+    """Rows archived before the chain pinned them (migrations 0003, 0004), taken off the lists
+    to be chained now: document id -> content SHA-256, document id -> row digest, link id ->
+    row digest."""
+
+    content: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, str] = field(default_factory=dict)
+    links: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.content.keys() | self.rows.keys())
+
+
+def _pins(content: Mapping[str, str], rows: Mapping[str, str],
+          links: Mapping[int, str]) -> dict[str, Any]:
+    pins: dict[str, Any] = {}
+    if content:
+        pins[ARCHIVED_KEY] = dict(sorted(content.items()))
+    if rows:
+        pins[ARCHIVED_ROW_KEY] = dict(sorted(rows.items()))
+    if links:
+        pins[LINKED_KEY] = {str(i): d for i, d in sorted(links.items())}
+    return pins
+
+
+def unit_events(unit: Unit, rows: Mapping[str, str] | None = None,
+                links: Mapping[int, str] | None = None, adopted: Adoption | None = None,
                 checkpoint: Checkpoint | None = None) -> list[AuditEvent]:
-    """The audit events a unit writes: its own, the first of them carrying the SHA-256 of every
-    document the unit archives (details `archived_sha256`: id -> hex); a unit that archives
-    documents without an event of its own gets a `document.archived` event. The chain thus pins
-    the content of every archived document (21 CFR 1311.150: records protected from
-    modification and deletion), which `gateway audit verify` recomputes. `adopted`: documents
-    archived before that (id -> SHA-256 of their content now), chained by an `archive.adopted`
-    event. `checkpoint`: the one the unit stored, which its first event names (`checkpoint_id`)."""
+    """The audit events a unit writes: its own, the first of them pinning everything the unit
+    archives: the SHA-256 of every document's content (details `archived_sha256`: id -> hex),
+    the digest of the rest of its row (`archived_row_sha256`, from `rows`) and of every linked
+    record (`linked_sha256`: link id -> hex, from `links`). A unit that archives without an event
+    of its own gets a `document.archived` (or `document.linked`) event. The chain thus pins every
+    archived row (21 CFR 1311.150: records protected from modification and deletion), which
+    `gateway audit verify` recomputes. `adopted`: rows archived before that, chained by an
+    `archive.adopted` event. `checkpoint`: the one the unit stored, which its first event names
+    (`checkpoint_id`)."""
+    rows, links = rows or {}, links or {}
+    if set(rows) != {doc.id for doc in unit.documents} or len(links) != len(unit.links):
+        raise AssertionError("every archived row of a unit is pinned by its audit event")
     events = list(unit.audit)
     if checkpoint is not None and events:
         events[0] = dataclasses.replace(
             events[0], details={**events[0].details, "checkpoint_id": checkpoint.id})
     if adopted:
-        events.append(AuditEvent(ADOPTED_EVENT, "system", "success",
-                                 details={ARCHIVED_KEY: dict(sorted(adopted.items())),
-                                          "reason": "archived before audit events carried the "
-                                                    "hashes of documents (upgrade)"}))
-    if not unit.documents:
+        events.append(AuditEvent(ADOPTED_EVENT, "system", "success", details={
+            **_pins(adopted.content, adopted.rows, adopted.links),
+            "reason": "archived before audit events pinned every archived row (upgrade)"}))
+    pins = _pins({doc.id: doc.sha256 for doc in unit.documents}, rows, links)
+    if not pins:
         return events
-    archived = {doc.id: doc.sha256 for doc in unit.documents}
     if not events:
-        first = unit.documents[0]
-        return [AuditEvent(ARCHIVED_EVENT, first.client or "system", "success", subject=first.id,
-                           details={ARCHIVED_KEY: archived})]
+        if unit.documents:
+            first = unit.documents[0]
+            return [AuditEvent(ARCHIVED_EVENT, first.client or "system", "success",
+                               subject=first.id, details=pins)]
+        link = unit.links[0]
+        return [AuditEvent(LINKED_EVENT, link.client or "system", "success",
+                           subject=link.document_id, details=pins)]
     details = dict(events[0].details)
-    if ARCHIVED_KEY in details:
-        raise InvalidRecord(f"audit details key {ARCHIVED_KEY!r} is kept for the storage")
-    events[0] = dataclasses.replace(events[0], details={**details, ARCHIVED_KEY: archived})
+    if taken := [key for key in pins if key in details]:
+        raise InvalidRecord(f"audit details key {taken[0]!r} is kept for the storage")
+    events[0] = dataclasses.replace(events[0], details={**details, **pins})
     return events
 
 
@@ -263,17 +337,20 @@ class GroupCommitStorage(Storage):
         return result.commit
 
     async def adopt_archive(self, per_event: int = 1000) -> int:
-        """Chain the documents archived before audit events carried their hashes (listed by
-        migration 0003), `per_event` to an `archive.adopted` event; the number chained. Runs on
-        every open for writing; after the first it finds nothing. Each event and the removal of
-        what it chains from the list commit together, so a crash midway leaves no document out."""
+        """Chain the rows archived before audit events pinned them (listed by migrations 0003:
+        content, and 0004: every column, with the document's links), `per_event` documents to an
+        `archive.adopted` event; the number of documents chained. Runs on every open for writing;
+        after the first it finds nothing. Each event and the removal of what it chains from the
+        lists commit together, so a crash midway leaves no row out."""
         total = 0
         while True:
             result = await self.committer.submit(Unit(adopt=per_event))
             chained = [r for r in result.commit.audit if r.event_type == ADOPTED_EVENT]
             if not chained:
                 return total
-            total += len(chained[0].details[ARCHIVED_KEY])
+            details = chained[0].details
+            total += len(details.get(ARCHIVED_KEY, {}).keys()
+                         | details.get(ARCHIVED_ROW_KEY, {}).keys())
 
     async def _client_unit(self, change: ClientChange, audit: Sequence[AuditEvent]) -> Client:
         result = await self.committer.submit(Unit(audit=list(audit), client_change=change))

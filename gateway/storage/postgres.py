@@ -21,15 +21,14 @@ import asyncpg
 
 from gateway.storage import migrations
 from gateway.storage.base import (
-    GENESIS_HASH, RETENTION_SLACK, AuditRecord, Checkpoint, Client, ClientExists,
-    ClientNotFound, CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument,
-    InvalidRecord, LinkedRecord, MigrationError, NewDocument,
-    StorageError, StorageUnavailable, decode_audit_row, decode_checkpoint_row, minimum_retention,
-    utcnow,
+    GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound, CommitResult,
+    DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord, LinkedRecord,
+    MigrationError, StorageError, StorageUnavailable, archive_row_digest, decode_audit_row,
+    decode_checkpoint_row, link_row_digest, utcnow,
 )
 from gateway.storage.group_commit import (
-    ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
-    dump_json, unit_events,
+    Adoption, ClientChange, DocumentRow, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit,
+    UnitResult, chain, dump_json, link_digest, link_payload, unit_events,
 )
 
 _DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
@@ -41,7 +40,11 @@ _CHECKPOINT_COLUMNS = "id, seq, hash, time, key_label, algorithm, signature"
 _INSERT_DOC = (f"INSERT INTO documents ({_DOC_COLUMNS}) "
                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 _INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_at) "
-                "VALUES ($1, $2, $3::jsonb, $4, $5) RETURNING id")
+                "VALUES ($1, $2, $3, $4, $5) RETURNING id")
+# The columns of an archive row `archive_row_digest` covers (all but the content), and of a link.
+_ROW_COLUMNS = ("d.id, d.kind, d.content_type, d.sha256, d.report, d.client, d.key_label, "
+                "d.natural_key, d.created_at, d.retain_until")
+_LINK_COLUMNS = "id, document_id, kind, payload, client, created_at"
 _INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
                  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
 _T = TypeVar("_T")
@@ -89,6 +92,22 @@ def _document(row: Mapping[str, Any]) -> DocumentRecord:
         report=json.loads(row["report"]) if row["report"] is not None else None,
         client=row["client"], key_label=row["key_label"], natural_key=row["natural_key"],
         created_at=row["created_at"], retain_until=row["retain_until"])
+
+
+def _row_digest(row: Mapping[str, Any]) -> str:
+    """`archive_row_digest` of a row selected as _ROW_COLUMNS."""
+    return archive_row_digest(
+        id=row["id"], kind=row["kind"], content_type=row["content_type"], sha256=row["sha256"],
+        report=row["report"], client=row["client"], key_label=row["key_label"],
+        natural_key=row["natural_key"], created_at=row["created_at"],
+        retain_until=row["retain_until"])
+
+
+def _link_digest(row: Mapping[str, Any]) -> tuple[int, str]:
+    """(id, `link_row_digest`) of a row selected as _LINK_COLUMNS."""
+    return int(row["id"]), link_row_digest(
+        id=int(row["id"]), document_id=row["document_id"], kind=row["kind"],
+        payload=row["payload"], client=row["client"], created_at=row["created_at"])
 
 
 def _same(value: Any) -> Any:
@@ -296,20 +315,27 @@ class PostgresStorage(GroupCommitStorage):
 
     @staticmethod
     async def _lock_head(conn: asyncpg.Connection, batch: list[Unit]) -> tuple[int, str] | None:
-        if not any(u.audit or u.documents or u.adopt for u in batch):  # documents get an event too
+        if not any(u.audit or u.documents or u.links or u.adopt for u in batch):  # rows get an event
             return None
         row = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         return int(row["seq"]), row["hash"]
 
     @staticmethod
-    def _document_row(doc: NewDocument, now: datetime) -> tuple[Any, ...]:
-        retain = doc.retain_until or minimum_retention(now)
-        if retain < minimum_retention(now - RETENTION_SLACK):
-            raise InvalidRecord("retain_until is shorter than two years (21 CFR 1305.27)",
-                                document_id=doc.id)
-        return (doc.id, doc.kind, bytes(doc.content), doc.content_type, doc.sha256,
-                dump_json(dict(doc.report), "report") if doc.report is not None else None,
-                doc.client, doc.key_label, doc.natural_key, now, retain)
+    def _document_values(row: DocumentRow) -> tuple[Any, ...]:
+        doc = row.doc
+        return (doc.id, doc.kind, bytes(doc.content), doc.content_type, doc.sha256, row.report,
+                doc.client, doc.key_label, doc.natural_key, row.created_at, row.retain_until)
+
+    @staticmethod
+    async def _insert_links(conn: asyncpg.Connection, unit: Unit, now: datetime) -> dict[int, str]:
+        """The unit's links written; link id -> row digest, in order."""
+        links: dict[int, str] = {}
+        for link in unit.links:
+            payload = link_payload(link)
+            link_id = int(await conn.fetchval(_INSERT_LINK, link.document_id, link.kind, payload,
+                                              link.client, now))
+            links[link_id] = link_digest(link_id, link, payload, now)
+        return links
 
     @staticmethod
     def _audit_rows(records: Sequence[AuditRecord]) -> list[tuple[Any, ...]]:
@@ -330,20 +356,18 @@ class PostgresStorage(GroupCommitStorage):
                 checkpoint = (await self._apply_checkpoint(conn, unit.checkpoint)
                               if unit.checkpoint else None)
                 extras.append((client, checkpoint))
-            doc_rows = [self._document_row(d, now) for u in batch for d in u.documents]
-            if doc_rows:
-                await conn.executemany(_INSERT_DOC, doc_rows)
-            link_ids: list[list[int]] = []
-            for unit in batch:
-                link_ids.append([await conn.fetchval(
-                    _INSERT_LINK, link.document_id, link.kind,
-                    dump_json(dict(link.payload), "link payload"), link.client, now)
-                    for link in unit.links])
+            doc_rows = [[DocumentRow.of(d, now) for d in u.documents] for u in batch]
+            if any(doc_rows):
+                await conn.executemany(_INSERT_DOC, [self._document_values(r)
+                                                     for rows in doc_rows for r in rows])
+            link_ids = [await self._insert_links(conn, unit, now) for unit in batch]
             records: list[list[AuditRecord]] = []
             if head is not None:
                 seq, digest = head
-                for unit, (_, checkpoint) in zip(batch, extras, strict=True):
-                    chained = chain(unit_events(unit, None, checkpoint), seq, digest)
+                for unit, rows, links, (_, checkpoint) in zip(batch, doc_rows, link_ids, extras,
+                                                              strict=True):
+                    chained = chain(unit_events(unit, {r.doc.id: r.digest() for r in rows}, links,
+                                                None, checkpoint), seq, digest)
                     records.append(chained)
                     if chained:
                         seq, digest = chained[-1].seq, chained[-1].hash
@@ -387,15 +411,13 @@ class PostgresStorage(GroupCommitStorage):
         now = utcnow()
         client = await self._apply_client(conn, unit.client_change, now) if unit.client_change else None
         checkpoint = await self._apply_checkpoint(conn, unit.checkpoint) if unit.checkpoint else None
-        doc_rows = [self._document_row(d, now) for d in unit.documents]
+        doc_rows = [DocumentRow.of(d, now) for d in unit.documents]
         if doc_rows:
-            await conn.executemany(_INSERT_DOC, doc_rows)
-        link_ids = [await conn.fetchval(_INSERT_LINK, link.document_id, link.kind,
-                                        dump_json(dict(link.payload), "link payload"),
-                                        link.client, now)
-                    for link in unit.links]
+            await conn.executemany(_INSERT_DOC, [self._document_values(r) for r in doc_rows])
+        link_ids = await self._insert_links(conn, unit, now)
         adopted = await self._take_adoption(conn, unit.adopt) if unit.adopt else None
-        records = chain(unit_events(unit, adopted, checkpoint), seq, digest)
+        records = chain(unit_events(unit, {r.doc.id: r.digest() for r in doc_rows}, link_ids,
+                                    adopted, checkpoint), seq, digest)
         if records:
             await conn.executemany(_INSERT_AUDIT, self._audit_rows(records))
             seq, digest = records[-1].seq, records[-1].hash
@@ -403,16 +425,31 @@ class PostgresStorage(GroupCommitStorage):
         return UnitResult(commit, client, checkpoint), seq, digest
 
     @staticmethod
-    async def _take_adoption(conn: asyncpg.Connection, limit: int) -> dict[str, str]:
-        """Up to `limit` documents still to be chained (migration 0003), off the list, with
-        the SHA-256 of their content (under the head lock: two nodes never take the same)."""
+    async def _take_adoption(conn: asyncpg.Connection, limit: int) -> Adoption:
+        """Up to `limit` documents of each list still to be chained (migrations 0003, 0004),
+        off the lists, with the SHA-256 of their content, or the digests of their rows and
+        links (under the head lock: two nodes never take the same)."""
+        adoption = Adoption()
         await conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
         rows = await conn.fetch("SELECT a.document_id, encode(sha256(d.content), 'hex') AS digest "
                                 "FROM archive_adoption a JOIN documents d ON d.id = a.document_id "
                                 "ORDER BY a.document_id LIMIT $1", limit)
         await conn.execute("DELETE FROM archive_adoption WHERE document_id = ANY($1::text[])",
                            [r["document_id"] for r in rows])
-        return {r["document_id"]: r["digest"] for r in rows}
+        adoption.content = {r["document_id"]: r["digest"] for r in rows}
+        await conn.execute("DELETE FROM archive_row_adoption "
+                           "WHERE document_id NOT IN (SELECT id FROM documents)")
+        rows = await conn.fetch(f"SELECT {_ROW_COLUMNS}, a.links_upto FROM archive_row_adoption a "
+                                "JOIN documents d ON d.id = a.document_id "
+                                "ORDER BY a.document_id LIMIT $1", limit)
+        await conn.execute("DELETE FROM archive_row_adoption WHERE document_id = ANY($1::text[])",
+                           [r["id"] for r in rows])
+        for row in rows:
+            adoption.rows[row["id"]] = _row_digest(row)
+            adoption.links.update(map(_link_digest, await conn.fetch(
+                f"SELECT {_LINK_COLUMNS} FROM links WHERE document_id = $1 AND id <= $2 "
+                "ORDER BY id", row["id"], row["links_upto"])))
+        return adoption
 
     @staticmethod
     async def _unit_error(conn: asyncpg.Connection, unit: Unit,
@@ -520,16 +557,33 @@ class PostgresStorage(GroupCommitStorage):
         return [LinkedRecord(r["id"], r["document_id"], r["kind"], json.loads(r["payload"]),
                              r["client"], r["created_at"]) for r in rows]
 
-    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         ids = list(dict.fromkeys(document_ids))
-        found: dict[str, str] = {}
+        found: dict[str, tuple[str, str]] = {}
         for start in range(0, len(ids), 500):
             # pg_catalog named: a function of that name in the search path cannot stand in
             rows = await self._fetch(
-                "SELECT id, encode(pg_catalog.sha256(content), 'hex') AS digest FROM documents "
-                "WHERE id = ANY($1::text[])", ids[start:start + 500], lookup=True)
-            found.update((r["id"], r["digest"]) for r in rows)
+                f"SELECT {_ROW_COLUMNS}, encode(pg_catalog.sha256(d.content), 'hex') AS digest "
+                "FROM documents d WHERE d.id = ANY($1::text[])", ids[start:start + 500],
+                lookup=True)
+            found.update((r["id"], (r["digest"], _row_digest(r))) for r in rows)
         return found
+
+    async def link_digests(self, link_ids: Sequence[int]) -> dict[int, str]:
+        ids = list(dict.fromkeys(link_ids))
+        found: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            found.update(map(_link_digest, await self._fetch(
+                f"SELECT {_LINK_COLUMNS} FROM links WHERE id = ANY($1::bigint[])",
+                ids[start:start + 500], lookup=True)))
+        return found
+
+    async def count_links(self) -> int:
+        return int((await self._fetchrow("SELECT count(*) FROM links"))[0])
+
+    async def link_ids(self, after: int = 0, limit: int = 1000) -> list[int]:
+        return [int(r["id"]) for r in await self._fetch(
+            "SELECT id FROM links WHERE id > $1 ORDER BY id LIMIT $2", after, limit)]
 
     async def count_documents(self) -> int:
         return int((await self._fetchrow("SELECT count(*) FROM documents"))[0])

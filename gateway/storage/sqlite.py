@@ -27,19 +27,22 @@ from gateway.storage import migrations
 from gateway.storage.base import (
     GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
     CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord,
-    LinkedRecord, MigrationError, StorageError,
-    StorageUnavailable, RETENTION_SLACK, decode_audit_row, decode_checkpoint_row, format_time,
-    minimum_retention, parse_time, utcnow,
+    LinkedRecord, MigrationError, StorageError, StorageUnavailable, archive_row_digest,
+    decode_audit_row, decode_checkpoint_row, format_time, link_row_digest, parse_time, utcnow,
 )
 from gateway.storage.group_commit import (
-    ClientChange, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit, UnitResult, chain,
-    dump_json, unit_events,
+    Adoption, ClientChange, DocumentRow, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit,
+    UnitResult, chain, dump_json, link_digest, link_payload, unit_events,
 )
 
 T = TypeVar("T")
 
 _DOC_COLUMNS = ("id, kind, content, content_type, sha256, report, client, key_label, natural_key, "
                 "created_at, retain_until")
+# The columns of an archive row `archive_row_digest` covers (all but the content), and of a link.
+_ROW_COLUMNS = ("d.id, d.kind, d.content_type, d.sha256, d.report, d.client, d.key_label, "
+                "d.natural_key, d.created_at, d.retain_until")
+_LINK_COLUMNS = "id, document_id, kind, payload, client, created_at"
 _AUDIT_COLUMNS = "seq, time, event_type, actor, outcome, subject, details, request_id, prev_hash, hash"
 _CLIENT_COLUMNS = "id, name, role, key_labels, created_at, revoked_at, token_id"
 _CHECKPOINT_COLUMNS = "id, seq, hash, time, key_label, algorithm, signature"
@@ -55,6 +58,27 @@ def _document(row: Sequence[Any]) -> DocumentRecord:
         report=json.loads(row[5]) if row[5] is not None else None, client=row[6],
         key_label=row[7], natural_key=row[8], created_at=parse_time(row[9]),
         retain_until=parse_time(row[10]))
+
+
+def _stored_text(value: Any) -> str | None:
+    # TEXT columns hold what was written unless edited behind the gateway: anything else
+    # (a BLOB, a number) is hashed by its repr, so it differs from what the chain pinned
+    return value if value is None or isinstance(value, str) else repr(value)
+
+
+def _row_digest(row: Sequence[Any]) -> str:
+    """`archive_row_digest` of a row selected as _ROW_COLUMNS (times as the stored text)."""
+    t = [_stored_text(v) for v in row[:10]]
+    return archive_row_digest(id=t[0] or "", kind=t[1] or "", content_type=t[2] or "",
+                              sha256=t[3] or "", report=t[4], client=t[5], key_label=t[6],
+                              natural_key=t[7], created_at=t[8] or "", retain_until=t[9] or "")
+
+
+def _link_digest(row: Sequence[Any]) -> tuple[int, str]:
+    """(id, `link_row_digest`) of a row selected as _LINK_COLUMNS."""
+    t = [_stored_text(v) for v in row[1:6]]
+    return int(row[0]), link_row_digest(id=int(row[0]), document_id=t[0] or "", kind=t[1] or "",
+                                        payload=t[2] or "", client=t[3], created_at=t[4] or "")
 
 
 def _audit(row: Sequence[Any]) -> AuditRecord:
@@ -442,26 +466,25 @@ class SqliteStorage(GroupCommitStorage):
         now = utcnow()
         client = self._apply_client(conn, unit.client_change, now) if unit.client_change else None
         checkpoint = self._apply_checkpoint(conn, unit.checkpoint) if unit.checkpoint else None
-        for doc in unit.documents:
-            retain = doc.retain_until or minimum_retention(now)
-            if retain < minimum_retention(now - RETENTION_SLACK):
-                raise InvalidRecord("retain_until is shorter than two years (21 CFR 1305.27)",
-                                    document_id=doc.id)
-            content = bytes(doc.content)
+        rows: dict[str, str] = {}
+        for row in (DocumentRow.of(doc, now) for doc in unit.documents):
+            doc = row.doc
             conn.execute(
                 f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (doc.id, doc.kind, content, doc.content_type, doc.sha256,
-                 dump_json(dict(doc.report), "report") if doc.report is not None else None,
-                 doc.client, doc.key_label, doc.natural_key, format_time(now), format_time(retain)))
-        link_ids = []
+                (doc.id, doc.kind, bytes(doc.content), doc.content_type, doc.sha256, row.report,
+                 doc.client, doc.key_label, doc.natural_key, format_time(now),
+                 format_time(row.retain_until)))
+            rows[doc.id] = row.digest()
+        links: dict[int, str] = {}
         for link in unit.links:
+            payload = link_payload(link)
             cur = conn.execute(
                 "INSERT INTO links (document_id, kind, payload, client, created_at) VALUES (?,?,?,?,?)",
-                (link.document_id, link.kind, dump_json(dict(link.payload), "link payload"),
-                 link.client, format_time(now)))
-            link_ids.append(int(cur.lastrowid or 0))
+                (link.document_id, link.kind, payload, link.client, format_time(now)))
+            link_id = int(cur.lastrowid or 0)
+            links[link_id] = link_digest(link_id, link, payload, now)
         adopted = self._take_adoption(conn, unit.adopt) if unit.adopt else None
-        records = chain(unit_events(unit, adopted, checkpoint), head_seq, head_hash)
+        records = chain(unit_events(unit, rows, links, adopted, checkpoint), head_seq, head_hash)
         if records:
             conn.executemany(
                 f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -469,19 +492,32 @@ class SqliteStorage(GroupCommitStorage):
                   dump_json(r.details, "audit details"), r.request_id, r.prev_hash, r.hash)
                  for r in records])
             head_seq, head_hash = records[-1].seq, records[-1].hash
-        commit = CommitResult(tuple(d.id for d in unit.documents), tuple(link_ids), tuple(records))
+        commit = CommitResult(tuple(d.id for d in unit.documents), tuple(links), tuple(records))
         return UnitResult(commit, client, checkpoint), head_seq, head_hash
 
     @staticmethod
-    def _take_adoption(conn: sqlite3.Connection, limit: int) -> dict[str, str]:
-        """Up to `limit` documents still to be chained (migration 0003), off the list, with
-        the SHA-256 of their content."""
+    def _take_adoption(conn: sqlite3.Connection, limit: int) -> Adoption:
+        """Up to `limit` documents of each list still to be chained (migrations 0003, 0004),
+        off the lists, with the SHA-256 of their content, or the digests of their rows and links."""
+        adoption = Adoption()
         conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
-        rows = conn.execute("SELECT a.document_id, d.content FROM archive_adoption a "
-                            "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
-                            (limit,)).fetchall()
-        conn.executemany("DELETE FROM archive_adoption WHERE document_id = ?", [(r[0],) for r in rows])
-        return {r[0]: hashlib.sha256(r[1]).hexdigest() for r in rows}
+        found = conn.execute("SELECT a.document_id, d.content FROM archive_adoption a "
+                             "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
+                             (limit,)).fetchall()
+        conn.executemany("DELETE FROM archive_adoption WHERE document_id = ?", [(r[0],) for r in found])
+        adoption.content = {r[0]: hashlib.sha256(r[1]).hexdigest() for r in found}
+        conn.execute("DELETE FROM archive_row_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
+        found = conn.execute(f"SELECT {_ROW_COLUMNS}, a.links_upto FROM archive_row_adoption a "
+                             "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
+                             (limit,)).fetchall()
+        conn.executemany("DELETE FROM archive_row_adoption WHERE document_id = ?",
+                         [(r[0],) for r in found])
+        for r in found:
+            adoption.rows[r[0]] = _row_digest(r)
+            adoption.links.update(_link_digest(link) for link in conn.execute(
+                f"SELECT {_LINK_COLUMNS} FROM links WHERE document_id = ? AND id <= ? ORDER BY id",
+                (r[0], r[-1])))
+        return adoption
 
     @staticmethod
     def _apply_client(conn: sqlite3.Connection, change: ClientChange, now: datetime) -> Client:
@@ -565,19 +601,42 @@ class SqliteStorage(GroupCommitStorage):
         return [LinkedRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
                 for r in rows]
 
-    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, str]:
+    async def document_digests(self, document_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         ids = list(dict.fromkeys(document_ids))
 
-        def read(conn: sqlite3.Connection) -> dict[str, str]:
-            found: dict[str, str] = {}
+        def read(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+            found: dict[str, tuple[str, str]] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                found.update(conn.execute(
-                    "SELECT id, gateway_sha256(content) FROM documents WHERE id IN "
-                    f"({','.join('?' * len(chunk))})", chunk).fetchall())
+                for row in conn.execute(
+                        f"SELECT {_ROW_COLUMNS}, gateway_sha256(d.content) FROM documents d "
+                        f"WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                    found[row[0]] = (row[-1], _row_digest(row))
             return found
 
         return await self._read(read)
+
+    async def link_digests(self, link_ids: Sequence[int]) -> dict[int, str]:
+        ids = list(dict.fromkeys(link_ids))
+
+        def read(conn: sqlite3.Connection) -> dict[int, str]:
+            found: dict[int, str] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                found.update(_link_digest(row) for row in conn.execute(
+                    f"SELECT {_LINK_COLUMNS} FROM links WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk))
+            return found
+
+        return await self._read(read)
+
+    async def count_links(self) -> int:
+        return int((await self._read(lambda c: c.execute(
+            "SELECT count(*) FROM links").fetchone()))[0])
+
+    async def link_ids(self, after: int = 0, limit: int = 1000) -> list[int]:
+        return [r[0] for r in await self._read(lambda c: c.execute(
+            "SELECT id FROM links WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall())]
 
     async def count_documents(self) -> int:
         return int((await self._read(lambda c: c.execute(

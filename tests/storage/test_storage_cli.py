@@ -100,7 +100,7 @@ def test_audit_checkpoint_and_verify(gw, backend: Backend, audit_label: str, hsm
 
     ok = gw("audit", "verify")
     assert ok.exit_code == 0, ok.output
-    assert "intact: 3 records, 1 checkpoints matched" in ok.output
+    assert "intact: 3 records, 1 checkpoints, 0 archived documents, 0 linked records matched" in ok.output
 
     # the same with the public key exported to a file (verification away from the HSM)
     pem = hsm.public_key(audit_label).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
