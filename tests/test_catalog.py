@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -73,6 +75,25 @@ def test_cli_import_refuses_with_a_code(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr
     assert load_catalog(home / "catalog.csv") == demo_catalog()
+    # both attempts are in the audit trail (21 CFR 1311.150): the catalog says what is controlled
+    refused, replaced = [(r.event_type, r.outcome, r.details) for r in _audit_records(home)]
+    assert refused[:2] == ("catalog.imported", "failure") and refused[2]["code"] == "catalog_invalid"
+    assert refused[2]["source"] == str(bad) and refused[2]["previous_sha256"] is None
+    assert replaced[:2] == ("catalog.imported", "success")
+    assert replaced[2]["sha256"] == hashlib.sha256((home / "catalog.csv").read_bytes()).hexdigest()
+    assert (replaced[2]["products"], replaced[2]["controlled"]) == (
+        len(demo_catalog()), sum(p.controlled for p in demo_catalog().values()))
+
+
+def _audit_records(home: Path) -> list:
+    from gateway.config import load_settings
+    from gateway.storage import open_storage
+
+    async def read() -> list:
+        async with open_storage(load_settings(str(home))) as storage:
+            return await storage.audit_records(0, 100)
+
+    return asyncio.run(read())
 
 
 def _write(path: Path, text: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from gateway.cli import Context, pass_context
+from gateway.cli import CommandError, Context, pass_context
 
 
 @contextmanager
@@ -19,7 +20,6 @@ def _setup_refusals() -> Iterator[None]:
     """What stops `init` or `demo` setting up the home, as `error [code]: message` and exit 1
     instead of a traceback: the HSM (a module that is not one, a PIN the token refuses), the
     database, the test PKI, or a home that cannot be written."""
-    from gateway.cli import CommandError
     from gateway.config import ConfigError
     from gateway.signing.errors import SigningError
     from gateway.signing.pki import PkiError
@@ -76,16 +76,34 @@ def catalog_group() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @pass_context
 def catalog_import(ctx: Context, file: str) -> None:
-    """Replace the product catalog with FILE (CSV: ndc,name,strength,schedule,family,units_per_package)."""
-    from gateway.catalog import CatalogError, import_catalog
+    """Replace the product catalog with FILE (CSV: ndc,name,strength,schedule,family,units_per_package).
 
+    Audited as `catalog.imported`, refused attempts too (21 CFR 1311.150): the catalog decides
+    which products are controlled and in which schedule."""
+    from gateway.catalog import CatalogError, import_catalog
+    from gateway.cli.events import audited
+
+    target = ctx.settings.catalog_path
     try:
-        catalog = import_catalog(file, ctx.settings.catalog_path)
-    except CatalogError as exc:
-        click.echo(json.dumps({"error": {"code": exc.code, "message": str(exc)}}), err=True)
+        with audited(ctx.settings, "catalog.imported", str(target),
+                     source=str(Path(file).absolute()), previous_sha256=_sha256_of(target)) as audit:
+            try:
+                catalog = import_catalog(file, target)
+            except CatalogError as exc:
+                raise CommandError(exc.code, str(exc)) from exc
+            controlled = sum(1 for p in catalog.values() if p.controlled)
+            audit.update(products=len(catalog), controlled=controlled, sha256=_sha256_of(target))
+    except CommandError as exc:
+        click.echo(json.dumps({"error": {"code": exc.code, "message": exc.message}}), err=True)
         sys.exit(2)
-    controlled = sum(1 for p in catalog.values() if p.controlled)
-    click.echo(f"catalog replaced: {len(catalog)} products ({controlled} controlled) -> {ctx.settings.catalog_path}")
+    click.echo(f"catalog replaced: {len(catalog)} products ({controlled} controlled) -> {target}")
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def register(group: click.Group) -> None:

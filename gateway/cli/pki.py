@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gateway.bootstrap import home_lock
 from gateway.cli import CommandError, Context, pass_context
+from gateway.cli.events import audited
 from gateway.config import Settings
 from gateway.identifiers import IdentifierError
 from gateway.signing import pki
@@ -52,41 +53,6 @@ def _write_out(out: str, data: bytes) -> None:
         write_out_atomically(out, data)
     except OSError as exc:
         raise CommandError("output_unwritable", f"cannot write {out}: {exc.strerror or exc}") from None
-
-
-def _record(settings: Settings, event_type: str, outcome: str, subject: str, details: dict) -> None:
-    """Append one audit event for a key or PKI change (21 CFR 1311.150: changes are auditable)."""
-    import asyncio
-
-    from gateway.storage import open_storage
-    from gateway.storage.base import AuditEvent
-
-    async def write() -> None:
-        async with open_storage(settings) as storage:
-            await storage.append_audit(AuditEvent(event_type, "cli", outcome, subject=subject, details=details))
-
-    try:
-        asyncio.run(write())
-    except Exception as exc:  # noqa: BLE001 - the change happened; say loudly that its record did not
-        click.echo(f"warning [audit_write_failed]: {event_type} for {subject} not recorded: {exc}", err=True)
-
-
-@contextmanager
-def _audited(settings: Settings, event_type: str, subject: str, **details: object) -> Iterator[dict]:
-    """Record the command's outcome in the audit trail, success or refusal. Yields a dict the
-    command may add details to."""
-    extra: dict = dict(details)
-    try:
-        yield extra
-    except CommandError as exc:
-        _record(settings, event_type, "failure", subject, {**extra, "code": exc.code, "message": exc.message})
-        raise
-    except Exception as exc:
-        # An attempt that failed in an unforeseen way is still an attempt (21 CFR 1311.150).
-        _record(settings, event_type, "failure", subject,
-                {**extra, "code": "unexpected_error", "message": f"{type(exc).__name__}: {exc}"})
-        raise
-    _record(settings, event_type, "success", subject, extra)
 
 
 @contextmanager
@@ -167,7 +133,7 @@ def ca_bundle_cmd(ctx: Context, out: str | None) -> None:
 def revoke_cmd(ctx: Context, serial: str, reason: str) -> None:
     """Test PKI only: revoke a certificate and reissue its CA's CRL."""
     number = _parse_serial(serial)
-    with _audited(ctx.settings, "pki.certificate_revoked", str(number), reason=reason), _refusals():
+    with audited(ctx.settings, "pki.certificate_revoked", str(number), reason=reason), _refusals():
         entry = pki.revoke(ctx.settings.pki_dir, number, reason)
         layout = pki.PkiLayout(ctx.settings.pki_dir)
     _echo_json({**asdict(entry), "serial": str(entry.serial),
@@ -179,7 +145,7 @@ def revoke_cmd(ctx: Context, serial: str, reason: str) -> None:
 @pass_context
 def crl_cmd(ctx: Context) -> None:
     """Test PKI only: reissue every CA's CRL (next CRL number, nextUpdate in 7 days)."""
-    with _audited(ctx.settings, "pki.crl_issued", "test-pki"), _refusals():
+    with audited(ctx.settings, "pki.crl_issued", "test-pki"), _refusals():
         paths = pki.issue_crl(ctx.settings.pki_dir)
     report = {}
     for ca, path in paths.items():
@@ -222,7 +188,7 @@ def issue_cmd(ctx: Context, label: str, profile: str, dea_number: str | None, sc
     """Test PKI only: issue a certificate for an HSM key and store it with the key."""
     parsed = _parse_schedules(schedules)
     settings = ctx.settings
-    with _audited(settings, "key.certificate_issued", label, profile=profile) as audit, \
+    with audited(settings, "key.certificate_issued", label, profile=profile) as audit, \
             _open_hsm(settings) as hsm, _refusals():
         fields = dict(dea_number=dea_number, schedules=parsed, organization=organization, email=email,
                       business_activity=business_activity, validity_days=days)
@@ -256,7 +222,7 @@ def _fingerprint(public_key: object) -> str:
 @pass_context
 def generate_cmd(ctx: Context, label: str, key_type: str) -> None:
     """Generate a key pair inside the HSM (the private key never leaves it)."""
-    with _audited(ctx.settings, "key.generated", label, key_type=key_type) as audit, \
+    with audited(ctx.settings, "key.generated", label, key_type=key_type) as audit, \
             _open_hsm(ctx.settings) as hsm, _refusals():
         certificate_path(ctx.settings, label)  # refuse labels that cannot name a file later
         with home_lock(ctx.settings):  # another process may be generating the same label
@@ -276,7 +242,7 @@ def csr_cmd(ctx: Context, label: str, subject: str, out: str | None) -> None:
     """A PKCS#10 request signed by the HSM key, for the CA."""
     # An enrolment step that proves possession of the HSM key: audited like generate and
     # import-cert, refused or not (21 CFR 1311.150).
-    with _audited(ctx.settings, "key.csr_created", label, requested_subject=subject,
+    with audited(ctx.settings, "key.csr_created", label, requested_subject=subject,
                   out=str(Path(out).absolute()) if out else "-") as audit, \
             _open_hsm(ctx.settings) as hsm, _refusals():
         csr = build_csr(hsm, label, subject)
@@ -298,7 +264,7 @@ def csr_cmd(ctx: Context, label: str, subject: str, out: str | None) -> None:
 def import_cert_cmd(ctx: Context, label: str, file: str) -> None:
     """Store the issued certificate with its HSM key (token and <home>/keys/LABEL.pem)."""
     # A file that is no certificate is a refused import too, and audited as one.
-    with _audited(ctx.settings, "key.certificate_imported", label, file=str(Path(file).absolute())) as audit:
+    with audited(ctx.settings, "key.certificate_imported", label, file=str(Path(file).absolute())) as audit:
         try:
             data = Path(file).read_bytes()
         except OSError as exc:

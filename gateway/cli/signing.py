@@ -132,7 +132,7 @@ def write_out_atomically(out: str, data: bytes) -> None:
 @pass_context
 def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str) -> None:
     """Sign FILE with an HSM key."""
-    from gateway.cli.pki import _record  # the audit write the key and PKI commands use
+    from gateway.cli.events import record_event  # the audit write the key and PKI commands use
     from gateway.signing.errors import HsmError, SigningError
     from gateway.signing.hsm import Hsm
     from gateway.xmlsafe import XmlError
@@ -146,7 +146,7 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
 
     def refuse(code: str, message: str, status: int, event: str = "sign.refused",
                outcome: str = "refused") -> None:
-        _record(ctx.settings, event, outcome, label, {**details, "code": code})
+        record_event(ctx.settings, event, outcome, label, {**details, "code": code})
         _fail(code, message, status)
 
     try:
@@ -170,7 +170,7 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
         except SigningError as exc:  # HSM errors included: key not found, token unavailable...
             refuse(exc.code, str(exc), EXIT_INVALID)
         except Exception as exc:  # an attempt that broke on something unforeseen is still one
-            _record(ctx.settings, "sign.refused", "failure", label,
+            record_event(ctx.settings, "sign.refused", "failure", label,
                     {**details, "code": "unexpected_error", "message": f"{type(exc).__name__}: {exc}"})
             raise
         finally:
@@ -192,7 +192,7 @@ def sign_command(ctx: Context, label: str, fmt: str, out: str | None, file: str)
     finally:
         if part is not None:
             part.unlink(missing_ok=True)  # left only when something failed before the rename
-    _record(ctx.settings, "document.signed", "success", label,
+    record_event(ctx.settings, "document.signed", "success", label,
             {**details, "signature_sha256": hashlib.sha256(result).hexdigest(),
              "out": str(target) if target is not None else "-"})
 
