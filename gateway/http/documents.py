@@ -20,7 +20,7 @@ from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
 from gateway.signing import xmldsig
 from gateway.signing.errors import HsmError, SignerCertificateRefused
 from gateway.storage.base import AuditEvent, Client, DuplicateDocument, NewDocument, NewLink
-from gateway.xmlsafe import XmlError
+from gateway.xmlsafe import DEFAULT_MAX_BYTES, XmlError
 
 FORMATS = ("xmldsig", "cms")
 CMS_TYPE = "application/pkcs7-signature"
@@ -39,10 +39,12 @@ def _sign_cms(body: bytes, signer: Any) -> bytes:
     return cms.sign_detached(body, signer)
 
 
-def _verify_xml(body: bytes, trust: Any, at: datetime | None) -> Any:
+def _verify_xml(body: bytes, trust: Any, at: datetime | None, max_bytes: int) -> Any:
     from gateway.signing import verify
 
-    report, _tree = verify.verify_xml(body, trust, at)
+    # The limit signing checks its output against (xmldsig.sign_enveloped): /v1/verify takes
+    # every document /v1/sign returned.
+    report, _tree = verify.verify_xml(body, trust, at, max_bytes=max(max_bytes, DEFAULT_MAX_BYTES))
     return report
 
 
@@ -230,7 +232,8 @@ async def verify_document(request: web.Request) -> web.Response:
     else:
         body = await read_body(request)
         with pool.admission.request():
-            report = await pool.run(_verify_xml, body, trust, at)
+            report = await pool.run(_verify_xml, body, trust, at,
+                                    request.app[keys.SETTINGS].server.max_body_bytes)
     return _report_response(report)
 
 

@@ -72,7 +72,8 @@ CaKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 class PkiError(Exception):
     """A test-PKI operation that cannot be done. Codes: `pki_missing`, `unknown_profile`,
     `unknown_serial`, `root_not_revocable`, `already_revoked`, `unknown_reason`,
-    `dea_number_required`, `dea_number_*` (from gateway.identifiers), `csr_invalid`,
+    `dea_number_required`, `dea_number_not_registration` (an X-prefixed former DATA-waiver
+    number), `dea_number_*` (from gateway.identifiers), `csr_invalid`,
     `invalid_validity`, `unsupported_key`."""
 
     def __init__(self, message: str, code: str) -> None:
@@ -757,6 +758,13 @@ def issue_certificate(
         raise PkiError(f"profile {profile} needs a DEA number", "dea_number_required")
     if spec.dea == "none":
         registration = None
+    if registration is not None and registration.registrant_kind == "data_waiver_practitioner":
+        # 21 CFR 1311.25, 1311.105: a CSOS or EPCS certificate carries a DEA registration. An
+        # X number was the DATA-waiver identifier, never a registration of its own (and the
+        # waiver ended in 2023): no DEA certificate is issued for it.
+        raise PkiError(f"{registration.registration} is a former DATA-waiver number, not a DEA "
+                       "registration; certify the practitioner's registration number",
+                       "dea_number_not_registration")
 
     start = not_before or (_now() - dt.timedelta(minutes=5))
     end = not_after or (start + dt.timedelta(days=validity_days))

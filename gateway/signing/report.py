@@ -16,6 +16,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.signing.validation import MAX_CACHED_CERTIFICATE_BYTES
 
 
 class Indication(str, enum.Enum):
@@ -120,6 +123,9 @@ class CertificateSummary:
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> CertificateSummary:
+        # a certificate the sender made huge is summarised, never kept (as validation's caches)
+        if len(cert.public_bytes(Encoding.DER)) > MAX_CACHED_CERTIFICATE_BYTES:
+            return cls._build(cert)
         return _summary(cert)
 
     @classmethod

@@ -15,6 +15,9 @@ only, no network of its own); this module supplies the anchors, the CRLs and cac
 - `TrustStore.validate_certificate` remembers successful validations per (certificate, extra
   certificates, usage, CRL state) and reuses one while `at` lies inside the window in which every
   certificate of the path and every CRL is valid: nothing that decided the outcome can differ.
+  No cache keeps a certificate larger than MAX_CACHED_CERTIFICATE_BYTES (the sender's choice).
+- Every certificate a signature carries named like an issuer is a candidate issuer (of the path,
+  and of each CRL): one whose key cannot have made a signature counts as not verifying it.
 
 Revocation policy (`_revocation_on_receipt`): every certificate of the path below the anchor needs
 a CRL of its issuer, signed by the issuer's key and current *now* (not at the signing time), and a
@@ -61,6 +64,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, ExtensionOID
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator import errors as cv_errors
+from pyhanko_certvalidator.sig_validate import DefaultSignatureValidator
 
 from gateway.signing.errors import SignerCertificateRefused, TimeOutOfRange
 
@@ -80,6 +84,17 @@ MAX_CRL_BYTES = 10 * 1024 * 1024
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a CRL issued this little "in the future" is usable
 _COVERED_LIMIT = 10_000
 _RESULT_CACHE_SIZE = 4096
+# Certificates come from whoever sends a signature, and every cache below keeps those it is keyed
+# by: 20 documents under 300 KB self-signed certificates left 48 MB held. Real certificates are
+# 1-2 KB; larger ones are worked on anew each time and never kept.
+MAX_CACHED_CERTIFICATE_BYTES = 16 * 1024
+
+
+def _small(certs: Iterable[x509.Certificate]) -> bool:
+    """Small enough, together, to be kept by a cache (a signer and its chain are a few KB; a
+    remembered validation is keyed by the signer and every other certificate the signature
+    carries, up to 31 of the sender's choosing)."""
+    return sum(len(_der(c)) for c in certs) <= MAX_CACHED_CERTIFICATE_BYTES
 
 
 def utcnow() -> dt.datetime:
@@ -441,7 +456,7 @@ class CrlCache:
                 self._covered.clear()
             if len(self._covered) > _COVERED_LIMIT:
                 self._covered.clear()
-            self._covered.update(certs)
+            self._covered.update(c for c in certs if _small((c,)))
             due = [
                 e.next_update if _current(e, now)
                 else self._failed_urls.get(url, now) + dt.timedelta(seconds=self.retry_failed_after)
@@ -616,6 +631,8 @@ class TrustStore:
         known = self._issued_cache.get(cert)
         if known is None:
             known = any(_issued(cert, ca) for ca in (*self.anchors, *self.intermediates))
+            if not _small((cert,)):
+                return known
             if len(self._issued_cache) > _COVERED_LIMIT:
                 self._issued_cache.clear()
             self._issued_cache[cert] = known
@@ -670,7 +687,7 @@ class TrustStore:
             if hit is not None:
                 return hit
             result, window = self._validate(cert, at, wanted, extra_certs, entries, now)
-            if result.valid and window is not None:
+            if result.valid and window is not None and _small((cert, *extra_certs)):
                 if len(self._results) >= _RESULT_CACHE_SIZE:
                     self._results.clear()
                 self._results[key] = _CachedSuccess(*window, result.path)
@@ -700,6 +717,7 @@ class TrustStore:
             revocation_mode=self.revocation_mode,
             # The current CRL is used for a signing time in the past (its thisUpdate is later).
             retroactive_revinfo=True,
+            signature_validator=_SIGNATURES,
         )
         validator = CertificateValidator(_asn1(cert), validation_context=context)
         try:
@@ -729,8 +747,9 @@ class TrustStore:
             # (an exotic extension or key): not a chain we can trust.
             return _failed(at, CHECK_CHAIN, "certificate_chain_invalid",
                            f"{type(exc).__name__}: {exc}"), None
-        except Exception as exc:  # noqa: BLE001 - e.g. an AssertionError of the path checks on
-            # an issuer key of the wrong type: a crafted chain must not crash the verifier
+        except Exception as exc:  # noqa: BLE001 - any other error of the path checks on a
+            # crafted chain (keys of the wrong type are _SignatureValidator's): it must not crash
+            # the verifier
             return _failed(at, CHECK_CHAIN, "certificate_chain_invalid",
                            f"{type(exc).__name__}: {exc}"), None
 
@@ -934,6 +953,8 @@ _x509_cache: dict[bytes, x509.Certificate] = {}
 
 def _asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
     der = _der(cert)
+    if len(der) > MAX_CACHED_CERTIFICATE_BYTES:
+        return asn1_x509.Certificate.load(der)
     found = _asn1_cache.get(der)
     if found is None:
         if len(_asn1_cache) > 1024:
@@ -944,12 +965,30 @@ def _asn1(cert: x509.Certificate) -> asn1_x509.Certificate:
 
 def _from_asn1(cert: asn1_x509.Certificate) -> x509.Certificate:
     der = cert.dump()
+    if len(der) > MAX_CACHED_CERTIFICATE_BYTES:
+        return x509.load_der_x509_certificate(der)
     found = _x509_cache.get(der)
     if found is None:
         if len(_x509_cache) > 1024:
             _x509_cache.clear()
         found = _x509_cache[der] = x509.load_der_x509_certificate(der)
     return found
+
+
+class _SignatureValidator(DefaultSignatureValidator):
+    """The library's signature check, with a key that cannot have made the signature (an EC key
+    for an RSA signature: the library asserts the key type) a signature that does not verify.
+    Every certificate of the bag named like an issuer is tried as one, for the path and for each
+    CRL's issuer; an AssertionError ended the whole validation at the first look-alike."""
+
+    def validate_signature(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().validate_signature(*args, **kwargs)
+        except (AssertionError, TypeError, ValueError, UnsupportedAlgorithm) as exc:
+            raise InvalidSignature(f"the key cannot verify this signature ({type(exc).__name__})") from None
+
+
+_SIGNATURES = _SignatureValidator()
 
 
 def _run_sync(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from lxml import etree
 
 from gateway.signing.base import KeySigner, raw_to_der_ecdsa
+from gateway.signing.cms import MAX_CERTIFICATES
 from gateway.signing.errors import SignatureRefused, SigningError, clipped
 from gateway.signing.validation import load_certificate
 from gateway.xmlsafe import (
@@ -521,6 +522,14 @@ def _certificates(key_info: etree._Element) -> tuple[tuple[str, ...], list[etree
             )
         for item in _children(child, "X509Data"):
             if item.tag == X509_CERTIFICATE:
+                if len(certificates) == MAX_CERTIFICATES:
+                    # As for CMS: each is a candidate for the path to an anchor, and hundreds of
+                    # look-alike intermediates kept the path checks, which every verification
+                    # of the process waits on, busy for seconds.
+                    raise XmlSignatureError(
+                        "signature_malformed", f"more than {MAX_CERTIFICATES} X509Certificate "
+                        f"elements in KeyInfo; at most {MAX_CERTIFICATES} are accepted",
+                    )
                 certificates.append("".join((_text(item, "X509Certificate") or "").split()))
             elif item.tag == X509_CRL:
                 _check_crl(item)
