@@ -310,6 +310,22 @@ def _trailing_months(gs, gi, c, month):
     gs[gi, G_CACHE + T_USUAL_DAY] = usual_day
 
 
+@njit(cache=True, error_model="numpy", _nrt=False, forceinline=True)
+def _window_sums(v, win, ring, dslot, old, nd):
+    """The 30-day sums of state vector v (at v[win + 2:]) added again from the order days
+    old .. nd-1 of its ring (at v[ring:], dslot values a day), the new day not yet counted.
+    Subtracting the days that left is exact while every sum is a whole number below 2**53 (the
+    usual dosage units); a fractional unit leaves a rounding residue that outlives its day
+    (449 + 14 + 37 came to 499.99999999999994 after a 49.3 left, below a 500 threshold, and
+    days of 0 units kept a share made of residues), so then the sums are made afresh."""
+    for k in range(1, dslot):
+        v[win + 1 + k] = 0.0
+    for j in range(old, nd):
+        b = ring + (j % ND) * dslot
+        for k in range(1, dslot):
+            v[win + 1 + k] += v[b + k]
+
+
 LOG1P_TABLE = 1 << 16  # whole numbers below this get log1p from a table (`_log1p`)
 
 
@@ -398,9 +414,8 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
             c[C_WIN + 3] -= c[ob + 2]
             old += 1
         c[C_WIN] = old
-        if c[C_WIN + 1] == 1.0:  # today alone: exactly zero so far (no rounding residue)
-            c[C_WIN + 2] = 0.0
-            c[C_WIN + 3] = 0.0
+        if c[C_WIN + 2] != math.floor(c[C_WIN + 2]) or c[C_WIN + 3] != math.floor(c[C_WIN + 3]):
+            _window_sums(c, C_WIN, C_DAYS, C_DSLOT, old, nd)
     c[dbase + 1] += units
     c[C_WIN + 2] += units
     if controlled:
@@ -430,8 +445,8 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
             gs[gi, G_WIN + 2] -= gs[gi, ob + 1]
             old += 1
         gs[gi, G_WIN] = old
-        if gs[gi, G_WIN + 1] == 1.0:
-            gs[gi, G_WIN + 2] = 0.0
+        if gs[gi, G_WIN + 2] != math.floor(gs[gi, G_WIN + 2]):
+            _window_sums(gs[gi], G_WIN, G_DAYS, G_DSLOT, old, nd)
         nd += 1
     else:
         dbase = last
@@ -1140,6 +1155,8 @@ def render_reasons(bits, feats, fam, fam_text, fam_off, peer, peer_text, peer_of
                         pos += 1
                     continue
                 x = feats[j, arg[q]]
+                if o == OP_INT and 0.0 < x < 0.5:
+                    o = OP_ONE  # under half a unit (score._fmt): 0.4, not 0
                 scale = 1.0 if o == OP_INT else (10.0 if o == OP_ONE else 100.0)
                 y = np.floor(x * scale + 0.5)  # score._r_int, in float until checked
                 if not abs(y) < _SAFE:  # NaN too

@@ -289,7 +289,10 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
         K.R_PEER: _sev(pl.col("peer_z"), cfg.peer_z),
         K.R_PEER_MONTH: pl.when(pl.col("lu") >= pl.col("p_line_log_mean")).then(
             _sev(pl.col("peer_month_z"), cfg.peer_month_z)).otherwise(0.0),
-        K.R_FREQ: pl.when(pl.col("interval_ratio") >= cfg.frequency_min_interval_ratio).then(
+        # no interval yet (fewer than recent_intervals + 1 order days): not judged, as in the
+        # kernel (Polars orders NaN above every number: NaN >= x would be true)
+        K.R_FREQ: pl.when(pl.col("interval_ratio").is_not_nan()
+                          & (pl.col("interval_ratio") >= cfg.frequency_min_interval_ratio)).then(
             _sev(pl.col("frequency_ratio"), cfg.frequency_ratio)).otherwise(0.0),
         K.R_INTERVAL: _sev(pl.col("interval_ratio"), cfg.interval_ratio),
         K.R_NEW_FAMILY: pl.when(pl.col("new_family_share").is_nan()).then(0.0).otherwise(

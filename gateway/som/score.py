@@ -61,7 +61,9 @@ TEMPLATES: tuple[tuple[int, tuple], ...] = (
                       ("i", K.F_PEER_MLIM), " ({peer}; typical month ", ("i", K.F_PEER_MTYP),
                       ")")),
     (K.R_FREQ, ("{fam}: ", ("i", K.F_N30), " order days in the last 30 days = ",
-                ("r", K.F_FREQ), "x the usual ", ("r", K.F_USUAL_N), " a month")),
+                ("r", K.F_FREQ), "x the usual ", ("r", K.F_USUAL_N),
+                # the ratio divides by at least 1 (4 days against a usual 0.5 is 4.0x, not 8.0x)
+                " a month (counted as 1 when fewer)")),
     (K.R_INTERVAL, ("{fam}: interval between orders shrank to ", ("r", K.F_RECENT_GAP),
                     " days from a usual ", ("r", K.F_USUAL_GAP), "")),
     (K.R_NEW_FAMILY, ("{fam}: new family after ", ("i", K.F_TENURE),
@@ -97,8 +99,14 @@ def _scaled(x: float, scale: int) -> int | str:
 
 def _fmt(kind: str, x: float, cap: float) -> str:
     if kind == "i" or kind == "cap":
-        t = _scaled(cap if kind == "cap" else x, 1)
-        return t if isinstance(t, str) else f"{t:,}"
+        x = float(cap if kind == "cap" else x)
+        # Under half a unit gets its decimal rather than 0: fractional dosage units (0.4 a
+        # line) were quoted as "2 units = 6.0x the trailing 12-month average order of 0".
+        if 0.0 < x < 0.5:
+            kind = "r"
+        else:
+            t = _scaled(x, 1)
+            return t if isinstance(t, str) else f"{t:,}"
     if kind == "r":
         t = _scaled(x, 10)
         if isinstance(t, str):
