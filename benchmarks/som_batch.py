@@ -78,7 +78,8 @@ def features_sql(source: str, cfg: SomConfig = SomConfig(), *, columns: list[str
                      f"THEN least(coalesce(sustained_ratio / {c.sustained_ratio}, 0), 0.999) "
                      f"ELSE coalesce(sustained_ratio / {c.sustained_ratio}, 0) END",
     }
-    cap = (f"CASE WHEN mtd - u > {c.monthly_cap} THEN least(coalesce(cap_ratio, 0), 1.0) "
+    cap = (f"CASE WHEN mtd - u > {c.monthly_cap} AND mtd - u >= {c.cap_over_usual} * max_month_12m "
+           f"THEN least(coalesce(cap_ratio, 0), 1.0) "
            f"ELSE coalesce(cap_ratio, 0) END")
     bits = " + ".join(f"CASE WHEN sev_{k} >= 1 THEN {K.REASON_BITS[k]} ELSE 0 END" for k in sev)
     bits += f" + CASE WHEN sev_cap > 1 THEN {K.R_CAP} ELSE 0 END"

@@ -636,7 +636,9 @@ def process_line_lu(gs, gi, c, day, units, lu, controlled, peers, pi, cfg, feat,
     if cfg[K_CAP] > 0 and history and mtd >= cfg[K_CAP_USUAL] * maxm12:
         f_cap = mtd / cfg[K_CAP]
         sev = f_cap
-        if mtd - units > cfg[K_CAP]:  # the month was already over the cap before this line
+        # Already over the cap, and unusual, before this line: flagged then (no echo). A month
+        # that crossed the cap while still usual is flagged when it becomes unusual.
+        if mtd - units > cfg[K_CAP] and mtd - units >= cfg[K_CAP_USUAL] * maxm12:
             sev = min(sev, 1.0)
         if sev > 1.0:
             bits |= R_CAP

@@ -307,7 +307,9 @@ def _judge(x: pl.DataFrame, cfg: SomConfig, peers: pl.DataFrame) -> pl.DataFrame
         .otherwise(_sev(pl.col("sustained_ratio"), cfg.sustained_ratio)),
     }
     cap = pl.col("cap_ratio").fill_nan(0.0)
-    cap = pl.when(pl.col("mtd") - pl.col("u") > cfg.monthly_cap).then(
+    before = pl.col("mtd") - pl.col("u")  # the month before this line: flagged then already?
+    cap = pl.when((before > cfg.monthly_cap)
+                  & (before >= cfg.cap_over_usual * pl.col("tot_max12"))).then(
         pl.min_horizontal(cap, pl.lit(1.0))).otherwise(cap)
     bits = pl.lit(0, pl.Int32)
     for bit, s in sevs.items():

@@ -106,3 +106,23 @@ def test_a_line_under_half_a_unit_is_quoted_with_its_decimal_not_as_0() -> None:
         fast = reasons_frame(np.array([K.R_SIZE]), feats, pl.Series(["oxy"]),
                              pl.Series(["peers: all customers"]), 8000.0)[0]
         assert fast == reasons_text(K.R_SIZE, feats[0], "oxy", ("", ""), 8000.0) == expected
+
+
+def test_a_month_over_the_cap_is_flagged_when_it_becomes_unusual() -> None:
+    # A usual month of 7,000 units (4 x 1,750), cap 8,000, unusual from 1.4 x 7,000 = 9,800.
+    # January crosses the cap at its 5th line (8,750: still usual, not flagged) and becomes
+    # unusual at its 6th (10,500). That line was never flagged: "already over the cap" silenced
+    # every line after the crossing, though none of them had been flagged.
+    from gateway.som.config import SomConfig
+    from gateway.som.kernels import R_CAP
+
+    cfg = SomConfig(monthly_cap=8000)
+    rows = [("B1", "oxy", f"2023-{m:02d}-{d:02d}", 1750) for m in range(1, 13) for d in (3, 10, 17, 24)]
+    rows += [("B1", "oxy", f"2024-01-{d:02d}", 1750) for d in (2, 4, 6, 8, 10, 12, 14)]
+    df = lines(rows)
+    out = score_orders(df, cfg, keep_features=True).tail(7)
+    flagged = [bool(b & R_CAP) for b in out["findings"]]
+    assert flagged == [False, False, False, False, False, True, False], out["reasons"].to_list()
+    assert "10,500 units this month" in out["reasons"][5] or "10500" in out["reasons"][5]
+    ref = reference.features(df, cfg).tail(7)
+    assert ref["findings"].to_list() == out["findings"].to_list()
