@@ -208,7 +208,9 @@ def _init_locked(settings: Settings) -> dict[str, Any]:
         "trust_bundle": str(settings.trust_bundle_path.resolve()),
         "crl_dir": str((settings.pki_dir / "crl").resolve()),
         "catalog": str(settings.catalog_path.resolve()),
-        "database": settings.effective_database_url if not settings.database_url else "postgresql",
+        # a PostgreSQL URL may hold a password: its scheme only
+        "database": (settings.effective_database_url
+                     if settings.effective_database_url.startswith("sqlite:") else "postgresql"),
         "audit_key": AUDIT_KEY_LABEL,
         "clients": clients,
         "keys": keys,

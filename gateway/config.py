@@ -135,7 +135,14 @@ class Settings:
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.sqlite_path}"
+        """The database URL in use. A relative `sqlite:///PATH` is in the home, like every other
+        file of it: taken from the working directory, a command run elsewhere (a service
+        started from /, the operator's shell in the home) opened another database, a second
+        archive and audit trail that each looked intact."""
+        url = self.database_url or f"sqlite:///{self.sqlite_path}"
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            return f"sqlite:///{self.home.absolute() / url.removeprefix('sqlite:///')}"
+        return url
 
 
 def resolve_home(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -145,9 +145,28 @@ def test_sqlite_urls_that_name_no_database_file_are_config_invalid(
 
 
 def test_sqlite_urls_with_a_path_are_accepted(tmp_path: Path) -> None:
-    for url in (f"sqlite:///{tmp_path}/gw.sqlite3", "sqlite:///relative.sqlite3"):
-        settings = load_settings(_home(tmp_path, f'[database]\nurl = "{url}"\n'))
-        assert settings.effective_database_url == url
+    url = f"sqlite:///{tmp_path}/gw.sqlite3"
+    assert load_settings(_home(tmp_path, f'[database]\nurl = "{url}"\n')).effective_database_url == url
+
+
+def test_a_relative_sqlite_path_is_in_the_home_whatever_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was taken from the working directory: a command run from elsewhere opened (and
+    created) another database, a second archive and audit trail, each intact on its own."""
+    home = _home(tmp_path, '[database]\nurl = "sqlite:///data/gw.sqlite3"\n')
+    assert load_settings(home).effective_database_url == f"sqlite:///{home.absolute()}/data/gw.sqlite3"
+    (home / "data").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd, name in ((elsewhere, "one"), (home, "two")):
+        done = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "clients", "add",
+                               name, "--role", "admin"], capture_output=True, text=True, timeout=120,
+                              cwd=cwd)
+        assert done.returncode == 0, done.stderr[-2000:]
+    listed = subprocess.run([sys.executable, "-m", "gateway", "--home", str(home), "clients", "list"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "one" in listed.stdout and "two" in listed.stdout, listed.stdout + listed.stderr
+    assert list(elsewhere.iterdir()) == [] and not (home / "gw.sqlite3").exists()
 
 
 # --- catalog import ---------------------------------------------------------------------------
