@@ -163,3 +163,17 @@ async def authenticate(storage: Storage, token: str) -> Client | None:
     if not client.active:
         return None
     return client
+
+
+async def refusal_reason(storage: Storage, token: str) -> dict[str, str]:
+    """Why `authenticate` refused this token, for the audit event (21 CFR 1311.150: who tried):
+    {"reason": "unknown_token"} or, when the token names a client, its name and
+    "revoked" / "wrong_secret". Never the secret."""
+    token_id = parse_token_id(token)
+    found = await storage.client_by_token_id(token_id) if token_id is not None else None
+    if found is None:
+        return {"reason": "unknown_token"}
+    client, stored = found
+    if not hmac.compare_digest(stored, token_hash(token)):
+        return {"client": client.name, "reason": "wrong_secret"}
+    return {"client": client.name, "reason": "revoked" if not client.active else "unknown_token"}

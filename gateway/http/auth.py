@@ -5,6 +5,9 @@ database. The fast path cannot afford that on every request, so successful looku
 the SHA-256 of the token for a short time (`ttl_s`, one second by default): a revocation made by
 another process takes effect within that time, and one made through this process at once
 (`invalidate`). Failed lookups are never cached, so a client created a moment ago works at once.
+The same holds for a request already in flight: signing asks the cache again once the body is in
+and once the signature is made (gateway.http.documents), so a revocation or a withdrawn key grant
+is not outlived by a slow upload or a wait in the queue.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from gateway.storage.base import AuditEvent, Client
 log = logging.getLogger("gateway.http.auth")
 
 Authenticate = Callable[[str], Awaitable[Client | None]]
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` value (scheme case-insensitive), else None."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class ClientCache:

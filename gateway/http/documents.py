@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.http import keys
+from gateway.http.auth import bearer_token
 from gateway.http.bodies import read_body, read_parts
 from gateway.http.errors import ApiError
 from gateway.http.middleware import refuse
@@ -108,6 +109,26 @@ def _certificate_refusal(trust: Any, certificate: Any) -> SignerCertificateRefus
     return None
 
 
+async def _still_allowed(request: web.Request, label: str) -> None:
+    """Refuse unless the client's token is still valid and still grants `label`.
+
+    The guard checked the token when the request arrived; the body may take up to
+    `body_timeout_s` to come in and the signature waits in the queue. A client revoked, or a key
+    grant withdrawn, meanwhile (`gateway clients revoke|keys`) must not get a signature and an
+    archived document seconds later (21 CFR 1311.150: changes to access controls). Asked through
+    the client cache, this costs a database lookup at most once per token per cache TTL."""
+    token = bearer_token(request.headers.get("Authorization", ""))
+    current = await request.app[keys.CLIENTS].client(token) if token else None
+    if current is None:
+        raise await refuse(request, "sign.refused", "invalid_token",
+                           "the client's token was revoked while the request ran", subject=label,
+                           reason="client_revoked")
+    if label not in current.key_labels:
+        raise await refuse(request, "sign.refused", "key_not_allowed",
+                           f"client {current.name!r} may no longer sign with key {label!r}",
+                           subject=label, reason="key_grant_withdrawn")
+
+
 def _parse_at(request: web.Request) -> datetime | None:
     text = request.query.get("at")
     if not text:
@@ -173,6 +194,7 @@ async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, s
                          fmt: str, media: str, body: bytes) -> web.Response:
     if not body:
         raise ApiError("bad_request", "the body is empty")
+    await _still_allowed(request, label)  # the upload took time: no HSM work for a revoked client
     try:
         if fmt == "xmldsig":
             signed = await pool.run(_sign_xml, body, signer, request.app[keys.SETTINGS].server.max_body_bytes)
@@ -186,6 +208,7 @@ async def _sign_admitted(request: web.Request, pool: WorkPool, client: Client, s
         raise  # 503 / 404 by the error middleware
     except xmldsig.SigningError as exc:  # already signed, key without certificate...
         raise ApiError(exc.code, getattr(exc, "message", str(exc)), status=422) from None
+    await _still_allowed(request, label)  # nor a signature released or archived
     digest = hashlib.sha256(body).hexdigest()
     # The natural key makes a resubmission (to this node or another) a 409, never a second record.
     natural_key = f"{client.name}:{label}:{fmt}:{digest}"
@@ -241,12 +264,14 @@ async def get_document(request: web.Request) -> web.Response:
     client = request[keys.CLIENT]
     doc_id = request.match_info["id"]
     doc = await request.app[keys.STORAGE].get_document(doc_id)
-    if doc is None:
-        raise ApiError("not_found", "no such document")
-    if doc.client != client.name:
-        # 404, not 403: a document id must not tell others that it exists.
+    if doc is None or doc.client != client.name:
+        # 404, not 403, and the same path for an id that does not exist as for another client's
+        # document: same body, same audit event and auth-failure count (the public /metrics would
+        # otherwise tell which ids exist), about the same time. Guessing ids is an attempted
+        # unauthorized access either way (21 CFR 1311.150).
+        owner = {"owner": doc.client} if doc is not None else {}
         raise await refuse(request, "document.access_refused", "not_found", "no such document",
-                           subject=doc_id, owner=doc.client)
+                           subject=doc_id, **owner)
     headers = {"X-Document-Id": doc.id, "X-Document-Kind": doc.kind, "X-Document-Sha256": doc.sha256}
     return web.Response(body=doc.content, content_type=doc.content_type, headers=headers)
 

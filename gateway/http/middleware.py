@@ -18,10 +18,10 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.clients import parse_token_id
+from gateway.clients import parse_token_id, refusal_reason
 from gateway.http import keys
 from gateway.http.admission import Overloaded
-from gateway.http.auth import refusal_event
+from gateway.http.auth import bearer_token, refusal_event
 from gateway.http.bodies import PAYLOAD_ERRORS
 from gateway.http.errors import ERROR_CODES, ApiError
 from gateway.http.logs import request_id_var
@@ -360,10 +360,13 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
         return await handler(request)
     request[keys.ROUTE] = route
     if not route.public:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        headers = request.headers.getall("Authorization", [])
+        if len(headers) > 1:
+            # a proxy in front may read the other one than we would (as with ?key=a&key=b)
+            raise await _refuse(request, "auth.refused", "anonymous", "invalid_token",
+                                "more than one Authorization header", token_id=None)
+        token = bearer_token(headers[0] if headers else "")
+        if token is None:
             raise await _refuse(request, "auth.refused", "anonymous", "missing_token")
         if not (token.isascii() and token.isprintable()):
             # Our tokens are printable ASCII; other bytes cannot be one (and cannot be hashed as
@@ -371,9 +374,11 @@ async def guard(request: web.Request, handler):  # noqa: ANN001
             raise await _refuse(request, "auth.refused", "anonymous", "invalid_token", token_id=None)
         client = await request.app[keys.CLIENTS].client(token)
         if client is None:
-            # Only the token's public id goes into the audit trail, never the presented secret.
+            # Only the token's public id goes into the audit trail, never the presented secret;
+            # with the client it names and why (revoked, wrong secret), looked up on refusal only.
+            why = await refusal_reason(request.app[keys.STORAGE], token)
             raise await _refuse(request, "auth.refused", "anonymous", "invalid_token",
-                                token_id=parse_token_id(token))
+                                token_id=parse_token_id(token), **why)
         request[keys.CLIENT] = client
         if client.role not in route.roles:
             raise await _refuse(request, "access.refused", client.name, "role_not_allowed",
