@@ -24,6 +24,8 @@ from gateway.cli import Context, pass_context
 
 # Where load-history keeps the live state, inside the home.
 STATE_FILE = Path("som") / "state.bin"
+# Seconds between redraws of score's progress bar when stderr is no terminal (a log file).
+NON_TTY_REDRAW_SECONDS = 30.0
 
 
 def _fail(code: str, message: str, exit_code: int = 2) -> NoReturn:
@@ -212,14 +214,15 @@ def score_command(ctx: Context, source: str, out: str, config_path: str | None, 
     bar = None
 
     def tick(stage: str) -> None:
-        bar.set_description(stage)
+        bar.set_description(stage, refresh=False)  # redrawn by update, at most every mininterval
         bar.update(1)
 
     try:
         check_output(out, source)  # before anything is read
         count = partitions or default_partitions(source, workers if engine == "local" else max(workers, 2))
+        # Into a log (no terminal) every redraw is another line's worth of text: a few do.
         bar = tqdm(total=steps(count, workers, engine), unit="step", disable=quiet, file=sys.stderr,
-                   desc="score")
+                   desc="score", mininterval=0.1 if sys.stderr.isatty() else NON_TTY_REDRAW_SECONDS)
         run = score_file(source, out, config, partitions=count, workers=workers, engine=engine,
                          scheduler=scheduler, progress=tick)
     except Exception as exc:  # noqa: BLE001 - coded errors become exit 2, others propagate

@@ -3,8 +3,9 @@
 Every feature of the scorer is per customer (its own history, its own families) except the peer
 reference, which is a fixed table of sums. So the work splits by customers:
 
-0. split: one streaming pass over the input (a lazy scan, never the whole file in memory) writes
-   each line to the Parquet files of its partition, chosen by a hash of the customer column;
+0. split: one streaming pass over the input (a lazy scan, never the whole file in memory; a
+   Parquet input a slice of SPLIT_LINES at a time) writes each line to the Parquet files of its
+   partition, chosen by a hash of the customer column;
 1. first pass: each partition (only its peer columns) gives its peer sums; the sums merge into the
    one reference of the whole history (`merge_references`);
 2. second pass: each partition is scored on its own against that same reference and written to its
@@ -12,8 +13,8 @@ reference, which is a fixed table of sums. So the work splits by customers:
 3. the parts are streamed into the output (Parquet or CSV), with the scorer's columns: the input
    columns, then score, flag, reasons.
 
-Peak memory is one partition per worker plus the reference; the input is read once in full and the
-partitions twice. Rows come out in input order, whatever the partitions and workers: each line
+Peak memory is one partition per worker plus the reference (the split and the merge hold a slice
+and a batch a part); the input is read once in full and the partitions twice. Rows come out in input order, whatever the partitions and workers: each line
 carries its position in the input through the split and the scoring (a column no input column is
 named like, not kept), and the parts are merged on it, streaming. The same input gives the same
 output file with 1 or N partitions, on 1 or N workers.
@@ -33,6 +34,7 @@ import contextlib
 import functools
 import math
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
@@ -40,9 +42,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from gateway.som import io as som_io, scratch
 from gateway.som.config import SomConfig
@@ -62,6 +65,14 @@ TARGET_PARTITION_LINES = 4_000_000
 CSV_BYTES_PER_LINE = 90  # to estimate a CSV's lines from its size without reading it
 DASK_CONNECT_TIMEOUT = 5.0  # seconds to reach a Dask scheduler before giving up
 PARENT_CHECK_SECONDS = 0.5  # how often a local worker process checks that its parent is alive
+# Lines the merge of the scored parts into input order holds at once, over all parts (one batch
+# each): a bound whatever the input's size and the number of partitions.
+MERGE_LINES = 262_144
+MIN_MERGE_BATCH = 1_024
+# Lines of a Parquet input split at a time: Polars' partitioned sink of a whole file (with the
+# lines' input positions) grew with the file, about 110 bytes a line, where a file split a slice
+# at a time stays near one slice's worth.
+SPLIT_LINES = 1_000_000
 
 Progress = Callable[[str], None]
 
@@ -165,18 +176,34 @@ def split_input(source: str | Path, work: str | Path, count: int, row_index: str
                 ) -> list[str | None]:
     """Write the lines of each partition of customers under `work` (one streaming pass); the
     directory of each partition, None for one no customer hashed to. With `row_index`, each line
-    gets its position in the input in a column of that name (see `_row_name`)."""
-    lf = som_io._scan(Path(source))
-    if row_index is not None:
-        lf = lf.with_row_index(row_index)
-    names = lf.collect_schema().names()
+    gets its position in the input in a column of that name (see `_row_name`). A Parquet input
+    is split SPLIT_LINES at a time (a CSV one has no cheap way to start mid-file): each slice's
+    files of a partition are named after the slice, so a partition's files read in input order."""
+    source, work = Path(source), Path(work)
+    lf = som_io._scan(source)
+    names = lf.collect_schema().names() + ([row_index] if row_index is not None else [])
     name = _key_name(names)
     customer = _customer_column(lf)
     key = (pl.col(customer).cast(pl.String).hash(seed=0) % count).cast(pl.UInt32)
+    if _is_parquet(source):
+        slices: list[tuple[int, int] | None] = [
+            (start, SPLIT_LINES) for start in range(0, _parquet_lines(source), SPLIT_LINES)]
+    else:
+        slices = [None]
     try:
-        lf.with_columns(key.alias(name)).sink_parquet(
-            pl.PartitionBy(Path(work), key=name, include_key=False), mkdir=True,
-            compression="uncompressed", statistics=False)  # scratch files: fast to write and read
+        for k, piece in enumerate(slices):
+            chunk = lf if piece is None else lf.slice(*piece)
+            if row_index is not None:
+                chunk = chunk.with_row_index(row_index, offset=0 if piece is None else piece[0])
+            staging = work / f"slice-{k:08d}"
+            chunk.with_columns(key.alias(name)).sink_parquet(
+                pl.PartitionBy(staging, key=name, include_key=False), mkdir=True,
+                compression="uncompressed", statistics=False)  # scratch files: fast to write and read
+            for folder in sorted(staging.iterdir()):
+                (work / folder.name).mkdir(exist_ok=True)
+                for file in sorted(folder.glob("*.parquet")):
+                    file.rename(work / folder.name / f"{k:08d}-{file.name}")
+            shutil.rmtree(staging)
     except (pl.exceptions.PolarsError, OSError) as exc:
         if write_failure(exc):
             raise OutputError("som_output_unwritable",
@@ -250,9 +277,11 @@ def partition_reference(part: str) -> pl.DataFrame | None:
 
 @_coded
 def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFrame,
-                out_dir: str, row_index: str | None = None) -> tuple[str | None, int, int]:
+                out_dir: str, row_index: str | None = None, batch: int | None = None
+                ) -> tuple[str | None, int, int]:
     """Second pass task: score one partition against the shared reference; write its part (in
-    input order when the lines carry their input position, `row_index`: _concat_parts merges on it)."""
+    input order when the lines carry their input position, `row_index`: _concat_parts merges on it,
+    reading `batch` lines, one row group, at a time)."""
     lines = _read_partition(part)
     if not lines.height:
         return None, 0, 0
@@ -261,7 +290,8 @@ def _score_task(part: str, index: int, config: dict[str, Any], peers: pl.DataFra
         scored = scored.sort(row_index)
     target = Path(out_dir) / f"part-{index:05d}.parquet"
     with writing(target, "cannot write a scored partition beside the output: "):
-        scored.write_parquet(target, compression="uncompressed", statistics=False)  # scratch, read once
+        scored.write_parquet(target, compression="uncompressed", statistics=False,  # scratch, read once
+                             row_group_size=batch)
     return str(target), scored.height, int(scored["flag"].sum())
 
 
@@ -414,15 +444,68 @@ def _worker_lost(detail: str) -> PartitionError:
                           f"({detail})")
 
 
-def _concat_parts(parts: Iterable[str], output: Path, row_index: str | None = None) -> None:
+def _merge_batch(parts: int) -> int:
+    """Lines read at a time from each of `parts` scored parts when they are merged."""
+    return max(MIN_MERGE_BATCH, MERGE_LINES // max(parts, 1))
+
+
+def _batches(part: str, size: int) -> Iterator[pl.DataFrame]:
+    """The lines of a scored part, `size` at a time (a row group each: _score_task writes them so)."""
+    offset = 0
+    while True:
+        lines = pl.scan_parquet(part).slice(offset, size).collect()
+        if not lines.height:
+            return
+        offset += lines.height
+        yield lines
+
+
+def _in_input_order(parts: list[str], row_index: str, size: int) -> Iterator[pl.DataFrame]:
+    """The lines of the parts (each sorted on `row_index`) in input order, streaming: one batch of
+    each part at a time. Polars' merge_sorted of many parts held them all in memory (1.3 GB for 3M
+    lines on 8 partitions, more than scoring them unpartitioned). Every line a part has still to
+    read comes after that part's last buffered line, so the lines up to the smallest of those
+    (over the parts not read to the end) can go out."""
+    readers = [_batches(p, size) for p in parts]
+    buffers: list[pl.DataFrame | None] = [next(r, None) for r in readers]
+    more = [b is not None for b in buffers]
+    while True:
+        held = [i for i, b in enumerate(buffers) if b is not None and b.height]
+        if not held:
+            return
+        ends = [buffers[i][row_index][-1] for i in held if more[i]]
+        upto = min(ends) if ends else None
+        out = []
+        for i in held:
+            lines = buffers[i]
+            n = lines.height if upto is None else int(lines[row_index].search_sorted(upto, side="right"))
+            out.append(lines[:n])
+            buffers[i] = lines[n:]
+            if more[i] and not buffers[i].height:
+                buffers[i] = next(readers[i], None)
+                more[i] = buffers[i] is not None
+        yield pl.concat(out).sort(row_index).drop(row_index)
+
+
+def _concat_parts(parts: Iterable[str], output: Path, row_index: str | None = None,
+                  batch: int | None = None) -> None:
     """Stream the parts (each with its input columns as read: io.with_input_columns) into the
     output, written under a temporary name, then renamed. With `row_index`, the parts are merged
-    on it into input order, and it is dropped."""
-    scans = [pl.scan_parquet(p) for p in parts]
+    on it into input order (`_in_input_order`, `batch` lines of each part at a time, by default
+    `_merge_batch`), and it is dropped."""
+    parts = list(parts)
+    batch = batch or _merge_batch(len(parts))
     if row_index is None:
-        lazy = pl.concat(scans, how="vertical")
+        lazy = pl.concat([pl.scan_parquet(p) for p in parts], how="vertical")
     else:
-        lazy = functools.reduce(lambda a, b: a.merge_sorted(b, row_index), scans).drop(row_index)
+        schema = pl.scan_parquet(parts[0]).drop(row_index).collect_schema()
+
+        def source(columns: list[str] | None, predicate: Any, n_rows: int | None,
+                   batch_size: int | None) -> Iterator[pl.DataFrame]:
+            for lines in _in_input_order(parts, row_index, batch):
+                yield lines if columns is None else lines.select(columns)
+
+        lazy = register_io_source(source, schema=schema)
     with writing(output), som_io.atomic_output(output) as tmp:
         if output.suffix.lower() == ".csv":
             lazy.sink_csv(tmp)
@@ -508,11 +591,12 @@ def _score_partitions(source: Path, output: Path, config: SomConfig, count: int,
             peers = merge_references(refs)
             tick("reference")
             cfg, shared = config.as_dict(), runner.share(peers)
-            done = runner.map(_score_task, [(p, i, cfg, shared, str(work / "scored"), row)
+            batch = _merge_batch(len(parts))
+            done = runner.map(_score_task, [(p, i, cfg, shared, str(work / "scored"), row, batch)
                                             for i, p in enumerate(parts)], lambda: tick("score"))
             for _ in range(skipped):
                 tick("score")
-        _concat_parts([d[0] for d in done if d[0] is not None], output, row)
+        _concat_parts([d[0] for d in done if d[0] is not None], output, row, batch)
         tick("write")
     return ScoreRun(output, sum(d[1] for d in done), sum(d[2] for d in done), count, workers, engine,
                     time.perf_counter() - started)
