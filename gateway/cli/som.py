@@ -43,22 +43,25 @@ def _guard(exc: Exception) -> NoReturn:
 
 @contextlib.contextmanager
 def _sigterm_exits() -> Iterator[None]:
-    """While a command runs, SIGTERM raises SystemExit(143) (128 + 15, as a shell reports a
-    SIGTERM) so that the `finally` blocks remove temporary outputs and scratch directories; another
-    SIGTERM during that cleanup is ignored. The previous handler is put back after."""
+    """While a command runs, SIGTERM and SIGINT (Ctrl-C) raise SystemExit(143 or 130: 128 + the
+    signal, as a shell reports them) so that the `finally` blocks remove temporary outputs and
+    scratch directories; another of them during that cleanup is ignored. Ctrl-C used to be a
+    KeyboardInterrupt ("Aborted!", exit 1). The previous handlers are put back after."""
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread: signals are not ours to handle
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for sig, before in previous.items():
+            signal.signal(sig, signal.SIG_DFL if before is None else before)
 
 
 def _terminable(command: Callable[..., Any]) -> Callable[..., Any]:

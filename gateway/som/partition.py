@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
@@ -300,6 +301,23 @@ def merge_references(tables: list[pl.DataFrame]) -> pl.DataFrame:
     return merge_peer_references(tables)
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes start, so that they inherit it ignored (through
+    exec, as spawned processes are): a Ctrl-C at the terminal reaches the whole process group,
+    and each worker, still importing, printed a KeyboardInterrupt traceback. The parent handles
+    it and stops them (they also exit with it)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
 class _Runner:
     """Runs a list of task argument tuples, reporting each completion."""
 
@@ -395,7 +413,8 @@ class _Runner:
         elif self._pool is not None:
             try:  # a pool broken since the last map refuses new tasks alike
                 try:
-                    futures = {self._pool.submit(fn, *args): i for i, args in enumerate(tasks)}
+                    with _sigint_ignored():  # the workers it starts ignore Ctrl-C (see there)
+                        futures = {self._pool.submit(fn, *args): i for i, args in enumerate(tasks)}
                 except Exception as exc:
                     # A worker killed while the pool still starts the others: the pool, marked
                     # broken, closes its pipes, and starting the next fails on them in one of
