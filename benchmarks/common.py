@@ -76,19 +76,31 @@ def _memory_gb() -> float | None:
     return None
 
 
+def _load_now() -> dict[str, Any]:
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"load_average": load, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+# The load when the run began (run_main): at the end the load averages count the benchmark's own
+# work (a run that kept both cores busy for a minute reads about 2 with nothing else running), so
+# only this one tells whether other work shared the machine.
+_STARTED: dict[str, Any] | None = None
+
+
 def machine() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"cores": os.cpu_count(), "usable_cores": usable, "cpu": _cpu_model(), "memory_gb": _memory_gb(),
-            "python": platform.python_version(), "machine": platform.machine(),
-            "system": platform.platform(), "load_average": load,
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    facts = {"cores": os.cpu_count(), "usable_cores": usable, "cpu": _cpu_model(), "memory_gb": _memory_gb(),
+             "python": platform.python_version(), "machine": platform.machine(),
+             "system": platform.platform(), **_load_now()}
+    if _STARTED is not None:
+        facts["at_start"] = _STARTED
+    return facts
 
 
 def _run(command: list[str], *, check: bool = False) -> str | None:
@@ -202,6 +214,8 @@ def run_main(main: Callable[[], int | None]) -> int:
     from gateway.som.errors import SomError
     from gateway.storage.base import StorageError
 
+    global _STARTED
+    _STARTED = _load_now()
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(main() or 0)
@@ -213,6 +227,7 @@ def run_main(main: Callable[[], int | None]) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _STARTED = None
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

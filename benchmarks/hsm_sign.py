@@ -25,14 +25,23 @@ from collections.abc import Callable
 from typing import Any
 
 import pkcs11
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pkcs11 import Mechanism, ObjectClass
 
-from benchmarks.common import add_results_option, positive, run_main, scratch, table, write_results
+from benchmarks.common import (BenchmarkError, add_results_option, positive, run_main, scratch, table,
+                               write_results)
 from gateway.config import ServerSettings, load_settings, write_default_config
 from gateway.signing.async_signer import AsyncSigner
+from gateway.signing.base import raw_to_der_ecdsa
 from gateway.signing.hsm import Hsm
 from gateway.signing.pkcs11_batch import BatchSigner
 from gateway.signing.softhsm import ensure_softhsm_token
+
+
+class SigningThreadFailed(BenchmarkError, RuntimeError):
+    """A raw side's thread could not open its session, find its key or sign: no rate at all."""
 
 
 def _rate_on_sessions(hsm: Hsm, label: str, sessions: int, seconds: float,
@@ -67,7 +76,7 @@ def _rate_on_sessions(hsm: Hsm, label: str, sessions: int, seconds: float,
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"a signing thread failed: {errors[0]!r}") from errors[0]
+        raise SigningThreadFailed(f"a signing thread failed: {errors[0]!r}") from errors[0]
     return sum(counts) / (time.perf_counter() - t0)
 
 
@@ -103,7 +112,13 @@ def raw_c_rate(hsm: Hsm, label: str, key_type: str, sessions: int, seconds: floa
         items = [(key.handle, mechanism, message)] * batch
         n = 0
         while time.perf_counter() < stop:
-            n += sum(isinstance(r, bytes) for r in signer.sign(session.handle, items))
+            results = signer.sign(session.handle, items)
+            # A refusal is a CK_RV, not an exception: left uncounted, a token that refuses would
+            # read as a slow one, and the pool's ratio to it as a gain (python-pkcs11 raises).
+            refused = [r for r in results if not isinstance(r, bytes)]
+            if refused:
+                raise RuntimeError(f"C_SignInit/C_Sign returned CK_RV 0x{refused[0]:x}")
+            n += len(results)
         return n
 
     return _rate_on_sessions(hsm, label, sessions, seconds, sign_until)
@@ -133,6 +148,47 @@ def pool_rate(hsm: Hsm, label: str, workers: int, seconds: float) -> float:
         return asyncio.run(_pool_rate(signer, label, seconds, concurrency=concurrency))
     finally:
         signer.close()
+
+
+def _verify(public: Any, data: bytes, signature: bytes) -> None:
+    """InvalidSignature unless `signature` (PKCS#1 v1.5, or DER ECDSA) is `public`'s of `data`."""
+    if isinstance(public, rsa.RSAPublicKey):
+        public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+
+
+def check_signatures(hsm: Hsm, label: str, key_type: str, public: Any = None) -> None:
+    """Before any is timed, each side's way of signing must make a signature that verifies with
+    `label`'s public key (`public`, by default the token's): a side that signs wrongly, or with
+    another key, would be measured as fast as one that signs right. BenchmarkError
+    results_disagree otherwise."""
+    public = public if public is not None else hsm.public_key(label)
+    data = b"benchmark check"
+    mechanism, message = _mechanism(hsm, key_type, data)
+    der = raw_to_der_ecdsa if key_type == "p256" else (lambda raw: raw)
+    token = pkcs11.lib(hsm.module).get_token(token_label=hsm.token_label)
+    with token.open() as session:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+        raw_py = key.sign(message, mechanism=mechanism)
+        raw_c = BatchSigner(hsm.module).sign(session.handle, [(key.handle, mechanism, message)])[0]
+    if not isinstance(raw_c, bytes):
+        raise BenchmarkError(f"{key_type}: the compiled loop could not sign (CK_RV 0x{raw_c:x})",
+                             code="results_disagree")
+
+    async def pooled() -> bytes:
+        signer = AsyncSigner(hsm, workers=1)
+        try:
+            return await signer.sign(label, data)
+        finally:
+            signer.close()
+
+    for side, signature in (("raw_py", der(raw_py)), ("raw_c", der(raw_c)), ("pool", asyncio.run(pooled()))):
+        try:
+            _verify(public, data, signature)
+        except InvalidSignature:
+            raise BenchmarkError(f"{key_type}: the {side} side's signature does not verify with the key "
+                                 f"'{label}'", code="results_disagree") from None
 
 
 KEY_TYPES = ("rsa2048", "p256")
@@ -187,6 +243,7 @@ def _measure(args: argparse.Namespace, hsm: Hsm, cores: int) -> list[dict[str, A
         label = f"bench-{key_type}"
         hsm.generate_keypair(label, key_type)
         hsm.sign(label, b"warm-up")
+        check_signatures(hsm, label, key_type)
         for n in sorted({1, cores}):
             # Rounds rotate which side runs first, so that drift in the machine's speed (a shared
             # host varies by 15% from one second to the next) hits all three alike.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -35,6 +36,18 @@ from benchmarks.common import (BenchmarkError, add_results_option, positive, run
                                table, write_results)
 
 KEY = "bench-http-rsa"
+
+# The benchmark's home is its own, database included: a database named in the environment (an
+# operator's archive, the tests' PostgreSQL) would receive the benchmark's client and thousands of
+# signed documents and audit events, which an append-only archive cannot give back, and the
+# figures would not be the SQLite ones they are reported as.
+DATABASE_ENV = "GATEWAY_DATABASE_URL"
+
+
+def own_environment() -> dict[str, str]:
+    """This process's environment without the variables that would point the benchmark's home
+    elsewhere: what the server runs with."""
+    return {k: v for k, v in os.environ.items() if k != DATABASE_ENV}
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -53,7 +66,7 @@ def make_home(home: Path) -> str:
     text = settings.config_path.read_text()
     text = re.sub(r"port = \d+", "port = 0", text)
     settings.config_path.write_text(text)
-    settings = load_settings(home)
+    settings = dataclasses.replace(load_settings(home), database_url="")  # SQLite in the home (DATABASE_ENV)
     ensure_softhsm_token(settings)
     ensure_test_pki(settings.pki_dir)
     hsm = Hsm.open(settings)
@@ -107,7 +120,7 @@ def start_server(home: Path, log_level: str, timeout: float = 60.0) -> tuple[sub
     with open(home / "server.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "--home", str(home), "serve", "--port", "0",
                                  "--ready-file", str(ready), "--log-level", log_level],
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                stdout=subprocess.DEVNULL, stderr=log, env=own_environment())
     try:
         deadline = time.monotonic() + timeout
         while not (ready.exists() and ready.read_text().strip()):
@@ -129,6 +142,20 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
     return stop_process(proc, timeout)
 
 
+def log_tail(home: Path, lines: int = 20) -> str:
+    """The end of the server's log, for a message: the scratch home goes when the run ends."""
+    log = home / "server.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def check_server(proc: subprocess.Popen, home: Path, phase: str) -> None:
+    """BenchmarkError server_failed when the server has exited: the figures of a phase it did not
+    live through (connections refused, counted as wrk's socket errors) are not its capacity."""
+    if proc.poll() is not None:
+        raise BenchmarkError(f"the server exited ({proc.returncode}) during {phase}:\n{log_tail(home)}",
+                             code="server_failed")
+
+
 def _cpu_s(pid: int) -> float:
     import psutil
 
@@ -140,7 +167,10 @@ def loop_lag_buckets(port: int) -> dict[str, float]:
     """The server's event-loop lag histogram (cumulative buckets) from /metrics."""
     import urllib.request
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError as exc:  # URLError, a refused connection, a timeout
+        raise BenchmarkError(f"the server's /metrics did not answer: {exc}", code="server_failed") from None
     out = {}
     for line in text.splitlines():
         if line.startswith("gateway_event_loop_lag_seconds_bucket"):
@@ -458,19 +488,23 @@ def _run(args: argparse.Namespace, generator: str, home: Path, argv: list[str] |
             capacity = wrk_closed_loop(port, token, "cap", args.connections, args.seconds)
         else:
             capacity = python_load(port, token, "cap", args.seconds, rate=None, connections=args.connections)
+        check_server(proc, home, "the capacity run")
         if not capacity["ok"]:
             raise BenchmarkError(f"no request was signed under load ({capacity['non2xx']} answered otherwise, "
-                                 f"{capacity['socket_errors']} socket errors); see the server log",
+                                 f"{capacity['socket_errors']} socket errors); the server's log ends:\n"
+                                 f"{log_tail(home)}",
                                  code="load_failed")
         capacity["server_cpu_us_per_request"] = (_cpu_s(proc.pid) - cpu_before) / capacity["ok"] * 1e6
         rss_before = rss_mb(proc.pid)
         offered = capacity["ok_per_s"] * args.overload
         lag0 = loop_lag_buckets(port)
         overload = overload_load(generator, port, token, "over", args.seconds, offered, args.connections)
+        check_server(proc, home, "the overload run")
         overload["loop_lag_median_ms"] = lag_median_ms(lag0, loop_lag_buckets(port))
         rss_after = rss_mb(proc.pid)
         # a second overload round: memory must not keep growing
         overload2 = overload_load(generator, port, token, "over2", args.seconds, offered, args.connections)
+        check_server(proc, home, "the second overload run")
         rss_after2 = rss_mb(proc.pid)
     finally:
         code = stop_server(proc)

@@ -361,9 +361,13 @@ con.execute(f"COPY (SELECT s.* EXCLUDE (_row), r.score, r.flag, r.reasons FROM s
 
 
 _PARTITION_CMD = """
+import signal
 import sys
 from gateway.som.partition import score_file
 if __name__ == "__main__":
+    # SIGTERM (run_command's stop) unwinds, as in `gateway som score`: the runner stops its
+    # workers and the parts directory is removed, instead of workers left to notice on their own
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     score_file(src, out, workers=workers, partitions=1 if workers == 1 else None)
 """
