@@ -50,7 +50,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from gateway.storage.base import (
-    ARCHIVED_KEY, ARCHIVED_ROW_KEY, GENESIS_HASH, LINKED_KEY, AuditRecord, Checkpoint, Storage,
+    ADOPTED_EVENT, ARCHIVED_KEY, ARCHIVED_ROW_KEY, GENESIS_HASH, LINKED_KEY, AuditRecord,
+    Checkpoint, Storage,
 )
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -72,6 +73,8 @@ PROBLEMS = {
     "link_modified": "a linked record does not match the hash the trail recorded (edited)",
     "link_missing": "a linked record the trail records is missing (deleted)",
     "link_unchained": "a linked record is not in the audit trail (inserted)",
+    "late_adoption": "rows were adopted into the trail after audit events pinned rows one unit "
+                     "at a time (listed for adoption in the database after the upgrade)",
     "head_mismatch": "the chain head does not match the last record (records cut off)",
     "anchor_mismatch": "the record an anchor kept outside the database names is gone or differs "
                        "(rolled back, cut off or rebuilt)",
@@ -153,6 +156,17 @@ class _Problem:
     link_id: int | None = None
 
 
+def _link_id(key: object) -> int | None:
+    """The link id a `linked_sha256` key names, as the storage writes it (the decimal digits of
+    a positive 64-bit id); None for anything else. A key edited in the database ('²', which
+    str.isdigit accepts and int() refuses, or a number past any id) is then reported at its
+    record rather than crashing the walk or failing the lookup of every link of its page."""
+    if not (isinstance(key, str) and key.isascii() and key.isdecimal()) or key.startswith("0"):
+        return None
+    value = int(key)
+    return value if value < 2 ** 63 else None
+
+
 def _hash_of(rec: AuditRecord) -> str | None:
     """The record's expected hash; None when its content cannot even be encoded."""
     try:
@@ -219,6 +233,8 @@ class _Walk:
         self.unverified = 0
         self.documents = 0
         self.links = 0
+        # whether a unit's own event pinned archive rows yet: the upgrade's adoption comes first
+        self.rows_pinned = False
         # checkpoints met at their seq whose `audit_checkpoint` record is still to come
         self.pending: dict[int, Checkpoint] = {}
 
@@ -280,8 +296,21 @@ class _Walk:
         pinned = {key: rec.details[key] for key in (ARCHIVED_KEY, ARCHIVED_ROW_KEY, LINKED_KEY)
                   if key in rec.details}
         if not all(isinstance(v, dict) for v in pinned.values()) or not all(
-                str(k).isdigit() for k in pinned.get(LINKED_KEY, {})):
+                _link_id(k) is not None for k in pinned.get(LINKED_KEY, {})):
             return _Problem("document_modified", rec.seq, "its document hashes are not readable")
+        if pinned and rec.event_type == ADOPTED_EVENT:
+            # Adoption chains what migrations 0003/0004 listed, on the first open after the
+            # upgrade, before any unit is written. One after units pinned their own rows chains
+            # rows someone listed in the adoption tables: an inserted document made to look
+            # archived, or one pinned twice so that the counts hide an inserted one.
+            if self.rows_pinned:
+                adopted = sorted(pinned.get(ARCHIVED_KEY, {}).keys()
+                                 | pinned.get(ARCHIVED_ROW_KEY, {}).keys())
+                return _Problem("late_adoption", rec.seq,
+                                f"{len(adopted)} documents, {len(pinned.get(LINKED_KEY, {}))} "
+                                "linked records", adopted[0] if adopted else None)
+        elif ARCHIVED_ROW_KEY in pinned or LINKED_KEY in pinned:
+            self.rows_pinned = True
         for column, (key, what) in enumerate(((ARCHIVED_KEY, "content"),
                                               (ARCHIVED_ROW_KEY, "archive record"))):
             for doc_id, expected in sorted(pinned.get(key, {}).items()):
@@ -346,9 +375,9 @@ class _Walk:
         # the documents and links this page's records pin, hashed by the database in one round
         wanted = [doc_id for rec in batch if not rec.damaged for key in (ARCHIVED_KEY, ARCHIVED_ROW_KEY)
                   if isinstance(pinned := rec.details.get(key), dict) for doc_id in pinned]
-        wanted_links = [int(link_id) for rec in batch if not rec.damaged
+        wanted_links = [link_id for rec in batch if not rec.damaged
                         and isinstance(pinned := rec.details.get(LINKED_KEY), dict)
-                        for link_id in pinned if str(link_id).isdigit()]
+                        for key in pinned if (link_id := _link_id(key)) is not None]
         digests = await self.storage.document_digests(wanted) if wanted else {}
         links = await self.storage.link_digests(wanted_links) if wanted_links else {}
         for rec in batch:

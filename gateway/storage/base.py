@@ -125,15 +125,16 @@ def _row_digest(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
 
 
-def _time_text(t: datetime | str) -> str:
-    # SQLite's stored text is hashed as it is: an edited time that no longer parses still differs
-    return t if isinstance(t, str) else format_time(t)
+def _time_text(t: datetime | str | None) -> Any:
+    # the stored value is hashed as it is (SQLite's column, PostgreSQL's to_char): an edited time
+    # that no longer parses, or that has no text form (None), still differs
+    return format_time(t) if isinstance(t, datetime) else t
 
 
 def archive_row_digest(*, id: str, kind: str, content_type: str, sha256: str,  # noqa: A002
                        report: str | None, client: str | None, key_label: str | None,
-                       natural_key: str | None, created_at: datetime | str,
-                       retain_until: datetime | str) -> str:
+                       natural_key: str | None, created_at: datetime | str | None,
+                       retain_until: datetime | str | None) -> str:
     """SHA-256 over every column of an archive row but the content (which the chain pins by its
     own hash): `report` as the stored text. Written into the unit's audit event, recomputed from
     the row by `audit verify` (21 CFR 1311.150: records protected from modification)."""
@@ -144,10 +145,32 @@ def archive_row_digest(*, id: str, kind: str, content_type: str, sha256: str,  #
 
 
 def link_row_digest(*, id: int, document_id: str, kind: str, payload: str,  # noqa: A002
-                    client: str | None, created_at: datetime | str) -> str:
+                    client: str | None, created_at: datetime | str | None) -> str:
     """SHA-256 over every column of a linked record (`payload` as the stored text)."""
     return _row_digest({"id": id, "document_id": document_id, "kind": kind, "payload": payload,
                         "client": client, "created_at": _time_text(created_at)})
+
+
+def lookup_ids(ids: Sequence[Any], *, nul: bool = True) -> list[str]:
+    """The distinct ids of `ids` a stored row can have: text UTF-8 can encode (and, when `nul`
+    is False, without NUL, which PostgreSQL text cannot hold). The ids `audit verify` looks up
+    come from audit details, which an edit in the database can fill with anything: one such id
+    names no row, and must neither fail nor empty the lookup of the others."""
+    found: list[str] = []
+    for value in dict.fromkeys(ids):
+        if isinstance(value, str) and (nul or "\x00" not in value):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                continue
+            found.append(value)
+    return found
+
+
+def lookup_link_ids(ids: Sequence[Any]) -> list[int]:
+    """The distinct ids of `ids` a stored link can have: positive 64-bit integers."""
+    return [i for i in dict.fromkeys(ids)
+            if isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2 ** 63]
 
 
 # --- errors ----------------------------------------------------------------------------------

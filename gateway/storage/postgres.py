@@ -24,7 +24,7 @@ from gateway.storage.base import (
     GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound, CommitResult,
     DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord, LinkedRecord,
     MigrationError, StorageError, StorageUnavailable, archive_row_digest, decode_audit_row,
-    decode_checkpoint_row, link_row_digest, utcnow,
+    decode_checkpoint_row, link_row_digest, lookup_ids, lookup_link_ids, utcnow,
 )
 from gateway.storage.group_commit import (
     Adoption, ClientChange, DocumentRow, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit,
@@ -41,10 +41,16 @@ _INSERT_DOC = (f"INSERT INTO documents ({_DOC_COLUMNS}) "
                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
 _INSERT_LINK = ("INSERT INTO links (document_id, kind, payload, client, created_at) "
                 "VALUES ($1, $2, $3, $4, $5) RETURNING id")
+# A time as format_time's text, made by the database whatever the session's time zone: an edited
+# time asyncpg cannot turn into a datetime ('infinity', the year 10000) then hashes differently
+# (NULL, five digits) instead of failing the whole read, and `audit verify` names its row.
+_UTC_TEXT = "pg_catalog.to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS {}"
 # The columns of an archive row `archive_row_digest` covers (all but the content), and of a link.
 _ROW_COLUMNS = ("d.id, d.kind, d.content_type, d.sha256, d.report, d.client, d.key_label, "
-                "d.natural_key, d.created_at, d.retain_until")
-_LINK_COLUMNS = "id, document_id, kind, payload, client, created_at"
+                f"d.natural_key, {_UTC_TEXT.format('d.created_at', 'created_at')}, "
+                f"{_UTC_TEXT.format('d.retain_until', 'retain_until')}")
+_LINK_COLUMNS = ("l.id, l.document_id, l.kind, l.payload, l.client, "
+                 f"{_UTC_TEXT.format('l.created_at', 'created_at')}")
 _INSERT_AUDIT = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "
                  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
 _T = TypeVar("_T")
@@ -167,7 +173,7 @@ class PostgresStorage(GroupCommitStorage):
             raise StorageUnavailable(f"cannot connect to PostgreSQL: "
                                      f"{type(exc).__name__}: {exc}") from exc
         try:
-            await self.migrate()
+            migrated = await self.migrate()
         except BaseException as exc:
             await self._pool.close()
             self._pool = None
@@ -179,7 +185,10 @@ class PostgresStorage(GroupCommitStorage):
             self.committer = GroupCommitter(self._run_batch, max_batch=self.committer.max_batch,
                                             window_s=self.committer.window_s)
         self.committer.start()
-        if not self.read_only:
+        # A reader that had to migrate (`audit verify` first after an upgrade) has written
+        # already: it chains what the migration listed too, or it would report the rows
+        # archived before the upgrade as inserted (document_unchained, link_unchained).
+        if not self.read_only or migrated:
             await self.adopt_archive()
 
     async def close(self) -> None:
@@ -428,27 +437,30 @@ class PostgresStorage(GroupCommitStorage):
     async def _take_adoption(conn: asyncpg.Connection, limit: int) -> Adoption:
         """Up to `limit` documents of each list still to be chained (migrations 0003, 0004),
         off the lists, with the SHA-256 of their content, or the digests of their rows and
-        links (under the head lock: two nodes never take the same)."""
+        links (under the head lock: two nodes never take the same). A few statements an event
+        whatever its size: a query a document, and a scan of the archive an event for entries
+        whose document is gone, made the first start after an upgrade quadratic in the archive.
+        Entries whose document is gone are dropped once, when nothing else is left."""
         adoption = Adoption()
-        await conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
-        rows = await conn.fetch("SELECT a.document_id, encode(sha256(d.content), 'hex') AS digest "
-                                "FROM archive_adoption a JOIN documents d ON d.id = a.document_id "
+        rows = await conn.fetch("SELECT a.document_id, encode(pg_catalog.sha256(d.content), 'hex') "
+                                "AS digest FROM archive_adoption a JOIN documents d ON d.id = a.document_id "
                                 "ORDER BY a.document_id LIMIT $1", limit)
         await conn.execute("DELETE FROM archive_adoption WHERE document_id = ANY($1::text[])",
                            [r["document_id"] for r in rows])
         adoption.content = {r["document_id"]: r["digest"] for r in rows}
-        await conn.execute("DELETE FROM archive_row_adoption "
-                           "WHERE document_id NOT IN (SELECT id FROM documents)")
-        rows = await conn.fetch(f"SELECT {_ROW_COLUMNS}, a.links_upto FROM archive_row_adoption a "
+        rows = await conn.fetch(f"SELECT {_ROW_COLUMNS} FROM archive_row_adoption a "
                                 "JOIN documents d ON d.id = a.document_id "
                                 "ORDER BY a.document_id LIMIT $1", limit)
-        await conn.execute("DELETE FROM archive_row_adoption WHERE document_id = ANY($1::text[])",
-                           [r["id"] for r in rows])
-        for row in rows:
-            adoption.rows[row["id"]] = _row_digest(row)
-            adoption.links.update(map(_link_digest, await conn.fetch(
-                f"SELECT {_LINK_COLUMNS} FROM links WHERE document_id = $1 AND id <= $2 "
-                "ORDER BY id", row["id"], row["links_upto"])))
+        ids = [r["id"] for r in rows]
+        adoption.rows = {r["id"]: _row_digest(r) for r in rows}
+        adoption.links = dict(map(_link_digest, await conn.fetch(
+            f"SELECT {_LINK_COLUMNS} FROM links l JOIN archive_row_adoption a ON a.document_id = l.document_id "
+            "WHERE a.document_id = ANY($1::text[]) AND l.id <= a.links_upto ORDER BY l.id", ids)))
+        await conn.execute("DELETE FROM archive_row_adoption WHERE document_id = ANY($1::text[])", ids)
+        if not adoption:
+            for table in ("archive_adoption", "archive_row_adoption"):
+                await conn.execute(f"DELETE FROM {table} WHERE document_id NOT IN "
+                                   "(SELECT id FROM documents)")
         return adoption
 
     @staticmethod
@@ -558,7 +570,7 @@ class PostgresStorage(GroupCommitStorage):
                              r["client"], r["created_at"]) for r in rows]
 
     async def document_digests(self, document_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        ids = list(dict.fromkeys(document_ids))
+        ids = lookup_ids(document_ids, nul=False)
         found: dict[str, tuple[str, str]] = {}
         for start in range(0, len(ids), 500):
             # pg_catalog named: a function of that name in the search path cannot stand in
@@ -570,11 +582,11 @@ class PostgresStorage(GroupCommitStorage):
         return found
 
     async def link_digests(self, link_ids: Sequence[int]) -> dict[int, str]:
-        ids = list(dict.fromkeys(link_ids))
+        ids = lookup_link_ids(link_ids)
         found: dict[int, str] = {}
         for start in range(0, len(ids), 500):
             found.update(map(_link_digest, await self._fetch(
-                f"SELECT {_LINK_COLUMNS} FROM links WHERE id = ANY($1::bigint[])",
+                f"SELECT {_LINK_COLUMNS} FROM links l WHERE l.id = ANY($1::bigint[])",
                 ids[start:start + 500], lookup=True)))
         return found
 

@@ -28,7 +28,8 @@ from gateway.storage.base import (
     GENESIS_HASH, AuditRecord, Checkpoint, Client, ClientExists, ClientNotFound,
     CommitResult, DocumentNotFound, DocumentRecord, DuplicateDocument, InvalidRecord,
     LinkedRecord, MigrationError, StorageError, StorageUnavailable, archive_row_digest,
-    decode_audit_row, decode_checkpoint_row, format_time, link_row_digest, parse_time, utcnow,
+    decode_audit_row, decode_checkpoint_row, format_time, link_row_digest, lookup_ids,
+    lookup_link_ids, parse_time, utcnow,
 )
 from gateway.storage.group_commit import (
     Adoption, ClientChange, DocumentRow, GroupCommitStorage, GroupCommitter, NewCheckpoint, Unit,
@@ -60,10 +61,11 @@ def _document(row: Sequence[Any]) -> DocumentRecord:
         retain_until=parse_time(row[10]))
 
 
-def _stored_text(value: Any) -> str | None:
-    # TEXT columns hold what was written unless edited behind the gateway: anything else
-    # (a BLOB, a number) is hashed by its repr, so it differs from what the chain pinned
-    return value if value is None or isinstance(value, str) else repr(value)
+def _stored_text(value: Any) -> Any:
+    # TEXT columns hold what was written unless edited behind the gateway: anything else (a
+    # BLOB, a number) is hashed as a [type, repr] pair, which no text equals (its bare repr did:
+    # a natural key "b'order-7'" turned into the BLOB b'order-7' kept its digest)
+    return value if value is None or isinstance(value, str) else [type(value).__name__, repr(value)]
 
 
 def _row_digest(row: Sequence[Any]) -> str:
@@ -277,7 +279,7 @@ class SqliteStorage(GroupCommitStorage):
         try:
             if not self.read_only:  # a reader uses the journal mode the database has
                 await self._on_writer(self._enable_wal)
-            await self.migrate()
+            migrated = await self.migrate()
             self._file = _file_id(self.path)
             if not self.read_only:  # both exist from the first write on (the migration)
                 self._wal, self._shm = _file_id(self._wal_path), _file_id(self._shm_path)
@@ -292,7 +294,10 @@ class SqliteStorage(GroupCommitStorage):
                                             window_s=self.committer.window_s)
         self.committer.start()
         self._opened = True
-        if not self.read_only:
+        # A reader that had to migrate (`audit verify` first after an upgrade) has written
+        # already: it chains what the migration listed too, or it would report the rows
+        # archived before the upgrade as inserted (document_unchained, link_unchained).
+        if not self.read_only or migrated:
             await self.adopt_archive()
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
@@ -498,15 +503,15 @@ class SqliteStorage(GroupCommitStorage):
     @staticmethod
     def _take_adoption(conn: sqlite3.Connection, limit: int) -> Adoption:
         """Up to `limit` documents of each list still to be chained (migrations 0003, 0004),
-        off the lists, with the SHA-256 of their content, or the digests of their rows and links."""
+        off the lists, with the SHA-256 of their content, or the digests of their rows and links.
+        Entries whose document is gone are dropped once, when nothing else is left (a scan of the
+        archive an event made the first start after an upgrade quadratic in the archive)."""
         adoption = Adoption()
-        conn.execute("DELETE FROM archive_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
         found = conn.execute("SELECT a.document_id, d.content FROM archive_adoption a "
                              "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
                              (limit,)).fetchall()
         conn.executemany("DELETE FROM archive_adoption WHERE document_id = ?", [(r[0],) for r in found])
         adoption.content = {r[0]: hashlib.sha256(r[1]).hexdigest() for r in found}
-        conn.execute("DELETE FROM archive_row_adoption WHERE document_id NOT IN (SELECT id FROM documents)")
         found = conn.execute(f"SELECT {_ROW_COLUMNS}, a.links_upto FROM archive_row_adoption a "
                              "JOIN documents d ON d.id = a.document_id ORDER BY a.document_id LIMIT ?",
                              (limit,)).fetchall()
@@ -517,6 +522,9 @@ class SqliteStorage(GroupCommitStorage):
             adoption.links.update(_link_digest(link) for link in conn.execute(
                 f"SELECT {_LINK_COLUMNS} FROM links WHERE document_id = ? AND id <= ? ORDER BY id",
                 (r[0], r[-1])))
+        if not adoption:
+            for table in ("archive_adoption", "archive_row_adoption"):
+                conn.execute(f"DELETE FROM {table} WHERE document_id NOT IN (SELECT id FROM documents)")
         return adoption
 
     @staticmethod
@@ -602,7 +610,7 @@ class SqliteStorage(GroupCommitStorage):
                 for r in rows]
 
     async def document_digests(self, document_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        ids = list(dict.fromkeys(document_ids))
+        ids = lookup_ids(document_ids)
 
         def read(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
             found: dict[str, tuple[str, str]] = {}
@@ -617,7 +625,7 @@ class SqliteStorage(GroupCommitStorage):
         return await self._read(read)
 
     async def link_digests(self, link_ids: Sequence[int]) -> dict[int, str]:
-        ids = list(dict.fromkeys(link_ids))
+        ids = lookup_link_ids(link_ids)
 
         def read(conn: sqlite3.Connection) -> dict[int, str]:
             found: dict[int, str] = {}
