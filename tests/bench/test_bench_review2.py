@@ -4,6 +4,7 @@ Real parts (SoftHSM token, `gateway serve`, SQLite), tiny runs, no timing assert
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -22,15 +23,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def bench_server(tmp_path_factory: pytest.TempPathFactory, hsm, rsa_key: str) -> Iterator[dict]:  # noqa: ANN001
     """The http_sign benchmark's home and server, set up while the environment names another
     database (as an operator's shell, or CI with the tests' PostgreSQL, does)."""
     outside = tmp_path_factory.mktemp("outside") / "operator.sqlite3"
     home = tmp_path_factory.mktemp("bench-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GATEWAY_DATABASE_URL", f"sqlite:///{outside}")
+        # make_home points SOFTHSM2_CONF at the benchmark's token (for its server, started
+        # here): put the session's back after, or every later test found its keys gone
+        if "SOFTHSM2_CONF" in os.environ:
+            mp.setenv("SOFTHSM2_CONF", os.environ["SOFTHSM2_CONF"])
+        else:
+            mp.delenv("SOFTHSM2_CONF", raising=False)
         token = http_sign.make_home(home)
         proc, port = http_sign.start_server(home, "WARNING")
+    # ... and the module, which make_home initialised for the benchmark's token: the session's
+    # Hsm reconnects on its next call (tests that sign in C through it would not)
+    hsm.sign(rsa_key, b"back to the session's token")
     try:
         yield {"home": home, "token": token, "proc": proc, "port": port, "outside": outside}
     finally:
