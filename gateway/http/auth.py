@@ -2,9 +2,8 @@
 
 Token checking (`gateway.clients.authenticate`) hashes the token and reads the client from the
 database. The fast path cannot afford that on every request, so successful lookups are cached by
-the SHA-256 of the token for a short time (`ttl_s`, one second by default): a revocation made by
-another process takes effect within that time, and one made through this process at once
-(`invalidate`). Failed lookups are never cached, so a client created a moment ago works at once.
+the SHA-256 of the token for a short time (`ttl_s`, one second by default): a revocation or key
+change (`gateway clients`, another process) takes effect within that time. Failed lookups are never cached, so a client created a moment ago works at once.
 The same holds for a request already in flight: signing asks the cache again once the body is in
 and once the signature is made (gateway.http.documents), so a revocation or a withdrawn key grant
 is not outlived by a slow upload or a wait in the queue.
@@ -69,14 +68,6 @@ class ClientCache:
             self._entries.clear()  # simple bound; the cache refills in one TTL
         self._entries[key] = (client, time.monotonic() + self.ttl_s)
         return client
-
-    def invalidate(self, name: str | None = None) -> None:
-        """Forget one client's cached tokens (all when `name` is None)."""
-        if name is None:
-            self._entries.clear()
-            return
-        for key in [k for k, (c, _) in self._entries.items() if c.name == name]:
-            del self._entries[key]
 
 
 def refusal_event(event_type: str, actor: str, *, subject: str | None, request_id: str | None,
