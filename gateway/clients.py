@@ -146,34 +146,31 @@ async def set_client_keys(storage: Storage, name: str, keys: Iterable[str] | str
     return await storage.set_client_keys(name, labels, audit=[event])
 
 
-async def authenticate(storage: Storage, token: str) -> Client | None:
-    """The active client holding this token, else None (unknown, malformed or revoked).
-
-    The stored hash is compared in constant time; a revoked client never authenticates.
-    """
+async def _check_token(storage: Storage, token: str) -> tuple[Client | None, dict[str, str]]:
+    """(the active client holding this token, else None; the client it names and, refused,
+    why: "unknown_token", "wrong_secret" or "revoked"). The stored hash is compared in constant
+    time; a revoked client never authenticates."""
     token_id = parse_token_id(token)
-    if token_id is None:
-        return None
-    found = await storage.client_by_token_id(token_id)
+    found = await storage.client_by_token_id(token_id) if token_id is not None else None
     if found is None:
-        return None
+        return None, {"reason": "unknown_token"}
     client, stored = found
     if not hmac.compare_digest(stored, token_hash(token)):
-        return None
+        return None, {"client": client.name, "reason": "wrong_secret"}
     if not client.active:
-        return None
-    return client
+        return None, {"client": client.name, "reason": "revoked"}
+    return client, {"client": client.name}
+
+
+async def authenticate(storage: Storage, token: str) -> Client | None:
+    """The active client holding this token, else None (unknown, malformed or revoked)."""
+    return (await _check_token(storage, token))[0]
 
 
 async def refusal_reason(storage: Storage, token: str) -> dict[str, str]:
     """Why `authenticate` refused this token, for the audit event (21 CFR 1311.150: who tried):
     {"reason": "unknown_token"} or, when the token names a client, its name and
-    "revoked" / "wrong_secret". Never the secret."""
-    token_id = parse_token_id(token)
-    found = await storage.client_by_token_id(token_id) if token_id is not None else None
-    if found is None:
-        return {"reason": "unknown_token"}
-    client, stored = found
-    if not hmac.compare_digest(stored, token_hash(token)):
-        return {"client": client.name, "reason": "wrong_secret"}
-    return {"client": client.name, "reason": "revoked" if not client.active else "unknown_token"}
+    "revoked" / "wrong_secret". Never the secret. A token found valid by this second lookup
+    (its client added in between) names its client and "unknown_token"."""
+    why = (await _check_token(storage, token))[1]
+    return {**why, "reason": why.get("reason", "unknown_token")}
