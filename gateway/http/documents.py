@@ -21,7 +21,7 @@ from gateway.http.routes import ANY_ROLE, ANY_TYPE, XML_TYPES, Param, Route
 from gateway.signing import xmldsig
 from gateway.signing.errors import HsmError, SignerCertificateRefused
 from gateway.storage.base import AuditEvent, Client, DuplicateDocument, NewDocument, NewLink
-from gateway.xmlsafe import DEFAULT_MAX_BYTES, XmlError
+from gateway.xmlsafe import XmlError
 
 FORMATS = ("xmldsig", "cms")
 CMS_TYPE = "application/pkcs7-signature"
@@ -43,9 +43,9 @@ def _sign_cms(body: bytes, signer: Any) -> bytes:
 def _verify_xml(body: bytes, trust: Any, at: datetime | None, max_bytes: int) -> Any:
     from gateway.signing import verify
 
-    # The limit signing checks its output against (xmldsig.sign_enveloped): /v1/verify takes
-    # every document /v1/sign returned.
-    report, _tree = verify.verify_xml(body, trust, at, max_bytes=max(max_bytes, DEFAULT_MAX_BYTES))
+    # the limit signing checks its output against: /v1/verify takes every document /v1/sign made
+    report, _tree = verify.verify_xml(body, trust, at,
+                                      max_bytes=xmldsig.verified_max_bytes(max_bytes))
     return report
 
 

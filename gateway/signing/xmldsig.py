@@ -142,9 +142,16 @@ def sign_enveloped(
     """
     tree = parse_xml(xml, max_bytes=max_bytes, max_depth=max_depth, max_elements=max_elements)
     signed = sign_tree(tree, signer, chain=chain)
-    _check_verifiable(signed, max(max_bytes, DEFAULT_MAX_BYTES), max(max_depth, DEFAULT_MAX_DEPTH),
+    _check_verifiable(signed, verified_max_bytes(max_bytes), max(max_depth, DEFAULT_MAX_DEPTH),
                       max(max_elements, DEFAULT_MAX_ELEMENTS))
     return signed
+
+
+def verified_max_bytes(max_bytes: int) -> int:
+    """The size limit a document signed under `max_bytes` must pass verification with: that
+    limit or the default, whichever is larger (a small request-body limit bounds what is sent,
+    not what comes back). `sign_enveloped` checks its output against it; /v1/verify uses it."""
+    return max(max_bytes, DEFAULT_MAX_BYTES)
 
 
 def _check_verifiable(signed: bytes, max_bytes: int, max_depth: int, max_elements: int) -> None:
