@@ -477,7 +477,7 @@ class SqliteStorage(GroupCommitStorage):
             conn.execute(
                 f"INSERT INTO documents ({_DOC_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (doc.id, doc.kind, bytes(doc.content), doc.content_type, doc.sha256, row.report,
-                 doc.client, doc.key_label, doc.natural_key, format_time(now),
+                 doc.client, doc.key_label, doc.natural_key, format_time(row.created_at),
                  format_time(row.retain_until)))
             rows[doc.id] = row.digest()
         links: dict[int, str] = {}
