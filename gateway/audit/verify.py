@@ -41,8 +41,9 @@ memory stays flat however long the trail.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -420,26 +421,16 @@ async def _chained(storage: Storage, page: int, key: str) -> set[str]:
     return chained
 
 
-async def _first_unchained(storage: Storage, page: int) -> str | None:
-    """The first archived document (by id) that no audit record carries."""
-    chained = await _chained(storage, page, ARCHIVED_KEY)
-    last = ""
-    while ids := await storage.document_ids(after=last, limit=page):
-        for doc_id in ids:
-            if doc_id not in chained:
-                return doc_id
-        last = ids[-1]
-    return None
-
-
-async def _first_unchained_link(storage: Storage, page: int) -> int | None:
-    """The first linked record (by id) that no audit record carries."""
-    chained = await _chained(storage, page, LINKED_KEY)
-    last = 0
-    while ids := await storage.link_ids(after=last, limit=page):
-        for link_id in ids:
-            if str(link_id) not in chained:
-                return link_id
+async def _first_unchained(storage: Storage, page: int, key: str,
+                           ids_after: Callable[..., Awaitable[list[Any]]], start: Any) -> Any:
+    """The first id (ascending, from `ids_after(after=, limit=)`: archived documents or linked
+    records) that no audit record pins under `key`."""
+    chained = await _chained(storage, page, key)
+    last = start
+    while ids := await ids_after(after=last, limit=page):
+        for row_id in ids:
+            if str(row_id) not in chained:
+                return row_id
         last = ids[-1]
     return None
 
@@ -509,11 +500,11 @@ async def verify_trail(storage: Storage, public_key: PublicKey | x509.Certificat
         problem = _Problem("anchor_mismatch", min(beyond),
                            f"the trail ends at record {last_seq}")
     if problem is None and documents_before > walk.documents:
-        doc_id = await _first_unchained(storage, page)
+        doc_id = await _first_unchained(storage, page, ARCHIVED_KEY, storage.document_ids, "")
         problem = _Problem("document_unchained", None,
                            f"{documents_before} archived, {walk.documents} in the trail", doc_id)
     if problem is None and links_before > walk.links:
-        link_id = await _first_unchained_link(storage, page)
+        link_id = await _first_unchained(storage, page, LINKED_KEY, storage.link_ids, 0)
         problem = _Problem("link_unchained", None,
                            f"{links_before} stored, {walk.links} in the trail", link_id=link_id)
     return _result(walk, problem, last_seq)
